@@ -1,0 +1,1 @@
+"""Networks and diffusion math. Plain arguments in; no jobs, specs, ranks or tracking."""

@@ -1,0 +1,1 @@
+"""orch: a training orchestrator for diffusion models."""

@@ -1,0 +1,339 @@
+"""`orch`: the command line. It only registers commands; each one calls library functions.
+
+Nothing heavy is imported at module level: `orch --help`, `orch list` and `orch status` never load
+torch, mlflow or pydantic. Errors a user can cause print one message and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from orchestrator.errors import UserError
+from orchestrator.jobs import ACTIVE_STATES, JobDir, JobError, JobState, find_job, list_jobs, resolve_root
+
+USER_ERROR = 2
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a spec field (repeatable); beats the YAML file.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+def user_errors(command):
+    """Print user-caused errors as one line and exit 2, without a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as err:
+            _fail(str(err))
+
+    return wrapper
+
+
+def _fail(message: str):
+    click.echo(f"orch: error: {message}", err=True)
+    sys.exit(USER_ERROR)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--root", envvar="ORCH_ROOT", type=click.Path(file_okay=False), help="Folder of job directories [env ORCH_ROOT; default ./runs].")
+@click.pass_context
+def cli(ctx: click.Context, root: str | None) -> None:
+    """orch: train diffusion models from declarative job specs.
+
+    \b
+    orch submit jobs/dit_digits.yaml        validate, record and run a job
+    orch resume                              continue the newest unfinished job exactly
+    orch list / status / logs / cancel       follow and control jobs
+    orch ui                                  review runs in the MLflow UI
+    """
+    ctx.obj = resolve_root(root)
+
+
+# ---- specs ---------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("spec_file", type=click.Path())
+@set_option
+@user_errors
+def validate(spec_file: str, overrides: tuple[str, ...]) -> None:
+    """Check a spec; create nothing. (Whether it can run here: `orch plan`.)"""
+    from orchestrator.plan import PlanError, check_data
+    from orchestrator.spec import load_spec
+
+    spec = load_spec(spec_file, overrides)
+    click.echo(f"{spec_file}: valid — job {spec.name!r}, {spec.train.steps} steps, {spec.model.arch} on {spec.data.source}")
+    try:
+        check_data(spec)
+    except PlanError as err:
+        click.secho(f"warning: {err} (submit needs it)", fg="yellow", err=True)
+
+
+@cli.command()
+@click.option("--markdown", is_flag=True, help="Print the field reference as Markdown tables instead.")
+def schema(markdown: bool) -> None:
+    """Print the spec's JSON Schema (point a YAML editor at it for autocompletion)."""
+    from orchestrator.spec import json_schema, reference_markdown
+
+    click.echo(reference_markdown() if markdown else json.dumps(json_schema(), indent=2))
+
+
+@cli.command()
+@click.argument("spec_file", type=click.Path())
+@set_option
+@click.pass_obj
+@user_errors
+def plan(root: Path, spec_file: str, overrides: tuple[str, ...]) -> None:
+    """Print what a spec would run: launcher, world size, batch split, the exact command."""
+    _print_plan(*_plan(root, spec_file, overrides))
+
+
+def _plan(root: Path, spec_file: str, overrides):
+    from orchestrator.jobs import new_job_id
+    from orchestrator.plan import make_plan
+    from orchestrator.spec import load_spec
+
+    spec = load_spec(spec_file, overrides)
+    job_id = new_job_id(spec.name)
+    return spec, job_id, make_plan(spec, (root / job_id).resolve(), root.resolve())
+
+
+def _print_plan(spec, job_id, the_plan) -> None:
+    click.echo(f"job             {job_id} ({spec.train.steps} steps)")
+    for line in the_plan.describe():
+        click.echo(line)
+
+
+# ---- running -------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("spec_file", type=click.Path())
+@set_option
+@click.option("--detach", "-d", is_flag=True, help="Return at once with the job id; the job runs in the background.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and create nothing.")
+@click.pass_obj
+@user_errors
+def submit(root: Path, spec_file: str, overrides: tuple[str, ...], detach: bool, dry_run: bool) -> None:
+    """Validate a spec, record a job and run it."""
+    from orchestrator.plan import require_runnable
+    from orchestrator.supervisor import write_plan
+
+    spec, job_id, the_plan = _plan(root, spec_file, overrides)
+    if dry_run:
+        _print_plan(spec, job_id, the_plan)
+        click.echo("dry run: nothing was created")
+        return
+    require_runnable(the_plan)
+
+    job = JobDir.create(root, job_id, spec.name, spec.to_yaml(), spec.train.steps)
+    write_plan(job, the_plan)
+    click.echo(f"job {job.id}  ({job.path})")
+    _start(job, detach)
+
+
+@cli.command()
+@click.argument("job_ref", required=False)
+@set_option
+@click.option("--allow-spec-change", is_flag=True, help="Accept --set changes to the job's spec (they are printed).")
+@click.option("--detach", "-d", is_flag=True, help="Return at once; the job runs in the background.")
+@click.pass_obj
+@user_errors
+def resume(root: Path, job_ref: str | None, overrides: tuple[str, ...], allow_spec_change: bool, detach: bool) -> None:
+    """Continue a job (default: the newest unfinished one) from its newest checkpoint."""
+    from orchestrator.plan import make_plan, require_runnable
+    from orchestrator.spec import parse_spec, spec_changes
+    from orchestrator.supervisor import write_plan
+
+    job = find_job(root, job_ref, unfinished=True)
+    record = job.status()
+    if record.state in ACTIVE_STATES:
+        raise JobError(f"job {job.id} is {record.state.value} (supervisor pid {record.supervisor_pid}); `orch cancel {job.id}` stops it first")
+    current = parse_spec(job.spec_file.read_text(), source=str(job.spec_file))
+    spec = parse_spec(job.spec_file.read_text(), source=str(job.spec_file), overrides=overrides)
+    changes = spec_changes(current, spec)
+    if changes and not allow_spec_change:
+        raise JobError(f"the overrides change job {job.id}'s spec:\n  " + "\n  ".join(changes) + "\nadd --allow-spec-change to resume with them")
+    if record.state == JobState.SUCCEEDED and record.step >= spec.train.steps:
+        raise JobError(f"job {job.id} already finished its {record.step} steps; to train on: orch resume {job.id} --set train.steps=N --allow-spec-change")
+    the_plan = make_plan(spec, job.path, job.root)
+    require_runnable(the_plan)
+    if changes:
+        kept = job.archive_spec()
+        job.write_spec(spec.to_yaml())
+        job.update(total_steps=spec.train.steps)
+        click.echo(f"spec changed (previous kept as {kept.name}):\n  " + "\n  ".join(changes))
+    write_plan(job, the_plan)
+    checkpoint = job.latest_checkpoint()
+    click.echo(f"job {job.id}: resuming from {checkpoint.name if checkpoint else 'the start (no checkpoint yet)'}")
+    _start(job, detach)
+
+
+def _start(job: JobDir, detach: bool) -> None:
+    from orchestrator.supervisor import exit_code_for, run
+
+    if not detach:
+        record = run(job, progress=True)
+        _print_outcome(record)
+        sys.exit(exit_code_for(record.state))
+    with open(job.logs_dir / "supervisor.log", "ab") as log:
+        subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.supervisor", str(job.path)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    deadline = time.time() + 30
+    while time.time() < deadline and not job.is_locked() and job.read().state == JobState.QUEUED:
+        time.sleep(0.05)
+    click.echo(f"detached: `orch status {job.id}`, `orch logs {job.id} --follow`, `orch cancel {job.id}`")
+
+
+def _print_outcome(record) -> None:
+    colour = {"succeeded": "green", "preempted": "yellow"}.get(record.state.value, "red")
+    click.secho(f"{record.id}: {record.state.value} — {record.message}", fg=colour, err=record.state != JobState.SUCCEEDED)
+    if record.mlflow_run_id:
+        click.echo(f"MLflow run {record.mlflow_run_id} at {record.mlflow_uri}  (`orch ui` to browse)")
+
+
+@cli.command()
+@click.argument("job_ref")
+@click.option("--wait/--no-wait", default=True, help="Wait until the job has checkpointed and stopped.")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait.")
+@click.pass_obj
+@user_errors
+def cancel(root: Path, job_ref: str, wait: bool, timeout: float) -> None:
+    """Stop a job: it writes a checkpoint, then stops (resumable with `orch resume`)."""
+    import signal
+
+    job = find_job(root, job_ref)
+    record = job.status()
+    if record.state not in ACTIVE_STATES:
+        click.echo(f"job {job.id} is not running ({record.state.value}); nothing to cancel")
+        return
+    job.update(cancel_requested=True)
+    if record.supervisor_pid and job.is_locked():
+        os.kill(record.supervisor_pid, signal.SIGTERM)
+    elif record.state == JobState.QUEUED:
+        job.transition(JobState.CANCELLED, ended_at=time.time(), message="cancelled before it started")
+    if not wait:
+        click.echo(f"job {job.id}: cancel requested")
+        return
+    deadline = time.time() + timeout
+    while job.is_locked() and time.time() < deadline:
+        time.sleep(0.2)
+    record = job.status()
+    click.echo(f"job {job.id}: {record.state.value} — {record.message}")
+
+
+# ---- looking at jobs -----------------------------------------------------------------------
+
+STATE_COLOURS = {"queued": "cyan", "running": "blue", "succeeded": "green", "failed": "red", "cancelled": "magenta", "preempted": "yellow"}
+
+
+def _facts(job: JobDir) -> dict:
+    record = job.status()
+    facts = record.to_json()
+    facts["dir"] = str(job.path)
+    return facts
+
+
+@cli.command(name="list")
+@json_option
+@click.pass_obj
+@user_errors
+def list_(root: Path, as_json: bool) -> None:
+    """All jobs under the root, oldest first."""
+    facts = [_facts(job) for job in list_jobs(root)]
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    if not facts:
+        click.echo(f"no jobs under {root}")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"jobs in {root}", title_justify="left")
+    for column in ("job", "state", "step", "loss", "checkpoint", "started", "MLflow run"):
+        table.add_column(column)
+    for f in facts:
+        table.add_row(
+            f["id"], f"[{STATE_COLOURS[f['state']]}]{f['state']}[/]", f"{f['step']}/{f['total_steps']}",
+            f"{f['loss']:.4f}" if f["loss"] is not None else "-",
+            f"step {f['checkpoint_step']}" if f["checkpoint_step"] is not None else "-",
+            time.strftime("%m-%d %H:%M", time.localtime(f["started_at"])) if f["started_at"] else "-",
+            (f["mlflow_run_id"] or "-")[:12],
+        )
+    Console().print(table)
+
+
+@cli.command()
+@click.argument("job_ref", required=False)
+@json_option
+@click.pass_obj
+@user_errors
+def status(root: Path, job_ref: str | None, as_json: bool) -> None:
+    """One job's state, progress, newest checkpoint and MLflow run (default: the newest job)."""
+    facts = _facts(find_job(root, job_ref))
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    click.secho(f"{facts['id']}: {facts['state']}", fg=STATE_COLOURS[facts["state"]], bold=True)
+    rows = [
+        ("dir", facts["dir"]),
+        ("step", f"{facts['step']}/{facts['total_steps']}"),
+        ("loss", f"{facts['loss']:.4f}" if facts["loss"] is not None else "-"),
+        ("samples/s", f"{facts['samples_per_sec']:.1f}" if facts["samples_per_sec"] else "-"),
+        ("checkpoint", facts["checkpoint"] or "-"),
+        ("launcher", f"{facts['launcher'] or '-'} ({facts['world_size']} rank(s)), attempt {facts['attempts']}"),
+        ("MLflow run", f"{facts['mlflow_run_id']} at {facts['mlflow_uri']}" if facts["mlflow_run_id"] else "-"),
+        ("message", facts["message"] or "-"),
+    ]
+    for key, value in rows:
+        click.echo(f"  {key:<11} {value}")
+
+
+@cli.command()
+@click.argument("job_ref", required=False)
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the job stops.")
+@click.pass_obj
+@user_errors
+def logs(root: Path, job_ref: str | None, follow: bool) -> None:
+    """Print a job's log (everything its processes wrote)."""
+    job = find_job(root, job_ref)
+    if not job.log_file.exists():
+        raise JobError(f"job {job.id} has no log yet")
+    with open(job.log_file, "rb") as handle:
+        while True:
+            chunk = handle.read()
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+            elif not follow or job.status().state not in ACTIVE_STATES:
+                break
+            else:
+                time.sleep(0.3)
+
+
+@cli.command()
+@click.option("--port", default=5000, show_default=True)
+@click.option("--uri", help="Tracking store to browse [default: the jobs' store under the root].")
+@click.pass_obj
+def ui(root: Path, port: int, uri: str | None) -> None:
+    """Start the MLflow UI on 127.0.0.1 for the store the jobs log to."""
+    from orchestrator.train.tracking import resolve_tracking_uri
+
+    store = resolve_tracking_uri(uri, root.resolve())
+    click.echo(f"MLflow UI for {store} at http://127.0.0.1:{port}  (Ctrl-C stops it)")
+    os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port)])
+
+
+def main() -> None:
+    cli(prog_name="orch")

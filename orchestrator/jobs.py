@@ -1,0 +1,324 @@
+"""The job directory: the one source of truth about a job, and the one owner of its paths and state.
+
+    runs/<job-id>/
+        spec.yaml          the resolved spec (overrides applied); history in spec.<n>.yaml
+        plan.json          what the last launch ran: command, environment, device, batch split
+        state.json         JobRecord below, rewritten atomically under state.lock
+        run.lock           flock-held by the job's supervisor while it runs (released by the kernel
+                           when that process dies, however it dies)
+        logs/job.log       everything the launched processes print
+        checkpoints/step-000500/ ... and `latest`, the name of the newest complete one
+
+No torch here: `orch list` and `orch status` read job directories in milliseconds.
+"""
+
+from __future__ import annotations
+
+from orchestrator.errors import UserError
+
+import dataclasses
+import fcntl
+import json
+import os
+import secrets
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Iterator
+
+DEFAULT_ROOT = "runs"
+TRAINER_STATE = "trainer_state.json"  # in every complete checkpoint directory
+EXIT_PREEMPTED = 75  # a rank stopped on a signal after writing its checkpoint
+EXIT_USER_ERROR = 2
+
+
+class JobError(UserError):
+    """A job-level mistake the user can fix (unknown job, busy job, unwritable root)."""
+
+
+class JobState(str, Enum):
+    """Where a job is in its life. Transitions (anything else is a bug):
+
+    queued    -> running (its supervisor took the run lock), failed (never started)
+    running   -> succeeded (all steps done), failed (a process died or raised),
+                 preempted (a signal: checkpoint written, resumable), cancelled (`orch cancel`)
+    preempted, failed, cancelled, succeeded -> running (`orch resume`)
+    """
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    PREEMPTED = "preempted"
+
+
+TRANSITIONS = {
+    JobState.QUEUED: {JobState.RUNNING, JobState.FAILED, JobState.CANCELLED},
+    JobState.RUNNING: {JobState.SUCCEEDED, JobState.FAILED, JobState.PREEMPTED, JobState.CANCELLED},
+    JobState.PREEMPTED: {JobState.RUNNING, JobState.CANCELLED},
+    JobState.FAILED: {JobState.RUNNING, JobState.CANCELLED},
+    JobState.CANCELLED: {JobState.RUNNING},
+    JobState.SUCCEEDED: {JobState.RUNNING},
+}
+ACTIVE_STATES = {JobState.QUEUED, JobState.RUNNING}
+NEVER_STARTED_AFTER_S = 60.0
+
+
+@dataclass
+class JobRecord:
+    """What state.json holds. The supervisor owns `state`; rank 0 of the training writes progress."""
+
+    id: str
+    name: str
+    state: JobState = JobState.QUEUED
+    created_at: float = 0.0
+    started_at: float | None = None
+    ended_at: float | None = None
+    supervisor_pid: int | None = None
+    launcher_pid: int | None = None
+    exit_code: int | None = None
+    message: str = ""
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    samples_per_sec: float | None = None
+    checkpoint: str | None = None
+    checkpoint_step: int | None = None
+    mlflow_run_id: str | None = None
+    mlflow_uri: str | None = None
+    launcher: str = ""
+    world_size: int = 1
+    attempts: int = 0
+    cancel_requested: bool = False
+    stop_reason: str | None = None
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["state"] = self.state.value
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> JobRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        record = cls(**{k: v for k, v in data.items() if k in known})
+        record.state = JobState(record.state)
+        return record
+
+
+class JobDir:
+    """Every path of one job, and the only code that reads or writes its state."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).resolve()
+
+    # ---- paths ----------------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @property
+    def spec_file(self) -> Path:
+        return self.path / "spec.yaml"
+
+    @property
+    def plan_file(self) -> Path:
+        return self.path / "plan.json"
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / "state.json"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def log_file(self) -> Path:
+        return self.logs_dir / "job.log"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    # ---- creation -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: str | Path, job_id: str, name: str, spec_yaml: str, total_steps: int) -> JobDir:
+        """Make a fresh job directory holding the resolved spec and a queued state."""
+        root = Path(root)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise JobError(f"cannot write the job root {root}: {err.strerror}; pass --root DIR or set ORCH_ROOT to a writable folder") from None
+        job = cls(root / job_id)
+        job.path.mkdir()
+        job.logs_dir.mkdir()
+        job.checkpoints_dir.mkdir()
+        _write_atomic(job.spec_file, spec_yaml)
+        record = JobRecord(id=job_id, name=name, created_at=time.time(), total_steps=total_steps)
+        _write_atomic(job.state_file, json.dumps(record.to_json(), indent=2))
+        return job
+
+    # ---- state ----------------------------------------------------------------------------
+    def read(self) -> JobRecord:
+        """The recorded state, as written (see `status()` for the state with liveness checked)."""
+        try:
+            return JobRecord.from_json(json.loads(self.state_file.read_text()))
+        except FileNotFoundError:
+            raise JobError(f"{self.path} is not a job directory (no state.json)") from None
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.path / "state.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def update(self, **fields) -> JobRecord:
+        """Change recorded fields (not `state`: use transition) atomically."""
+        assert "state" not in fields, "state changes go through transition()"
+        with self._locked():
+            record = self.read()
+            for key, value in fields.items():
+                assert hasattr(record, key), f"JobRecord has no field {key}"
+                setattr(record, key, value)
+            _write_atomic(self.state_file, json.dumps(record.to_json(), indent=2))
+        return record
+
+    def transition(self, new: JobState, **fields) -> JobRecord:
+        """Move to a new state, checking it is a documented transition."""
+        with self._locked():
+            record = self.read()
+            assert new in TRANSITIONS[record.state], f"job {self.id}: {record.state.value} -> {new.value} is not a valid transition"
+            record.state = new
+            for key, value in fields.items():
+                setattr(record, key, value)
+            _write_atomic(self.state_file, json.dumps(record.to_json(), indent=2))
+        return record
+
+    def status(self) -> JobRecord:
+        """The state with liveness checked: an active job whose supervisor is gone is recorded as failed."""
+        record = self.read()
+        if record.state not in ACTIVE_STATES or self.is_locked():
+            return record
+        if record.state == JobState.QUEUED and time.time() - record.created_at < NEVER_STARTED_AFTER_S:
+            return record  # its supervisor may still be starting
+        why = "its processes vanished (killed, or the machine restarted)" if record.state == JobState.RUNNING else "it never started"
+        with self._locked():
+            current = self.read()
+            if current.state in ACTIVE_STATES and not self.is_locked():
+                current.state = JobState.FAILED
+                current.ended_at = time.time()
+                current.message = f"{why}; `orch resume {self.id}` continues from the newest checkpoint"
+                _write_atomic(self.state_file, json.dumps(current.to_json(), indent=2))
+            return current
+
+    # ---- the run lock: held by the supervisor for the job's whole run --------------------
+    def try_lock_run(self):
+        """Take the run lock, or return None if another live process holds it. Keep the returned file open."""
+        handle = open(self.path / "run.lock", "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+        return handle
+
+    def is_locked(self) -> bool:
+        handle = self.try_lock_run()
+        if handle is None:
+            return True
+        handle.close()
+        return False
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint directory, or None."""
+        return latest_checkpoint(self.checkpoints_dir)
+
+    def archive_spec(self) -> Path:
+        """Keep the current spec.yaml as spec.<n>.yaml before it is replaced (resume with a changed spec)."""
+        n = 1
+        while (self.path / f"spec.{n}.yaml").exists():
+            n += 1
+        target = self.path / f"spec.{n}.yaml"
+        target.write_text(self.spec_file.read_text())
+        return target
+
+    def write_spec(self, spec_yaml: str) -> None:
+        _write_atomic(self.spec_file, spec_yaml)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding jobs
+# ---------------------------------------------------------------------------------------------
+
+
+def new_job_id(name: str) -> str:
+    """`<name>-<date>-<time>-<4 hex>`: sorts by submission time, unique without a registry."""
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def resolve_root(root: str | Path | None) -> Path:
+    """--root, else $ORCH_ROOT, else ./runs."""
+    return Path(root or os.environ.get("ORCH_ROOT") or DEFAULT_ROOT)
+
+
+def list_jobs(root: Path) -> list[JobDir]:
+    """Every job under the root, oldest first."""
+    if not root.is_dir():
+        return []
+    jobs = [JobDir(p) for p in root.iterdir() if (p / "state.json").is_file()]
+    return sorted(jobs, key=lambda job: (job.read().created_at, job.id))
+
+
+def find_job(root: Path, ref: str | None, *, unfinished: bool = False) -> JobDir:
+    """A job by id, unique id prefix or path; with no ref, the newest job (the newest unfinished one if asked)."""
+    if ref and (Path(ref) / "state.json").is_file():
+        return JobDir(ref)
+    jobs = list_jobs(root)
+    if ref is None:
+        if unfinished:
+            jobs = [job for job in jobs if job.status().state != JobState.SUCCEEDED]
+        if not jobs:
+            what = "unfinished job" if unfinished else "job"
+            raise JobError(f"no {what} under {root}; `orch list --root DIR` shows another root's jobs")
+        return jobs[-1]
+    matches = [job for job in jobs if job.id == ref] or [job for job in jobs if job.id.startswith(ref)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise JobError(f"no job {ref!r} under {root}; `orch list` shows the jobs")
+    raise JobError(f"{ref!r} matches {len(matches)} jobs ({', '.join(j.id for j in matches[:5])}); give more of the id")
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint: the `latest` pointer, else the highest complete step-N."""
+    pointer = directory / "latest"
+    if pointer.is_file():
+        candidate = directory / pointer.read_text().strip()
+        if (candidate / TRAINER_STATE).is_file():
+            return candidate
+    complete = sorted(p for p in directory.glob("step-*") if not p.name.endswith(".tmp") and (p / TRAINER_STATE).is_file())
+    return complete[-1] if complete else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write to a temp file, fsync, rename over the target: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

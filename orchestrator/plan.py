@@ -1,0 +1,129 @@
+"""The plan: what a spec will run, decided once and printed by `orch plan` / `submit --dry-run`.
+
+`orch submit` runs exactly the command the plan holds. Checks that need this machine (data on disk,
+a GPU for cuda or fp16, a reachable tracking server) are collected as `problems`: `submit` refuses to
+start while there are any, `plan` and `--dry-run` print them.
+"""
+
+from __future__ import annotations
+
+from orchestrator.errors import UserError
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from launch import LaunchCommand
+from launch.accelerate import accelerate_command
+from launch.local import local_command
+from launch.torchrun import torchrun_command
+from orchestrator.imagefolder import DataError, scan_image_folder
+from orchestrator.spec import JobSpec
+
+
+class PlanError(UserError):
+    """The spec is valid but cannot run here (no data, no GPU for fp16, unreachable tracking)."""
+
+
+def require_runnable(plan: "Plan") -> None:
+    """PlanError listing what stops the plan from running on this machine."""
+    if plan.problems:
+        raise PlanError("cannot start the job:\n  " + "\n  ".join(plan.problems))
+
+
+@dataclass(frozen=True)
+class Plan:
+    launcher: str
+    device: str
+    world_size: int
+    processes_per_node: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    global_batch_size: int
+    threads_per_process: int
+    tracking_uri: str | None
+    command: LaunchCommand
+    problems: tuple[str, ...] = ()
+
+    def describe(self) -> list[str]:
+        """Human-readable lines, as `orch plan` prints them."""
+        return [
+            f"launcher        {self.launcher} on {self.device}",
+            f"world size      {self.world_size} ({self.processes_per_node} process(es) x 1 node)",
+            f"batch           {self.global_batch_size} global = {self.micro_batch_size} per rank x {self.world_size} rank(s) x {self.grad_accum_steps} accumulation step(s)",
+            f"threads         {self.threads_per_process} per process",
+            f"tracking        {self.tracking_uri or 'off'}",
+            f"command         {self.command.shell()}",
+            *(f"problem         {problem}" for problem in self.problems),
+        ]
+
+
+def gpu_visible() -> bool:
+    """An NVIDIA GPU is visible to this process (checked without importing torch)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return gpus.is_dir() and any(gpus.iterdir())
+
+
+def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.executable) -> Plan:
+    """Decide device, launcher, batch split and the command line, and note what stops it running here."""
+    from orchestrator.train.tracking import check_tracking_reachable, resolve_tracking_uri
+
+    problems = []
+    resources = spec.resources
+    device = resources.device if resources.device != "auto" else ("cuda" if gpu_visible() else "cpu")
+    if device == "cuda" and not gpu_visible():
+        problems.append("resources.device is cuda but no NVIDIA GPU is visible here; use device: cpu (or auto)")
+    if spec.train.mixed_precision == "fp16" and device == "cpu":
+        problems.append("train.mixed_precision fp16 needs a GPU; on CPU use bf16 (or no)")
+    try:
+        check_data(spec)
+    except PlanError as err:
+        problems.append(str(err))
+
+    cores = len(os.sched_getaffinity(0))
+    threads = resources.threads_per_process or max(1, cores // resources.processes)
+    launcher = resources.launcher
+    if launcher == "auto":
+        launcher = "local" if resources.processes == 1 else "torchrun"
+    entry = ("-m", "orchestrator.worker", str(job_path))
+    if launcher == "local":
+        command = local_command(python, entry, threads=threads)
+    elif launcher == "torchrun":
+        command = torchrun_command(python, entry, nproc_per_node=resources.processes, threads=threads)
+    else:
+        command = accelerate_command(python, entry, num_processes=resources.processes, cpu=device == "cpu", threads=threads)
+
+    tracking_uri = None
+    if spec.tracking.enabled:
+        tracking_uri = resolve_tracking_uri(spec.tracking.uri, root)
+        problem = check_tracking_reachable(tracking_uri)
+        if problem:
+            problems.append(f"{problem} (or set tracking.enabled: false)")
+
+    return Plan(
+        launcher=launcher,
+        device=device,
+        world_size=resources.world_size,
+        processes_per_node=resources.processes,
+        micro_batch_size=spec.micro_batch_size,
+        grad_accum_steps=spec.train.grad_accum_steps,
+        global_batch_size=spec.train.global_batch_size,
+        threads_per_process=threads,
+        tracking_uri=tracking_uri,
+        command=command,
+        problems=tuple(problems),
+    )
+
+
+def check_data(spec: JobSpec) -> None:
+    """The data the spec names exists and is usable."""
+    if spec.data.source == "image_folder":
+        try:
+            index = scan_image_folder(Path(spec.data.path))
+        except DataError as err:
+            raise PlanError(str(err)) from None
+        if spec.model.num_classes is not None and spec.model.num_classes < len(index.classes):
+            raise PlanError(f"model.num_classes is {spec.model.num_classes} but {spec.data.path} has {len(index.classes)} class folders")

@@ -1,0 +1,515 @@
+"""The job spec: one frozen tree of typed sections, parsed and validated once, at the edge.
+
+Every part of orch speaks this vocabulary. Nothing here imports torch: `orch validate` and
+`orch submit` check a spec in a fraction of a second.
+
+Precedence is `--set a.b=c` over the YAML file over the defaults below, applied by
+`load_spec` (the one function that does it). Unknown keys, wrong types and impossible values
+raise `SpecError`, whose message names the YAML path and line and suggests the near miss.
+"""
+
+from __future__ import annotations
+
+from orchestrator.errors import UserError
+
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SPEC_VERSION = 1
+
+# (depth, hidden_size, num_heads) of the DiT sizes of Peebles & Xie (2023), Table 1.
+DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+DIT_PRESETS = {
+    f"DiT-{size}/{patch}": {"depth": d, "hidden_size": h, "num_heads": n, "patch_size": patch}
+    for size, (d, h, n) in DIT_SIZES.items()
+    for patch in (2, 4, 8)
+}
+
+# Short names accepted for a field, rewritten to the field's own name before validation.
+ALIASES = {("train", "lr"): "learning_rate"}
+
+
+class SpecError(UserError):
+    """A spec the user must fix; the message says where and how."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ModelSpec(Section):
+    arch: Literal["dit"] = "dit"
+    """Network family. `dit`: the class-conditional Diffusion Transformer with adaLN-Zero blocks."""
+    preset: str | None = None
+    """A named size of the DiT paper (`DiT-S/2`, `DiT-B/4`, `DiT-L/8`, `DiT-XL/2`, ...); sets depth, hidden_size, num_heads and patch_size."""
+    patch_size: int = Field(2, ge=1)
+    """Side of the square patches the image (or latent) is cut into; must divide data.resolution."""
+    hidden_size: int = Field(384, ge=8)
+    """Transformer width D."""
+    depth: int = Field(12, ge=1)
+    """Number of DiT blocks."""
+    num_heads: int = Field(6, ge=1)
+    """Attention heads per block; must divide hidden_size."""
+    mlp_ratio: float = Field(4.0, gt=0)
+    """Width of the feed-forward layer as a multiple of hidden_size."""
+    class_dropout: float = Field(0.1, ge=0, lt=1)
+    """Probability of replacing a label by the null class in training (what classifier-free guidance needs; 0 turns guidance off)."""
+    num_classes: int | None = Field(None, ge=1)
+    """Number of classes; empty means: as many as the data has."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("preset") is None:
+            return data
+        preset = data["preset"]
+        if preset not in DIT_PRESETS:
+            return data  # _known_preset names the problem
+        merged = dict(data)
+        for key, value in DIT_PRESETS[preset].items():
+            if key in data and data[key] != value:
+                raise ValueError(f"{key}={data[key]} contradicts preset {preset} ({key}={value}); drop one of them")
+            merged[key] = value
+        return merged
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, preset: str | None) -> str | None:
+        if preset is not None and preset not in DIT_PRESETS:
+            raise ValueError(f"unknown preset {preset!r}{_did_you_mean(preset, DIT_PRESETS)} (valid: {', '.join(DIT_PRESETS)})")
+        return preset
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelSpec:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class DiffusionSpec(Section):
+    num_train_timesteps: int = Field(1000, ge=2)
+    """Number of noise levels T of the forward process."""
+    beta_schedule: Literal["linear", "squaredcos_cap_v2"] = "linear"
+    """Noise schedule: `linear` (Ho et al. 2020) or `squaredcos_cap_v2` (the cosine schedule of Nichol & Dhariwal 2021)."""
+    beta_start: float = Field(1e-4, gt=0, lt=1)
+    """First beta of the linear schedule."""
+    beta_end: float = Field(0.02, gt=0, lt=1)
+    """Last beta of the linear schedule."""
+    prediction: Literal["epsilon"] = "epsilon"
+    """What the network predicts: `epsilon`, the added noise (trained with MSE)."""
+
+
+class DataSpec(Section):
+    source: Literal["digits", "image_folder"] = "digits"
+    """`digits`: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes). `image_folder`: one sub-folder of images per class."""
+    path: str | None = None
+    """Folder of an `image_folder` source (relative paths are relative to the spec file)."""
+    resolution: int = Field(8, ge=2)
+    """Side of the square training images, in pixels."""
+    channels: Literal[1, 3] | None = None
+    """1 (grey) or 3 (RGB); empty means the source's own (digits: 1, image_folder: 3)."""
+    hflip: bool = False
+    """Also train on horizontally flipped images (a deterministic flip per sample and epoch)."""
+    num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes per rank (0 loads in the training process)."""
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> DataSpec:
+        if self.source == "image_folder" and not self.path:
+            raise ValueError("source image_folder needs data.path (a folder with one sub-folder per class)")
+        if self.source == "digits" and self.path:
+            raise ValueError("source digits ships with scikit-learn and takes no data.path; remove it")
+        if self.source == "digits" and self.channels == 3:
+            raise ValueError("the digits are grey: data.channels must be 1 (or empty)")
+        return self
+
+    @property
+    def num_channels(self) -> int:
+        return self.channels or (1 if self.source == "digits" else 3)
+
+
+class TrainSpec(Section):
+    steps: int = Field(ge=1)
+    """Optimizer steps to train for (the job ends after this many)."""
+    global_batch_size: int = Field(128, ge=1)
+    """Images per optimizer step over all ranks; split as micro batch x ranks x grad_accum_steps."""
+    grad_accum_steps: int = Field(1, ge=1)
+    """Micro batches accumulated before each optimizer step."""
+    learning_rate: float = Field(1e-4, gt=0)
+    """Peak AdamW learning rate (also accepted as `lr`)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW decoupled weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    adam_eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
+    warmup_steps: int = Field(0, ge=0)
+    """Steps of linear learning-rate warmup from 0."""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning rate after warmup: constant, or a cosine / linear decay to min_lr_ratio x peak at the last step."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """Floor of the decaying schedules, as a fraction of the peak learning rate."""
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value; empty turns clipping off."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision: `no` (fp32), `bf16` (CPU or GPU), `fp16` (GPU only, with a gradient scaler)."""
+    seed: int = 0
+    """Seed of weights, data order and noise; the same seed gives bitwise the same run on the same hardware."""
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no_is_a_word(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
+
+
+class EmaSpec(Section):
+    decay: float = Field(0.9999, ge=0, lt=1)
+    """Largest EMA decay, reached once the warmup is over."""
+    warmup_power: float = Field(0.75, ge=0)
+    """EMA warmup: decay after n updates is min(decay, 1 - (1 + n)^-power); 0 uses `decay` from the start."""
+    update_every: int = Field(1, ge=1)
+    """Update the EMA weights every this many optimizer steps."""
+
+
+class CheckpointSpec(Section):
+    every: int = Field(1000, ge=1)
+    """Write a checkpoint every this many steps (and always at the end and on preemption)."""
+    keep: int = Field(3, ge=1)
+    """How many of the newest checkpoints to keep."""
+
+
+class SampleSpec(Section):
+    every: int = Field(1000, ge=1)
+    """Draw a sample grid from the EMA weights every this many steps (and at the end)."""
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    """Reverse process: `ddpm` (ancestral, Ho et al.) or `ddim` (deterministic, Song et al. 2021)."""
+    steps: int = Field(50, ge=1)
+    """Denoising steps of the sampler."""
+    guidance_scale: float = Field(1.0, ge=1)
+    """Classifier-free guidance scale; 1 samples the conditional model without guidance."""
+    classes: list[int] | None = None
+    """Class of each grid row; empty means the first min(10, num_classes) classes."""
+    per_class: int = Field(8, ge=1)
+    """Images per grid row."""
+    seed: int = 0
+    """Seed of the fixed noise the grids start from, so grids of different steps are comparable."""
+
+
+class TrackingSpec(Section):
+    enabled: bool = True
+    """Log to MLflow (rank 0 only)."""
+    uri: str | None = None
+    """MLflow tracking URI; empty means $MLFLOW_TRACKING_URI, else sqlite:///<job root>/mlflow.db."""
+    experiment: str = "orch"
+    """MLflow experiment name."""
+    log_every: int = Field(10, ge=1)
+    """Log metrics every this many steps."""
+
+
+class ResourcesSpec(Section):
+    launcher: Literal["auto", "local", "torchrun", "accelerate"] = "auto"
+    """How ranks are started: `local` (one plain process), `torchrun`, `accelerate`; `auto` is local for 1 process, torchrun for more."""
+    processes: int = Field(1, ge=1)
+    """Ranks on this machine (one per GPU; on CPU, DDP ranks over gloo)."""
+    nodes: int = Field(1, ge=1)
+    """Machines; only 1 is supported so far."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` uses CUDA when a GPU is visible, else the CPU."""
+    threads_per_process: int | None = Field(None, ge=1)
+    """CPU threads per rank (OMP_NUM_THREADS); empty means the machine's cores divided by the ranks."""
+
+    @model_validator(mode="after")
+    def _launcher_fits(self) -> ResourcesSpec:
+        if self.launcher == "local" and self.processes > 1:
+            raise ValueError(f"launcher local starts one process; use torchrun or accelerate for processes={self.processes}")
+        if self.nodes > 1:
+            raise ValueError("multi-node jobs are not supported yet; set resources.nodes to 1")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.processes
+
+
+class JobSpec(Section):
+    version: Literal[1] = SPEC_VERSION
+    """Spec format version."""
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    """Job name: letters, digits, `_`, `-`, `.`; the start of the job id."""
+    description: str = ""
+    """Free text, shown in MLflow."""
+    model: ModelSpec = ModelSpec()
+    diffusion: DiffusionSpec = DiffusionSpec()
+    data: DataSpec = DataSpec()
+    train: TrainSpec
+    ema: EmaSpec = EmaSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    sample: SampleSpec = SampleSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+
+    @model_validator(mode="after")
+    def _cross_section_checks(self) -> JobSpec:
+        if self.data.resolution % self.model.patch_size:
+            raise ValueError(f"model.patch_size {self.model.patch_size} does not divide data.resolution {self.data.resolution}")
+        split = self.resources.world_size * self.train.grad_accum_steps
+        if self.train.global_batch_size % split:
+            raise ValueError(
+                f"train.global_batch_size {self.train.global_batch_size} does not split over "
+                f"{self.resources.world_size} rank(s) x {self.train.grad_accum_steps} accumulation step(s); "
+                f"use a multiple of {split}"
+            )
+        if self.sample.steps > self.diffusion.num_train_timesteps:
+            raise ValueError(f"sample.steps {self.sample.steps} exceeds diffusion.num_train_timesteps {self.diffusion.num_train_timesteps}")
+        if self.sample.guidance_scale != 1 and self.model.class_dropout == 0:
+            raise ValueError("sample.guidance_scale > 1 needs a null class: set model.class_dropout > 0 (0.1 is usual)")
+        return self
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Images per rank per forward pass."""
+        return self.train.global_batch_size // (self.resources.world_size * self.train.grad_accum_steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """The spec as dotted keys (`train.learning_rate`), as MLflow params."""
+        return _flatten(self.to_dict())
+
+    def digest(self) -> str:
+        """A short hash of the resolved spec."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML with line numbers, overrides, validation, messages
+# ---------------------------------------------------------------------------------------------
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """Read a YAML spec, apply `--set key.path=value` overrides, validate; SpecError if anything is wrong."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise SpecError(f"cannot read spec {path}: {err.strerror}") from None
+    return parse_spec(text, source=str(path), overrides=overrides, base_dir=path.parent)
+
+
+def parse_spec(text: str, source: str = "<spec>", overrides=(), base_dir: Path | None = None) -> JobSpec:
+    """Validate spec text; see load_spec."""
+    raw, lines = _load_yaml(text, source)
+    raw = _canonical_keys(raw)
+    origins = {key: f"line {line}" for key, line in lines.items()}
+    for override in overrides:
+        key_path, value = _parse_override(override)
+        _set_path(raw, key_path, value, override)
+        origins[key_path] = f"--set {override}"
+    spec = _validate(raw, source, origins)
+    if base_dir is not None and spec.data.path and not Path(spec.data.path).is_absolute():
+        spec = replace(spec, "data.path", str((base_dir / spec.data.path).resolve()))
+    return spec
+
+
+def spec_from_dict(raw: dict[str, Any], source: str = "<spec>") -> JobSpec:
+    """Validate an already-resolved spec dict (as written into a job directory)."""
+    return _validate(_canonical_keys(raw), source, {})
+
+
+def replace(spec: JobSpec, key_path: str, value: Any) -> JobSpec:
+    """A copy of the spec with one dotted field changed (validated again)."""
+    raw = spec.to_dict()
+    _set_path(raw, tuple(key_path.split(".")), value, key_path)
+    return _validate(raw, "<replace>", {})
+
+
+def spec_changes(old: JobSpec, new: JobSpec) -> list[str]:
+    """Lines `key: old -> new` for every field that differs."""
+    before, after = old.flat(), new.flat()
+    return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+
+
+def json_schema() -> dict[str, Any]:
+    """The spec's JSON Schema, for editors' autocompletion and validation."""
+    schema = JobSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "orch job spec"
+    return schema
+
+
+def reference_markdown() -> str:
+    """The spec reference (every field, its type, default and meaning) as Markdown tables, for the README."""
+    out = []
+    for section, field in JobSpec.model_fields.items():
+        cls = field.annotation
+        if isinstance(cls, type) and issubclass(cls, Section):
+            out += [f"**`{section}`**", "", "| field | type | default | meaning |", "|---|---|---|---|"]
+            for name, sub in cls.model_fields.items():
+                out.append(f"| `{section}.{name}` | {_type_name(sub.annotation)} | {_default_text(sub)} | {sub.description} |")
+            out.append("")
+        else:
+            if not out:
+                out += ["**top level**", "", "| field | type | default | meaning |", "|---|---|---|---|"]
+            out.append(f"| `{section}` | {_type_name(cls)} | {_default_text(field)} | {field.description} |")
+            if section == "description":
+                out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(f"`{value}`" for value in get_args(annotation))
+    text = repr(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    return text.replace("|", "or").replace("NoneType", "empty")
+
+
+def _default_text(field: Any) -> str:
+    if field.is_required():
+        return "required"
+    default = field.default
+    return "empty" if default is None else f"`{default!r}`" if default == "" else f"`{default}`"
+
+
+def _load_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    """Parse YAML safely; return the data and the line of every mapping key, by key path."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SpecError(f"{source}:{where} is not valid YAML: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        raise SpecError(f"{source}: the spec is empty; it needs at least `name:` and `train: {{steps: N}}`")
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a spec is a YAML mapping of sections, not a {type(data).__name__}")
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, prefix: tuple[str, ...]) -> None:
+        if not isinstance(node, yaml.MappingNode):
+            return
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            if key in seen:
+                raise SpecError(f"{source}: line {key_node.start_mark.line + 1}: key {'.'.join(prefix + (key,))} appears twice")
+            seen.add(key)
+            lines[prefix + (key,)] = key_node.start_mark.line + 1
+            walk(value_node, prefix + (key,))
+
+    walk(root, ())
+    return data, lines
+
+
+def _canonical_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite accepted short names (`train.lr`) to the field names."""
+    for (section, alias), name in ALIASES.items():
+        block = raw.get(section)
+        if isinstance(block, dict) and alias in block:
+            if name in block:
+                raise SpecError(f"{section}.{alias} and {section}.{name} are the same field; give only one")
+            block[name] = block.pop(alias)
+    return raw
+
+
+def _parse_override(override: str) -> tuple[tuple[str, ...], Any]:
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set {override!r}: expected KEY.PATH=VALUE, e.g. --set train.learning_rate=3e-4")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    path = tuple(key.strip().split("."))
+    section, *rest = path
+    if rest and (section, rest[0]) in ALIASES:
+        path = (section, ALIASES[(section, rest[0])], *rest[1:])
+    return path, value
+
+
+def _set_path(raw: dict[str, Any], path: tuple[str, ...], value: Any, origin: str) -> None:
+    node = raw
+    for depth, key in enumerate(path[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"--set {origin}: {'.'.join(path[: depth + 1])} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _validate(raw: dict[str, Any], source: str, origins: dict[tuple[str, ...], str]) -> JobSpec:
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as err:
+        problems = sorted((_describe(error, origins) for error in err.errors()), key=_line_number)
+    noun = "problem" if len(problems) == 1 else "problems"
+    raise SpecError(f"{source}: {len(problems)} {noun}\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _describe(error: dict[str, Any], origins: dict[tuple[str, ...], str]) -> str:
+    """One line per problem: where (line or --set), the dotted path, what is wrong, what is allowed."""
+    loc = tuple(str(part) for part in error["loc"] if not str(part).startswith("function-"))
+    loc = tuple(part for part in loc if part not in ("literal['dit']",))
+    dotted = ".".join(loc)
+    where = _origin(loc, origins) + (f"{dotted}: " if dotted else "")
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        section_cls = _section_class(loc[:-1])
+        valid = list(section_cls.model_fields) if section_cls else []
+        hint = _did_you_mean(loc[-1], valid)
+        return f"{where}unknown key{hint} (valid: {', '.join(valid)})"
+    if kind == "missing":
+        return f"{where}required, missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind in ("value_error", "assertion_error") or "input" not in error:
+        return f"{where}{message}"
+    return f"{where}{message[0].lower() + message[1:]}, got {error['input']!r}"
+
+
+def _line_number(problem: str) -> int:
+    match = re.match(r"line (\d+):", problem)
+    return int(match.group(1)) if match else 0
+
+
+def _origin(loc: tuple[str, ...], origins: dict[tuple[str, ...], str]) -> str:
+    for cut in range(len(loc), 0, -1):
+        if loc[:cut] in origins:
+            return f"{origins[loc[:cut]]}: "
+    return ""
+
+
+def _section_class(loc: tuple[str, ...]) -> type[BaseModel] | None:
+    cls: type[BaseModel] = JobSpec
+    for part in loc:
+        field = cls.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        cls = annotation
+    return cls
+
+
+def _did_you_mean(word: str, candidates) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

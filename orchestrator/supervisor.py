@@ -1,0 +1,186 @@
+"""The supervisor of one run of a job: no daemon, one process per running job.
+
+It holds the job's run lock for as long as the run lasts (so a second `orch resume` is refused and a
+vanished run is noticed), starts exactly the planned command in its own process group, forwards
+stop signals to the ranks (which checkpoint and leave), and records how the run ended.
+
+It runs in the foreground of `orch submit` / `orch resume` (with a progress bar), or detached as
+`python -m orchestrator.supervisor JOB_DIR` for `--detach`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from orchestrator.jobs import EXIT_PREEMPTED, JobDir, JobError, JobRecord, JobState
+from orchestrator.plan import Plan
+
+POLL_S = 0.5
+FORWARDED = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGUSR1: signal.SIGUSR1, signal.SIGHUP: signal.SIGTERM}
+
+
+def write_plan(job: JobDir, plan: Plan) -> None:
+    """Record the plan the supervisor will run (and the worker reads: device, threads, tracking)."""
+    data = {field.name: getattr(plan, field.name) for field in dataclasses.fields(plan)}
+    data["command"] = {"argv": list(plan.command.argv), "env": dict(plan.command.env)}
+    job.plan_file.write_text(json.dumps(data, indent=2))
+
+
+def exit_code_for(state: JobState) -> int:
+    return {JobState.SUCCEEDED: 0, JobState.PREEMPTED: EXIT_PREEMPTED}.get(state, 1)
+
+
+def run(job: JobDir, progress: bool) -> JobRecord:
+    """Run the job's planned command to its end and record the outcome; JobError if it is already running."""
+    lock = job.try_lock_run()
+    if lock is None:
+        record = job.read()
+        raise JobError(f"job {job.id} is already running (supervisor pid {record.supervisor_pid}); `orch cancel {job.id}` stops it")
+    try:
+        plan = json.loads(job.plan_file.read_text())
+        previous = job.read()
+        if previous.state == JobState.RUNNING:  # we hold the lock, so that run is gone
+            previous = job.transition(JobState.FAILED, ended_at=time.time(), message="its processes vanished")
+        job.transition(
+            JobState.RUNNING, started_at=time.time(), ended_at=None, supervisor_pid=os.getpid(), launcher_pid=None,
+            exit_code=None, message="", stop_reason=None, cancel_requested=False, attempts=previous.attempts + 1,
+            launcher=plan["launcher"], world_size=plan["world_size"],
+        )
+        with open(job.log_file, "ab") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {previous.attempts + 1}: {' '.join(plan['command']['argv'])}\n".encode())
+            log.flush()
+            process = subprocess.Popen(
+                plan["command"]["argv"], env={**os.environ, **plan["command"]["env"]},
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        job.update(launcher_pid=process.pid)
+        forwarder = _SignalForwarder(process, ranks_are_children=plan["launcher"] != "local")
+        try:
+            _wait(job, process, progress)
+        finally:
+            forwarder.restore()
+        return _record_end(job, process.returncode)
+    finally:
+        lock.close()
+
+
+def _wait(job: JobDir, process: subprocess.Popen, progress: bool) -> None:
+    if not progress:
+        process.wait()
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} img/s"),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+    )
+    record = job.read()
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task(job.id, total=record.total_steps or None, completed=record.step, loss="-", speed="-")
+        while process.poll() is None:
+            record = job.read()
+            bar.update(
+                task, completed=record.step, total=record.total_steps or None,
+                loss=f"{record.loss:.4f}" if record.loss is not None else "-",
+                speed=f"{record.samples_per_sec:.0f}" if record.samples_per_sec else "-",
+            )
+            time.sleep(POLL_S)
+        record = job.read()
+        bar.update(task, completed=record.step)
+
+
+def _record_end(job: JobDir, returncode: int) -> JobRecord:
+    record = job.read()
+    reason = record.stop_reason or ""
+    checkpoint = f"checkpoint {Path(record.checkpoint).name}" if record.checkpoint else "no checkpoint yet"
+    if returncode == 0 and reason == "finished":
+        state, message = JobState.SUCCEEDED, f"finished {record.step} steps; {checkpoint}"
+    elif record.cancel_requested:
+        state, message = JobState.CANCELLED, f"cancelled at step {record.step}; {checkpoint}"
+    elif reason.startswith("preempted"):
+        state, message = JobState.PREEMPTED, f"{reason}; {checkpoint}; `orch resume {job.id}` continues"
+    else:
+        why = reason.removeprefix("error: ") if reason else f"the launched processes exited with code {returncode}"
+        state, message = JobState.FAILED, f"{why}; {checkpoint}; logs: {job.log_file}"
+    return job.transition(state, ended_at=time.time(), exit_code=returncode, message=message)
+
+
+class _SignalForwarder:
+    """Passes stop signals on to the rank processes; a second Ctrl-C kills the run without a checkpoint."""
+
+    def __init__(self, process: subprocess.Popen, ranks_are_children: bool):
+        self.process = process
+        self.ranks_are_children = ranks_are_children
+        self.interrupts = 0
+        self.previous = {signum: signal.signal(signum, self._forward) for signum in FORWARDED}
+
+    def _forward(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                print("\nsecond interrupt: killing the job without a checkpoint", file=sys.stderr)
+                _kill_group(self.process.pid, signal.SIGKILL)
+                return
+            print("\ninterrupt: the job writes a checkpoint and stops (Ctrl-C again to kill it at once)", file=sys.stderr)
+        for pid in self._rank_pids():
+            try:
+                os.kill(pid, FORWARDED[signum])
+            except ProcessLookupError:
+                pass
+
+    def _rank_pids(self) -> list[int]:
+        # Ranks only: a launcher such as torchrun would answer SIGTERM by killing its ranks after 30 s,
+        # and SIGUSR1 would kill the launcher itself; DataLoader workers must not see it either.
+        if not self.ranks_are_children:
+            return [self.process.pid]
+        return children_of(self.process.pid)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct child processes of pid (from /proc)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid:
+            children.append(int(entry.name))
+    return children
+
+
+def _kill_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def main() -> int:
+    """Detached entry point: python -m orchestrator.supervisor JOB_DIR."""
+    job = JobDir(sys.argv[1])
+    try:
+        record = run(job, progress=False)
+    except JobError as err:
+        print(f"orch: {err}", file=sys.stderr)
+        return 2
+    return exit_code_for(record.state)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

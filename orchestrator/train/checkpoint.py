@@ -1,0 +1,134 @@
+"""Checkpoints: directories written atomically, holding everything a bitwise-exact resume needs.
+
+    checkpoints/step-0000500/
+        model.safetensors        model weights               (accelerate save_state)
+        optimizer.bin            AdamW state                 (accelerate save_state)
+        random_states_<r>.pkl    every rank's RNG states     (accelerate save_state)
+        scaler.pt                fp16 grad scaler, if any    (accelerate save_state)
+        ema.safetensors          EMA weights (what sampling and export use)
+        trainer_state.json       step, data position, EMA update count, LR schedule, spec digest
+        spec.yaml                the resolved spec the checkpoint was trained with
+    checkpoints/latest           name of the newest complete checkpoint
+
+Every rank writes into `step-N.tmp/`; rank 0 then fsyncs it and renames it to `step-N/`, so a
+crash or a full disk mid-write never leaves a half checkpoint where a complete one is expected.
+"""
+
+from __future__ import annotations
+
+from orchestrator.errors import UserError
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from orchestrator.jobs import TRAINER_STATE, latest_checkpoint
+from orchestrator.train.engine import Engine
+
+log = logging.getLogger(__name__)
+LATEST = "latest"
+
+
+class CheckpointError(UserError):
+    """A checkpoint could not be written; the previous one is intact."""
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    ema_num_updates: int = 0
+    world_size: int = 1
+    spec_digest: str = ""
+    lr_scheduler: dict = field(default_factory=dict)
+    saved_at: float = 0.0
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def save_checkpoint(engine: Engine, directory: Path, state: TrainerState, ema_weights: dict, spec_yaml: str, keep: int) -> Path:
+    """Write checkpoint `step-N` (every rank calls this); returns its path or raises CheckpointError."""
+    final = directory / checkpoint_name(state.step)
+    tmp = directory / f"{final.name}.tmp"
+    if engine.is_main and tmp.exists():
+        shutil.rmtree(tmp)  # left by a crash mid-write
+    engine.barrier()
+    error = None
+    try:
+        engine.save_state(str(tmp))
+        if engine.is_main:
+            save_file(ema_weights, str(tmp / "ema.safetensors"))
+            state.saved_at = time.time()
+            (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=2))
+            (tmp / "spec.yaml").write_text(spec_yaml)
+    except OSError as err:
+        error = err
+    if engine.any(error is not None):
+        if engine.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(directory)
+        kept = f"the previous checkpoint {previous.name} is intact" if previous else "there is no earlier checkpoint"
+        cause = f"{error.strerror or error}" if error else "another rank failed to write its part"
+        raise CheckpointError(f"checkpoint {final.name} could not be written ({cause}) in {directory}; {kept}")
+    if engine.is_main:
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)  # the same step written again (a resume that stopped before training)
+        os.replace(tmp, final)
+        _fsync_dir(directory)
+        _write_pointer(directory, final.name)
+        _prune(directory, keep)
+    engine.barrier()
+    return final
+
+
+def load_checkpoint(engine: Engine, path: Path) -> tuple[TrainerState, dict]:
+    """Restore model, optimizer, scaler and RNG states into the engine; return the trainer state and EMA weights."""
+    state_file = path / TRAINER_STATE
+    if not state_file.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {TRAINER_STATE})")
+    engine.load_state(str(path))
+    state = TrainerState(**json.loads(state_file.read_text()))
+    ema_weights = load_file(str(path / "ema.safetensors"), device="cpu")
+    return state, ema_weights
+
+
+def _write_pointer(directory: Path, name: str) -> None:
+    tmp = directory / f".{LATEST}.tmp"
+    with open(tmp, "w") as handle:
+        handle.write(name + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, directory / LATEST)
+    _fsync_dir(directory)
+
+
+def _prune(directory: Path, keep: int) -> None:
+    complete = sorted(p for p in directory.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

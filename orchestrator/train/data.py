@@ -1,0 +1,173 @@
+"""Training data: the sources, and a batch stream whose position can be saved and resumed exactly.
+
+The stream does not rely on any global RNG: the order of epoch e is a permutation seeded by
+(seed, e), split across ranks, so a resume at (epoch, batch) continues with the very batch the
+interrupted run would have drawn next — also across epoch boundaries, which skipping batches of a
+fresh loader gets wrong (accelerate#2016). Horizontal flips are decided per (seed, epoch, sample)
+for the same reason, so they are identical with any number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from orchestrator.imagefolder import DataError, scan_image_folder
+from orchestrator.spec import DataSpec
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """The next batch to train on: its epoch and its index within the epoch."""
+
+    epoch: int = 0
+    batch: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: map (index, flip) -> (image in [-1, 1] of shape (C, H, W), label)
+# ---------------------------------------------------------------------------------------------
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 8x8 handwritten digits (grey, 10 classes), resized to the resolution."""
+
+    def __init__(self, resolution: int):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
+        if resolution != 8:
+            images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+        self.images = images.clamp(0, 1) * 2 - 1  # (N, 1, R, R) in [-1, 1]
+        self.labels = torch.from_numpy(digits.target).long()
+        self.classes = tuple(str(d) for d in range(10))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: tuple[int, bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, flip = key
+        image = self.images[index]
+        return (image.flip(-1) if flip else image), self.labels[index]
+
+
+class ImageFolderDataset(Dataset):
+    """One sub-folder of images per class; ADM-style centre crop to the resolution."""
+
+    def __init__(self, root: Path, resolution: int, channels: int):
+        index = scan_image_folder(root)
+        self.items = index.items
+        self.classes = index.classes
+        self.resolution = resolution
+        self.mode = "L" if channels == 1 else "RGB"
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, flip = key
+        path, label = self.items[index]
+        try:
+            with Image.open(path) as image:
+                image = center_crop(image.convert(self.mode), self.resolution)
+        except OSError as err:
+            raise DataError(f"cannot read image {path}: {err}") from None
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W) or (H, W, 3) in [-1, 1]
+        tensor = torch.from_numpy(array).reshape(self.resolution, self.resolution, -1).permute(2, 0, 1)  # (C, H, W)
+        return (tensor.flip(-1) if flip else tensor).contiguous(), torch.tensor(label)
+
+
+def center_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """Centre crop of guided-diffusion (ADM): halve with a box filter while large, bicubic to size, crop."""
+    while min(image.size) >= 2 * resolution:
+        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
+    scale = resolution / min(image.size)
+    image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.BICUBIC)
+    left = (image.size[0] - resolution) // 2
+    top = (image.size[1] - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def build_dataset(data: DataSpec) -> DigitsDataset | ImageFolderDataset:
+    if data.source == "digits":
+        return DigitsDataset(data.resolution)
+    return ImageFolderDataset(Path(data.path), data.resolution, data.num_channels)
+
+
+# ---------------------------------------------------------------------------------------------
+# The resumable stream
+# ---------------------------------------------------------------------------------------------
+
+
+class EpochBatches:
+    """Endless batches of (index, flip) keys for one rank, starting at a DataPosition.
+
+    Written here rather than taken from torch's DistributedSampler because that sampler can only
+    start at the beginning of an epoch.
+    """
+
+    def __init__(self, num_samples: int, micro_batch: int, rank: int, world_size: int, seed: int, hflip: bool, start: DataPosition):
+        self.num_samples = num_samples
+        self.micro_batch = micro_batch
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.hflip = hflip
+        self.start = start
+        self.batches_per_epoch = num_samples // (micro_batch * world_size)
+        if self.batches_per_epoch == 0:
+            raise DataError(
+                f"the dataset has {num_samples} images, fewer than one global batch "
+                f"({micro_batch} x {world_size} ranks); lower train.global_batch_size or add data"
+            )
+
+    def epoch_keys(self, epoch: int) -> list[list[tuple[int, bool]]]:
+        """The batches of this rank in one epoch."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.num_samples, generator=generator)
+        flips = torch.rand(self.num_samples, generator=generator) < 0.5 if self.hflip else torch.zeros(self.num_samples, dtype=torch.bool)
+        used = self.batches_per_epoch * self.micro_batch * self.world_size
+        mine = order[:used][self.rank :: self.world_size]  # rank-strided, as DistributedSampler does
+        keys = [(int(i), bool(flips[i])) for i in mine]
+        return [keys[b * self.micro_batch : (b + 1) * self.micro_batch] for b in range(self.batches_per_epoch)]
+
+    def __iter__(self):
+        epoch, batch = self.start.epoch, self.start.batch
+        while True:
+            for keys in self.epoch_keys(epoch)[batch:]:
+                yield keys
+            epoch, batch = epoch + 1, 0
+
+    def advance(self, position: DataPosition) -> DataPosition:
+        """The position after consuming the batch at `position`."""
+        if position.batch + 1 < self.batches_per_epoch:
+            return DataPosition(position.epoch, position.batch + 1)
+        return DataPosition(position.epoch + 1, 0)
+
+
+class BatchStream:
+    """Iterator of (images, labels) micro batches that knows the position of the next one."""
+
+    def __init__(self, dataset: Dataset, batches: EpochBatches, num_workers: int, seed: int):
+        self.batches = batches
+        self.position = batches.start
+        loader = DataLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            generator=torch.Generator().manual_seed(seed),  # keeps loader start-up off the global RNG
+        )
+        self._iterator = iter(loader)
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = next(self._iterator)
+        self.position = self.batches.advance(self.position)
+        return images, labels

@@ -1,0 +1,99 @@
+"""The distributed engine behind one face: accelerate's Accelerator (DDP over gloo or NCCL).
+
+The trainer talks to this class only, so a later engine (DeepSpeed) changes this file, not the loop.
+"""
+
+from __future__ import annotations
+
+from orchestrator.errors import UserError
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+
+class WorldSizeMismatch(UserError):
+    """The launcher started a different number of ranks than the plan asked for."""
+
+
+class Engine:
+    def __init__(self, device: str, mixed_precision: str, expected_world_size: int):
+        # cpu=True gives MULTI_CPU (DDP over gloo) under torchrun / accelerate launch, one CPU process alone.
+        self.accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
+        if self.world_size != expected_world_size:
+            # Several launch commands silently start one process, or N that each see a world of 1.
+            raise WorldSizeMismatch(
+                f"rank {self.rank} sees a world of {self.world_size} process(es) but the plan has {expected_world_size}; "
+                f"the launcher did not start the ranks together (distributed type {self.accelerator.distributed_type.value})"
+            )
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.accelerator.distributed_type != DistributedType.NO
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        return self.accelerator.prepare(model, optimizer)
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(model)
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    def no_sync(self, model: torch.nn.Module):
+        return self.accelerator.no_sync(model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
+        """Unscale (fp16), clip to max_norm (None: only measure), return the global norm before clipping."""
+        return self.accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm else float("inf"))
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks (a logged loss is the global one, not rank 0's)."""
+        if not self.distributed:
+            return value
+        value = value.detach().to(self.device, torch.float32).clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value / self.world_size
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any rank."""
+        if not self.distributed:
+            return flag
+        tensor = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item())
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def save_state(self, directory: str) -> None:
+        """Model, optimizer, grad scaler and this rank's RNG states (a collective: every rank calls it)."""
+        self.accelerator.save_state(directory)
+
+    def load_state(self, directory: str) -> None:
+        self.accelerator.load_state(directory, map_location="cpu")
+
+    def close(self) -> None:
+        self.accelerator.end_training()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,266 @@
+"""The training loop of one rank: model, diffusion, data, EMA, checkpoints, tracking.
+
+Exactness: weights are seeded from train.seed, the data order from (seed, epoch), and the global
+RNG is reseeded at every step from (seed, step, rank), so the noise, timesteps and label dropout of
+step k do not depend on what ran before it. With the checkpoint restoring model, optimizer,
+schedule and EMA, a resumed run repeats the uninterrupted one bit for bit (same world size, same
+threads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import socket
+import subprocess
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.diffusion import diffusion_loss, make_noise_scheduler, sample
+from model.dit import DiT
+from model.ema import EMA
+from orchestrator.jobs import JobDir
+from orchestrator.spec import JobSpec
+from orchestrator.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from orchestrator.train.data import BatchStream, DataPosition, EpochBatches, build_dataset
+from orchestrator.train.engine import Engine
+from orchestrator.train.images import make_grid
+from orchestrator.train.signals import StopRequest
+from orchestrator.train.tracking import NullTracker, Tracker, default_artifact_location
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    finished: bool
+    step: int
+    stop_signal: str | None = None
+
+
+def build_model(spec: JobSpec, num_classes: int) -> DiT:
+    """The network a spec describes (weights from the global RNG: seed it first)."""
+    m = spec.model
+    return DiT(
+        input_size=spec.data.resolution,
+        patch_size=m.patch_size,
+        in_channels=spec.data.num_channels,
+        hidden_size=m.hidden_size,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio,
+        class_dropout_prob=m.class_dropout,
+        num_classes=num_classes,
+        learn_sigma=False,
+    )
+
+
+def lr_factor(step: int, spec: JobSpec) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based): warmup, then the schedule."""
+    t = spec.train
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return 1.0
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if t.lr_schedule == "cosine" else 1 - progress
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A seed for the global RNG at one step of one rank."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def train(spec: JobSpec, job: JobDir, device: str, tracking_uri: str | None) -> Outcome:
+    """Train from the newest checkpoint of the job (or from scratch) until done or asked to stop."""
+    stop = StopRequest()
+    engine = Engine(device, spec.train.mixed_precision, spec.resources.world_size)
+    try:
+        return _train(spec, job, engine, stop, tracking_uri)
+    finally:
+        engine.close()
+
+
+def _train(spec: JobSpec, job: JobDir, engine: Engine, stop: StopRequest, tracking_uri: str | None) -> Outcome:
+    t = spec.train
+    dataset = build_dataset(spec.data)
+    num_classes = spec.model.num_classes or len(dataset.classes)
+
+    torch.manual_seed(t.seed)
+    model = build_model(spec, num_classes)
+    ema = EMA(model, decay=spec.ema.decay, warmup_power=spec.ema.warmup_power, update_every=spec.ema.update_every)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=t.learning_rate, betas=t.adam_betas, eps=t.adam_eps, weight_decay=t.weight_decay
+    )
+    # Not prepared by accelerate: a prepared scheduler steps once per rank (accelerate#2926).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec))
+    model, optimizer = engine.prepare(model, optimizer)
+    noise_scheduler = make_noise_scheduler(
+        spec.diffusion.num_train_timesteps, spec.diffusion.beta_schedule, spec.diffusion.beta_start, spec.diffusion.beta_end
+    )
+
+    state = TrainerState(world_size=engine.world_size, spec_digest=spec.digest())
+    checkpoint = job.latest_checkpoint()
+    if checkpoint is not None:
+        state, ema_weights = load_checkpoint(engine, checkpoint)
+        ema.module.load_state_dict(ema_weights)
+        ema.num_updates = state.ema_num_updates
+        scheduler.load_state_dict(state.lr_scheduler)
+        if state.world_size != engine.world_size:
+            log.warning("resuming a %d-rank checkpoint on %d ranks: training continues, but not bitwise as before", state.world_size, engine.world_size)
+        if state.spec_digest != spec.digest():
+            log.warning("the spec changed since %s (resume was allowed to change it)", checkpoint.name)
+        log.info("resumed from %s (step %d, epoch %d, batch %d)", checkpoint.name, state.step, state.epoch, state.batch_in_epoch)
+
+    batches = EpochBatches(
+        len(dataset), spec.micro_batch_size, engine.rank, engine.world_size, t.seed, spec.data.hflip,
+        DataPosition(state.epoch, state.batch_in_epoch),
+    )
+    stream = BatchStream(dataset, batches, spec.data.num_workers, t.seed)
+    tracker = _start_tracker(spec, job, engine, tracking_uri, resumed=checkpoint is not None)
+    grid = _GridMaker(spec, num_classes, engine.device, noise_scheduler)
+
+    step = state.step
+    loss_sum = torch.zeros((), device=engine.device)
+    window_start, window_steps, paused = time.perf_counter(), 0, 0.0
+    if engine.is_main:
+        job.update(step=step, total_steps=t.steps)
+    log.info("training steps %d..%d: micro batch %d x %d rank(s) x %d accumulation", step, t.steps, spec.micro_batch_size, engine.world_size, t.grad_accum_steps)
+
+    while step < t.steps:
+        torch.manual_seed(step_seed(t.seed, step, engine.rank))
+        model.train()
+        for micro in range(t.grad_accum_steps):
+            images, labels = next(stream)
+            images, labels = images.to(engine.device), labels.to(engine.device)
+            last = micro == t.grad_accum_steps - 1
+            with nullcontext() if last else engine.no_sync(model):
+                with engine.autocast():
+                    loss = diffusion_loss(model, images, labels, noise_scheduler)
+                engine.backward(loss / t.grad_accum_steps)
+            loss_sum += loss.detach().float() / t.grad_accum_steps
+        grad_norm = engine.clip_grad_norm(model, t.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        ema.update(engine.unwrap(model), step)
+        window_steps += 1
+
+        stopping = engine.any(stop.requested)
+        done = step == t.steps
+        if step % spec.tracking.log_every == 0 or done or stopping:
+            mean_loss = engine.mean(loss_sum / window_steps).item()
+            elapsed = time.perf_counter() - window_start - paused
+            step_time = elapsed / window_steps
+            metrics = {
+                "loss": mean_loss,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "step_time_s": step_time,
+                "samples_per_sec": t.global_batch_size / step_time,
+                "epoch": float(stream.position.epoch),
+            }
+            if engine.is_main:
+                tracker.log_metrics(metrics, step)
+                job.update(step=step, loss=mean_loss, samples_per_sec=metrics["samples_per_sec"])
+            loss_sum.zero_()
+            window_start, window_steps, paused = time.perf_counter(), 0, 0.0
+
+        began = time.perf_counter()
+        if engine.is_main and (step % spec.sample.every == 0 or done):
+            tracker.log_image(grid.draw(ema.module), key="samples", step=step)
+        if step % spec.checkpoint.every == 0 or done or stopping:
+            state = TrainerState(
+                step=step, epoch=stream.position.epoch, batch_in_epoch=stream.position.batch,
+                ema_num_updates=ema.num_updates, world_size=engine.world_size, spec_digest=spec.digest(),
+                lr_scheduler=scheduler.state_dict(),
+            )
+            path = save_checkpoint(engine, job.checkpoints_dir, state, ema.module.state_dict(), spec.to_yaml(), spec.checkpoint.keep)
+            if engine.is_main:
+                job.update(checkpoint=str(path), checkpoint_step=step)
+                log.info("checkpoint %s", path.name)
+        paused += time.perf_counter() - began
+        if stopping:
+            tracker.close(status="KILLED")
+            return Outcome(finished=False, step=step, stop_signal=stop.signal_name or "a signal on another rank")
+
+    tracker.close(status="FINISHED")
+    return Outcome(finished=True, step=step)
+
+
+class _GridMaker:
+    """Sample grids from fixed noise and fixed labels (one row per class), so steps are comparable."""
+
+    def __init__(self, spec: JobSpec, num_classes: int, device: torch.device, noise_scheduler):
+        s = spec.sample
+        classes = s.classes if s.classes is not None else list(range(min(10, num_classes)))
+        self.rows = len(classes)
+        self.labels = torch.tensor([c for c in classes for _ in range(s.per_class)], device=device)
+        generator = torch.Generator().manual_seed(s.seed)
+        shape = (spec.data.num_channels, spec.data.resolution, spec.data.resolution)
+        self.noise = torch.randn((len(self.labels), *shape), generator=generator).to(device)
+        self.shape = shape
+        self.spec = s
+        self.num_classes = num_classes
+        self.noise_scheduler = noise_scheduler
+
+    @torch.no_grad()
+    def draw(self, ema_model: torch.nn.Module):
+        generator = torch.Generator(device=self.noise.device).manual_seed(self.spec.seed + 1)
+        images = sample(
+            ema_model, self.labels, self.shape, self.noise_scheduler, sampler=self.spec.sampler, num_steps=self.spec.steps,
+            guidance_scale=self.spec.guidance_scale, null_label=self.num_classes, generator=generator, noise=self.noise,
+        )
+        return make_grid(images, rows=self.rows)
+
+
+def _start_tracker(spec: JobSpec, job: JobDir, engine: Engine, uri: str | None, resumed: bool) -> Tracker:
+    """MLflow on global rank 0 (one run per job, reopened on resume); a no-op elsewhere or if it fails."""
+    if not engine.is_main or uri is None:
+        return NullTracker()
+    from orchestrator.train.tracking import MlflowTracker
+
+    record = job.read()
+    tags = {
+        "orch.job_id": job.id,
+        "orch.git_commit": _git_commit(),
+        "orch.host": socket.gethostname(),
+        "orch.launcher": record.launcher,
+        "orch.world_size": str(engine.world_size),
+        "orch.attempt": str(record.attempts),
+    }
+    try:
+        tracker = MlflowTracker.start(
+            uri, spec.tracking.experiment, run_name=job.id, run_id=record.mlflow_run_id,
+            artifact_location=default_artifact_location(job.root) if uri.startswith("sqlite:") else None, tags=tags,
+        )
+    except Exception as err:  # tracking never stops training
+        log.warning("MLflow unavailable at %s (%s): training goes on without tracking", uri, err)
+        return NullTracker()
+    if record.mlflow_run_id is None:
+        tracker.log_params(spec.flat())
+        tracker.log_text(spec.to_yaml(), "spec.yaml")
+    elif resumed:
+        tracker.log_text(spec.to_yaml(), f"spec.attempt-{record.attempts}.yaml")
+    tracker.set_tags(tags)
+    job.update(mlflow_run_id=tracker.run_id, mlflow_uri=uri)
+    return tracker
+
+
+def _git_commit() -> str:
+    """The commit of the orch checkout that runs this job, or 'unknown'."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

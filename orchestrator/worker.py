@@ -1,0 +1,64 @@
+"""The entry point of every rank: `python -m orchestrator.worker JOB_DIR`, under any launcher.
+
+It reads the job directory (resolved spec, plan), trains, and tells the job's state how it ended;
+the supervisor turns that and the exit code into the job's final state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import yaml
+
+from orchestrator.errors import UserError
+from orchestrator.jobs import EXIT_PREEMPTED, EXIT_USER_ERROR, JobDir
+from orchestrator.spec import spec_from_dict
+
+log = logging.getLogger("orchestrator.worker")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m orchestrator.worker JOB_DIR", file=sys.stderr)
+        return EXIT_USER_ERROR
+    job = JobDir(args[0])
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, force=True,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    )
+    spec = spec_from_dict(yaml.safe_load(job.spec_file.read_text()), source=str(job.spec_file))
+    plan = json.loads(job.plan_file.read_text())
+
+    import torch
+
+    from orchestrator.train.loop import train
+
+    torch.set_num_threads(plan["threads_per_process"])
+    try:
+        outcome = train(spec, job, plan["device"], plan["tracking_uri"])
+    except UserError as err:
+        log.error("%s", err)
+        if rank == 0:
+            job.update(stop_reason=f"error: {err}")
+        return EXIT_USER_ERROR
+    except Exception as err:
+        log.exception("training failed")
+        if rank == 0:
+            job.update(stop_reason=f"error: {type(err).__name__}: {err}")
+        return 1
+    if outcome.finished:
+        if rank == 0:
+            job.update(stop_reason="finished")
+        return 0
+    if rank == 0:
+        job.update(stop_reason=f"preempted: {outcome.stop_signal} at step {outcome.step}")
+    return EXIT_PREEMPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Sets up ./.venv with everything orch and its tests need. Idempotent; safe to run again.
+# torch is pinned to 2.13.0 and installed first: an unpinned torch pulls the newest CUDA build
+# (several GB) even on a machine without a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+"$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), "orch needs Python >= 3.11"'
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -c 'import torch, accelerate, diffusers, mlflow; print(f"orch environment ready: torch {torch.__version__}, accelerate {accelerate.__version__}, diffusers {diffusers.__version__}, mlflow {mlflow.__version__}")'

@@ -1,0 +1,109 @@
+"""Whatever stops a job — SIGKILL, Ctrl-C, SIGTERM, SIGUSR1, `orch cancel` — `orch resume` continues it exactly."""
+
+import signal
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.helpers import job_appeared, kill_job_processes, log_text, only_job, orch, start_orch, state, tiny_spec, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def final_weights(job):
+    newest = job / "checkpoints" / (job / "checkpoints" / "latest").read_text().strip()
+    return load_file(newest / "model.safetensors"), load_file(newest / "ema.safetensors")
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [key for key in a if not a[key].equal(b[key])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+# 1797 digits in global batches of 160 make 11 batches an epoch: the run checkpoints at step 10,
+# draws a slow DDPM grid at step 11 (the job is killed while it draws), and the resumed steps
+# 11-14 cross the epoch boundary, where resuming a data loader by skipping batches goes wrong.
+RESUME_SPEC = dict(
+    train={"steps": 14, "global_batch_size": 160, "seed": 3},
+    checkpoint={"every": 10, "keep": 3},
+    sample={"every": 11, "sampler": "ddpm", "steps": 100, "per_class": 100, "classes": [0, 1]},
+    tracking={"enabled": False, "log_every": 1},
+)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, processes):
+    overrides = ["--set", f"resources.processes={processes}"]
+    reference_root, root = tmp_path / "reference", tmp_path / "killed"
+    spec = tiny_spec(tmp_path, **RESUME_SPEC)
+
+    uninterrupted = orch("submit", str(spec), *overrides, root=reference_root)
+    assert uninterrupted.returncode == 0, log_text(only_job(reference_root))
+
+    assert orch("submit", str(spec), *overrides, "--detach", root=root).returncode == 0
+    job = only_job(root)
+    wait_for(lambda: state(job).get("checkpoint_step") == 10, timeout=240, what="the checkpoint at step 10")
+    kill_job_processes(job)
+    wait_for(lambda: orch("status", job.name, "--json", root=root).stdout.count('"failed"'), timeout=30, what="the job to show as failed")
+    assert state(job)["step"] < 14, "the job finished before it could be killed; the test proves nothing"
+    assert "vanished" in state(job)["message"]
+
+    resumed = orch("resume", job.name, root=root)
+    assert resumed.returncode == 0, resumed.stderr + log_text(job)
+    assert "resuming from step-0000010" in resumed.stdout
+    assert state(job)["state"] == "succeeded" and state(job)["attempts"] == 2
+
+    reference_model, reference_ema = final_weights(only_job(reference_root))
+    model, ema = final_weights(job)
+    assert_bitwise_equal(model, reference_model)
+    assert_bitwise_equal(ema, reference_ema)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_checkpoints_marks_preempted_and_resume_finishes(tmp_path, signum):
+    root = tmp_path / "runs"
+    spec = tiny_spec(tmp_path, train={"steps": 100000}, checkpoint={"every": 100000}, sample={"every": 100000})
+    foreground = start_orch("submit", str(spec), root=root)
+    job = wait_for(lambda: job_appeared(root), what="the job directory")
+    wait_for(lambda: state(job)["step"] >= 3, timeout=120, what="training to start")
+    foreground.send_signal(signum)  # what Ctrl-C, `kill` or a cluster's time-limit warning sends
+    out, err = foreground.communicate(timeout=120)
+    assert foreground.returncode == 75, err + log_text(job)
+    record = state(job)
+    assert record["state"] == "preempted", record
+    assert record["checkpoint_step"] == record["step"] > 0, "no checkpoint of the step it stopped at"
+    assert signal.Signals(signum).name in record["stop_reason"]
+    stopped_at = record["step"]
+
+    finish = orch("resume", job.name, "--set", f"train.steps={stopped_at + 2}", "--allow-spec-change", root=root)
+    assert finish.returncode == 0, finish.stderr + log_text(job)
+    assert "train.steps: 100000 -> " in finish.stdout
+    assert state(job)["state"] == "succeeded" and state(job)["step"] == stopped_at + 2
+
+
+def test_cancel_checkpoints_then_stops_and_second_resume_is_refused(tmp_path):
+    root = tmp_path / "runs"
+    spec = tiny_spec(tmp_path, train={"steps": 100000}, checkpoint={"every": 100000}, sample={"every": 100000})
+    assert orch("submit", str(spec), "--detach", root=root).returncode == 0
+    job = only_job(root)
+    wait_for(lambda: state(job)["step"] >= 2, timeout=120, what="training to start")
+
+    busy = orch("resume", job.name, root=root)
+    assert busy.returncode == 2 and "is running" in busy.stderr and "Traceback" not in busy.stderr
+
+    cancelled = orch("cancel", job.name, root=root, check=True)
+    assert "cancelled" in cancelled.stdout
+    record = state(job)
+    assert record["state"] == "cancelled" and record["checkpoint_step"] == record["step"]
+
+
+def test_resume_refuses_a_changed_spec_unless_allowed(tmp_path):
+    root = tmp_path / "runs"
+    orch("submit", str(tiny_spec(tmp_path, train={"steps": 2})), root=root, check=True)
+    job = only_job(root)
+    refused = orch("resume", job.name, "--set", "train.learning_rate=0.5", root=root)
+    assert refused.returncode == 2
+    assert "train.learning_rate: 0.001 -> 0.5" in refused.stderr and "--allow-spec-change" in refused.stderr
+    finished = orch("resume", job.name, root=root)
+    assert finished.returncode == 2 and "already finished its 2 steps" in finished.stderr

@@ -1,0 +1,100 @@
+"""What the end-to-end tests share: a tiny job spec and a way to run the real `orch` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ORCH = str(Path(sys.executable).with_name("orch"))
+
+
+def tiny_spec(tmp_path: Path, name: str = "tiny", **sections) -> Path:
+    """A DiT of a few thousand parameters on the digits: real code paths, seconds per run."""
+    spec = {
+        "version": 1,
+        "name": name,
+        "model": {"patch_size": 4, "hidden_size": 32, "depth": 2, "num_heads": 2},
+        "diffusion": {"num_train_timesteps": 100, "beta_schedule": "squaredcos_cap_v2"},
+        "data": {"source": "digits", "resolution": 8},
+        "train": {"steps": 6, "global_batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 2, "lr_schedule": "cosine", "seed": 7},
+        "ema": {"decay": 0.99, "warmup_power": 0.75},
+        "checkpoint": {"every": 3, "keep": 2},
+        "sample": {"every": 3, "sampler": "ddim", "steps": 5, "per_class": 2, "classes": [0, 1, 2]},
+        "tracking": {"enabled": False, "log_every": 1},
+        "resources": {"processes": 1, "threads_per_process": 1},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            spec[section] = {**spec.get(section, {}), **values}
+        else:
+            spec[section] = values
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def orch(*args: str, root: Path, timeout: float = 300, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `orch` command against a job root."""
+    result = subprocess.run(
+        [ORCH, "--root", str(root), *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"orch {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def start_orch(*args: str, root: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start `orch` in the background (as a user's terminal would run it in the foreground)."""
+    return subprocess.Popen(
+        [ORCH, "--root", str(root), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **(env or {})}, start_new_session=True,
+    )
+
+
+def only_job(root: Path) -> Path:
+    jobs = [p for p in root.iterdir() if (p / "state.json").exists()]
+    assert len(jobs) == 1, jobs
+    return jobs[0]
+
+
+def job_appeared(root: Path) -> Path | None:
+    """The job directory once `orch submit` has created it, else None."""
+    jobs = [p for p in root.iterdir() if (p / "state.json").exists()] if root.exists() else []
+    return jobs[0] if jobs else None
+
+
+def state(job_dir: Path) -> dict:
+    return json.loads((job_dir / "state.json").read_text())
+
+
+def wait_for(predicate, timeout: float = 120, interval: float = 0.05, what: str = "condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def kill_job_processes(job_dir: Path) -> None:
+    """SIGKILL everything of a running job (supervisor and launched processes), as a dying node would."""
+    record = state(job_dir)
+    for pgid in (record["launcher_pid"], record["supervisor_pid"]):
+        if pgid:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def log_text(job_dir: Path) -> str:
+    log = job_dir / "logs" / "job.log"
+    return log.read_text() if log.exists() else "(no log)"

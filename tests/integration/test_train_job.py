@@ -1,0 +1,107 @@
+"""A job from spec to trained model, through the real `orch` command and real training processes."""
+
+import json
+
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests.helpers import log_text, only_job, orch, state, tiny_spec
+
+pytestmark = pytest.mark.slow
+
+
+def test_submit_trains_checkpoints_and_records_the_job(tmp_path):
+    root = tmp_path / "runs"
+    spec = tiny_spec(tmp_path, checkpoint={"every": 2, "keep": 2})
+    result = orch("submit", str(spec), "--set", "train.steps=6", root=root)
+    job = only_job(root)
+    assert result.returncode == 0, result.stderr + log_text(job)
+    record = state(job)
+    assert record["state"] == "succeeded" and record["step"] == 6 and record["exit_code"] == 0
+    assert record["loss"] is not None and record["samples_per_sec"] > 0
+
+    checkpoints = sorted(p.name for p in (job / "checkpoints").iterdir() if p.is_dir())
+    assert checkpoints == ["step-0000004", "step-0000006"]  # keep: 2
+    assert (job / "checkpoints" / "latest").read_text().strip() == "step-0000006"
+    newest = job / "checkpoints" / "step-0000006"
+    for name in ("model.safetensors", "ema.safetensors", "optimizer.bin", "random_states_0.pkl", "trainer_state.json", "spec.yaml"):
+        assert (newest / name).is_file(), name
+    trainer_state = json.loads((newest / "trainer_state.json").read_text())
+    assert trainer_state["step"] == 6 and trainer_state["ema_num_updates"] == 6
+    assert (trainer_state["epoch"], trainer_state["batch_in_epoch"]) == (0, 6)  # 1797 digits // 32 = 56 batches per epoch
+
+    model, ema = load_file(newest / "model.safetensors"), load_file(newest / "ema.safetensors")
+    assert "blocks.0.adaLN_modulation.1.weight" in model and set(model) <= set(ema)
+    assert not all(model[k].equal(ema[k]) for k in model), "EMA weights never moved away from the model's"
+    assert "train:\n  steps: 6" in (job / "spec.yaml").read_text()  # the resolved spec, override applied
+
+    listed = json.loads(orch("list", "--json", root=root, check=True).stdout)
+    assert [j["id"] for j in listed] == [job.name] and listed[0]["state"] == "succeeded"
+    status = json.loads(orch("status", job.name, "--json", root=root, check=True).stdout)
+    assert status["checkpoint"] == str(newest) and status["dir"] == str(job)
+    assert "succeeded" in orch("list", root=root, check=True).stdout
+
+
+def test_bf16_on_cpu_trains_with_finite_loss(tmp_path):
+    root = tmp_path / "runs"
+    result = orch("submit", str(tiny_spec(tmp_path, train={"mixed_precision": "bf16", "steps": 3})), root=root)
+    job = only_job(root)
+    assert result.returncode == 0, log_text(job)
+    assert 0 < state(job)["loss"] < 10
+
+
+def test_gradient_accumulation_splits_the_global_batch(tmp_path):
+    root = tmp_path / "runs"
+    result = orch("submit", str(tiny_spec(tmp_path, train={"grad_accum_steps": 2, "steps": 2})), root=root)
+    job = only_job(root)
+    assert result.returncode == 0, log_text(job)
+    plan = json.loads((job / "plan.json").read_text())
+    assert (plan["micro_batch_size"], plan["grad_accum_steps"], plan["global_batch_size"]) == (16, 2, 32)
+
+
+def test_image_folder_source_trains_on_class_folders(tmp_path):
+    for label, colour in (("cats", (200, 120, 40)), ("dogs", (40, 90, 200))):
+        folder = tmp_path / "images" / label
+        folder.mkdir(parents=True)
+        for i in range(20):
+            Image.new("RGB", (24 + i, 16), colour).save(folder / f"{i}.png")
+    root = tmp_path / "runs"
+    spec = tiny_spec(
+        tmp_path, data={"source": "image_folder", "path": str(tmp_path / "images"), "resolution": 8, "hflip": True, "num_workers": 2},
+        sample={"classes": [0, 1]}, train={"steps": 2, "global_batch_size": 8},
+    )
+    result = orch("submit", str(spec), root=root)
+    job = only_job(root)
+    assert result.returncode == 0, log_text(job)
+    ema = load_file(job / "checkpoints" / "step-0000002" / "ema.safetensors")
+    assert ema["x_embedder.proj.weight"].shape[1] == 3  # RGB in
+    assert ema["y_embedder.embedding_table.weight"].shape[0] == 3  # 2 classes + the null class
+
+
+def test_missing_data_is_refused_before_anything_is_created(tmp_path):
+    root = tmp_path / "runs"
+    spec = tiny_spec(tmp_path, data={"source": "image_folder", "path": str(tmp_path / "nowhere")})
+    result = orch("submit", str(spec), root=root)
+    assert result.returncode == 2
+    assert "data.path" in result.stderr and "does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert not root.exists() or not any(root.iterdir())
+
+
+def test_bad_spec_exits_2_with_one_message_and_creates_nothing(tmp_path):
+    root = tmp_path / "runs"
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("name: bad\ntrain:\n  steps: 5\n  lerning_rate: 1e-3\n")
+    result = orch("submit", str(spec), root=root)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "line 4: train.lerning_rate: unknown key; did you mean 'learning_rate'?" in result.stderr
+    assert not root.exists()
+    assert orch("validate", str(spec), root=root).returncode == 2
+
+
+def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path):
+    root = tmp_path / "runs"
+    result = orch("submit", str(tiny_spec(tmp_path)), "--dry-run", "--set", "resources.processes=2", root=root, check=True)
+    assert "torch.distributed.run" in result.stdout and "--nproc_per_node 2" in result.stdout
+    assert "16 per rank x 2 rank(s)" in result.stdout
+    assert "nothing was created" in result.stdout and not root.exists()

@@ -1,0 +1,135 @@
+"""The job spec: defaults, validation messages, overrides, schema."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.spec import DIT_PRESETS, JobSpec, SpecError, json_schema, load_spec, parse_spec, spec_changes, spec_from_dict
+
+REPO = Path(__file__).resolve().parents[2]
+MINIMAL = "name: tiny\ntrain:\n  steps: 10\n"
+
+
+def problems(text: str, overrides=()) -> str:
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text, source="job.yaml", overrides=overrides)
+    return str(caught.value)
+
+
+def test_minimal_spec_gets_documented_defaults():
+    spec = parse_spec(MINIMAL)
+    assert spec.model.arch == "dit" and spec.model.patch_size == 2
+    assert spec.train.global_batch_size == 128 and spec.train.mixed_precision == "no"
+    assert spec.ema.decay == 0.9999 and spec.checkpoint.every == 1000
+    assert spec.resources.processes == 1 and spec.micro_batch_size == 128
+
+
+def test_every_field_has_a_docstring_for_the_reference():
+    def walk(cls):
+        for name, field in cls.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, JobSpec.__mro__[1]):
+                walk(annotation)
+            else:
+                assert field.description, f"{cls.__name__}.{name} has no docstring"
+
+    walk(JobSpec)
+
+
+def test_unknown_key_names_line_and_suggests_the_near_miss():
+    message = problems("name: t\ntrain:\n  steps: 10\n  lerning_rate: 3e-4\n")
+    assert "line 4: train.lerning_rate: unknown key; did you mean 'learning_rate'?" in message
+
+
+def test_wrong_type_and_impossible_values_are_all_reported_with_lines():
+    message = problems("name: t\ntrain:\n  steps: many\n  mixed_precision: fp32\nema:\n  decay: 1.5\n")
+    assert "3 problems" in message
+    assert "line 3: train.steps" in message
+    assert "line 4: train.mixed_precision: input should be 'no', 'bf16' or 'fp16', got 'fp32'" in message
+    assert "line 6: ema.decay" in message
+
+
+def test_missing_required_fields_are_named():
+    message = problems("name: t\n")
+    assert "train: required, missing" in message
+
+
+def test_cross_field_checks_explain_the_fix():
+    message = problems(MINIMAL, overrides=["train.global_batch_size=100", "resources.processes=3", "resources.launcher=torchrun"])
+    assert "does not split over 3 rank(s)" in message and "multiple of 3" in message
+    assert "does not divide data.resolution" in problems(MINIMAL + "model: {patch_size: 3}\n")
+    assert "not divisible by num_heads" in problems(MINIMAL + "model: {hidden_size: 100, num_heads: 3}\n")
+    assert "launcher local starts one process" in problems(MINIMAL, ["resources.launcher=local", "resources.processes=2"])
+
+
+def test_overrides_beat_yaml_which_beats_defaults():
+    spec = parse_spec(MINIMAL + "  learning_rate: 1e-3\n", overrides=["train.lr=3e-4", "resources.processes=2"])
+    assert spec.train.learning_rate == 3e-4  # --set (through the `lr` alias) beats the YAML
+    assert spec.resources.processes == 2  # --set beats the default
+    assert spec.train.steps == 10  # YAML beats the default
+
+
+def test_bad_override_names_its_origin():
+    message = problems(MINIMAL, overrides=["train.stepz=5"])
+    assert "--set train.stepz=5: train.stepz: unknown key; did you mean 'steps'?" in message
+    assert "expected KEY.PATH=VALUE" in problems(MINIMAL, overrides=["train.steps"])
+
+
+def test_yaml_no_means_no_mixed_precision():
+    assert parse_spec(MINIMAL + "  mixed_precision: no\n").train.mixed_precision == "no"
+
+
+def test_presets_fill_the_paper_sizes_and_contradictions_are_refused():
+    spec = parse_spec(MINIMAL + "model: {preset: DiT-B/4}\ndata: {resolution: 32}\n")
+    assert (spec.model.depth, spec.model.hidden_size, spec.model.num_heads, spec.model.patch_size) == (12, 768, 12, 4)
+    assert "contradicts preset DiT-B/4" in problems(MINIMAL + "model: {preset: DiT-B/4, depth: 3}\n")
+    assert "did you mean 'DiT-XL/2'" in problems(MINIMAL + "model: {preset: DiT-XXL/2}\n")
+    assert len(DIT_PRESETS) == 12
+
+
+def test_spec_reads_with_a_safe_loader_only():
+    message = problems("name: !!python/object/apply:os.system ['echo hacked']\ntrain: {steps: 1}\n")
+    assert "not valid YAML" in message
+
+
+def test_duplicate_keys_are_refused():
+    assert "appears twice" in problems("name: a\nname: b\ntrain: {steps: 1}\n")
+
+
+def test_image_folder_path_is_resolved_next_to_the_spec(tmp_path):
+    (tmp_path / "jobs").mkdir()
+    spec_file = tmp_path / "jobs" / "x.yaml"
+    spec_file.write_text(MINIMAL + "data: {source: image_folder, path: ../images, resolution: 8}\n")
+    assert load_spec(spec_file).data.path == str((tmp_path / "images").resolve())
+
+
+def test_resolved_spec_round_trips_and_diffs():
+    spec = parse_spec(MINIMAL)
+    again = spec_from_dict(yaml.safe_load(spec.to_yaml()))
+    assert again == spec and again.digest() == spec.digest()
+    changed = parse_spec(MINIMAL, overrides=["train.steps=20"])
+    assert spec_changes(spec, changed) == ["train.steps: 10 -> 20"]
+    assert changed.digest() != spec.digest()
+
+
+def test_schema_is_json_schema_that_forbids_unknown_keys():
+    schema = json_schema()
+    json.dumps(schema)
+    assert schema["additionalProperties"] is False
+    assert "learning_rate" in schema["$defs"]["TrainSpec"]["properties"]
+    assert schema["$defs"]["TrainSpec"]["properties"]["learning_rate"]["description"]
+
+
+@pytest.mark.parametrize("name", ["dit_digits.yaml", "dit_cats.yaml"])
+def test_shipped_job_specs_validate(name):
+    spec = load_spec(REPO / "jobs" / name)
+    assert spec.train.steps > 0
+
+
+def test_cats_spec_is_the_production_shape():
+    spec = load_spec(REPO / "jobs" / "dit_cats.yaml")
+    assert (spec.model.depth, spec.model.num_heads, spec.model.hidden_size, spec.model.patch_size) == (12, 12, 768, 2)
+    assert spec.micro_batch_size == 32 and spec.resources.world_size == 8
+    assert spec.train.learning_rate == 1e-4 and spec.ema.decay == 0.9999 and spec.train.mixed_precision == "bf16"
