@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, stream=sys.stderr, force=True,
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file save messages drown ours
     spec = spec_from_dict(yaml.safe_load(job.spec_file.read_text()), source=str(job.spec_file))
     plan = json.loads(job.plan_file.read_text())
 

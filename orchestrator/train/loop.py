@@ -83,117 +83,129 @@ def train(spec: JobSpec, job: JobDir, device: str, tracking_uri: str | None) -> 
     stop = StopRequest()
     engine = Engine(device, spec.train.mixed_precision, spec.resources.world_size)
     try:
-        return _train(spec, job, engine, stop, tracking_uri)
+        trainer = Trainer(spec, job, engine, stop)
+        trainer.tracker = _start_tracker(spec, job, engine, tracking_uri, resumed=trainer.resumed_from is not None)
+        try:
+            outcome = trainer.run()
+        except BaseException:
+            trainer.tracker.close(status="FAILED", timeout=10)
+            raise
+        trainer.tracker.close(status="FINISHED" if outcome.finished else "KILLED")
+        return outcome
     finally:
         engine.close()
 
 
-def _train(spec: JobSpec, job: JobDir, engine: Engine, stop: StopRequest, tracking_uri: str | None) -> Outcome:
-    t = spec.train
-    dataset = build_dataset(spec.data)
-    num_classes = spec.model.num_classes or len(dataset.classes)
+class Trainer:
+    """Everything one rank trains with, built from the spec and restored from the newest checkpoint."""
 
-    torch.manual_seed(t.seed)
-    model = build_model(spec, num_classes)
-    ema = EMA(model, decay=spec.ema.decay, warmup_power=spec.ema.warmup_power, update_every=spec.ema.update_every)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=t.learning_rate, betas=t.adam_betas, eps=t.adam_eps, weight_decay=t.weight_decay
-    )
-    # Not prepared by accelerate: a prepared scheduler steps once per rank (accelerate#2926).
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec))
-    model, optimizer = engine.prepare(model, optimizer)
-    noise_scheduler = make_noise_scheduler(
-        spec.diffusion.num_train_timesteps, spec.diffusion.beta_schedule, spec.diffusion.beta_start, spec.diffusion.beta_end
-    )
+    def __init__(self, spec: JobSpec, job: JobDir, engine: Engine, stop: StopRequest):
+        t = spec.train
+        self.spec, self.job, self.engine, self.stop = spec, job, engine, stop
+        dataset = build_dataset(spec.data)
+        self.num_classes = spec.model.num_classes or len(dataset.classes)
 
-    state = TrainerState(world_size=engine.world_size, spec_digest=spec.digest())
-    checkpoint = job.latest_checkpoint()
-    if checkpoint is not None:
-        state, ema_weights = load_checkpoint(engine, checkpoint)
-        ema.module.load_state_dict(ema_weights)
-        ema.num_updates = state.ema_num_updates
-        scheduler.load_state_dict(state.lr_scheduler)
-        if state.world_size != engine.world_size:
-            log.warning("resuming a %d-rank checkpoint on %d ranks: training continues, but not bitwise as before", state.world_size, engine.world_size)
-        if state.spec_digest != spec.digest():
+        torch.manual_seed(t.seed)
+        model = build_model(spec, self.num_classes)
+        self.ema = EMA(model, decay=spec.ema.decay, warmup_power=spec.ema.warmup_power, update_every=spec.ema.update_every)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=t.adam_betas, eps=t.adam_eps, weight_decay=t.weight_decay)
+        # Not prepared by accelerate: a prepared scheduler steps once per rank (accelerate#2926).
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec))
+        self.model, self.optimizer = engine.prepare(model, optimizer)
+        d = spec.diffusion
+        self.noise_scheduler = make_noise_scheduler(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end)
+
+        self.step, position = 0, DataPosition()
+        self.resumed_from = job.latest_checkpoint()
+        if self.resumed_from is not None:
+            self._restore(self.resumed_from)
+            position = DataPosition(self.restored.epoch, self.restored.batch_in_epoch)
+        batches = EpochBatches(len(dataset), spec.micro_batch_size, engine.rank, engine.world_size, t.seed, spec.data.hflip, position)
+        self.stream = BatchStream(dataset, batches, spec.data.num_workers, t.seed)
+        self.grid = _GridMaker(spec, self.num_classes, engine.device, self.noise_scheduler)
+        self.tracker: Tracker = NullTracker()
+
+    def _restore(self, checkpoint: Path) -> None:
+        state, ema_weights = load_checkpoint(self.engine, checkpoint)
+        self.ema.load_state_dict({"weights": ema_weights, "num_updates": state.ema_num_updates})
+        self.scheduler.load_state_dict(state.lr_scheduler)
+        self.step, self.restored = state.step, state
+        if state.world_size != self.engine.world_size:
+            log.warning("resuming a %d-rank checkpoint on %d ranks: training continues, but not bitwise as before", state.world_size, self.engine.world_size)
+        if state.spec_digest != self.spec.digest():
             log.warning("the spec changed since %s (resume was allowed to change it)", checkpoint.name)
         log.info("resumed from %s (step %d, epoch %d, batch %d)", checkpoint.name, state.step, state.epoch, state.batch_in_epoch)
 
-    batches = EpochBatches(
-        len(dataset), spec.micro_batch_size, engine.rank, engine.world_size, t.seed, spec.data.hflip,
-        DataPosition(state.epoch, state.batch_in_epoch),
-    )
-    stream = BatchStream(dataset, batches, spec.data.num_workers, t.seed)
-    tracker = _start_tracker(spec, job, engine, tracking_uri, resumed=checkpoint is not None)
-    grid = _GridMaker(spec, num_classes, engine.device, noise_scheduler)
+    def run(self) -> Outcome:
+        """Optimizer steps up to train.steps, with metrics, grids and checkpoints on the way."""
+        spec, t, engine, model = self.spec, self.spec.train, self.engine, self.model
+        loss_sum = torch.zeros((), device=engine.device)
+        window_start, window_steps, paused = time.perf_counter(), 0, 0.0
+        if engine.is_main:
+            self.job.update(step=self.step, total_steps=t.steps)
+        log.info("training steps %d..%d: micro batch %d x %d rank(s) x %d accumulation", self.step, t.steps, spec.micro_batch_size, engine.world_size, t.grad_accum_steps)
 
-    step = state.step
-    loss_sum = torch.zeros((), device=engine.device)
-    window_start, window_steps, paused = time.perf_counter(), 0, 0.0
-    if engine.is_main:
-        job.update(step=step, total_steps=t.steps)
-    log.info("training steps %d..%d: micro batch %d x %d rank(s) x %d accumulation", step, t.steps, spec.micro_batch_size, engine.world_size, t.grad_accum_steps)
+        while self.step < t.steps:
+            torch.manual_seed(step_seed(t.seed, self.step, engine.rank))
+            model.train()
+            for micro in range(t.grad_accum_steps):
+                images, labels = next(self.stream)
+                images, labels = images.to(engine.device), labels.to(engine.device)  # (B, C, H, W), (B,)
+                last = micro == t.grad_accum_steps - 1
+                with nullcontext() if last else engine.no_sync(model):
+                    with engine.autocast():
+                        loss = diffusion_loss(model, images, labels, self.noise_scheduler)
+                    engine.backward(loss / t.grad_accum_steps)
+                loss_sum += loss.detach().float() / t.grad_accum_steps
+            grad_norm = engine.clip_grad_norm(model, t.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.ema.update(engine.unwrap(model), self.step)
+            window_steps += 1
 
-    while step < t.steps:
-        torch.manual_seed(step_seed(t.seed, step, engine.rank))
-        model.train()
-        for micro in range(t.grad_accum_steps):
-            images, labels = next(stream)
-            images, labels = images.to(engine.device), labels.to(engine.device)
-            last = micro == t.grad_accum_steps - 1
-            with nullcontext() if last else engine.no_sync(model):
-                with engine.autocast():
-                    loss = diffusion_loss(model, images, labels, noise_scheduler)
-                engine.backward(loss / t.grad_accum_steps)
-            loss_sum += loss.detach().float() / t.grad_accum_steps
-        grad_norm = engine.clip_grad_norm(model, t.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        ema.update(engine.unwrap(model), step)
-        window_steps += 1
+            stopping = engine.any(self.stop.requested)
+            done = self.step == t.steps
+            if self.step % spec.tracking.log_every == 0 or done or stopping:
+                step_time = (time.perf_counter() - window_start - paused) / window_steps
+                self._log(engine.mean(loss_sum / window_steps).item(), float(grad_norm), step_time)
+                loss_sum.zero_()
+                window_start, window_steps, paused = time.perf_counter(), 0, 0.0
 
-        stopping = engine.any(stop.requested)
-        done = step == t.steps
-        if step % spec.tracking.log_every == 0 or done or stopping:
-            mean_loss = engine.mean(loss_sum / window_steps).item()
-            elapsed = time.perf_counter() - window_start - paused
-            step_time = elapsed / window_steps
-            metrics = {
-                "loss": mean_loss,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "step_time_s": step_time,
-                "samples_per_sec": t.global_batch_size / step_time,
-                "epoch": float(stream.position.epoch),
-            }
-            if engine.is_main:
-                tracker.log_metrics(metrics, step)
-                job.update(step=step, loss=mean_loss, samples_per_sec=metrics["samples_per_sec"])
-            loss_sum.zero_()
-            window_start, window_steps, paused = time.perf_counter(), 0, 0.0
+            began = time.perf_counter()
+            if engine.is_main and (self.step % spec.sample.every == 0 or done):
+                self.tracker.log_image(self.grid.draw(self.ema.module), key="samples", step=self.step)
+            if self.step % spec.checkpoint.every == 0 or done or stopping:
+                self._checkpoint()
+            paused += time.perf_counter() - began
+            if stopping:
+                return Outcome(finished=False, step=self.step, stop_signal=self.stop.signal_name or "a signal on another rank")
+        return Outcome(finished=True, step=self.step)
 
-        began = time.perf_counter()
-        if engine.is_main and (step % spec.sample.every == 0 or done):
-            tracker.log_image(grid.draw(ema.module), key="samples", step=step)
-        if step % spec.checkpoint.every == 0 or done or stopping:
-            state = TrainerState(
-                step=step, epoch=stream.position.epoch, batch_in_epoch=stream.position.batch,
-                ema_num_updates=ema.num_updates, world_size=engine.world_size, spec_digest=spec.digest(),
-                lr_scheduler=scheduler.state_dict(),
-            )
-            path = save_checkpoint(engine, job.checkpoints_dir, state, ema.module.state_dict(), spec.to_yaml(), spec.checkpoint.keep)
-            if engine.is_main:
-                job.update(checkpoint=str(path), checkpoint_step=step)
-                log.info("checkpoint %s", path.name)
-        paused += time.perf_counter() - began
-        if stopping:
-            tracker.close(status="KILLED")
-            return Outcome(finished=False, step=step, stop_signal=stop.signal_name or "a signal on another rank")
+    def _log(self, loss: float, grad_norm: float, step_time: float) -> None:
+        metrics = {
+            "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "step_time_s": step_time,
+            "samples_per_sec": self.spec.train.global_batch_size / step_time,
+            "epoch": float(self.stream.position.epoch),
+        }
+        if self.engine.is_main:
+            self.tracker.log_metrics(metrics, self.step)
+            self.job.update(step=self.step, loss=loss, samples_per_sec=metrics["samples_per_sec"])
 
-    tracker.close(status="FINISHED")
-    return Outcome(finished=True, step=step)
+    def _checkpoint(self) -> None:
+        position = self.stream.position
+        state = TrainerState(
+            step=self.step, epoch=position.epoch, batch_in_epoch=position.batch, ema_num_updates=self.ema.num_updates,
+            world_size=self.engine.world_size, spec_digest=self.spec.digest(), lr_scheduler=self.scheduler.state_dict(),
+        )
+        path = save_checkpoint(self.engine, self.job.checkpoints_dir, state, self.ema.module.state_dict(), self.spec.to_yaml(), self.spec.checkpoint.keep)
+        if self.engine.is_main:
+            self.job.update(checkpoint=str(path), checkpoint_step=self.step)
+            log.info("checkpoint %s", path.name)
 
 
 class _GridMaker:
