@@ -70,15 +70,14 @@ def save_checkpoint(engine: Engine, directory: Path, state: TrainerState, ema_we
             state.saved_at = time.time()
             (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=2))
             (tmp / "spec.yaml").write_text(spec_yaml)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         error = err
     if engine.any(error is not None):
         if engine.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(directory)
         kept = f"the previous checkpoint {previous.name} is intact" if previous else "there is no earlier checkpoint"
-        cause = f"{error.strerror or error}" if error else "another rank failed to write its part"
-        raise CheckpointError(f"checkpoint {final.name} could not be written ({cause}) in {directory}; {kept}")
+        raise CheckpointError(f"checkpoint {final.name} could not be written ({_cause(error, directory)}) in {directory}; {kept}")
     if engine.is_main:
         _fsync_tree(tmp)
         if final.exists():
@@ -100,6 +99,17 @@ def load_checkpoint(engine: Engine, path: Path) -> tuple[TrainerState, dict]:
     state = TrainerState(**json.loads(state_file.read_text()))
     ema_weights = load_file(str(path / "ema.safetensors"), device="cpu")
     return state, ema_weights
+
+
+def _cause(error: Exception | None, directory: Path) -> str:
+    """Why a write failed, in words: a full disk is named as such whatever exception reported it."""
+    if error is None:
+        return "another rank failed to write its part"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    if shutil.disk_usage(directory).free < 1 << 20:
+        return "No space left on device"
+    return f"{type(error).__name__}: {error}"
 
 
 def _write_pointer(directory: Path, name: str) -> None:
