@@ -19,10 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from orchestrator.jobs import JobDir, JobState, new_job_id  # noqa: E402
+from tests.helpers import heavy_modules_loaded  # noqa: E402
 
 ORCH = str(Path(sys.executable).with_name("orch"))
 RUNS = 15
-HEAVY = ("torch", "mlflow", "deepspeed", "diffusers", "accelerate")
 
 
 def fake_root(root: Path, jobs: int = 20) -> str:
@@ -45,25 +45,13 @@ def timed(args: list[str]) -> float:
     return statistics.median(samples)
 
 
-def heavy_imports(args: list[str]) -> list[str]:
-    """Heavy modules loaded when the CLI runs `args` in this interpreter."""
-    code = (
-        "import sys; from orchestrator.cli import cli\n"
-        f"try: cli({args!r}, prog_name='orch')\nexcept SystemExit: pass\n"
-        f"print('HEAVY:' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    line = next(line for line in out.splitlines() if line.startswith("HEAVY:"))
-    return [m for m in line.removeprefix("HEAVY:").split(",") if m]
-
-
 def main() -> None:
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     with tempfile.TemporaryDirectory() as tmp:
         job_id = fake_root(Path(tmp))
         for args in (["--help"], ["--root", tmp, "list"], ["--root", tmp, "status", job_id]):
             median = timed(args)
-            heavy = heavy_imports(args)
+            heavy = heavy_modules_loaded(args)
             verdict = "ok" if median < 0.5 and not heavy else "TOO SLOW" if median >= 0.5 else "HEAVY IMPORT"
             print(f"orch {' '.join(a for a in args if a != tmp and a != '--root'):<40} median {median * 1000:6.0f} ms over {RUNS} runs; heavy imports: {heavy or 'none'}  [{verdict}]")
 

@@ -57,7 +57,7 @@ def main() -> None:
     for sampler, steps, guidance in (("ddpm", 1000, 1.0), ("ddim", 50, 1.0), ("ddim", 50, 2.0), ("ddim", 50, 4.0)):
         start = time.perf_counter()
         images = sample(model, labels, (1, 8, 8), scheduler, sampler=sampler, num_steps=steps, guidance_scale=guidance,
-                        null_label=10, generator=torch.Generator().manual_seed(0))
+                        null_label=10, generator=torch.Generator().manual_seed(0), clip_denoised=True)
         seconds = time.perf_counter() - start
         pixels = ((images.clamp(-1, 1) + 1) / 2).reshape(len(labels), -1).numpy()
         accuracy = float(np.mean(classifier.predict(pixels) == labels.numpy()))

@@ -188,24 +188,26 @@ class JobDir:
     def update(self, **fields) -> JobRecord:
         """Change recorded fields (not `state`: use transition) atomically."""
         assert "state" not in fields, "state changes go through transition()"
-        with self._locked():
-            record = self.read()
-            for key, value in fields.items():
-                assert hasattr(record, key), f"JobRecord has no field {key}"
-                setattr(record, key, value)
-            _write_atomic(self.state_file, json.dumps(record.to_json(), indent=2))
-        return record
+        return self._rewrite(None, fields)
 
     def transition(self, new: JobState, **fields) -> JobRecord:
         """Move to a new state, checking it is a documented transition."""
+        return self._rewrite(new, fields)
+
+    def _rewrite(self, new: JobState | None, fields: dict) -> JobRecord:
         with self._locked():
             record = self.read()
-            assert new in TRANSITIONS[record.state], f"job {self.id}: {record.state.value} -> {new.value} is not a valid transition"
-            record.state = new
+            if new is not None:
+                assert new in TRANSITIONS[record.state], f"job {self.id}: {record.state.value} -> {new.value} is not a valid transition"
+                record.state = new
             for key, value in fields.items():
+                assert hasattr(record, key), f"JobRecord has no field {key}"
                 setattr(record, key, value)
-            _write_atomic(self.state_file, json.dumps(record.to_json(), indent=2))
+            self._save(record)
         return record
+
+    def _save(self, record: JobRecord) -> None:
+        _write_atomic(self.state_file, json.dumps(record.to_json(), indent=2))
 
     def status(self) -> JobRecord:
         """The state with liveness checked: an active job whose supervisor is gone is recorded as failed."""
@@ -221,7 +223,7 @@ class JobDir:
                 current.state = JobState.FAILED
                 current.ended_at = time.time()
                 current.message = f"{why}; `orch resume {self.id}` continues from the newest checkpoint"
-                _write_atomic(self.state_file, json.dumps(current.to_json(), indent=2))
+                self._save(current)
             return current
 
     # ---- the run lock: held by the supervisor for the job's whole run --------------------

@@ -98,3 +98,18 @@ def kill_job_processes(job_dir: Path) -> None:
 def log_text(job_dir: Path) -> str:
     log = job_dir / "logs" / "job.log"
     return log.read_text() if log.exists() else "(no log)"
+
+
+HEAVY_MODULES = ("torch", "mlflow", "deepspeed", "diffusers", "accelerate", "pydantic")
+
+
+def heavy_modules_loaded(args: list[str]) -> list[str]:
+    """Heavy modules the CLI loads when it runs `args` (in a fresh interpreter)."""
+    code = (
+        "import sys\nfrom orchestrator.cli import cli\n"
+        f"try:\n    cli({args!r}, prog_name='orch')\nexcept SystemExit:\n    pass\n"
+        f"print('HEAVY:' + ','.join(m for m in {HEAVY_MODULES!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith("HEAVY:"))
+    return [m for m in line.removeprefix("HEAVY:").split(",") if m]

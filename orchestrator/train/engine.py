@@ -83,6 +83,14 @@ class Engine:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return bool(tensor.item())
 
+    def same_on_all_ranks(self, value: float) -> bool:
+        """Whether every rank holds the same number (an invariant check, e.g. of EMA weights)."""
+        if not self.distributed:
+            return True
+        tensor = torch.tensor([value, -value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor[0].item() == -tensor[1].item()
+
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 

@@ -13,7 +13,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return scaled.permute(0, 2, 3, 1).numpy()
 
 
-def make_grid(images: torch.Tensor, rows: int, min_side: int = 256, pad: int = 1) -> Image.Image:
+def make_grid(images: torch.Tensor, rows: int, min_side: int = 512, pad: int = 1) -> Image.Image:
     """A grid of `rows` rows, upscaled (nearest) so small images stay visible in the MLflow UI."""
     pixels = to_uint8(images)  # (N, H, W, C)
     n, h, w, c = pixels.shape

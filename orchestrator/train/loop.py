@@ -197,6 +197,8 @@ class Trainer:
             self.job.update(step=self.step, loss=loss, samples_per_sec=metrics["samples_per_sec"])
 
     def _checkpoint(self) -> None:
+        ema_checksum = sum(float(p.double().sum()) for p in self.ema.module.parameters())
+        assert self.engine.same_on_all_ranks(ema_checksum), f"EMA weights differ across ranks at step {self.step}"
         position = self.stream.position
         state = TrainerState(
             step=self.step, epoch=position.epoch, batch_in_epoch=position.batch, ema_num_updates=self.ema.num_updates,
@@ -230,6 +232,7 @@ class _GridMaker:
         images = sample(
             ema_model, self.labels, self.shape, self.noise_scheduler, sampler=self.spec.sampler, num_steps=self.spec.steps,
             guidance_scale=self.spec.guidance_scale, null_label=self.num_classes, generator=generator, noise=self.noise,
+            clip_denoised=True,  # pixel space: images live in [-1, 1]
         )
         return make_grid(images, rows=self.rows)
 

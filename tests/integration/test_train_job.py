@@ -1,6 +1,8 @@
 """A job from spec to trained model, through the real `orch` command and real training processes."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -105,3 +107,30 @@ def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path):
     assert "torch.distributed.run" in result.stdout and "--nproc_per_node 2" in result.stdout
     assert "16 per rank x 2 rank(s)" in result.stdout
     assert "nothing was created" in result.stdout and not root.exists()
+
+
+def test_detached_job_returns_at_once_and_logs_follow_until_it_ends(tmp_path):
+    root = tmp_path / "runs"
+    submitted = orch("submit", str(tiny_spec(tmp_path, train={"steps": 4})), "--detach", root=root, check=True)
+    job = only_job(root)
+    assert job.name in submitted.stdout and "orch logs" in submitted.stdout
+    followed = orch("logs", job.name, "--follow", root=root, check=True)
+    assert "training steps 0..4" in followed.stdout and "checkpoint step-0000004" in followed.stdout
+    assert state(job)["state"] == "succeeded"
+
+
+def test_a_rank_that_sees_the_wrong_world_size_stops_with_a_clear_error(tmp_path):
+    # What a launcher that silently starts lone processes would produce (e.g. `accelerate launch --cpu --num_processes 2`).
+    from orchestrator.jobs import JobDir, new_job_id
+    from orchestrator.plan import make_plan
+    from orchestrator.spec import load_spec
+    from orchestrator.supervisor import write_plan
+
+    root = tmp_path / "runs"
+    spec = load_spec(tiny_spec(tmp_path), ["resources.processes=2"])
+    job = JobDir.create(root, new_job_id(spec.name), spec.name, spec.to_yaml(), spec.train.steps)
+    write_plan(job, make_plan(spec, job.path, root))
+    lone = subprocess.run([sys.executable, "-m", "orchestrator.worker", str(job.path)], capture_output=True, text=True, timeout=120)
+    assert lone.returncode == 2
+    assert "rank 0 sees a world of 1 process(es) but the plan has 2" in lone.stderr
+    assert state(job.path)["stop_reason"].startswith("error: rank 0 sees a world of 1")

@@ -1,27 +1,10 @@
 """The command line: fast paths stay light, user errors are one line with exit code 2."""
 
 import json
-import subprocess
-import sys
-
 import pytest
 
 from orchestrator.jobs import JobDir, JobState, new_job_id
-from tests.helpers import orch
-
-HEAVY = ("torch", "mlflow", "deepspeed", "diffusers", "accelerate", "pydantic")
-
-
-def loaded_heavy_modules(args: list[str]) -> list[str]:
-    code = (
-        "import sys\nfrom orchestrator.cli import cli\n"
-        f"try:\n    cli({args!r}, prog_name='orch')\nexcept SystemExit:\n    pass\n"
-        f"print('HEAVY:' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    line = next(line for line in out.splitlines() if line.startswith("HEAVY:"))
-    return [m for m in line.removeprefix("HEAVY:").split(",") if m]
-
+from tests.helpers import heavy_modules_loaded, orch
 
 @pytest.fixture
 def root_with_a_job(tmp_path):
@@ -36,7 +19,7 @@ def root_with_a_job(tmp_path):
 def test_fast_commands_import_no_torch_mlflow_or_pydantic(root_with_a_job, command):
     root, _ = root_with_a_job
     args = ["--root", str(root), *command] if command != ["--help"] else command
-    assert loaded_heavy_modules(args) == []
+    assert heavy_modules_loaded(args) == []
 
 
 def test_status_json_gives_the_facts_scripts_need(root_with_a_job):

@@ -133,3 +133,12 @@ def test_cats_spec_is_the_production_shape():
     assert (spec.model.depth, spec.model.num_heads, spec.model.hidden_size, spec.model.patch_size) == (12, 12, 768, 2)
     assert spec.micro_batch_size == 32 and spec.resources.world_size == 8
     assert spec.train.learning_rate == 1e-4 and spec.ema.decay == 0.9999 and spec.train.mixed_precision == "bf16"
+
+
+def test_readme_spec_reference_matches_the_code():
+    from orchestrator.spec import reference_markdown
+
+    readme = (REPO / "README.md").read_text()
+    start, end = "<!-- spec-reference:start -->\n", "<!-- spec-reference:end -->"
+    section = readme[readme.index(start) + len(start) : readme.index(end)]
+    assert section == reference_markdown(), "README spec reference is stale: paste `orch schema --markdown` between the markers"
