@@ -134,3 +134,28 @@ def test_a_rank_that_sees_the_wrong_world_size_stops_with_a_clear_error(tmp_path
     assert lone.returncode == 2
     assert "rank 0 sees a world of 1 process(es) but the plan has 2" in lone.stderr
     assert state(job.path)["stop_reason"].startswith("error: rank 0 sees a world of 1")
+
+
+def test_what_cannot_run_here_is_refused_at_submit_and_listed_by_plan(tmp_path):
+    root = tmp_path / "runs"
+    spec = str(tiny_spec(tmp_path))
+    refused = orch("submit", spec, "--set", "train.mixed_precision=fp16", root=root)
+    assert refused.returncode == 2 and "fp16 needs a GPU; on CPU use bf16" in refused.stderr
+    assert not root.exists()
+    planned = orch("plan", spec, "--set", "resources.device=cuda", root=root, check=True)
+    assert "problem" in planned.stdout and "no NVIDIA GPU is visible" in planned.stdout
+    unwritable = orch("--root", "/proc/orch-cannot-write-here", "submit", spec, root=root)
+    assert unwritable.returncode == 2 and "cannot write the job root" in unwritable.stderr
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_ranks_train_together_under_either_launcher(tmp_path, launcher):
+    root = tmp_path / "runs"
+    spec = tiny_spec(tmp_path, train={"steps": 2}, resources={"launcher": launcher, "processes": 2})
+    result = orch("submit", str(spec), root=root)
+    job = only_job(root)
+    assert result.returncode == 0, log_text(job)
+    assert state(job)["world_size"] == 2 and state(job)["launcher"] == launcher
+    log = log_text(job)
+    assert "[rank 0]" in log and "[rank 1]" in log and "micro batch 16 x 2 rank(s)" in log
+    assert (job / "checkpoints" / "step-0000002" / "random_states_1.pkl").is_file()  # every rank's RNG state
