@@ -82,6 +82,8 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
         check_data(spec)
     except PlanError as err:
         problems.append(str(err))
+    if spec.model.init_from and not Path(spec.model.init_from).is_file():
+        problems.append(f"model.init_from {spec.model.init_from} does not exist")
 
     cores = len(os.sched_getaffinity(0))
     threads = resources.threads_per_process or max(1, cores // resources.processes)

@@ -44,9 +44,57 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
+class UNetSpec(Section):
+    down_channels: list[int] = [32, 64, 128, 256]
+    """Channels of each resolution level of the down path (Ho et al. 2020 use 128 x (1, 2, 2, 2) at 32 px)."""
+    mid_channels: list[int] = [256, 256, 128]
+    """Channels through the middle block; the first equals the last down channel, the last feeds the up path."""
+    down_sample: list[bool] = [True, True, False]
+    """Whether each down level (one fewer than down_channels) halves the resolution."""
+    num_down_layers: int = Field(2, ge=1)
+    """ResNet blocks per down level."""
+    num_mid_layers: int = Field(2, ge=1)
+    """ResNet blocks in the middle."""
+    num_up_layers: int = Field(2, ge=1)
+    """ResNet blocks per up level."""
+    num_heads: int = Field(4, ge=1)
+    """Heads of the self-attention blocks."""
+    time_emb_dim: int = Field(128, ge=8)
+    """Width of the timestep embedding."""
+    attention: bool = True
+    """Self-attention in the down/up levels below full resolution and in the middle."""
+    norm_groups: int = Field(8, ge=1)
+    """GroupNorm groups; must divide every channel count."""
+
+    @model_validator(mode="after")
+    def _consistent_levels(self) -> UNetSpec:
+        if len(self.down_sample) != len(self.down_channels) - 1:
+            raise ValueError(f"down_sample has {len(self.down_sample)} entries; {len(self.down_channels)} down_channels need {len(self.down_channels) - 1}")
+        if len(self.mid_channels) < 2 or self.mid_channels[0] != self.down_channels[-1]:
+            raise ValueError(f"mid_channels {self.mid_channels} must have at least 2 entries and start with the last down channel {self.down_channels[-1]}")
+        bad = [c for c in self.down_channels + self.mid_channels if c % self.norm_groups]
+        if bad:
+            raise ValueError(f"channels {bad} are not divisible by norm_groups {self.norm_groups}")
+        return self
+
+
 class ModelSpec(Section):
-    arch: Literal["dit"] = "dit"
-    """Network family. `dit`: the class-conditional Diffusion Transformer with adaLN-Zero blocks."""
+    arch: Literal["dit", "unet"] = "dit"
+    """Network family: `dit`, the Diffusion Transformer (Peebles & Xie 2023); `unet`, the DDPM U-Net (Ho et al. 2020), configured in model.unet."""
+    conditioning: Literal["adaln_zero", "adaln", "cross_attention", "in_context"] = "adaln_zero"
+    """DiT block conditioning: adaLN-Zero (the paper's best), adaLN (modulation not zero-initialised), cross-attention to condition tokens, or condition tokens in context."""
+    condition: Literal["class", "none"] = "class"
+    """What the model is conditioned on: the class label (with a null class for guidance) or nothing."""
+    ffn: Literal["mlp", "conv"] = "mlp"
+    """DiT feed-forward: `mlp`, or `conv` (1x1 expand, 3x3 depthwise conv over the patch grid, GELU, 1x1 project; LocalViT)."""
+    pos_embed: Literal["sincos", "learned"] = "sincos"
+    """DiT position embedding: fixed 2-D sin-cos, or learned (initialised from sin-cos)."""
+    learn_sigma: bool = False
+    """Also predict the variance (twice the output channels), trained with diffusion.loss: hybrid (Nichol & Dhariwal 2021)."""
+    init_from: str | None = None
+    """Weights to start from (a .safetensors or a published DiT .pt in the official layout); keys must match exactly."""
+    unet: UNetSpec = UNetSpec()
+    """U-Net layout (arch: unet only)."""
     preset: str | None = None
     """A named size of the DiT paper (`DiT-S/2`, `DiT-B/4`, `DiT-L/8`, `DiT-XL/2`, ...); sets depth, hidden_size, num_heads and patch_size."""
     patch_size: int = Field(2, ge=1)
@@ -87,23 +135,33 @@ class ModelSpec(Section):
         return preset
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> ModelSpec:
+    def _arch_options(self) -> ModelSpec:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        defaults = ModelSpec.model_fields
+        if self.arch == "unet":
+            dit_fields = ("preset", "patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "conditioning", "ffn", "pos_embed", "learn_sigma")
+            dit_only = [f for f in dit_fields if getattr(self, f) != defaults[f].default]
+            if dit_only:
+                raise ValueError(f"{', '.join(dit_only)} configure a DiT; arch unet takes its layout from model.unet")
+        elif self.unet != UNetSpec():
+            raise ValueError("model.unet configures arch: unet; remove it or set arch: unet")
         return self
 
 
 class DiffusionSpec(Section):
     num_train_timesteps: int = Field(1000, ge=2)
     """Number of noise levels T of the forward process."""
-    beta_schedule: Literal["linear", "squaredcos_cap_v2"] = "linear"
-    """Noise schedule: `linear` (Ho et al. 2020) or `squaredcos_cap_v2` (the cosine schedule of Nichol & Dhariwal 2021)."""
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    """Noise schedule: `linear` (Ho et al. 2020), `scaled_linear` (linear in sqrt(beta), Stable Diffusion's) or `squaredcos_cap_v2` (the cosine schedule of Nichol & Dhariwal 2021)."""
     beta_start: float = Field(1e-4, gt=0, lt=1)
     """First beta of the linear schedule."""
     beta_end: float = Field(0.02, gt=0, lt=1)
     """Last beta of the linear schedule."""
-    prediction: Literal["epsilon"] = "epsilon"
-    """What the network predicts: `epsilon`, the added noise (trained with MSE)."""
+    prediction: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
+    """What the network predicts: `epsilon` (the added noise), `sample` (the clean image x0) or `v_prediction` (Salimans & Ho 2022)."""
+    loss: Literal["mse", "hybrid"] = "mse"
+    """`mse` on the prediction, or `hybrid`: MSE plus 0.001 x the variational bound, which trains a learned variance (model.learn_sigma)."""
 
 
 class DataSpec(Section):
@@ -188,8 +246,8 @@ class CheckpointSpec(Section):
 class SampleSpec(Section):
     every: int = Field(1000, ge=1)
     """Draw a sample grid from the EMA weights every this many steps (and at the end)."""
-    sampler: Literal["ddpm", "ddim"] = "ddim"
-    """Reverse process: `ddpm` (ancestral, Ho et al.) or `ddim` (deterministic, Song et al. 2021)."""
+    sampler: Literal["ddpm", "ddim", "dpm_solver++"] = "ddim"
+    """Reverse process: `ddpm` (ancestral, Ho et al.), `ddim` (deterministic, Song et al. 2021) or `dpm_solver++` (2nd order, Lu et al. 2022)."""
     steps: int = Field(50, ge=1)
     """Denoising steps of the sampler."""
     guidance_scale: float = Field(1.0, ge=1)
@@ -257,8 +315,17 @@ class JobSpec(Section):
 
     @model_validator(mode="after")
     def _cross_section_checks(self) -> JobSpec:
-        if self.data.resolution % self.model.patch_size:
-            raise ValueError(f"model.patch_size {self.model.patch_size} does not divide data.resolution {self.data.resolution}")
+        m = self.model
+        if m.arch == "dit" and self.data.resolution % m.patch_size:
+            raise ValueError(f"model.patch_size {m.patch_size} does not divide data.resolution {self.data.resolution}")
+        if m.arch == "unet" and self.data.resolution % 2 ** sum(m.unet.down_sample):
+            raise ValueError(f"data.resolution {self.data.resolution} cannot be halved {sum(m.unet.down_sample)} times (model.unet.down_sample)")
+        if m.learn_sigma != (self.diffusion.loss == "hybrid"):
+            raise ValueError("model.learn_sigma and diffusion.loss: hybrid go together: the variational bound is what trains the variance")
+        if m.learn_sigma and self.sample.sampler != "ddpm":
+            raise ValueError(f"sample.sampler {self.sample.sampler} cannot use a learned variance; use ddpm (or learn_sigma: false)")
+        if m.learn_sigma and self.diffusion.prediction != "epsilon":
+            raise ValueError("a learned variance is trained with epsilon prediction (Nichol & Dhariwal 2021); set diffusion.prediction: epsilon")
         split = self.resources.world_size * self.train.grad_accum_steps
         if self.train.global_batch_size % split:
             raise ValueError(
@@ -268,8 +335,8 @@ class JobSpec(Section):
             )
         if self.sample.steps > self.diffusion.num_train_timesteps:
             raise ValueError(f"sample.steps {self.sample.steps} exceeds diffusion.num_train_timesteps {self.diffusion.num_train_timesteps}")
-        if self.sample.guidance_scale != 1 and self.model.class_dropout == 0:
-            raise ValueError("sample.guidance_scale > 1 needs a null class: set model.class_dropout > 0 (0.1 is usual)")
+        if self.sample.guidance_scale != 1 and (m.class_dropout == 0 or m.condition == "none"):
+            raise ValueError("sample.guidance_scale > 1 needs a class condition with a null class: model.condition: class and model.class_dropout > 0 (0.1 is usual)")
         return self
 
     @property
@@ -317,8 +384,9 @@ def parse_spec(text: str, source: str = "<spec>", overrides=(), base_dir: Path |
         _set_path(raw, key_path, value, override)
         origins[key_path] = f"--set {override}"
     spec = _validate(raw, source, origins)
-    if base_dir is not None and spec.data.path and not Path(spec.data.path).is_absolute():
-        spec = replace(spec, "data.path", str((base_dir / spec.data.path).resolve()))
+    for key_path, value in (("data.path", spec.data.path), ("model.init_from", spec.model.init_from)):
+        if base_dir is not None and value and not Path(value).is_absolute():
+            spec = replace(spec, key_path, str((base_dir / value).resolve()))  # relative to the spec file
     return spec
 
 
@@ -350,20 +418,21 @@ def json_schema() -> dict[str, Any]:
 
 def reference_markdown() -> str:
     """The spec reference (every field, its type, default and meaning) as Markdown tables, for the README."""
-    out = []
-    for section, field in JobSpec.model_fields.items():
-        cls = field.annotation
-        if isinstance(cls, type) and issubclass(cls, Section):
-            out += [f"**`{section}`**", "", "| field | type | default | meaning |", "|---|---|---|---|"]
-            for name, sub in cls.model_fields.items():
-                out.append(f"| `{section}.{name}` | {_type_name(sub.annotation)} | {_default_text(sub)} | {sub.description} |")
-            out.append("")
-        else:
-            if not out:
-                out += ["**top level**", "", "| field | type | default | meaning |", "|---|---|---|---|"]
-            out.append(f"| `{section}` | {_type_name(cls)} | {_default_text(field)} | {field.description} |")
-            if section == "description":
-                out.append("")
+    header = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    out: list[str] = []
+
+    def table(cls: type[BaseModel], prefix: str, title: str) -> None:
+        rows, nested = [], []
+        for name, field in cls.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
+                nested.append((field.annotation, f"{prefix}{name}"))
+                continue
+            rows.append(f"| `{prefix}{name}` | {_type_name(field.annotation)} | {_default_text(field)} | {field.description} |")
+        out.extend([f"**{title}**", "", *header, *rows, ""])
+        for sub, path in nested:
+            table(sub, f"{path}.", f"`{path}`")
+
+    table(JobSpec, "", "top level")
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -24,6 +24,7 @@ import torch
 from model.diffusion import diffusion_loss, make_noise_scheduler, sample
 from model.dit import DiT
 from model.ema import EMA
+from model.unet import UNet
 from orchestrator.jobs import JobDir
 from orchestrator.spec import JobSpec
 from orchestrator.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
@@ -32,8 +33,10 @@ from orchestrator.train.engine import Engine
 from orchestrator.train.images import make_grid
 from orchestrator.train.signals import StopRequest
 from orchestrator.train.tracking import NullTracker, Tracker, default_artifact_location
+from orchestrator.train.weights import load_weights
 
 log = logging.getLogger(__name__)
+HYBRID_VLB_WEIGHT = 1e-3  # lambda of L_hybrid (Nichol & Dhariwal 2021, Sec. 3.1)
 
 
 @dataclass(frozen=True)
@@ -43,9 +46,26 @@ class Outcome:
     stop_signal: str | None = None
 
 
-def build_model(spec: JobSpec, num_classes: int) -> DiT:
+def build_model(spec: JobSpec, num_classes: int) -> torch.nn.Module:
     """The network a spec describes (weights from the global RNG: seed it first)."""
     m = spec.model
+    if m.arch == "unet":
+        u = m.unet
+        return UNet(
+            in_channels=spec.data.num_channels,
+            down_channels=u.down_channels,
+            mid_channels=u.mid_channels,
+            down_sample=u.down_sample,
+            num_down_layers=u.num_down_layers,
+            num_mid_layers=u.num_mid_layers,
+            num_up_layers=u.num_up_layers,
+            num_heads=u.num_heads,
+            time_emb_dim=u.time_emb_dim,
+            attention=tuple(u.attention and level > 0 for level in range(len(u.down_sample))),
+            num_classes=None if m.condition == "none" else num_classes,
+            class_dropout_prob=m.class_dropout,
+            norm_groups=u.norm_groups,
+        )
     return DiT(
         input_size=spec.data.resolution,
         patch_size=m.patch_size,
@@ -56,8 +76,18 @@ def build_model(spec: JobSpec, num_classes: int) -> DiT:
         mlp_ratio=m.mlp_ratio,
         class_dropout_prob=m.class_dropout,
         num_classes=num_classes,
-        learn_sigma=False,
+        learn_sigma=m.learn_sigma,
+        conditioning=m.conditioning,
+        condition=m.condition,
+        ffn=m.ffn,
+        pos_embed=m.pos_embed,
     )
+
+
+def make_diffusion(spec: JobSpec):
+    """The forward process of a spec (a diffusers DDPMScheduler)."""
+    d = spec.diffusion
+    return make_noise_scheduler(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end, prediction_type=d.prediction)
 
 
 def lr_factor(step: int, spec: JobSpec) -> float:
@@ -107,13 +137,16 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         model = build_model(spec, self.num_classes)
+        if spec.model.init_from and job.latest_checkpoint() is None:
+            load_weights(model, Path(spec.model.init_from))
+            log.info("initialised the model from %s", spec.model.init_from)
         self.ema = EMA(model, decay=spec.ema.decay, warmup_power=spec.ema.warmup_power, update_every=spec.ema.update_every)
         optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=t.adam_betas, eps=t.adam_eps, weight_decay=t.weight_decay)
         # Not prepared by accelerate: a prepared scheduler steps once per rank (accelerate#2926).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec))
         self.model, self.optimizer = engine.prepare(model, optimizer)
-        d = spec.diffusion
-        self.noise_scheduler = make_noise_scheduler(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end)
+        self.noise_scheduler = make_diffusion(spec)
+        self.vlb_weight = HYBRID_VLB_WEIGHT if spec.diffusion.loss == "hybrid" else 0.0
 
         self.step, position = 0, DataPosition()
         self.resumed_from = job.latest_checkpoint()
@@ -154,7 +187,7 @@ class Trainer:
                 last = micro == t.grad_accum_steps - 1
                 with nullcontext() if last else engine.no_sync(model):
                     with engine.autocast():
-                        loss = diffusion_loss(model, images, labels, self.noise_scheduler)
+                        loss = diffusion_loss(model, images, labels, self.noise_scheduler, vlb_weight=self.vlb_weight)
                     engine.backward(loss / t.grad_accum_steps)
                 loss_sum += loss.detach().float() / t.grad_accum_steps
             grad_norm = engine.clip_grad_norm(model, t.grad_clip)
