@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from model.diffusion import diffusion_loss, make_noise_scheduler, sample
+from model.diffusion import diffusion_loss, make_noise_scheduler, sample, sample_progression
 from model.dit import DiT
 from model.ema import EMA
 from model.unet import UNet
@@ -209,6 +210,8 @@ class Trainer:
             began = time.perf_counter()
             if engine.is_main and (self.step % spec.sample.every == 0 or done):
                 self.tracker.log_image(self.grid.draw(self.ema.module), key="samples", step=self.step)
+            if engine.is_main and done and self.spec.sample.steps >= 2:
+                self.tracker.log_image(self.grid.progression(self.ema.module), key="progression", step=self.step)
             if self.step % spec.checkpoint.every == 0 or done or stopping:
                 self._checkpoint()
             paused += time.perf_counter() - began
@@ -259,15 +262,27 @@ class _GridMaker:
         self.num_classes = num_classes
         self.noise_scheduler = noise_scheduler
 
-    @torch.no_grad()
-    def draw(self, ema_model: torch.nn.Module):
+    def _settings(self) -> dict:
         generator = torch.Generator(device=self.noise.device).manual_seed(self.spec.seed + 1)
-        images = sample(
-            ema_model, self.labels, self.shape, self.noise_scheduler, sampler=self.spec.sampler, num_steps=self.spec.steps,
-            guidance_scale=self.spec.guidance_scale, null_label=self.num_classes, generator=generator, noise=self.noise,
+        return dict(
+            image_shape=self.shape, noise_scheduler=self.noise_scheduler, sampler=self.spec.sampler, num_steps=self.spec.steps,
+            guidance_scale=self.spec.guidance_scale, null_label=self.num_classes, generator=generator,
             clip_denoised=True,  # pixel space: images live in [-1, 1]
         )
+
+    @torch.no_grad()
+    def draw(self, ema_model: torch.nn.Module) -> Image.Image:
+        """The grid: rows of classes, columns of fixed noise."""
+        images = sample(ema_model, self.labels, noise=self.noise, **self._settings())  # (N, C, H, W)
         return make_grid(images, rows=self.rows)
+
+    @torch.no_grad()
+    def progression(self, ema_model: torch.nn.Module, frames: int = 8) -> Image.Image:
+        """The denoising progression strip: one row per class, the x0 prediction across the timesteps."""
+        first = torch.arange(self.rows, device=self.labels.device) * self.spec.per_class  # first image of each row
+        frames = min(frames, self.spec.steps)
+        strip = sample_progression(ema_model, self.labels[first], noise=self.noise[first], num_frames=frames, **self._settings())
+        return make_grid(strip.flatten(0, 1), rows=self.rows)  # (rows * K, C, H, W)
 
 
 def _start_tracker(spec: JobSpec, job: JobDir, engine: Engine, uri: str | None, resumed: bool) -> Tracker:

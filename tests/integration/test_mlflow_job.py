@@ -53,6 +53,7 @@ def test_job_logs_one_run_with_params_metrics_and_grids_and_resume_appends(tmp_p
 
     artifacts = artifact_paths(client, run_id)
     assert {"samples/step_0000002.png", "samples/step_0000004.png", "samples/step_0000006.png"} <= artifacts
+    assert {"progression/step_0000004.png", "progression/step_0000006.png"} <= artifacts  # at the end of each attempt
     assert "spec.yaml" in artifacts and any(p.startswith("spec.attempt-2") for p in artifacts)
     assert any(p.startswith("images/") for p in artifacts)  # the step-slider image card
 
