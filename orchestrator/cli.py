@@ -232,6 +232,74 @@ def cancel(root: Path, job_ref: str, wait: bool, timeout: float) -> None:
     click.echo(f"job {job.id}: {record.state.value} — {record.message}")
 
 
+# ---- using trained models ------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("ref", metavar="JOB_OR_CHECKPOINT")
+@click.option("--num", default=8, show_default=True, help="Images per class (or in all, without classes).")
+@click.option("--class", "classes", multiple=True, type=int, help="Class to draw (repeatable) [default: the grid's classes].")
+@click.option("--prompt", "prompts", multiple=True, help="Caption to draw (repeatable; text-conditioned models).")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpm_solver++"]), help="[default: the spec's sample.sampler]")
+@click.option("--steps", type=int, help="Denoising steps [default: the spec's sample.steps].")
+@click.option("--guidance", type=float, help="Classifier-free guidance scale [default: the spec's].")
+@click.option("--seed", default=0, show_default=True, help="The same seed gives the same images.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Folder for one PNG per image and grid.png.")
+@click.option("--no-ema", is_flag=True, help="Use the raw weights instead of the EMA weights.")
+@click.option("--progression", is_flag=True, help="Also save progression.png: the x0 prediction across the timesteps.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.pass_obj
+@user_errors
+def sample(root: Path, ref, num, classes, prompts, sampler, steps, guidance, seed, out_dir, no_ema, progression, batch_size) -> None:
+    """Draw images from a job's newest checkpoint (or a checkpoint directory), EMA weights by default."""
+    from rich.progress import Progress
+
+    from orchestrator import sampling
+
+    spec, checkpoint = sampling.resolve_checkpoint(ref, root)
+    condition = spec.model.condition
+    if prompts and condition != "text":
+        raise sampling.SamplingError(f"--prompt needs a text-conditioned model; this one is conditioned on {condition}{': use --class' if condition == 'class' else ''}")
+    if classes and condition != "class":
+        raise sampling.SamplingError(f"--class needs a class-conditional model; this one is conditioned on {condition}{': use --prompt' if condition == 'text' else ''}")
+    model = sampling.load_model(spec, checkpoint, ema=not no_ema)
+    grid_classes = list(classes) or list(spec.sample.classes or range(min(10, sampling.num_classes_of(model))))
+    labels = [c for c in grid_classes for _ in range(num)]
+    sampler, steps = sampler or spec.sample.sampler, steps or spec.sample.steps
+    guidance = spec.sample.guidance_scale if guidance is None else guidance
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"{sampler}-{steps}", total=None)
+        images = sampling.sample_images(
+            model, spec, labels, sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    written = sampling.write_outputs(images, labels, Path(out_dir), rows=len(grid_classes))
+    click.echo(f"{len(labels)} images from {checkpoint} ({'raw' if no_ema else 'EMA'} weights, {sampler}-{steps}, guidance {guidance}, seed {seed}) -> {out_dir}")
+    if progression:
+        strip = sampling.progression_strip(model, spec, labels[: len(grid_classes)], sampler=sampler, steps=steps, guidance=guidance, seed=seed)
+        strip.save(Path(out_dir) / "progression.png")
+        written.append(Path(out_dir) / "progression.png")
+    click.echo(f"grid: {Path(out_dir) / 'grid.png'}")
+
+
+@cli.command()
+@click.argument("ref", metavar="JOB_OR_CHECKPOINT")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "diffusers"]), default="safetensors", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
+@click.option("--no-ema", is_flag=True, help="Export the raw weights instead of the EMA weights.")
+@click.pass_obj
+@user_errors
+def export(root: Path, ref, fmt, out_dir, no_ema) -> None:
+    """Export a job's model: .safetensors plus its spec, or a diffusers directory."""
+    from orchestrator import export as exporting
+    from orchestrator.sampling import resolve_checkpoint
+
+    spec, checkpoint = resolve_checkpoint(ref, root)
+    write = exporting.export_diffusers if fmt == "diffusers" else exporting.export_safetensors
+    write(spec, checkpoint, Path(out_dir), ema=not no_ema)
+    click.echo(f"exported {checkpoint} ({'raw' if no_ema else 'EMA'} weights) as {fmt} -> {out_dir}")
+
+
 # ---- looking at jobs -----------------------------------------------------------------------
 
 STATE_COLOURS = {"queued": "cyan", "running": "blue", "succeeded": "green", "failed": "red", "cancelled": "magenta", "preempted": "yellow"}

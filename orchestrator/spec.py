@@ -83,8 +83,8 @@ class ModelSpec(Section):
     """Network family: `dit`, the Diffusion Transformer (Peebles & Xie 2023); `unet`, the DDPM U-Net (Ho et al. 2020), configured in model.unet."""
     conditioning: Literal["adaln_zero", "adaln", "cross_attention", "in_context"] = "adaln_zero"
     """DiT block conditioning: adaLN-Zero (the paper's best), adaLN (modulation not zero-initialised), cross-attention to condition tokens, or condition tokens in context."""
-    condition: Literal["class", "none"] = "class"
-    """What the model is conditioned on: the class label (with a null class for guidance) or nothing."""
+    condition: Literal["class", "text", "none"] = "class"
+    """What the model is conditioned on: the class label (with a null class for guidance), a caption's precomputed text embeddings (with a learned null caption), or nothing."""
     ffn: Literal["mlp", "conv"] = "mlp"
     """DiT feed-forward: `mlp`, or `conv` (1x1 expand, 3x3 depthwise conv over the patch grid, GELU, 1x1 project; LocalViT)."""
     pos_embed: Literal["sincos", "learned"] = "sincos"
@@ -187,6 +187,11 @@ class DataSpec(Section):
         if self.source == "digits" and self.channels == 3:
             raise ValueError("the digits are grey: data.channels must be 1 (or empty)")
         return self
+
+    @property
+    def has_text(self) -> bool:
+        """Whether the source carries caption embeddings (what model.condition: text trains on)."""
+        return False
 
     @property
     def num_channels(self) -> int:
@@ -335,8 +340,13 @@ class JobSpec(Section):
             )
         if self.sample.steps > self.diffusion.num_train_timesteps:
             raise ValueError(f"sample.steps {self.sample.steps} exceeds diffusion.num_train_timesteps {self.diffusion.num_train_timesteps}")
+        if m.condition == "text" and not self.data.has_text:
+            raise ValueError(
+                f"model.condition: text needs precomputed text embeddings, which data.source {self.data.source} does not carry; "
+                "train on shards prepared with captions by `orch prepare` (data.source: webdataset), or use condition: class"
+            )
         if self.sample.guidance_scale != 1 and (m.class_dropout == 0 or m.condition == "none"):
-            raise ValueError("sample.guidance_scale > 1 needs a class condition with a null class: model.condition: class and model.class_dropout > 0 (0.1 is usual)")
+            raise ValueError("sample.guidance_scale > 1 needs a condition with a null class or caption: model.condition class or text and model.class_dropout > 0 (0.1 is usual)")
         return self
 
     @property

@@ -48,11 +48,15 @@ def test_impossible_model_combinations_are_refused_at_validation(tmp_path):
         "model.learn_sigma=true": "go together",
         "diffusion.loss=hybrid": "go together",
         "model.arch=unet": "configure a DiT",  # the tiny spec sets DiT fields
-        "model.condition=text": "input should be 'class' or 'none'",
+        "model.condition=text": "needs precomputed text embeddings, which data.source digits does not carry",
+        "model.patch_size=3": "model.patch_size 3 does not divide data.resolution 8",
     }
     for override, message in cases.items():
         result = orch("validate", spec, "--set", override, root=tmp_path)
         assert result.returncode == 2 and message in result.stderr, (override, result.stderr)
+    unet = tiny_spec(tmp_path, "unet", model={"arch": "unet", "unet": {"down_channels": [16, 32, 64], "down_sample": [True, True, False]}})
+    wrong_length = orch("validate", str(unet), root=tmp_path)
+    assert wrong_length.returncode == 2 and "down_sample has 3 entries; 3 down_channels need 2" in wrong_length.stderr
     sigma_ddim = orch("validate", spec, "--set", "model.learn_sigma=true", "--set", "diffusion.loss=hybrid", root=tmp_path)
     assert sigma_ddim.returncode == 2 and "cannot use a learned variance; use ddpm" in sigma_ddim.stderr
 

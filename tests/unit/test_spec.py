@@ -141,4 +141,4 @@ def test_readme_spec_reference_matches_the_code():
     readme = (REPO / "README.md").read_text()
     start, end = "<!-- spec-reference:start -->\n", "<!-- spec-reference:end -->"
     section = readme[readme.index(start) + len(start) : readme.index(end)]
-    assert section == reference_markdown(), "README spec reference is stale: paste `orch schema --markdown` between the markers"
+    assert section == reference_markdown(), "README spec reference is stale: run scripts/update_readme_reference.py"

@@ -1,0 +1,262 @@
+"""Exporting a trained model out of a checkpoint: plain safetensors with its spec, or a diffusers directory.
+
+The library behind `orch export JOB --format safetensors|diffusers --out DIR`.
+
+    --format safetensors                --format diffusers (pixel space)
+    DIR/model.safetensors  weights      DIR/transformer/   DiTTransformer2DModel (config.json, weights)
+    DIR/spec.yaml          the spec     DIR/scheduler/     the spec's sampler as a diffusers scheduler
+    DIR/README.md          how to load  DIR/spec.yaml, DIR/README.md (with the sampling loop)
+    DIR/orch_export.json   provenance   DIR/orch_export.json (provenance, class names)
+
+Why no DiTPipeline (model_index.json) for a pixel-space model: diffusers 0.42's DiTPipeline always
+decodes with its VAE (`self.vae.config.scaling_factor`, `self.vae.decode`), so with vae=None it loads
+but fails after the last denoising step, and a VAE would be wrong for a model trained on pixels. Its
+guidance also hard-codes the null class as 1000 (ImageNet's), which is out of range for any other
+class count. So a pixel-space export is the two components diffusers loads offline
+(`DiTTransformer2DModel.from_pretrained`, `<Scheduler>.from_pretrained`), with the 15-line sampling
+loop written into its README. When the spec gains a latent space (a VAE), the same directory plus
+`vae/` and a model_index.json is a DiTPipeline.
+
+Fidelity: diffusers' DiT computes timestep features with `downscale_freq_shift=1`, the official DiT
+(ours) with 0 (see model/convert.py). Loaded as is, the exported transformer is close to, not equal
+to, the trained model; setting `downscale_freq_shift = 0` on every block's `norm1.emb.time_proj`
+(one loop, in the README) makes it compute what the trained model computes, to float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from orchestrator.errors import UserError
+from orchestrator.sampling import load_model, weights_file
+from orchestrator.spec import JobSpec
+
+EXPORT_INFO = "orch_export.json"
+SAFETENSORS_NAMES = {"model.safetensors", "spec.yaml", "README.md", EXPORT_INFO}
+DIFFUSERS_NAMES = {"transformer", "scheduler", "spec.yaml", "README.md", EXPORT_INFO}
+SCHEDULER_CLASSES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "dpm_solver++": "DPMSolverMultistepScheduler"}
+
+
+class ExportError(UserError):
+    """A model that cannot be exported in the asked format, or a folder it cannot be exported into."""
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors + spec
+# ---------------------------------------------------------------------------------------------
+
+
+def export_safetensors(spec: JobSpec, checkpoint: Path, out_dir: Path, ema: bool = True) -> list[Path]:
+    """Write `model.safetensors` (EMA weights unless ema=False), `spec.yaml` and a README on loading them; return the paths."""
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    source = weights_file(checkpoint, ema)
+    model = load_model(spec, checkpoint, ema=ema, device="cpu")  # the weights must fit the spec's network
+    _prepare(out_dir, SAFETENSORS_NAMES)
+    state = load_file(str(source), device="cpu")
+    kind = "ema" if ema else "raw"
+    weights = out_dir / "model.safetensors"
+    save_file(state, str(weights), metadata={"format": "pt", "orch.weights": kind, "orch.spec_digest": spec.digest()})
+    (out_dir / "spec.yaml").write_text(spec.to_yaml())
+    info = _write_info(out_dir, "safetensors", spec, checkpoint, kind, model)
+    readme = out_dir / "README.md"
+    readme.write_text(_safetensors_readme(spec, kind, model))
+    return [weights, out_dir / "spec.yaml", readme, info]
+
+
+def _safetensors_readme(spec: JobSpec, kind: str, model: torch.nn.Module) -> str:
+    c, r = spec.data.num_channels, spec.data.resolution
+    return f"""# {spec.name}: {spec.model.arch} weights exported by orch
+
+- `model.safetensors`: the {'EMA' if kind == 'ema' else 'raw (not EMA)'} weights, in the official DiT layout
+  (`x_embedder.proj`, `t_embedder.mlp`, `y_embedder.embedding_table`, `blocks.N...`, `final_layer...`).
+- `spec.yaml`: the resolved job spec they were trained with; it describes the network, the noise
+  schedule and the sampler. The model draws {c}-channel {r}x{r} images in [-1, 1] (pixel space),
+  class labels 0..{getattr(model, 'num_classes', 1) - 1}{'' if spec.model.condition == 'class' else ' (ignored: unconditional)'}.
+
+Load and sample with orch's Python API (from an orch checkout, `pip install -e .`):
+
+```python
+from pathlib import Path
+import yaml
+from orchestrator.spec import spec_from_dict
+from orchestrator.sampling import load_model, sample_images, write_outputs
+
+here = Path(".")  # this folder
+spec = spec_from_dict(yaml.safe_load((here / "spec.yaml").read_text()))
+model = load_model(spec, here / "model.safetensors")  # eval mode; cuda if visible
+images = sample_images(model, spec, labels=[0, 1, 2, 3], seed=0)  # (4, {c}, {r}, {r}) in [-1, 1]
+write_outputs(images, [0, 1, 2, 3], Path("samples"), rows=1)
+```
+
+Or by hand: `orchestrator.train.loop.build_model(spec, num_classes)` builds the network and
+`orchestrator.train.weights.load_weights(model, path)` loads these weights with an exact key match.
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers
+# ---------------------------------------------------------------------------------------------
+
+
+def diffusers_problems(spec: JobSpec) -> list[str]:
+    """Why the spec's model has no diffusers DiTTransformer2DModel counterpart (empty if it has one)."""
+    m = spec.model
+    if m.arch != "dit":
+        return [f"model.arch is {m.arch!r}: only a DiT converts (export a U-Net with --format safetensors)"]
+    wanted = {"conditioning": ("adaln_zero", "adaln"), "condition": ("class",), "ffn": ("mlp",), "pos_embed": ("sincos",)}
+    problems = [f"model.{name} is {getattr(m, name)!r} (need {' or '.join(repr(v) for v in ok)})" for name, ok in wanted.items() if getattr(m, name) not in ok]
+    if m.mlp_ratio != 4:
+        problems.append(f"model.mlp_ratio is {m.mlp_ratio:g} (diffusers' feed-forward is 4x wide)")
+    return problems
+
+
+def export_diffusers(spec: JobSpec, checkpoint: Path, out_dir: Path, ema: bool = True) -> list[Path]:
+    """Write a diffusers directory (transformer/, scheduler/, spec.yaml, README.md); return the paths.
+
+    Only a class-conditional adaLN(-Zero) DiT with an MLP feed-forward and sin-cos positions converts;
+    anything else is refused with the reasons. See the module docstring for the layout chosen.
+    """
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    from model.convert import to_diffusers
+    from orchestrator.train.loop import make_diffusion
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    problems = diffusers_problems(spec)
+    if problems:
+        raise ExportError(
+            "only the official DiT layout (class-conditional adaLN-Zero, mlp, sincos, mlp_ratio 4) exports to diffusers; "
+            f"this model has {'; '.join(problems)}. Use --format safetensors"
+        )
+    weights_file(checkpoint, ema)  # CheckpointNotFound before anything is written
+    model = load_model(spec, checkpoint, ema=ema, device="cpu")
+    try:
+        transformer = to_diffusers(model).eval()
+    except ValueError as err:  # the converter's own checks, should the spec check above miss one
+        raise ExportError(f"{err}; use --format safetensors") from None
+
+    # The spec's sampler on the training schedule, configured as orch's own samplers (model/diffusion.py):
+    # pixel space, so every x0 estimate is clipped to [-1, 1].
+    base, sampler = make_diffusion(spec).config, spec.sample.sampler
+    if sampler == "ddim":
+        scheduler = DDIMScheduler.from_config(base, clip_sample=True, clip_sample_range=1.0)
+    elif sampler == "ddpm":
+        variance = {"variance_type": "learned_range"} if spec.model.learn_sigma else {}
+        scheduler = DDPMScheduler.from_config(base, clip_sample=True, clip_sample_range=1.0, **variance)
+    else:
+        scheduler = DPMSolverMultistepScheduler.from_config(
+            base, algorithm_type="dpmsolver++", solver_order=2, thresholding=True, sample_max_value=1.0, variance_type=None,
+            timestep_spacing=base.timestep_spacing, final_sigmas_type="zero", lower_order_final=True,
+        )
+
+    _prepare(out_dir, DIFFUSERS_NAMES)
+    transformer.save_pretrained(out_dir / "transformer", safe_serialization=True)
+    scheduler.save_pretrained(out_dir / "scheduler")
+    (out_dir / "spec.yaml").write_text(spec.to_yaml())
+    kind = "ema" if ema else "raw"
+    info = _write_info(out_dir, "diffusers", spec, checkpoint, kind, model)
+    readme = out_dir / "README.md"
+    readme.write_text(_diffusers_readme(spec, kind, model, type(scheduler).__name__))
+    return [out_dir / "transformer", out_dir / "scheduler", out_dir / "spec.yaml", readme, info]
+
+
+def _diffusers_readme(spec: JobSpec, kind: str, model: torch.nn.Module, scheduler_class: str) -> str:
+    c, r, k = spec.data.num_channels, spec.data.resolution, model.num_classes
+    s = spec.sample
+    guided = spec.model.class_dropout > 0
+    step_args = ", generator=generator" if scheduler_class == "DDPMScheduler" else ""
+    return f"""# {spec.name}: a class-conditional DiT for diffusers, exported by orch
+
+- `transformer/`: a `DiTTransformer2DModel` with the {'EMA' if kind == 'ema' else 'raw (not EMA)'} weights;
+  {k} classes (labels 0..{k - 1}, class names in `orch_export.json`){f'; label {k} is the null class of classifier-free guidance' if guided else '; no null class (trained without label dropout): no guidance'}.
+- `scheduler/`: a `{scheduler_class}` with the training noise schedule ({spec.diffusion.beta_schedule}, {spec.diffusion.num_train_timesteps} steps,
+  `{spec.diffusion.prediction}` prediction) and `clip_sample` to [-1, 1].
+- `spec.yaml`: the orch job spec it was trained with.
+
+The model works in **pixel space**: it denoises {c}-channel {r}x{r} images in [-1, 1] directly, with no
+VAE. diffusers' `DiTPipeline` always decodes its output with a VAE and takes the null class to be
+1000, so it cannot run this model; the loop below is the whole pipeline:
+
+```python
+import torch
+from diffusers import DiTTransformer2DModel, {scheduler_class}
+
+transformer = DiTTransformer2DModel.from_pretrained("transformer").eval()
+scheduler = {scheduler_class}.from_pretrained("scheduler")
+for block in transformer.transformer_blocks:  # the official DiT timestep frequencies it was trained with
+    block.norm1.emb.time_proj.downscale_freq_shift = 0  # (diffusers' default 1 gives close, not equal, outputs)
+
+labels, guidance = torch.tensor([0, 1, 2, 3]), {s.guidance_scale if guided else 1.0}
+generator = torch.Generator().manual_seed(0)
+x = torch.randn(len(labels), {c}, {r}, {r}, generator=generator)
+scheduler.set_timesteps({s.steps})
+with torch.no_grad():
+    for t in scheduler.timesteps:
+        y = torch.cat([labels, torch.full_like(labels, {k})]) if guidance != 1 else labels
+        x_in = torch.cat([x, x]) if guidance != 1 else x
+        out = transformer(x_in, timestep=t.expand(len(x_in)), class_labels=y).sample[:, :{c}]
+        if guidance != 1:
+            cond, uncond = out.chunk(2)
+            out = uncond + guidance * (cond - uncond)
+        x = scheduler.step(out, t, x{step_args}).prev_sample
+images = (x.clamp(-1, 1) + 1) / 2  # (4, {c}, {r}, {r}) in [0, 1]
+```
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared
+# ---------------------------------------------------------------------------------------------
+
+
+def _prepare(out_dir: Path, names: set[str]) -> None:
+    """Create out_dir, refusing one that holds anything but an earlier export of the same format."""
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise ExportError(f"{out_dir} is a file; give a folder to export into")
+        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in names)
+        if foreign:
+            listed = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise ExportError(f"{out_dir} already holds other files ({listed}); export into a new or empty folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExportError(f"cannot create {out_dir}: {err.strerror}") from None
+
+
+def class_names(spec: JobSpec, num_classes: int) -> dict[str, str] | None:
+    """{label: name} from the data source (the digits' names, an image folder's sub-folders), or None if unknown here."""
+    if spec.model.condition != "class":
+        return None
+    if spec.data.source == "digits":
+        names = [str(i) for i in range(10)]
+    else:
+        root = Path(spec.data.path or "")
+        if not root.is_dir():
+            return None
+        names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return {str(i): name for i, name in enumerate(names)} if len(names) == num_classes else None
+
+
+def _write_info(out_dir: Path, fmt: str, spec: JobSpec, checkpoint: Path, kind: str, model: torch.nn.Module) -> Path:
+    """orch_export.json: what was exported, from where, and the class names when they are known."""
+    num_classes = getattr(model, "num_classes", None) or 1
+    step = None
+    state_file = checkpoint / "trainer_state.json" if checkpoint.is_dir() else None
+    if state_file is not None and state_file.is_file():
+        step = json.loads(state_file.read_text()).get("step")
+    info = {
+        "format": fmt, "weights": kind, "source": str(checkpoint.resolve()), "step": step, "spec_digest": spec.digest(),
+        "pixel_space": True, "image_shape": [spec.data.num_channels, spec.data.resolution, spec.data.resolution],
+        "num_classes": num_classes if spec.model.condition == "class" else None,
+        "null_class": num_classes if spec.model.condition == "class" and spec.model.class_dropout > 0 else None,
+        "id2label": class_names(spec, num_classes), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    path = out_dir / EXPORT_INFO
+    path.write_text(json.dumps(info, indent=2) + "\n")
+    return path

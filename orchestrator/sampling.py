@@ -1,0 +1,343 @@
+"""Sampling from a trained job: find its checkpoint, load the model, draw images, write them out.
+
+The library behind `orch sample JOB_OR_CHECKPOINT`. Everything is read from the checkpoint itself
+(its spec.yaml and weights), so it works without the training data on disk.
+
+Determinism. Image i of a call gets its own CPU generator, seeded from (seed, i) only; its initial
+noise is the first draw of that generator and, for `ddpm`, every later step's noise comes from the
+same generator (diffusers' schedulers take one generator per sample). So image i is a function of
+(weights, spec, seed, i, labels[i], sampler, steps, guidance) and nothing else:
+- the same seed gives the same images, whatever the batch size, and for every sampler;
+- image i does not depend on how many images are drawn or on the other labels (a call with labels
+  [3, 5] and one with [3, 7, 1] share their first image);
+- it is the same on every device up to the device's float arithmetic (the noise is drawn on the
+  CPU), but not the same as the training run's MLflow grids, which draw their noise differently.
+"Same" means bitwise on one machine with the same torch and thread count: tested for batch sizes
+3 and 64 on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+from PIL import Image
+from safetensors import SafetensorError, safe_open
+
+import model.diffusion as diffusion_math
+from orchestrator.errors import UserError
+from orchestrator.jobs import JobDir, find_job
+from orchestrator.spec import JobSpec, spec_from_dict
+from orchestrator.train.images import make_grid, to_uint8
+from orchestrator.train.loop import build_model, make_diffusion
+from orchestrator.train.weights import WeightsMismatch, load_weights
+
+__all__ = [
+    "CheckpointNotFound", "SamplingError", "WeightsMismatch", "default_device", "image_seed", "initial_noise", "load_model",
+    "load_weights", "num_classes_of", "progression_frames", "progression_strip", "resolve_checkpoint", "sample_images",
+    "weights_file", "write_outputs",
+]
+
+SPEC_FILE = "spec.yaml"
+EMA_FILE = "ema.safetensors"  # the EMA weights: what sampling and export use by default
+MODEL_FILE = "model.safetensors"  # the raw (trained) weights
+LABEL_TABLE = "y_embedder.embedding_table.weight"  # (classes [+ 1 null row], D) in the DiT and the U-Net
+
+
+class CheckpointNotFound(UserError):
+    """No usable checkpoint where the user pointed (no job, no complete checkpoint, or a file missing)."""
+
+
+class SamplingError(UserError):
+    """Sampling settings the model cannot honour (a label out of range, guidance without a null class, ...)."""
+
+
+def default_device() -> str:
+    """"cuda" when a GPU is visible, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and loading a model
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(ref: str, root: Path) -> tuple[JobSpec, Path]:
+    """The spec and directory of a checkpoint: `ref` is a job (id, unique id prefix or job directory),
+    whose newest complete checkpoint is taken, or a checkpoint directory. The spec is the checkpoint's own."""
+    path = Path(ref)
+    if path.is_dir() and not (path / "state.json").is_file():
+        return _read_spec(_checkpoint_dir(path)), path.resolve()
+    if not path.exists() and "/" in ref:
+        raise CheckpointNotFound(f"{ref} does not exist; give a job id (`orch list` shows them), a job directory or a checkpoint directory")
+    job = find_job(root, ref)
+    checkpoint = job.latest_checkpoint()
+    if checkpoint is None:
+        raise CheckpointNotFound(_no_checkpoint_message(job))
+    return _read_spec(checkpoint), checkpoint
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    """`path` if it is a usable checkpoint directory, else CheckpointNotFound saying what it lacks."""
+    if path.name.endswith(".tmp"):
+        raise CheckpointNotFound(f"{path} is a checkpoint whose writing never finished; use the job, or a complete step-N directory beside it")
+    if path.name == "checkpoints":
+        raise CheckpointNotFound(f"{path} is a job's checkpoints folder; give the job ({path.parent}) or one of its step-N directories")
+    if not (path / SPEC_FILE).is_file() or not any((path / name).is_file() for name in (EMA_FILE, MODEL_FILE)):
+        raise CheckpointNotFound(
+            f"{path} is neither a job directory (no state.json) nor a checkpoint directory ({SPEC_FILE} with {EMA_FILE} "
+            f"or {MODEL_FILE}); give a job id, a job directory or a runs/<job>/checkpoints/step-N directory"
+        )
+    return path
+
+
+def _no_checkpoint_message(job: JobDir) -> str:
+    record = job.status()
+    return (
+        f"job {job.id} has no complete checkpoint yet ({record.state.value} at step {record.step}); one is written every "
+        f"checkpoint.every steps, at the end and on preemption: wait for it, or `orch resume {job.id}` if the job stopped"
+    )
+
+
+def _read_spec(checkpoint: Path) -> JobSpec:
+    spec_file = checkpoint / SPEC_FILE
+    try:
+        raw = yaml.safe_load(spec_file.read_text())
+    except OSError as err:
+        raise CheckpointNotFound(f"{checkpoint} has no readable {SPEC_FILE} ({err.strerror}); it is not a checkpoint of orch") from None
+    if not isinstance(raw, dict):
+        raise CheckpointNotFound(f"{spec_file} is not a spec (a YAML mapping); the checkpoint is damaged")
+    return spec_from_dict(raw, source=str(spec_file))
+
+
+def weights_file(checkpoint: Path, ema: bool = True) -> Path:
+    """The weights to load: `checkpoint` itself if it is a .safetensors file, else its EMA (or raw) weights file."""
+    if checkpoint.is_file():
+        if checkpoint.suffix != ".safetensors":
+            raise CheckpointNotFound(f"{checkpoint} is not a .safetensors file or a checkpoint directory")
+        return checkpoint
+    name = EMA_FILE if ema else MODEL_FILE
+    path = checkpoint / name
+    if not path.is_file():
+        other = MODEL_FILE if ema else EMA_FILE
+        hint = f"; its {'raw' if ema else 'EMA'} weights ({other}) are there: {'pass --no-ema' if ema else 'leave out --no-ema'}" if (checkpoint / other).is_file() else ""
+        raise CheckpointNotFound(f"{checkpoint} has no {name} ({'EMA' if ema else 'raw'} weights){hint}")
+    return path
+
+
+def _num_classes_in(weights: Path, spec: JobSpec) -> int:
+    """The number of classes of the weights' label table (its rows, less the null row when there is one)."""
+    m = spec.model
+    if m.condition == "none":
+        return m.num_classes or 1  # the network ignores labels; any positive number builds it
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            if LABEL_TABLE not in handle.keys():
+                raise WeightsMismatch(f"{weights} has no label table ({LABEL_TABLE}), but its spec says model.condition: class")
+            rows = handle.get_slice(LABEL_TABLE).get_shape()[0]
+    except SafetensorError as err:
+        raise WeightsMismatch(f"cannot read {weights} as safetensors ({err}); the file is damaged or not a weights file") from None
+    has_null_row = m.arch == "unet" or m.class_dropout > 0  # the U-Net's table always has one
+    num_classes = rows - int(has_null_row)
+    if m.num_classes is not None and m.num_classes != num_classes:
+        raise WeightsMismatch(f"{weights} has a label table of {num_classes} classes; its spec says model.num_classes: {m.num_classes}")
+    return num_classes
+
+
+def load_model(spec: JobSpec, checkpoint: Path, ema: bool = True, device: str | torch.device | None = None) -> torch.nn.Module:
+    """The network of `spec` with a checkpoint's EMA (or, ema=False, raw) weights, in eval mode, on `device`
+    (default: cuda if visible, else cpu). `checkpoint` is a checkpoint directory or a .safetensors file."""
+    weights = weights_file(Path(checkpoint), ema)
+    num_classes = _num_classes_in(weights, spec)
+    with torch.random.fork_rng(devices=[]):  # building draws an init from the global RNG: leave the caller's alone
+        model = build_model(spec, num_classes)
+    load_weights(model, weights)
+    return model.to(device or default_device()).eval()
+
+
+def num_classes_of(model: torch.nn.Module) -> int:
+    """The classes a model draws (labels 0..n-1; n is also its null label); 1 for an unconditional model, whose labels are ignored."""
+    return getattr(model, "num_classes", None) or 1
+
+
+def _has_null_class(model: torch.nn.Module, spec: JobSpec) -> bool:
+    """Whether the model learnt an unconditional prediction (a null class trained by label dropout)."""
+    return spec.model.condition == "class" and spec.model.class_dropout > 0 and getattr(model, "y_embedder", None) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing images
+# ---------------------------------------------------------------------------------------------
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index` of a call with `seed`: independent of the batch size and of the other images."""
+    digest = hashlib.blake2b(f"orch-sample:{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def initial_noise(seed: int, count: int, image_shape: tuple[int, int, int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """The initial noise (count, C, H, W) of images 0..count-1 of a call with `seed` (on the CPU), and each
+    image's generator after that draw (where DDPM's step noise continues)."""
+    generators = [torch.Generator().manual_seed(image_seed(seed, i)) for i in range(count)]
+    noise = [torch.randn(image_shape, generator=g) for g in generators]  # count x (C, H, W)
+    return (torch.stack(noise) if noise else torch.zeros(0, *image_shape)), generators
+
+
+def _settings(model: torch.nn.Module, spec: JobSpec, labels: list[int], sampler: str | None, steps: int | None, guidance: float | None) -> dict:
+    """Check sampling settings against the model (SamplingError) and fill the unset ones from the spec's `sample` section."""
+    sampler = sampler or spec.sample.sampler
+    steps = spec.sample.steps if steps is None else steps
+    guidance = spec.sample.guidance_scale if guidance is None else guidance
+    if sampler not in diffusion_math.SAMPLERS:
+        raise SamplingError(f"unknown sampler {sampler!r} (valid: {', '.join(diffusion_math.SAMPLERS)})")
+    timesteps = spec.diffusion.num_train_timesteps
+    if not 1 <= steps <= timesteps:
+        raise SamplingError(f"steps must be between 1 and the model's diffusion.num_train_timesteps ({timesteps}), got {steps}")
+    if guidance != 1 and not _has_null_class(model, spec):
+        raise SamplingError(f"guidance {guidance} needs a class-conditional model trained with model.class_dropout > 0 (a null class); use guidance 1")
+    num_classes = num_classes_of(model)
+    if spec.model.condition == "class":
+        bad = sorted({label for label in labels if not 0 <= label < num_classes})
+        if bad:
+            raise SamplingError(f"class(es) {', '.join(map(str, bad))} out of range: this model has classes 0..{num_classes - 1}")
+    return dict(
+        sampler=sampler, num_steps=steps, guidance_scale=guidance, null_label=num_classes,
+        image_shape=(spec.data.num_channels, spec.data.resolution, spec.data.resolution),
+        noise_scheduler=make_diffusion(spec),
+        clip_denoised=True,  # pixel space: every x0 estimate is clipped to [-1, 1]
+    )
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def sample_images(
+    model: torch.nn.Module,
+    spec: JobSpec,
+    labels: list[int],
+    sampler: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Draw one image per label, (N, C, H, W) float32 on the CPU in [-1, 1], in batches of batch_size.
+
+    sampler, steps and guidance default to the spec's `sample` section. The model runs in eval mode
+    (restored after) on `device` (default: where its weights are). progress(done, total) counts
+    denoising steps over all batches. See the module docstring for what the seed fixes.
+    """
+    if batch_size < 1:
+        raise SamplingError(f"batch size must be at least 1, got {batch_size}")
+    settings = _settings(model, spec, labels, sampler, steps, guidance)
+    device = torch.device(device) if device is not None else _model_device(model)
+    model = model.to(device)
+    count = len(labels)
+    noise, generators = initial_noise(seed, count, settings["image_shape"])  # (N, C, H, W) on the CPU, N generators
+    starts = list(range(0, count, batch_size))
+    out: list[torch.Tensor] = []
+    was_training = model.training
+    model.eval()  # label dropout off: samples drawn in train mode are near chance
+    try:
+        for b, start in enumerate(starts):
+            end = min(start + batch_size, count)
+            report = None if progress is None else (lambda done, total, b=b: progress(b * total + done, len(starts) * total))
+            images = diffusion_math.sample(
+                model,
+                torch.tensor(labels[start:end], dtype=torch.long, device=device),  # (B,)
+                noise=noise[start:end],  # (B, C, H, W)
+                # One CPU generator per image: DDPM's step noise of image i comes from image i's own stream.
+                generator=generators[start:end] if settings["sampler"] == "ddpm" else None,
+                progress=report,
+                **settings,
+            )  # (B, C, H, W)
+            out.append(images.float().cpu())
+    finally:
+        model.train(was_training)
+    if not out:
+        return torch.zeros(0, *settings["image_shape"])
+    return torch.cat(out)  # (N, C, H, W)
+
+
+def write_outputs(images: torch.Tensor, labels: list[int], out_dir: Path, rows: int) -> list[Path]:
+    """Write one PNG per image (`0000_class3.png`, at the images' own resolution) and `grid.png`
+    (`rows` rows, upscaled); return the paths, grid last. Files of the same names are overwritten."""
+    if len(labels) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(labels)} labels")
+    if not 1 <= rows <= max(1, len(labels)):
+        raise SamplingError(f"the grid needs between 1 and {len(labels)} rows, got {rows}")
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SamplingError(f"cannot create the output folder {out_dir}: {err.strerror}") from None
+    pixels = to_uint8(images)  # (N, H, W, C) uint8
+    written = []
+    for i, (image, label) in enumerate(zip(pixels, labels)):
+        path = out_dir / f"{i:04d}_class{label}.png"
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+        written.append(path)
+    if len(labels):
+        grid = out_dir / "grid.png"
+        make_grid(images, rows=rows).save(grid)
+        written.append(grid)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Denoising progression
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def progression_frames(
+    model: torch.nn.Module,
+    spec: JobSpec,
+    labels: list[int],
+    sampler: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    frames: int = 8,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """The x0 prediction of each image at `frames` evenly spaced steps, (N, K, C, H, W) on the CPU in [-1, 1].
+
+    Same seeding as sample_images: frames[:, -1] equals sample_images(...) with the same arguments.
+    NotImplementedError if model.diffusion has no sample_progression.
+    """
+    progression = getattr(diffusion_math, "sample_progression", None)
+    if progression is None:
+        raise NotImplementedError("this version of model.diffusion has no sample_progression(): the denoising progression cannot be drawn")
+    if not labels:
+        raise SamplingError("a progression needs at least one label")
+    settings = _settings(model, spec, labels, sampler, steps, guidance)
+    if settings["num_steps"] < 2:
+        raise SamplingError(f"a progression needs at least 2 sampler steps, got {settings['num_steps']}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    model = model.to(device)
+    noise, generators = initial_noise(seed, len(labels), settings["image_shape"])  # (N, C, H, W), N generators
+    was_training = model.training
+    model.eval()
+    try:
+        strip = progression(
+            model, torch.tensor(labels, dtype=torch.long, device=device), noise=noise,
+            generator=generators if settings["sampler"] == "ddpm" else None, num_frames=min(frames, settings["num_steps"]), **settings,
+        )  # (N, K, C, H, W)
+    finally:
+        model.train(was_training)
+    return strip.float().cpu()
+
+
+def progression_strip(model: torch.nn.Module, spec: JobSpec, labels: list[int], **options) -> Image.Image:
+    """An image of x0 predictions across the timesteps: one row per label, one column per frame (noise to sample)."""
+    strip = progression_frames(model, spec, labels, **options)  # (N, K, C, H, W); options as progression_frames takes them
+    return make_grid(strip.flatten(0, 1), rows=len(labels))  # rows of K frames
