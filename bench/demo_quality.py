@@ -27,6 +27,7 @@ from model.diffusion import make_noise_scheduler, sample  # noqa: E402
 from orchestrator.jobs import JobDir  # noqa: E402
 from orchestrator.spec import spec_from_dict  # noqa: E402
 from orchestrator.train.loop import build_model  # noqa: E402
+from orchestrator.train.model_input import pixel_input  # noqa: E402
 
 
 def digit_classifier() -> tuple[SVC, float]:
@@ -47,7 +48,7 @@ def main() -> None:
     spec = spec_from_dict(yaml.safe_load(job.spec_file.read_text()))
     assert spec.data.source == "digits" and spec.data.resolution == 8, "this bench judges 8x8 digits models"
     checkpoint = job.latest_checkpoint()
-    model = build_model(spec, num_classes=10)
+    model = build_model(spec, pixel_input(spec, num_classes=10))
     model.load_state_dict(load_file(checkpoint / "ema.safetensors"))
     model.eval()
     classifier, real_accuracy = digit_classifier()

@@ -32,6 +32,7 @@ from model.ema import EMA  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402
 from orchestrator.train.data import DigitsDataset  # noqa: E402
 from orchestrator.train.loop import build_model  # noqa: E402
+from orchestrator.train.model_input import pixel_input  # noqa: E402
 
 WARMUP = 20
 
@@ -41,7 +42,7 @@ def bare_loop(spec, steps: int) -> float:
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     data = DigitsDataset(spec.data.resolution)
-    model = build_model(spec, num_classes=10)
+    model = build_model(spec, pixel_input(spec, num_classes=10))
     ema = EMA(model, decay=spec.ema.decay, warmup_power=spec.ema.warmup_power)
     t = spec.train
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=t.adam_betas, weight_decay=t.weight_decay)

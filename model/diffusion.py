@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -338,8 +339,13 @@ def _reverse_process(
     """The loop behind sample and sample_progression; on_prediction(i, t, x_t, prediction, S) sees every step."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} (valid: {', '.join(SAMPLERS)})")
-    if labels.ndim != 1:
-        raise ValueError(f"labels must be a 1-D tensor of class indices, got shape {tuple(labels.shape)}")
+    if isinstance(labels, Mapping):  # a text condition: tensors with a leading batch dimension
+        n = next(iter(labels.values())).shape[0]
+        device = next(iter(labels.values())).device
+    elif labels.ndim != 1:
+        raise ValueError(f"labels must be a 1-D tensor of class indices (or a text condition dict), got shape {tuple(labels.shape)}")
+    else:
+        n, device = labels.shape[0], labels.device
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     num_steps = num_train_timesteps if num_steps is None else num_steps
     if not 1 <= num_steps <= num_train_timesteps:
@@ -348,7 +354,7 @@ def _reverse_process(
     if guided and null_label is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs null_label (the null class index, usually num_classes)")
 
-    n, c, device = labels.shape[0], image_shape[0], labels.device
+    c = image_shape[0]
     shape = (n, *image_shape)
     if noise is None:
         x = torch.randn(shape, generator=generator, device=device)  # (N, C, H, W)
@@ -360,7 +366,9 @@ def _reverse_process(
     scheduler = _sampler_scheduler(noise_scheduler, sampler, num_steps, device, clip_denoised)
     step_kwargs = {"generator": generator} if sampler == "ddpm" else {"eta": 0.0} if sampler == "ddim" else {}
 
-    if guided:
+    if guided and isinstance(labels, Mapping):
+        labels = {k: torch.cat([v, v]) for k, v in labels.items()}  # (2N, ...): the model puts its null caption in the second half
+    elif guided:
         labels = torch.cat([labels, torch.full_like(labels, null_label)])  # (2N,)
     timesteps = scheduler.timesteps
     total = len(timesteps)

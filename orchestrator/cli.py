@@ -65,10 +65,16 @@ def cli(ctx: click.Context, root: str | None) -> None:
 @set_option
 @user_errors
 def validate(spec_file: str, overrides: tuple[str, ...]) -> None:
-    """Check a spec; create nothing. (Whether it can run here: `orch plan`.)"""
+    """Check a job spec (or a `kind: prepare` spec); create nothing. (Whether it can run here: `orch plan`.)"""
     from orchestrator.plan import PlanError, check_data
-    from orchestrator.spec import load_spec
+    from orchestrator.spec import load_spec, spec_kind
 
+    if spec_kind(spec_file) == "prepare":
+        from orchestrator.prepare_spec import load_prepare_spec
+
+        prepare_spec = load_prepare_spec(spec_file, overrides)
+        click.echo(f"{spec_file}: valid — prepare {prepare_spec.input.source} {prepare_spec.input.path} -> {prepare_spec.output.path}")
+        return
     spec = load_spec(spec_file, overrides)
     click.echo(f"{spec_file}: valid — job {spec.name!r}, {spec.train.steps} steps, {spec.model.arch} on {spec.data.source}")
     try:
@@ -232,6 +238,23 @@ def cancel(root: Path, job_ref: str, wait: bool, timeout: float) -> None:
     click.echo(f"job {job.id}: {record.state.value} — {record.message}")
 
 
+# ---- data ----------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("spec_file", type=click.Path())
+@set_option
+@user_errors
+def prepare(spec_file: str, overrides: tuple[str, ...]) -> None:
+    """Encode images (and captions) into latent shards for training; run it again to continue after a stop."""
+    from orchestrator.prepare_spec import load_prepare_spec
+
+    spec = load_prepare_spec(spec_file, overrides)  # fails fast, without torch
+    from orchestrator.prepare import run_local
+
+    sys.exit(run_local(spec_file, overrides, spec.resources.processes))
+
+
 # ---- using trained models ------------------------------------------------------------------
 
 
@@ -262,23 +285,36 @@ def sample(root: Path, ref, num, classes, prompts, sampler, steps, guidance, see
         raise sampling.SamplingError(f"--prompt needs a text-conditioned model; this one is conditioned on {condition}{': use --class' if condition == 'class' else ''}")
     if classes and condition != "class":
         raise sampling.SamplingError(f"--class needs a class-conditional model; this one is conditioned on {condition}{': use --prompt' if condition == 'text' else ''}")
+    if condition == "text" and not prompts:
+        raise sampling.SamplingError("this model is text-conditioned: give the captions to draw with --prompt (repeatable)")
     model = sampling.load_model(spec, checkpoint, ema=not no_ema)
-    grid_classes = list(classes) or list(spec.sample.classes or range(min(10, sampling.num_classes_of(model))))
-    labels = [c for c in grid_classes for _ in range(num)]
+    model_input = sampling.model_input_of(spec, checkpoint, ema=not no_ema)
+    text = None
+    if condition == "text":
+        text = sampling.encode_prompts(model_input, [p for p in prompts for _ in range(num)])
+        labels, tags, rows = [0] * (len(prompts) * num), [f"prompt{j}" for j in range(len(prompts)) for _ in range(num)], len(prompts)
+    else:
+        grid_classes = list(classes) or list(spec.sample.classes or range(min(10, sampling.num_classes_of(model))))
+        labels, tags, rows = [c for c in grid_classes for _ in range(num)], None, len(grid_classes)
     sampler, steps = sampler or spec.sample.sampler, steps or spec.sample.steps
     guidance = spec.sample.guidance_scale if guidance is None else guidance
     with Progress(transient=True) as bar:
         task = bar.add_task(f"{sampler}-{steps}", total=None)
         images = sampling.sample_images(
             model, spec, labels, sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            progress=lambda done, total: bar.update(task, completed=done, total=total), model_input=model_input, text=text,
         )
-    written = sampling.write_outputs(images, labels, Path(out_dir), rows=len(grid_classes))
+    sampling.write_outputs(images, labels, Path(out_dir), rows=rows, tags=tags)
+    if text is not None:
+        (Path(out_dir) / "prompts.txt").write_text("".join(f"prompt{j}: {p}\n" for j, p in enumerate(prompts)))
     click.echo(f"{len(labels)} images from {checkpoint} ({'raw' if no_ema else 'EMA'} weights, {sampler}-{steps}, guidance {guidance}, seed {seed}) -> {out_dir}")
     if progression:
-        strip = sampling.progression_strip(model, spec, labels[: len(grid_classes)], sampler=sampler, steps=steps, guidance=guidance, seed=seed)
+        first = list(range(0, len(labels), num))  # the first image of every row
+        strip = sampling.progression_strip(
+            model, spec, [labels[i] for i in first], sampler=sampler, steps=steps, guidance=guidance, seed=seed, model_input=model_input,
+            text=None if text is None else {k: v[first] for k, v in text.items()},
+        )
         strip.save(Path(out_dir) / "progression.png")
-        written.append(Path(out_dir) / "progression.png")
     click.echo(f"grid: {Path(out_dir) / 'grid.png'}")
 
 

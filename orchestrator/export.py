@@ -93,7 +93,7 @@ images = sample_images(model, spec, labels=[0, 1, 2, 3], seed=0)  # (4, {c}, {r}
 write_outputs(images, [0, 1, 2, 3], Path("samples"), rows=1)
 ```
 
-Or by hand: `orchestrator.train.loop.build_model(spec, num_classes)` builds the network and
+Or by hand: `orchestrator.train.loop.build_model(spec, orchestrator.sampling.model_input_of(spec, path))` builds the network and
 `orchestrator.train.weights.load_weights(model, path)` loads these weights with an exact key match.
 """
 

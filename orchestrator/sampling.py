@@ -33,6 +33,7 @@ from orchestrator.jobs import JobDir, find_job
 from orchestrator.spec import JobSpec, spec_from_dict
 from orchestrator.train.images import make_grid, to_uint8
 from orchestrator.train.loop import build_model, make_diffusion
+from orchestrator.train.model_input import ModelInput, pixel_input
 from orchestrator.train.weights import WeightsMismatch, load_weights
 
 __all__ = [
@@ -147,13 +148,24 @@ def _num_classes_in(weights: Path, spec: JobSpec) -> int:
     return num_classes
 
 
+def model_input_of(spec: JobSpec, checkpoint: Path, ema: bool = True) -> ModelInput:
+    """What the network takes: the checkpoint's model_input.json (also read beside a .safetensors file), else
+    pixel space with the classes of the weights' label table (checkpoints written before the record existed)."""
+    checkpoint = Path(checkpoint)
+    recorded = ModelInput.read(checkpoint.parent if checkpoint.is_file() else checkpoint)
+    if recorded is not None:
+        return recorded
+    if spec.data.latent:
+        raise CheckpointNotFound(f"{checkpoint} has no model_input.json, which a latent-space model needs (its VAE and latent shape)")
+    return pixel_input(spec, _num_classes_in(weights_file(checkpoint, ema), spec))
+
+
 def load_model(spec: JobSpec, checkpoint: Path, ema: bool = True, device: str | torch.device | None = None) -> torch.nn.Module:
     """The network of `spec` with a checkpoint's EMA (or, ema=False, raw) weights, in eval mode, on `device`
     (default: cuda if visible, else cpu). `checkpoint` is a checkpoint directory or a .safetensors file."""
     weights = weights_file(Path(checkpoint), ema)
-    num_classes = _num_classes_in(weights, spec)
     with torch.random.fork_rng(devices=[]):  # building draws an init from the global RNG: leave the caller's alone
-        model = build_model(spec, num_classes)
+        model = build_model(spec, model_input_of(spec, checkpoint, ema))
     load_weights(model, weights)
     return model.to(device or default_device()).eval()
 
@@ -164,8 +176,8 @@ def num_classes_of(model: torch.nn.Module) -> int:
 
 
 def _has_null_class(model: torch.nn.Module, spec: JobSpec) -> bool:
-    """Whether the model learnt an unconditional prediction (a null class trained by label dropout)."""
-    return spec.model.condition == "class" and spec.model.class_dropout > 0 and getattr(model, "y_embedder", None) is not None
+    """Whether the model learnt an unconditional prediction (a null class or caption trained by dropout)."""
+    return spec.model.condition in ("class", "text") and spec.model.class_dropout > 0 and getattr(model, "y_embedder", None) is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,8 +199,11 @@ def initial_noise(seed: int, count: int, image_shape: tuple[int, int, int]) -> t
     return (torch.stack(noise) if noise else torch.zeros(0, *image_shape)), generators
 
 
-def _settings(model: torch.nn.Module, spec: JobSpec, labels: list[int], sampler: str | None, steps: int | None, guidance: float | None) -> dict:
+def _settings(
+    model: torch.nn.Module, spec: JobSpec, labels: list[int], sampler: str | None, steps: int | None, guidance: float | None, model_input: ModelInput | None
+) -> dict:
     """Check sampling settings against the model (SamplingError) and fill the unset ones from the spec's `sample` section."""
+    model_input = model_input or pixel_input(spec, num_classes_of(model))
     sampler = sampler or spec.sample.sampler
     steps = spec.sample.steps if steps is None else steps
     guidance = spec.sample.guidance_scale if guidance is None else guidance
@@ -198,7 +213,7 @@ def _settings(model: torch.nn.Module, spec: JobSpec, labels: list[int], sampler:
     if not 1 <= steps <= timesteps:
         raise SamplingError(f"steps must be between 1 and the model's diffusion.num_train_timesteps ({timesteps}), got {steps}")
     if guidance != 1 and not _has_null_class(model, spec):
-        raise SamplingError(f"guidance {guidance} needs a class-conditional model trained with model.class_dropout > 0 (a null class); use guidance 1")
+        raise SamplingError(f"guidance {guidance} needs a class- or text-conditioned model trained with model.class_dropout > 0 (a null class or caption); use guidance 1")
     num_classes = num_classes_of(model)
     if spec.model.condition == "class":
         bad = sorted({label for label in labels if not 0 <= label < num_classes})
@@ -206,10 +221,26 @@ def _settings(model: torch.nn.Module, spec: JobSpec, labels: list[int], sampler:
             raise SamplingError(f"class(es) {', '.join(map(str, bad))} out of range: this model has classes 0..{num_classes - 1}")
     return dict(
         sampler=sampler, num_steps=steps, guidance_scale=guidance, null_label=num_classes,
-        image_shape=(spec.data.num_channels, spec.data.resolution, spec.data.resolution),
+        image_shape=model_input.shape,
         noise_scheduler=make_diffusion(spec),
-        clip_denoised=True,  # pixel space: every x0 estimate is clipped to [-1, 1]
-    )
+        clip_denoised=model_input.latent is None,  # pixel space: every x0 estimate is clipped to [-1, 1]; latents are not bounded
+    ), model_input
+
+
+_VAES: dict[tuple[str, str], torch.nn.Module] = {}  # (name, device) -> the loaded VAE, kept for the next call
+
+
+def _to_images(x: torch.Tensor, model_input: ModelInput) -> torch.Tensor:
+    """Pixels as they are; latents (N, C, h, w) decoded through the model's VAE to (N, 3, H, W) in [-1, 1]."""
+    latent = model_input.latent
+    if latent is None:
+        return x
+    from orchestrator.train.vae import decode, load_vae
+
+    key = (latent.vae, str(x.device))
+    if key not in _VAES:
+        _VAES[key] = load_vae(latent.vae, x.device)
+    return decode(_VAES[key], x, latent.scaling_factor)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -228,16 +259,20 @@ def sample_images(
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
     device: str | torch.device | None = None,
+    model_input: ModelInput | None = None,
+    text: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Draw one image per label, (N, C, H, W) float32 on the CPU in [-1, 1], in batches of batch_size.
+    """Draw one image per label (or per caption of `text`, from `encode_prompts`), (N, C, H, W) float32 on the CPU in [-1, 1], in batches of batch_size.
 
     sampler, steps and guidance default to the spec's `sample` section. The model runs in eval mode
     (restored after) on `device` (default: where its weights are). progress(done, total) counts
-    denoising steps over all batches. See the module docstring for what the seed fixes.
+    denoising steps over all batches. model_input (from `model_input_of`; default: the spec's pixel
+    images) says what the network denoises: latents are decoded through its VAE. See the module
+    docstring for what the seed fixes.
     """
     if batch_size < 1:
         raise SamplingError(f"batch size must be at least 1, got {batch_size}")
-    settings = _settings(model, spec, labels, sampler, steps, guidance)
+    settings, model_input = _settings(model, spec, labels, sampler, steps, guidance, model_input)
     device = torch.device(device) if device is not None else _model_device(model)
     model = model.to(device)
     count = len(labels)
@@ -252,24 +287,52 @@ def sample_images(
             report = None if progress is None else (lambda done, total, b=b: progress(b * total + done, len(starts) * total))
             images = diffusion_math.sample(
                 model,
-                torch.tensor(labels[start:end], dtype=torch.long, device=device),  # (B,)
+                _condition(labels, text, start, end, device),  # labels (B,) or a text dict of (B, ...)
                 noise=noise[start:end],  # (B, C, H, W)
                 # One CPU generator per image: DDPM's step noise of image i comes from image i's own stream.
                 generator=generators[start:end] if settings["sampler"] == "ddpm" else None,
                 progress=report,
                 **settings,
             )  # (B, C, H, W)
-            out.append(images.float().cpu())
+            out.append(_to_images(images, model_input).float().cpu())
     finally:
         model.train(was_training)
     if not out:
-        return torch.zeros(0, *settings["image_shape"])
+        return torch.zeros(0, *model_input.image_shape)
     return torch.cat(out)  # (N, C, H, W)
 
 
-def write_outputs(images: torch.Tensor, labels: list[int], out_dir: Path, rows: int) -> list[Path]:
-    """Write one PNG per image (`0000_class3.png`, at the images' own resolution) and `grid.png`
-    (`rows` rows, upscaled); return the paths, grid last. Files of the same names are overwritten."""
+def _condition(labels: list[int], text: dict[str, torch.Tensor] | None, start: int, end: int, device) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The model's `y` for images start..end: class labels, or the rows of a text condition."""
+    if text is not None:
+        return {k: v[start:end].to(device) for k, v in text.items()}
+    return torch.tensor(labels[start:end], dtype=torch.long, device=device)  # (B,)
+
+
+def encode_prompts(model_input: ModelInput, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Text conditions for prompts: embedded by the encoder that embedded the training captions, kept at the
+    shards' float16 precision and padded as the trainer pads them: tokens (N, L, D), mask (N, L), pooled (N, D)."""
+    if model_input.text_encoder is None or model_input.text_dim is None:
+        raise SamplingError("this model is not text-conditioned: use --class (or nothing, for an unconditional model)")
+    from orchestrator.prepare import encode_texts, load_text_encoder
+    from orchestrator.prepare_spec import TextSpec
+
+    encoder, _, _ = load_text_encoder(TextSpec(encoder=model_input.text_encoder, max_tokens=model_input.text_tokens), "cpu")
+    n, length, dim = len(prompts), model_input.text_tokens, model_input.text_dim
+    text = {"tokens": torch.zeros(n, length, dim), "mask": torch.zeros(n, length, dtype=torch.bool), "pooled": torch.zeros(n, dim)}
+    for i, (pooled, tokens) in enumerate(encode_texts(encoder, prompts)):  # (D,), (L_i, D) float16
+        tokens = torch.from_numpy(tokens[:length].astype("float32"))
+        text["tokens"][i, : len(tokens)] = tokens
+        text["mask"][i, : len(tokens)] = True
+        text["pooled"][i] = torch.from_numpy(pooled.astype("float32"))
+    return text
+
+
+def write_outputs(images: torch.Tensor, labels: list[int], out_dir: Path, rows: int, tags: list[str] | None = None) -> list[Path]:
+    """Write one PNG per image (`0000_class3.png`, or `0000_<tag>.png` with tags, at the images' own
+    resolution) and `grid.png` (`rows` rows, upscaled); return the paths, grid last. Files of the same
+    names are overwritten."""
+    tags = tags or [f"class{label}" for label in labels]
     if len(labels) != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {len(labels)} labels")
     if not 1 <= rows <= max(1, len(labels)):
@@ -281,8 +344,8 @@ def write_outputs(images: torch.Tensor, labels: list[int], out_dir: Path, rows: 
         raise SamplingError(f"cannot create the output folder {out_dir}: {err.strerror}") from None
     pixels = to_uint8(images)  # (N, H, W, C) uint8
     written = []
-    for i, (image, label) in enumerate(zip(pixels, labels)):
-        path = out_dir / f"{i:04d}_class{label}.png"
+    for i, (image, tag) in enumerate(zip(pixels, tags)):
+        path = out_dir / f"{i:04d}_{tag}.png"
         Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
         written.append(path)
     if len(labels):
@@ -308,18 +371,17 @@ def progression_frames(
     seed: int = 0,
     frames: int = 8,
     device: str | torch.device | None = None,
+    model_input: ModelInput | None = None,
+    text: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The x0 prediction of each image at `frames` evenly spaced steps, (N, K, C, H, W) on the CPU in [-1, 1].
 
     Same seeding as sample_images: frames[:, -1] equals sample_images(...) with the same arguments.
-    NotImplementedError if model.diffusion has no sample_progression.
     """
-    progression = getattr(diffusion_math, "sample_progression", None)
-    if progression is None:
-        raise NotImplementedError("this version of model.diffusion has no sample_progression(): the denoising progression cannot be drawn")
+    progression = diffusion_math.sample_progression
     if not labels:
         raise SamplingError("a progression needs at least one label")
-    settings = _settings(model, spec, labels, sampler, steps, guidance)
+    settings, model_input = _settings(model, spec, labels, sampler, steps, guidance, model_input)
     if settings["num_steps"] < 2:
         raise SamplingError(f"a progression needs at least 2 sampler steps, got {settings['num_steps']}")
     device = torch.device(device) if device is not None else _model_device(model)
@@ -329,12 +391,14 @@ def progression_frames(
     model.eval()
     try:
         strip = progression(
-            model, torch.tensor(labels, dtype=torch.long, device=device), noise=noise,
+            model, _condition(labels, text, 0, len(labels), device), noise=noise,
             generator=generators if settings["sampler"] == "ddpm" else None, num_frames=min(frames, settings["num_steps"]), **settings,
         )  # (N, K, C, H, W)
     finally:
         model.train(was_training)
-    return strip.float().cpu()
+    n, k = strip.shape[:2]
+    images = _to_images(strip.flatten(0, 1), model_input)  # (N * K, C', H', W'): latents decoded
+    return images.unflatten(0, (n, k)).float().cpu()
 
 
 def progression_strip(model: torch.nn.Module, spec: JobSpec, labels: list[int], **options) -> Image.Image:

@@ -165,36 +165,49 @@ class DiffusionSpec(Section):
 
 
 class DataSpec(Section):
-    source: Literal["digits", "image_folder"] = "digits"
-    """`digits`: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes). `image_folder`: one sub-folder of images per class."""
+    source: Literal["digits", "image_folder", "webdataset"] = "digits"
+    """`digits`: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes). `image_folder`: one sub-folder of images per class. `webdataset`: VAE latents (and caption embeddings) in shards written by `orch prepare`; the model then works in latent space."""
     path: str | None = None
-    """Folder of an `image_folder` source (relative paths are relative to the spec file)."""
+    """Folder of an `image_folder` source, or the folder `orch prepare` wrote (shards and index.json) for `webdataset` (relative paths are relative to the spec file)."""
     resolution: int = Field(8, ge=2)
-    """Side of the square training images, in pixels."""
+    """Side of the square training images, in pixels (for `webdataset`: of the images that were encoded; the latents' side is what the model sees)."""
     channels: Literal[1, 3] | None = None
-    """1 (grey) or 3 (RGB); empty means the source's own (digits: 1, image_folder: 3)."""
+    """1 (grey) or 3 (RGB); empty means the source's own (digits: 1, image_folder: 3; webdataset: the latents' channels)."""
     hflip: bool = False
-    """Also train on horizontally flipped images (a deterministic flip per sample and epoch)."""
+    """Also train on horizontally flipped images (a deterministic flip per sample and epoch); for `webdataset`, flipped copies are made by `orch prepare`."""
+    shuffle_buffer: int = Field(1000, ge=1)
+    """`webdataset`: samples each DataLoader worker shuffles among (shards are also shuffled per epoch)."""
     num_workers: int = Field(0, ge=0)
     """DataLoader worker processes per rank (0 loads in the training process)."""
 
     @model_validator(mode="after")
     def _source_fields(self) -> DataSpec:
-        if self.source == "image_folder" and not self.path:
-            raise ValueError("source image_folder needs data.path (a folder with one sub-folder per class)")
+        if self.source in ("image_folder", "webdataset") and not self.path:
+            what = "a folder with one sub-folder per class" if self.source == "image_folder" else "the folder `orch prepare` wrote"
+            raise ValueError(f"source {self.source} needs data.path ({what})")
         if self.source == "digits" and self.path:
             raise ValueError("source digits ships with scikit-learn and takes no data.path; remove it")
         if self.source == "digits" and self.channels == 3:
             raise ValueError("the digits are grey: data.channels must be 1 (or empty)")
+        if self.source == "webdataset" and self.channels is not None:
+            raise ValueError("source webdataset takes its channels from the latents; remove data.channels")
+        if self.source == "webdataset" and self.hflip:
+            raise ValueError("latents cannot be flipped in training; let `orch prepare` add flipped copies (its image.flip) and remove data.hflip")
         return self
 
     @property
+    def latent(self) -> bool:
+        """Whether the model works in a VAE's latent space (prepared shards) rather than on pixels."""
+        return self.source == "webdataset"
+
+    @property
     def has_text(self) -> bool:
-        """Whether the source carries caption embeddings (what model.condition: text trains on)."""
-        return False
+        """Whether the source can carry caption embeddings (what model.condition: text trains on; `orch plan` checks the shards have them)."""
+        return self.source == "webdataset"
 
     @property
     def num_channels(self) -> int:
+        """Channels of the pixel images (not of latents: those come from the prepared dataset's index)."""
         return self.channels or (1 if self.source == "digits" else 3)
 
 
@@ -259,6 +272,8 @@ class SampleSpec(Section):
     """Classifier-free guidance scale; 1 samples the conditional model without guidance."""
     classes: list[int] | None = None
     """Class of each grid row; empty means the first min(10, num_classes) classes."""
+    text_rows: int = Field(4, ge=1)
+    """Text models: grid rows, one per caption of the dataset's first captioned samples (drawn from their stored embeddings)."""
     per_class: int = Field(8, ge=1)
     """Images per grid row."""
     seed: int = 0
@@ -321,9 +336,9 @@ class JobSpec(Section):
     @model_validator(mode="after")
     def _cross_section_checks(self) -> JobSpec:
         m = self.model
-        if m.arch == "dit" and self.data.resolution % m.patch_size:
+        if m.arch == "dit" and not self.data.latent and self.data.resolution % m.patch_size:
             raise ValueError(f"model.patch_size {m.patch_size} does not divide data.resolution {self.data.resolution}")
-        if m.arch == "unet" and self.data.resolution % 2 ** sum(m.unet.down_sample):
+        if m.arch == "unet" and not self.data.latent and self.data.resolution % 2 ** sum(m.unet.down_sample):
             raise ValueError(f"data.resolution {self.data.resolution} cannot be halved {sum(m.unet.down_sample)} times (model.unet.down_sample)")
         if m.learn_sigma != (self.diffusion.loss == "hybrid"):
             raise ValueError("model.learn_sigma and diffusion.loss: hybrid go together: the variational bound is what trains the variance")
@@ -374,6 +389,15 @@ class JobSpec(Section):
 # ---------------------------------------------------------------------------------------------
 
 
+def spec_kind(path: str | Path) -> str:
+    """"prepare" for a spec of `orch prepare` (top-level `kind: prepare`), else "job"; an unreadable file counts as a job spec (load_spec says why)."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return "job"
+    return "prepare" if isinstance(raw, dict) and raw.get("kind") == "prepare" else "job"
+
+
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
     """Read a YAML spec, apply `--set key.path=value` overrides, validate; SpecError if anything is wrong."""
     path = Path(path)
@@ -381,19 +405,21 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         text = path.read_text()
     except OSError as err:
         raise SpecError(f"cannot read spec {path}: {err.strerror}") from None
+    if spec_kind(path) == "prepare":
+        raise SpecError(f"{path} is a data-preparation spec (kind: prepare), not a job: run `orch prepare {path}`")
     return parse_spec(text, source=str(path), overrides=overrides, base_dir=path.parent)
 
 
 def parse_spec(text: str, source: str = "<spec>", overrides=(), base_dir: Path | None = None) -> JobSpec:
     """Validate spec text; see load_spec."""
-    raw, lines = _load_yaml(text, source)
+    raw, lines = load_yaml_with_lines(text, source, empty_hint="it needs at least `name:` and `train: {steps: N}`")
     raw = _canonical_keys(raw)
     origins = {key: f"line {line}" for key, line in lines.items()}
     for override in overrides:
         key_path, value = _parse_override(override)
         _set_path(raw, key_path, value, override)
         origins[key_path] = f"--set {override}"
-    spec = _validate(raw, source, origins)
+    spec = validate_tree(JobSpec, raw, source, origins)
     for key_path, value in (("data.path", spec.data.path), ("model.init_from", spec.model.init_from)):
         if base_dir is not None and value and not Path(value).is_absolute():
             spec = replace(spec, key_path, str((base_dir / value).resolve()))  # relative to the spec file
@@ -402,14 +428,14 @@ def parse_spec(text: str, source: str = "<spec>", overrides=(), base_dir: Path |
 
 def spec_from_dict(raw: dict[str, Any], source: str = "<spec>") -> JobSpec:
     """Validate an already-resolved spec dict (as written into a job directory)."""
-    return _validate(_canonical_keys(raw), source, {})
+    return validate_tree(JobSpec, _canonical_keys(raw), source, {})
 
 
 def replace(spec: JobSpec, key_path: str, value: Any) -> JobSpec:
     """A copy of the spec with one dotted field changed (validated again)."""
     raw = spec.to_dict()
     _set_path(raw, tuple(key_path.split(".")), value, key_path)
-    return _validate(raw, "<replace>", {})
+    return validate_tree(JobSpec, raw, "<replace>", {})
 
 
 def spec_changes(old: JobSpec, new: JobSpec) -> list[str]:
@@ -460,8 +486,8 @@ def _default_text(field: Any) -> str:
     return "empty" if default is None else f"`{default!r}`" if default == "" else f"`{default}`"
 
 
-def _load_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
-    """Parse YAML safely; return the data and the line of every mapping key, by key path."""
+def load_yaml_with_lines(text: str, source: str, empty_hint: str = "it needs its sections") -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    """Parse YAML safely (no duplicate keys); return the data and the line of every mapping key, by key path."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -470,7 +496,7 @@ def _load_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[tuple[str, 
         where = f" line {mark.line + 1}" if mark else ""
         raise SpecError(f"{source}:{where} is not valid YAML: {getattr(err, 'problem', err)}") from None
     if data is None:
-        raise SpecError(f"{source}: the spec is empty; it needs at least `name:` and `train: {{steps: N}}`")
+        raise SpecError(f"{source}: the spec is empty; {empty_hint}")
     if not isinstance(data, dict):
         raise SpecError(f"{source}: a spec is a YAML mapping of sections, not a {type(data).__name__}")
     lines: dict[tuple[str, ...], int] = {}
@@ -527,16 +553,17 @@ def _set_path(raw: dict[str, Any], path: tuple[str, ...], value: Any, origin: st
     node[path[-1]] = value
 
 
-def _validate(raw: dict[str, Any], source: str, origins: dict[tuple[str, ...], str]) -> JobSpec:
+def validate_tree(root: type[BaseModel], raw: dict[str, Any], source: str, origins: dict[tuple[str, ...], str]):
+    """root.model_validate(raw), every problem turned into one line of a SpecError (origin, path, what is wrong, the near miss)."""
     try:
-        return JobSpec.model_validate(raw)
+        return root.model_validate(raw)
     except ValidationError as err:
-        problems = sorted((_describe(error, origins) for error in err.errors()), key=_line_number)
+        problems = sorted((_describe(root, error, origins) for error in err.errors()), key=_line_number)
     noun = "problem" if len(problems) == 1 else "problems"
     raise SpecError(f"{source}: {len(problems)} {noun}\n" + "\n".join(f"  {p}" for p in problems))
 
 
-def _describe(error: dict[str, Any], origins: dict[tuple[str, ...], str]) -> str:
+def _describe(root: type[BaseModel], error: dict[str, Any], origins: dict[tuple[str, ...], str]) -> str:
     """One line per problem: where (line or --set), the dotted path, what is wrong, what is allowed."""
     loc = tuple(str(part) for part in error["loc"] if not str(part).startswith("function-"))
     loc = tuple(part for part in loc if part not in ("literal['dit']",))
@@ -544,7 +571,7 @@ def _describe(error: dict[str, Any], origins: dict[tuple[str, ...], str]) -> str
     where = _origin(loc, origins) + (f"{dotted}: " if dotted else "")
     kind = error["type"]
     if kind == "extra_forbidden":
-        section_cls = _section_class(loc[:-1])
+        section_cls = _section_class(root, loc[:-1])
         valid = list(section_cls.model_fields) if section_cls else []
         hint = _did_you_mean(loc[-1], valid)
         return f"{where}unknown key{hint} (valid: {', '.join(valid)})"
@@ -568,8 +595,8 @@ def _origin(loc: tuple[str, ...], origins: dict[tuple[str, ...], str]) -> str:
     return ""
 
 
-def _section_class(loc: tuple[str, ...]) -> type[BaseModel] | None:
-    cls: type[BaseModel] = JobSpec
+def _section_class(root: type[BaseModel], loc: tuple[str, ...]) -> type[BaseModel] | None:
+    cls = root
     for part in loc:
         field = cls.model_fields.get(part)
         annotation = getattr(field, "annotation", None)

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from orchestrator.jobs import TRAINER_STATE, latest_checkpoint
 from orchestrator.train.engine import Engine
+from orchestrator.train.model_input import ModelInput
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -55,7 +56,9 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:07d}"
 
 
-def save_checkpoint(engine: Engine, directory: Path, state: TrainerState, ema_weights: dict, spec_yaml: str, keep: int) -> Path:
+def save_checkpoint(
+    engine: Engine, directory: Path, state: TrainerState, ema_weights: dict, spec_yaml: str, keep: int, model_input: ModelInput
+) -> Path:
     """Write checkpoint `step-N` (every rank calls this); returns its path or raises CheckpointError."""
     final = directory / checkpoint_name(state.step)
     tmp = directory / f"{final.name}.tmp"
@@ -70,6 +73,7 @@ def save_checkpoint(engine: Engine, directory: Path, state: TrainerState, ema_we
             state.saved_at = time.time()
             (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=2))
             (tmp / "spec.yaml").write_text(spec_yaml)
+            model_input.write(tmp)  # what sampling and export build the network for, without the data
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         error = err
     if engine.any(error is not None):

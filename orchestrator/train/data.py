@@ -167,6 +167,10 @@ class BatchStream:
         )
         self._iterator = iter(loader)
 
+    def close(self) -> None:
+        """Stop the DataLoader workers now (dropping the iterator shuts them down)."""
+        self._iterator = None
+
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = next(self._iterator)
         self.position = self.batches.advance(self.position)

@@ -26,12 +26,14 @@ from model.diffusion import diffusion_loss, make_noise_scheduler, sample, sample
 from model.dit import DiT
 from model.ema import EMA
 from model.unet import UNet
+from orchestrator.imagefolder import DataError
 from orchestrator.jobs import JobDir
 from orchestrator.spec import JobSpec
 from orchestrator.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from orchestrator.train.data import BatchStream, DataPosition, EpochBatches, build_dataset
 from orchestrator.train.engine import Engine
 from orchestrator.train.images import make_grid
+from orchestrator.train.model_input import ModelInput, latent_input, pixel_input
 from orchestrator.train.signals import StopRequest
 from orchestrator.train.tracking import NullTracker, Tracker, default_artifact_location
 from orchestrator.train.weights import load_weights
@@ -47,13 +49,13 @@ class Outcome:
     stop_signal: str | None = None
 
 
-def build_model(spec: JobSpec, num_classes: int) -> torch.nn.Module:
-    """The network a spec describes (weights from the global RNG: seed it first)."""
-    m = spec.model
+def build_model(spec: JobSpec, model_input: ModelInput) -> torch.nn.Module:
+    """The network a spec describes, for the inputs the data gives (weights from the global RNG: seed it first)."""
+    m, num_classes = spec.model, model_input.num_classes
     if m.arch == "unet":
         u = m.unet
         return UNet(
-            in_channels=spec.data.num_channels,
+            in_channels=model_input.channels,
             down_channels=u.down_channels,
             mid_channels=u.mid_channels,
             down_sample=u.down_sample,
@@ -68,9 +70,9 @@ def build_model(spec: JobSpec, num_classes: int) -> torch.nn.Module:
             norm_groups=u.norm_groups,
         )
     return DiT(
-        input_size=spec.data.resolution,
+        input_size=model_input.size,
         patch_size=m.patch_size,
-        in_channels=spec.data.num_channels,
+        in_channels=model_input.channels,
         hidden_size=m.hidden_size,
         depth=m.depth,
         num_heads=m.num_heads,
@@ -82,6 +84,8 @@ def build_model(spec: JobSpec, num_classes: int) -> torch.nn.Module:
         condition=m.condition,
         ffn=m.ffn,
         pos_embed=m.pos_embed,
+        text_dim=model_input.text_dim,
+        text_tokens=model_input.text_tokens or 77,
     )
 
 
@@ -113,6 +117,7 @@ def train(spec: JobSpec, job: JobDir, device: str, tracking_uri: str | None) -> 
     """Train from the newest checkpoint of the job (or from scratch) until done or asked to stop."""
     stop = StopRequest()
     engine = Engine(device, spec.train.mixed_precision, spec.resources.world_size)
+    trainer = None
     try:
         trainer = Trainer(spec, job, engine, stop)
         trainer.tracker = _start_tracker(spec, job, engine, tracking_uri, resumed=trainer.resumed_from is not None)
@@ -124,6 +129,10 @@ def train(spec: JobSpec, job: JobDir, device: str, tracking_uri: str | None) -> 
         trainer.tracker.close(status="FINISHED" if outcome.finished else "KILLED")
         return outcome
     finally:
+        if trainer is not None:
+            # DataLoader workers are forks holding the process group's sockets: gloo's teardown waits for
+            # those sockets to close, so the workers must be gone first (measured: a 2-rank job hung at exit).
+            trainer.stream.close()
         engine.close()
 
 
@@ -133,11 +142,18 @@ class Trainer:
     def __init__(self, spec: JobSpec, job: JobDir, engine: Engine, stop: StopRequest):
         t = spec.train
         self.spec, self.job, self.engine, self.stop = spec, job, engine, stop
-        dataset = build_dataset(spec.data)
-        self.num_classes = spec.model.num_classes or len(dataset.classes)
+        if spec.data.latent:
+            from orchestrator.train.shards import open_shards
+
+            shards = open_shards(spec.data.path)
+            self.model_input = latent_input(spec, shards.index)
+        else:
+            dataset = build_dataset(spec.data)
+            self.model_input = pixel_input(spec, spec.model.num_classes or len(dataset.classes))
+        self.num_classes = self.model_input.num_classes
 
         torch.manual_seed(t.seed)
-        model = build_model(spec, self.num_classes)
+        model = build_model(spec, self.model_input)
         if spec.model.init_from and job.latest_checkpoint() is None:
             load_weights(model, Path(spec.model.init_from))
             log.info("initialised the model from %s", spec.model.init_from)
@@ -154,9 +170,17 @@ class Trainer:
         if self.resumed_from is not None:
             self._restore(self.resumed_from)
             position = DataPosition(self.restored.epoch, self.restored.batch_in_epoch)
-        batches = EpochBatches(len(dataset), spec.micro_batch_size, engine.rank, engine.world_size, t.seed, spec.data.hflip, position)
-        self.stream = BatchStream(dataset, batches, spec.data.num_workers, t.seed)
-        self.grid = _GridMaker(spec, self.num_classes, engine.device, self.noise_scheduler)
+        if spec.data.latent:
+            from orchestrator.train.shards import ShardStream
+
+            self.stream = ShardStream(
+                shards, micro_batch=spec.micro_batch_size, rank=engine.rank, world_size=engine.world_size, seed=t.seed,
+                num_workers=spec.data.num_workers, shuffle_buffer=spec.data.shuffle_buffer, start=position,
+            )
+        else:
+            batches = EpochBatches(len(dataset), spec.micro_batch_size, engine.rank, engine.world_size, t.seed, spec.data.hflip, position)
+            self.stream = BatchStream(dataset, batches, spec.data.num_workers, t.seed)
+        self.grid = _GridMaker(spec, self.model_input, engine.device, self.noise_scheduler) if engine.is_main else None
         self.tracker: Tracker = NullTracker()
 
     def _restore(self, checkpoint: Path) -> None:
@@ -183,12 +207,11 @@ class Trainer:
             torch.manual_seed(step_seed(t.seed, self.step, engine.rank))
             model.train()
             for micro in range(t.grad_accum_steps):
-                images, labels = next(self.stream)
-                images, labels = images.to(engine.device), labels.to(engine.device)  # (B, C, H, W), (B,)
+                inputs, condition = self._next_batch()  # (B, C, H, W) pixels or latents; labels (B,) or a text dict
                 last = micro == t.grad_accum_steps - 1
                 with nullcontext() if last else engine.no_sync(model):
                     with engine.autocast():
-                        loss = diffusion_loss(model, images, labels, self.noise_scheduler, vlb_weight=self.vlb_weight)
+                        loss = diffusion_loss(model, inputs, condition, self.noise_scheduler, vlb_weight=self.vlb_weight)
                     engine.backward(loss / t.grad_accum_steps)
                 loss_sum += loss.detach().float() / t.grad_accum_steps
             grad_norm = engine.clip_grad_norm(model, t.grad_clip)
@@ -219,6 +242,17 @@ class Trainer:
                 return Outcome(finished=False, step=self.step, stop_signal=self.stop.signal_name or "a signal on another rank")
         return Outcome(finished=True, step=self.step)
 
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]:
+        """The next micro batch on the device: the network's inputs and the condition its `y` takes."""
+        device = self.engine.device
+        batch = next(self.stream)
+        if isinstance(batch, tuple):  # pixels: (images, labels)
+            images, labels = batch
+            return images.to(device), labels.to(device)
+        batch = batch.to(device)  # a LatentBatch
+        condition = batch.condition(self.spec.model.condition)
+        return batch.latents, batch.labels if condition is None else condition
+
     def _log(self, loss: float, grad_norm: float, step_time: float) -> None:
         metrics = {
             "loss": loss,
@@ -240,49 +274,94 @@ class Trainer:
             step=self.step, epoch=position.epoch, batch_in_epoch=position.batch, ema_num_updates=self.ema.num_updates,
             world_size=self.engine.world_size, spec_digest=self.spec.digest(), lr_scheduler=self.scheduler.state_dict(),
         )
-        path = save_checkpoint(self.engine, self.job.checkpoints_dir, state, self.ema.module.state_dict(), self.spec.to_yaml(), self.spec.checkpoint.keep)
+        path = save_checkpoint(
+            self.engine, self.job.checkpoints_dir, state, self.ema.module.state_dict(), self.spec.to_yaml(), self.spec.checkpoint.keep,
+            model_input=self.model_input,
+        )
         if self.engine.is_main:
             self.job.update(checkpoint=str(path), checkpoint_step=self.step)
             log.info("checkpoint %s", path.name)
 
 
 class _GridMaker:
-    """Sample grids from fixed noise and fixed labels (one row per class), so steps are comparable."""
+    """Sample grids from fixed noise and fixed conditions (one row per class or caption), so steps are comparable.
 
-    def __init__(self, spec: JobSpec, num_classes: int, device: torch.device, noise_scheduler):
+    Latent models: the grid is decoded through the dataset's VAE (loaded on first use, on rank 0 only);
+    text models draw the captions of the dataset's first samples, from their stored embeddings.
+    """
+
+    def __init__(self, spec: JobSpec, model_input: ModelInput, device: torch.device, noise_scheduler):
         s = spec.sample
-        classes = s.classes if s.classes is not None else list(range(min(10, num_classes)))
-        self.rows = len(classes)
-        self.labels = torch.tensor([c for c in classes for _ in range(s.per_class)], device=device)
+        self.spec, self.model_input, self.device, self.noise_scheduler = s, model_input, device, noise_scheduler
+        self.condition_kind = spec.model.condition
+        if self.condition_kind == "text":
+            captions, conditions = _first_captions(spec.data.path, count=s.text_rows)  # R captions; text dict of (R, ...) tensors
+            log.info("grid rows: %s", "; ".join(repr(c) for c in captions))
+            self.rows = len(captions)
+            self.conditions = {k: v.repeat_interleave(s.per_class, 0).to(device) for k, v in conditions.items()}
+            self.labels = torch.zeros(self.rows * s.per_class, dtype=torch.long, device=device)  # (N,) unused by a text model
+        else:
+            classes = s.classes if s.classes is not None else list(range(min(10, model_input.num_classes)))
+            self.rows = len(classes)
+            self.labels = torch.tensor([c for c in classes for _ in range(s.per_class)], device=device)  # (N,)
+            self.conditions = self.labels
         generator = torch.Generator().manual_seed(s.seed)
-        shape = (spec.data.num_channels, spec.data.resolution, spec.data.resolution)
-        self.noise = torch.randn((len(self.labels), *shape), generator=generator).to(device)
-        self.shape = shape
-        self.spec = s
-        self.num_classes = num_classes
-        self.noise_scheduler = noise_scheduler
+        self.noise = torch.randn((len(self.labels), *model_input.shape), generator=generator).to(device)  # (N, C, H, W)
+        self._vae = None
 
     def _settings(self) -> dict:
         generator = torch.Generator(device=self.noise.device).manual_seed(self.spec.seed + 1)
         return dict(
-            image_shape=self.shape, noise_scheduler=self.noise_scheduler, sampler=self.spec.sampler, num_steps=self.spec.steps,
-            guidance_scale=self.spec.guidance_scale, null_label=self.num_classes, generator=generator,
-            clip_denoised=True,  # pixel space: images live in [-1, 1]
+            image_shape=self.model_input.shape, noise_scheduler=self.noise_scheduler, sampler=self.spec.sampler, num_steps=self.spec.steps,
+            guidance_scale=self.spec.guidance_scale, null_label=self.model_input.num_classes, generator=generator,
+            clip_denoised=self.model_input.latent is None,  # pixels live in [-1, 1]; latents do not
         )
+
+    def _to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels as they are; latents decoded through the VAE, (N, C, H, W) in [-1, 1]."""
+        latent = self.model_input.latent
+        if latent is None:
+            return x
+        from orchestrator.train.vae import decode, load_vae
+
+        if self._vae is None:
+            self._vae = load_vae(latent.vae, self.device)
+        return decode(self._vae, x, latent.scaling_factor)
 
     @torch.no_grad()
     def draw(self, ema_model: torch.nn.Module) -> Image.Image:
-        """The grid: rows of classes, columns of fixed noise."""
-        images = sample(ema_model, self.labels, noise=self.noise, **self._settings())  # (N, C, H, W)
-        return make_grid(images, rows=self.rows)
+        """The grid: rows of classes (or captions), columns of fixed noise."""
+        x = sample(ema_model, self.conditions, noise=self.noise, **self._settings())  # (N, C, H, W)
+        return make_grid(self._to_images(x), rows=self.rows)
 
     @torch.no_grad()
     def progression(self, ema_model: torch.nn.Module, frames: int = 8) -> Image.Image:
         """The denoising progression strip: one row per class, the x0 prediction across the timesteps."""
         first = torch.arange(self.rows, device=self.labels.device) * self.spec.per_class  # first image of each row
         frames = min(frames, self.spec.steps)
-        strip = sample_progression(ema_model, self.labels[first], noise=self.noise[first], num_frames=frames, **self._settings())
-        return make_grid(strip.flatten(0, 1), rows=self.rows)  # (rows * K, C, H, W)
+        conditions = self.conditions[first] if isinstance(self.conditions, torch.Tensor) else {k: v[first] for k, v in self.conditions.items()}
+        strip = sample_progression(ema_model, conditions, noise=self.noise[first], num_frames=frames, **self._settings())  # (R, K, C, H, W)
+        return make_grid(self._to_images(strip.flatten(0, 1)), rows=self.rows)  # (R * K, C, H, W)
+
+
+def _first_captions(path: str, count: int) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """The captions and stored text embeddings of the first `count` captioned samples of a prepared dataset."""
+    from orchestrator.shardformat import CAPTION_MEMBER
+    from orchestrator.train.shards import collate, decode_sample, open_shards, read_shard
+
+    shards = open_shards(path)
+    captions, samples = [], []
+    for url, expected in zip(shards.urls, shards.counts):
+        for raw in read_shard(url, expected):
+            if CAPTION_MEMBER in raw and len(samples) < count:
+                captions.append(raw[CAPTION_MEMBER].decode("utf-8"))
+                samples.append(decode_sample(raw, url, shards.index, seed=0, epoch=0))
+        if len(samples) == count:
+            break
+    if not samples:
+        raise DataError(f"{path} holds no captioned sample to draw the grid of a text model from")
+    batch = collate(samples, shards.index)
+    return captions, {"tokens": batch.text_tokens, "mask": batch.text_mask, "pooled": batch.text_pooled}
 
 
 def _start_tracker(spec: JobSpec, job: JobDir, engine: Engine, uri: str | None, resumed: bool) -> Tracker:

@@ -21,6 +21,7 @@ from orchestrator.sampling import (
 )
 from orchestrator.spec import replace
 from orchestrator.train.loop import build_model, make_diffusion
+from orchestrator.train.model_input import pixel_input
 from tests.helpers import log_text, only_job, orch, tiny_spec
 
 pytestmark = pytest.mark.slow
@@ -100,11 +101,11 @@ def test_load_model_takes_the_ema_weights_by_default_and_the_raw_ones_on_request
 
 def test_load_weights_into_a_mismatched_model_lists_the_keys_instead_of_a_traceback(loaded):
     spec, checkpoint, _ = loaded
-    deeper = build_model(replace(spec, "model.depth", 3), 10)
+    deeper = build_model(replace(spec, "model.depth", 3), pixel_input(spec, 10))
     with pytest.raises(WeightsMismatch, match=r"keys 10 missing \(blocks\.2\.") as caught:
         load_weights(deeper, checkpoint / "ema.safetensors")
     assert isinstance(caught.value, UserError)
-    shallower = build_model(replace(spec, "model.depth", 1), 10)
+    shallower = build_model(replace(spec, "model.depth", 1), pixel_input(spec, 10))
     with pytest.raises(WeightsMismatch, match=r"10 unexpected \(blocks\.1\."):
         load_weights(shallower, checkpoint / "ema.safetensors")
 
@@ -169,7 +170,7 @@ def test_export_safetensors_round_trips_the_ema_weights(loaded, tmp_path, monkey
     out = tmp_path / "export"
     export_safetensors(spec, checkpoint, out)
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "spec.yaml", "README.md", "orch_export.json"}
-    rebuilt = build_model(spec, 10)
+    rebuilt = build_model(spec, pixel_input(spec, 10))
     load_weights(rebuilt, out / "model.safetensors")
     ema = load_file(checkpoint / "ema.safetensors")
     assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in ema.items())

@@ -122,10 +122,19 @@ def test_schema_is_json_schema_that_forbids_unknown_keys():
     assert schema["$defs"]["TrainSpec"]["properties"]["learning_rate"]["description"]
 
 
-@pytest.mark.parametrize("name", ["dit_digits.yaml", "dit_cats.yaml"])
+@pytest.mark.parametrize("name", ["dit_digits.yaml", "dit_cats.yaml", "dit_text.yaml", "ddpm_mnist.yaml"])
 def test_shipped_job_specs_validate(name):
     spec = load_spec(REPO / "jobs" / name)
     assert spec.train.steps > 0
+
+
+@pytest.mark.parametrize("name", ["prepare_cats.yaml", "prepare_text.yaml"])
+def test_shipped_prepare_specs_validate_and_are_refused_as_jobs(name):
+    from orchestrator.prepare_spec import load_prepare_spec
+
+    assert load_prepare_spec(REPO / "jobs" / name).image.resolution == 256
+    with pytest.raises(SpecError, match="is a data-preparation spec"):
+        load_spec(REPO / "jobs" / name)
 
 
 def test_cats_spec_is_the_production_shape():

