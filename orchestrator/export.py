@@ -33,12 +33,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from orchestrator.errors import UserError
-from orchestrator.sampling import load_model, weights_file
+from orchestrator.sampling import load_model, model_input_of, weights_file
 from orchestrator.spec import JobSpec
 
 EXPORT_INFO = "orch_export.json"
 SAFETENSORS_NAMES = {"model.safetensors", "spec.yaml", "README.md", EXPORT_INFO}
-DIFFUSERS_NAMES = {"transformer", "scheduler", "spec.yaml", "README.md", EXPORT_INFO}
+DIFFUSERS_NAMES = {"transformer", "scheduler", "vae", "model_index.json", "spec.yaml", "README.md", EXPORT_INFO}
+PIPELINE_NULL_CLASS = 1000  # diffusers' DiTPipeline draws its unconditional half with this label (ImageNet's null class)
 SCHEDULER_CLASSES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "dpm_solver++": "DPMSolverMultistepScheduler"}
 
 
@@ -116,15 +117,13 @@ def diffusers_problems(spec: JobSpec) -> list[str]:
 
 
 def export_diffusers(spec: JobSpec, checkpoint: Path, out_dir: Path, ema: bool = True) -> list[Path]:
-    """Write a diffusers directory (transformer/, scheduler/, spec.yaml, README.md); return the paths.
+    """Write a diffusers directory: a DiTPipeline (transformer/, scheduler/, vae/, model_index.json) for a
+    latent model, transformer/ and scheduler/ for a pixel one; with spec.yaml and README.md; return the paths.
 
     Only a class-conditional adaLN(-Zero) DiT with an MLP feed-forward and sin-cos positions converts;
     anything else is refused with the reasons. See the module docstring for the layout chosen.
     """
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-
     from model.convert import to_diffusers
-    from orchestrator.train.loop import make_diffusion
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     problems = diffusers_problems(spec)
@@ -140,29 +139,89 @@ def export_diffusers(spec: JobSpec, checkpoint: Path, out_dir: Path, ema: bool =
     except ValueError as err:  # the converter's own checks, should the spec check above miss one
         raise ExportError(f"{err}; use --format safetensors") from None
 
-    # The spec's sampler on the training schedule, configured as orch's own samplers (model/diffusion.py):
-    # pixel space, so every x0 estimate is clipped to [-1, 1].
-    base, sampler = make_diffusion(spec).config, spec.sample.sampler
-    if sampler == "ddim":
-        scheduler = DDIMScheduler.from_config(base, clip_sample=True, clip_sample_range=1.0)
-    elif sampler == "ddpm":
-        variance = {"variance_type": "learned_range"} if spec.model.learn_sigma else {}
-        scheduler = DDPMScheduler.from_config(base, clip_sample=True, clip_sample_range=1.0, **variance)
-    else:
-        scheduler = DPMSolverMultistepScheduler.from_config(
-            base, algorithm_type="dpmsolver++", solver_order=2, thresholding=True, sample_max_value=1.0, variance_type=None,
-            timestep_spacing=base.timestep_spacing, final_sigmas_type="zero", lower_order_final=True,
-        )
+    model_input = model_input_of(spec, checkpoint, ema)
+    scheduler = _scheduler(spec, clip=model_input.latent is None)
+    kind = "ema" if ema else "raw"
+    if model_input.latent is not None:
+        return _export_pipeline(spec, checkpoint, out_dir, kind, model, transformer, scheduler, model_input)
 
     _prepare(out_dir, DIFFUSERS_NAMES)
     transformer.save_pretrained(out_dir / "transformer", safe_serialization=True)
     scheduler.save_pretrained(out_dir / "scheduler")
     (out_dir / "spec.yaml").write_text(spec.to_yaml())
-    kind = "ema" if ema else "raw"
     info = _write_info(out_dir, "diffusers", spec, checkpoint, kind, model)
     readme = out_dir / "README.md"
     readme.write_text(_diffusers_readme(spec, kind, model, type(scheduler).__name__))
     return [out_dir / "transformer", out_dir / "scheduler", out_dir / "spec.yaml", readme, info]
+
+
+def _scheduler(spec: JobSpec, clip: bool):
+    """The spec's sampler on the training schedule, configured as orch's own samplers (model/diffusion.py);
+    `clip`: pixel space, every x0 estimate clipped to [-1, 1]."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    from orchestrator.train.loop import make_diffusion
+
+    base, sampler = make_diffusion(spec).config, spec.sample.sampler
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(base, clip_sample=clip, clip_sample_range=1.0)
+    if sampler == "ddpm":
+        variance = {"variance_type": "learned_range"} if spec.model.learn_sigma else {}
+        return DDPMScheduler.from_config(base, clip_sample=clip, clip_sample_range=1.0, **variance)
+    return DPMSolverMultistepScheduler.from_config(
+        base, algorithm_type="dpmsolver++", solver_order=2, thresholding=clip, sample_max_value=1.0, variance_type=None,
+        timestep_spacing=base.timestep_spacing, final_sigmas_type="zero", lower_order_final=True,
+    )
+
+
+def _export_pipeline(spec, checkpoint: Path, out_dir: Path, kind: str, model, transformer, scheduler, model_input) -> list[Path]:
+    """A latent DiT as a diffusers DiTPipeline directory (transformer, scheduler, vae, model_index.json).
+
+    DiTPipeline takes label 1000 as the null class of guidance, so the transformer is saved with
+    ImageNet's label layout: a 1001-row table whose rows 0..K-1 are the model's classes and whose
+    other rows (1000 among them) are its null class; labels K..999 are never drawn.
+    """
+    from diffusers import DiTPipeline, DiTTransformer2DModel
+
+    from orchestrator.train.vae import load_vae
+
+    k = model.num_classes
+    if k > PIPELINE_NULL_CLASS:
+        raise ExportError(f"the model has {k} classes; diffusers' DiTPipeline takes at most {PIPELINE_NULL_CLASS}. Use --format safetensors")
+    if spec.model.class_dropout == 0:
+        raise ExportError("the model has no null class (model.class_dropout: 0), which DiTPipeline's guidance needs; use --format safetensors")
+    padded = DiTTransformer2DModel.from_config({**transformer.config, "num_embeds_ada_norm": PIPELINE_NULL_CLASS})
+    state = transformer.state_dict()
+    for name, table in list(state.items()):
+        if name.endswith("class_embedder.embedding_table.weight"):  # (K + 1, D): classes, then the null row
+            rows = table[k].expand(PIPELINE_NULL_CLASS + 1, -1).clone()  # (1001, D), all null
+            rows[:k] = table[:k]
+            state[name] = rows
+    padded.load_state_dict(state, strict=True)
+    padded.pos_embed.pos_embed = transformer.pos_embed.pos_embed
+    vae = load_vae(model_input.latent.vae)
+    names = class_names(spec, k)
+    pipeline = DiTPipeline(transformer=padded.eval(), vae=vae, scheduler=scheduler)  # (class names go to orch_export.json: DiTPipeline does not save its id2label)
+    _prepare(out_dir, DIFFUSERS_NAMES)
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / "spec.yaml").write_text(spec.to_yaml())
+    info = _write_info(out_dir, "diffusers", spec, checkpoint, kind, model)
+    readme = out_dir / "README.md"
+    readme.write_text(f"""# {spec.name}: a class-conditional latent DiT as a diffusers DiTPipeline, exported by orch
+
+```python
+from diffusers import DiTPipeline
+pipe = DiTPipeline.from_pretrained(".")
+images = pipe(class_labels=[0, 1], num_inference_steps={spec.sample.steps}, guidance_scale={spec.sample.guidance_scale}).images
+```
+
+Classes 0..{k - 1}{f' ({", ".join(names.values())})' if names else ''}; the transformer's label table has ImageNet's 1001 rows
+so that DiTPipeline's null class (1000) is this model's null class; labels {k}..999 are the null class too.
+The {'EMA' if kind == 'ema' else 'raw'} weights; `scheduler/` is the spec's sampler ({type(scheduler).__name__}); `vae/` decodes the latents.
+diffusers computes timestep features with a frequency shift of 1 where the trained model used 0: samples are close to,
+not equal to, orch's (see model/convert.py).
+""")
+    return [out_dir / "transformer", out_dir / "scheduler", out_dir / "vae", out_dir / "model_index.json", out_dir / "spec.yaml", readme, info]
 
 
 def _diffusers_readme(spec: JobSpec, kind: str, model: torch.nn.Module, scheduler_class: str) -> str:
@@ -235,6 +294,13 @@ def class_names(spec: JobSpec, num_classes: int) -> dict[str, str] | None:
         return None
     if spec.data.source == "digits":
         names = [str(i) for i in range(10)]
+    elif spec.data.latent:
+        from orchestrator.shardformat import DatasetIndex
+
+        try:
+            names = DatasetIndex.read(Path(spec.data.path)).class_names or []
+        except ValueError:  # the data is not here: the export goes on without names
+            return None
     else:
         root = Path(spec.data.path or "")
         if not root.is_dir():
@@ -252,7 +318,8 @@ def _write_info(out_dir: Path, fmt: str, spec: JobSpec, checkpoint: Path, kind: 
         step = json.loads(state_file.read_text()).get("step")
     info = {
         "format": fmt, "weights": kind, "source": str(checkpoint.resolve()), "step": step, "spec_digest": spec.digest(),
-        "pixel_space": True, "image_shape": [spec.data.num_channels, spec.data.resolution, spec.data.resolution],
+        "pixel_space": not spec.data.latent,
+        "image_shape": [spec.data.num_channels, spec.data.resolution, spec.data.resolution] if not spec.data.latent else [3, spec.data.resolution, spec.data.resolution],
         "num_classes": num_classes if spec.model.condition == "class" else None,
         "null_class": num_classes if spec.model.condition == "class" and spec.model.class_dropout > 0 else None,
         "id2label": class_names(spec, num_classes), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

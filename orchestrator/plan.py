@@ -123,17 +123,17 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
 def check_data(spec: JobSpec) -> None:
     """The data the spec names exists and is usable (for prepared latents: reading index.json only)."""
     if spec.data.latent:
-        from orchestrator.shardformat import DatasetIndex
         from orchestrator.train.model_input import latent_problems
-        from orchestrator.train.shards import check_dataset
+        from orchestrator.train.shards import ShardError, check_dataset, open_shards
 
         try:
-            index = DatasetIndex.read(Path(spec.data.path))
-        except ValueError as err:
+            shards = open_shards(spec.data.path)  # a prepared folder, or shard paths / a brace pattern beside their index.json
+        except (ShardError, ValueError) as err:
             raise PlanError(str(err)) from None
+        index = shards.index
         channels, size, _ = index.latent_shape
         problems = latent_problems(spec, index) + check_dataset(
-            spec.data.path, channels, size, world_size=spec.resources.world_size, num_workers=spec.data.num_workers,
+            Path(shards.index_path).parent, channels, size, world_size=spec.resources.world_size, num_workers=spec.data.num_workers,
             micro_batch_size=spec.micro_batch_size,
         )
         if problems:

@@ -568,7 +568,9 @@ def write_index_if_complete(out: Path, num_shards: int, spec: PrepareSpec, input
             skipped.update(record["skipped"])
         index = shardformat.DatasetIndex(
             num_samples=sum(r["num_samples"] for r in records),
-            shards=[shardformat.ShardRecord(r["shard"], r["num_samples"]) for r in records if r["num_samples"]],  # empty shards are left out
+            shards=[  # empty shards are left out
+                shardformat.ShardRecord(r["shard"], r["num_samples"], bytes=(out / r["shard"]).stat().st_size) for r in records if r["num_samples"]
+            ],
             latent_shape=encoders.latent_shape, latent_dtype="float16", scaling_factor=encoders.scaling_factor,
             vae=spec.vae.name, resolution=spec.image.resolution, source=inputs.description, flip=spec.image.flip,
             num_classes=inputs.num_classes, class_names=inputs.class_names,

@@ -41,6 +41,7 @@ INFO_MEMBER = "json"
 class ShardRecord:
     name: str  # file name of the .tar, relative to the dataset folder
     num_samples: int
+    bytes: int | None = None  # the .tar's size when written: a truncated or replaced shard is caught by a stat, before training
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,7 @@ class DataSpec(Section):
     source: Literal["digits", "image_folder", "webdataset"] = "digits"
     """`digits`: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes). `image_folder`: one sub-folder of images per class. `webdataset`: VAE latents (and caption embeddings) in shards written by `orch prepare`; the model then works in latent space."""
     path: str | None = None
-    """Folder of an `image_folder` source, or the folder `orch prepare` wrote (shards and index.json) for `webdataset` (relative paths are relative to the spec file)."""
+    """Folder of an `image_folder` source; for `webdataset`, the folder `orch prepare` wrote (shards and index.json) or a brace pattern of some of its shards (`data/cats/shard-{000000..000099}.tar`). Relative paths are relative to the spec file."""
     resolution: int = Field(8, ge=2)
     """Side of the square training images, in pixels (for `webdataset`: of the images that were encoded; the latents' side is what the model sees)."""
     channels: Literal[1, 3] | None = None

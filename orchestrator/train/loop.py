@@ -308,6 +308,10 @@ class _GridMaker:
         generator = torch.Generator().manual_seed(s.seed)
         self.noise = torch.randn((len(self.labels), *model_input.shape), generator=generator).to(device)  # (N, C, H, W)
         self._vae = None
+        if model_input.latent is not None:  # now, not at the first grid hours in: a VAE that cannot load stops the job at once
+            from orchestrator.train.vae import load_vae
+
+            self._vae = load_vae(model_input.latent.vae, device)
 
     def _settings(self) -> dict:
         generator = torch.Generator(device=self.noise.device).manual_seed(self.spec.seed + 1)
@@ -322,10 +326,8 @@ class _GridMaker:
         latent = self.model_input.latent
         if latent is None:
             return x
-        from orchestrator.train.vae import decode, load_vae
+        from orchestrator.train.vae import decode
 
-        if self._vae is None:
-            self._vae = load_vae(latent.vae, self.device)
         return decode(self._vae, x, latent.scaling_factor)
 
     @torch.no_grad()

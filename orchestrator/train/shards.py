@@ -301,6 +301,14 @@ def check_dataset(
     if listed != index.num_samples:
         problems.append(f"{folder / INDEX_FILE} says {index.num_samples} samples but its shards add up to {listed}: it is damaged, run `orch prepare` again")
     missing = [shard.name for shard in index.shards if not (folder / shard.name).is_file()]
+    resized = [
+        f"{shard.name} ({(folder / shard.name).stat().st_size} bytes, written as {shard.bytes})"
+        for shard in index.shards
+        if shard.bytes is not None and (folder / shard.name).is_file() and (folder / shard.name).stat().st_size != shard.bytes
+    ]
+    if resized:
+        more = " ..." if len(resized) > 3 else ""
+        problems.append(f"{len(resized)} shard(s) in {folder} are truncated or were replaced since `orch prepare` wrote them: {', '.join(resized[:3])}{more}; run `orch prepare` again")
     if missing:
         more = " ..." if len(missing) > 5 else ""
         problems.append(f"{len(missing)} shard(s) listed in {folder / INDEX_FILE} are missing: {', '.join(missing[:5])}{more}")

@@ -18,9 +18,11 @@ def load_vae(name: str, device: str | torch.device = "cpu", dtype: torch.dtype =
     try:
         vae = AutoencoderKL.from_pretrained(name, subfolder=subfolder, torch_dtype=dtype)
     except Exception as err:  # the hub and diffusers raise OSError, ValueError, HF errors...: all mean "cannot load this"
+        if name.startswith(("/", "./", "../", "~")):  # a path, not a hub name
+            raise ModelLoadError(f"cannot load the VAE {name!r}: there is no AutoencoderKL folder (config.json and weights) there; fix the path") from None
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(
-            f"cannot load the VAE {name!r}{f' (subfolder {subfolder})' if subfolder else ''}: {first_line}. "
+            f"cannot load the VAE {name!r}{f' (subfolder {subfolder})' if subfolder else ''}: {first_line} "
             f"Without network it must already be on disk: download it once with `hf download {name}` where there is internet "
             "(it lands in the Hugging Face cache), or name a local folder saved with AutoencoderKL.save_pretrained"
         ) from None

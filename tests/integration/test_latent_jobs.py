@@ -3,6 +3,7 @@ captions) with a tiny VAE and the packaged MiniLM text encoder, jobs train on th
 exactly, and `orch sample` decodes through the VAE."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,16 @@ def test_a_class_conditional_dit_trains_on_latents_and_samples_decoded_images(tm
     assert image.size == (RES, RES) and image.mode == "RGB"  # decoded through the VAE, not a 8x8 latent
     assert (out / "grid.png").is_file() and (out / "progression.png").is_file()
 
+    # The export is a DiTPipeline that diffusers loads and samples from, guidance included (its null class is label 1000).
+    exported = orch("export", job.name, "--format", "diffusers", "--out", str(tmp_path / "hf"), root=root)
+    assert exported.returncode == 0, exported.stderr
+    from diffusers import DiTPipeline
+
+    pipe = DiTPipeline.from_pretrained(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "orch_export.json").read_text())["id2label"] == {"0": "one", "1": "two", "2": "zero"}
+    images = pipe(class_labels=[0, 2], num_inference_steps=3, guidance_scale=2.0, output_type="np").images
+    assert images.shape == (2, RES, RES, 3) and np.isfinite(images).all()
+
 
 def test_a_text_conditioned_cross_attention_dit_trains_and_draws_prompts(tmp_path, prepared):
     root = tmp_path / "runs"
@@ -131,7 +142,28 @@ def test_a_dataset_that_cannot_feed_the_spec_is_refused_before_anything_starts(t
         assert result.returncode == 2 and message in result.stderr, (override, result.stderr)
     missing = orch("submit", str(latent_spec(tmp_path, prepared, "bad")), "--set", f"data.path={tmp_path}", root=root)
     assert missing.returncode == 2 and "has no index.json: it is not a prepared dataset" in missing.stderr
-    assert not root.exists() or not any(root.iterdir())
+    damaged = tmp_path / "damaged"
+    shutil.copytree(prepared, damaged)
+    shard = sorted(damaged.glob("shard-*.tar"))[1]
+    shard.write_bytes(shard.read_bytes()[:-3000])  # a copy cut short
+    truncated = orch("submit", str(latent_spec(tmp_path, damaged, "bad")), root=root)
+    assert truncated.returncode == 2 and f"shard(s) in {damaged} are truncated or were replaced" in truncated.stderr and shard.name in truncated.stderr
+    pattern = orch("validate", str(latent_spec(tmp_path, prepared, "subset")), "--set", f"data.path={prepared}/shard-{{000000..000002}}.tar", root=root)
+    assert pattern.returncode == 0 and "warning" not in pattern.stderr, pattern.stderr  # three of the four shards, by a brace pattern
+    assert not root.exists() or not any(root.iterdir()), "a refused submit created a job"
+    # A VAE that cannot be loaded stops the job at its start, not at its first grid hours in.
+    vaeless = tmp_path / "vaeless"
+    shutil.copytree(prepared, vaeless)
+    index = json.loads((vaeless / "index.json").read_text())
+    (vaeless / "index.json").write_text(json.dumps({**index, "vae": str(tmp_path / "no-such-vae")}))
+    no_vae = orch("submit", str(latent_spec(tmp_path, vaeless, "novae")), root=root)
+    assert no_vae.returncode != 0 and "there is no AutoencoderKL folder" in no_vae.stderr, no_vae.stderr
+    assert state(only_job_named(root, "novae"))["step"] == 0
+
+
+def only_job_named(root: Path, name: str) -> Path:
+    (job,) = root.glob(f"{name}-*")
+    return job
 
 
 def test_latent_job_resumes_bitwise_after_sigkill_with_two_ranks_and_workers(tmp_path, prepared):
