@@ -183,6 +183,22 @@ def resume(root: Path, job_ref: str | None, overrides: tuple[str, ...], allow_sp
     _start(job, detach)
 
 
+@cli.command()
+@click.argument("job_ref")
+@click.option("--node-rank", type=int, required=True, help="This machine's node number, 1..nodes-1 (node 0 runs `orch submit` / `orch resume`).")
+@click.pass_obj
+@user_errors
+def join(root: Path, job_ref: str, node_rank: int) -> None:
+    """Run this node's ranks of a multi-node job (the job directory must be on a shared filesystem)."""
+    from orchestrator.supervisor import run_node
+
+    job = find_job(root, job_ref)
+    click.echo(f"job {job.id}: node {node_rank} joining; logs: {job.logs_dir / f'node-{node_rank}.log'}")
+    code = run_node(job, node_rank)
+    click.echo(f"job {job.id}: node {node_rank} ended with exit code {code}")
+    sys.exit(code)
+
+
 def _start(job: JobDir, detach: bool) -> None:
     from orchestrator.supervisor import exit_code_for, run
 

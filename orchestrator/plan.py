@@ -43,18 +43,22 @@ class Plan:
     global_batch_size: int
     threads_per_process: int
     tracking_uri: str | None
-    command: LaunchCommand
+    command: LaunchCommand  # what `orch submit` runs here, on node 0
+    node_commands: tuple[LaunchCommand, ...] = ()  # every node's command (node 0's is `command`); `orch join` runs the others
     problems: tuple[str, ...] = ()
 
     def describe(self) -> list[str]:
         """Human-readable lines, as `orch plan` prints them."""
         return [
             f"launcher        {self.launcher} on {self.device}",
-            f"world size      {self.world_size} ({self.processes_per_node} process(es) x 1 node)",
+            f"world size      {self.world_size} ({self.processes_per_node} process(es) x {len(self.node_commands) or 1} node(s))",
             f"batch           {self.global_batch_size} global = {self.micro_batch_size} per rank x {self.world_size} rank(s) x {self.grad_accum_steps} accumulation step(s)",
             f"threads         {self.threads_per_process} per process",
             f"tracking        {self.tracking_uri or 'off'}",
-            f"command         {self.command.shell()}",
+            *(
+                [f"command         {self.command.shell()}"] if len(self.node_commands) < 2 else
+                [f"node {n:<10} {c.shell()}{'  (orch submit runs it)' if n == 0 else f'  (orch join JOB --node-rank {n} runs it)'}" for n, c in enumerate(self.node_commands)]
+            ),
             *(f"problem         {problem}" for problem in self.problems),
         ]
 
@@ -89,12 +93,20 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
     threads = resources.threads_per_process or max(1, cores // resources.processes)
     launcher = resources.launcher
     if launcher == "auto":
-        launcher = "local" if resources.processes == 1 else "torchrun"
+        launcher = "local" if resources.world_size == 1 else "torchrun"
     entry = ("-m", "orchestrator.worker", str(job_path))
+    node_commands: tuple[LaunchCommand, ...] = ()
     if launcher == "local":
         command = local_command(python, entry, threads=threads)
     elif launcher == "torchrun":
-        command = torchrun_command(python, entry, nproc_per_node=resources.processes, threads=threads)
+        node_commands = tuple(
+            torchrun_command(
+                python, entry, nproc_per_node=resources.processes, nnodes=resources.nodes, node_rank=node,
+                rdzv_endpoint=resources.rdzv_endpoint, rdzv_id=job_path.name if resources.rdzv_endpoint else None, threads=threads,
+            )
+            for node in range(resources.nodes)
+        )
+        command = node_commands[0]
     else:
         command = accelerate_command(python, entry, num_processes=resources.processes, cpu=device == "cpu", threads=threads)
 
@@ -116,6 +128,7 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
         threads_per_process=threads,
         tracking_uri=tracking_uri,
         command=command,
+        node_commands=node_commands or (command,),
         problems=tuple(problems),
     )
 

@@ -293,11 +293,13 @@ class TrackingSpec(Section):
 
 class ResourcesSpec(Section):
     launcher: Literal["auto", "local", "torchrun", "accelerate"] = "auto"
-    """How ranks are started: `local` (one plain process), `torchrun`, `accelerate`; `auto` is local for 1 process, torchrun for more."""
+    """How ranks are started: `local` (one plain process), `torchrun`, `accelerate`; `auto` is local for 1 process on 1 node, torchrun otherwise."""
     processes: int = Field(1, ge=1)
     """Ranks on this machine (one per GPU; on CPU, DDP ranks over gloo)."""
     nodes: int = Field(1, ge=1)
-    """Machines; only 1 is supported so far."""
+    """Machines, each running `processes` ranks; node 0 runs `orch submit`, every other node `orch join JOB --node-rank N` (the job directory on a shared filesystem)."""
+    rdzv_endpoint: str | None = None
+    """HOST:PORT where the nodes' ranks meet (torchrun's c10d rendezvous; a free port on node 0); required when nodes > 1."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto` uses CUDA when a GPU is visible, else the CPU."""
     threads_per_process: int | None = Field(None, ge=1)
@@ -307,8 +309,14 @@ class ResourcesSpec(Section):
     def _launcher_fits(self) -> ResourcesSpec:
         if self.launcher == "local" and self.processes > 1:
             raise ValueError(f"launcher local starts one process; use torchrun or accelerate for processes={self.processes}")
-        if self.nodes > 1:
-            raise ValueError("multi-node jobs are not supported yet; set resources.nodes to 1")
+        if self.nodes > 1 and self.launcher not in ("auto", "torchrun"):
+            raise ValueError(f"launcher {self.launcher} runs on one node; multi-node jobs start through torchrun (launcher: torchrun or auto)")
+        if self.nodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"{self.nodes} nodes need resources.rdzv_endpoint: HOST:PORT of node 0, where the ranks meet (e.g. node0.cluster:29400)")
+        if self.rdzv_endpoint is not None:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"rdzv_endpoint must read HOST:PORT (e.g. node0.cluster:29400), got {self.rdzv_endpoint!r}")
         return self
 
     @property

@@ -30,6 +30,7 @@ def write_plan(job: JobDir, plan: Plan) -> None:
     """Record the plan the supervisor will run (and the worker reads: device, threads, tracking)."""
     data = {field.name: getattr(plan, field.name) for field in dataclasses.fields(plan)}
     data["command"] = {"argv": list(plan.command.argv), "env": dict(plan.command.env)}
+    data["node_commands"] = [{"argv": list(c.argv), "env": dict(c.env)} for c in plan.node_commands]
     job.plan_file.write_text(json.dumps(data, indent=2))
 
 
@@ -69,6 +70,28 @@ def run(job: JobDir, progress: bool) -> JobRecord:
         return _record_end(job, process.returncode)
     finally:
         lock.close()
+
+
+def run_node(job: JobDir, node_rank: int) -> int:
+    """Run node `node_rank`'s part of a multi-node job in the foreground (its ranks join node 0's through the
+    rendezvous); returns the launcher's exit code. Node 0's supervisor alone records the job's state."""
+    plan = json.loads(job.plan_file.read_text())
+    commands = plan.get("node_commands") or [plan["command"]]
+    if not 1 <= node_rank < len(commands):
+        raise JobError(f"job {job.id} runs on {len(commands)} node(s): --node-rank must be 1..{len(commands) - 1} (node 0 is `orch submit`/`orch resume`)")
+    command = commands[node_rank]
+    with open(job.logs_dir / f"node-{node_rank}.log", "ab") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} node {node_rank}: {' '.join(command['argv'])}\n".encode())
+        log.flush()
+        process = subprocess.Popen(
+            command["argv"], env={**os.environ, **command["env"]},
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    forwarder = _SignalForwarder(process, ranks_are_children=True)
+    try:
+        return process.wait()
+    finally:
+        forwarder.restore()
 
 
 def _wait(job: JobDir, process: subprocess.Popen, progress: bool) -> None:
