@@ -45,6 +45,7 @@ class Plan:
     tracking_uri: str | None
     command: LaunchCommand  # what `orch submit` runs here, on node 0
     node_commands: tuple[LaunchCommand, ...] = ()  # every node's command (node 0's is `command`); `orch join` runs the others
+    estimate: tuple[str, ...] = ()  # parameters and memory per rank, computed (orchestrator/estimate.py)
     problems: tuple[str, ...] = ()
 
     def describe(self) -> list[str]:
@@ -54,6 +55,7 @@ class Plan:
             f"world size      {self.world_size} ({self.processes_per_node} process(es) x {len(self.node_commands) or 1} node(s))",
             f"batch           {self.global_batch_size} global = {self.micro_batch_size} per rank x {self.world_size} rank(s) x {self.grad_accum_steps} accumulation step(s)",
             f"threads         {self.threads_per_process} per process",
+            *self.estimate,
             f"tracking        {self.tracking_uri or 'off'}",
             *(
                 [f"command         {self.command.shell()}"] if len(self.node_commands) < 2 else
@@ -129,8 +131,60 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
         tracking_uri=tracking_uri,
         command=command,
         node_commands=node_commands or (command,),
+        estimate=tuple(model_estimate(spec, resources.world_size)),
         problems=tuple(problems),
     )
+
+
+def model_estimate(spec: JobSpec, world_size: int) -> list[str]:
+    """`orch plan`'s lines on the network's size and its memory per rank (a computed lower bound, not a measurement)."""
+    from orchestrator import estimate
+
+    m = spec.model
+    shape = _input_shape(spec)
+    if m.arch != "dit" or shape is None:
+        return []  # the U-Net has no closed form here, and a latent job needs its prepared data to know its input
+    channels, size, classes, text_dim = shape
+    count = dict(
+        depth=m.depth, hidden_size=m.hidden_size, patch_size=m.patch_size, in_channels=channels, input_size=size, num_classes=classes,
+        learn_sigma=m.learn_sigma, mlp_ratio=m.mlp_ratio, class_dropout_prob=m.class_dropout, conditioning=m.conditioning,
+        condition=m.condition, ffn=m.ffn, pos_embed=m.pos_embed, text_dim=text_dim,
+    )
+    total, trainable = estimate.dit_parameter_count(**count), estimate.dit_parameter_count(**count, include_frozen=False)
+    tokens = (size // m.patch_size) ** 2
+    activations = estimate.dit_activation_bytes_per_sample(m.depth, tokens, m.hidden_size, m.num_heads, spec.train.mixed_precision)
+    memory = estimate.memory_per_gpu(
+        trainable, "ddp", spec.train.mixed_precision, world_size, spec.micro_batch_size, activations, frozen_params=total - trainable,
+    )
+    gb = 1e9
+    return [
+        f"parameters      {total:,} ({trainable:,} trainable), input {channels}x{size}x{size}, {tokens} tokens",
+        f"memory/rank     ~{memory['total_bytes'] / gb:.2f} GB (ddp, {spec.train.mixed_precision}): weights {memory['weights_bytes'] / gb:.2f}, "
+        f"grads {memory['grads_bytes'] / gb:.2f}, AdamW {memory['optimizer_states_bytes'] / gb:.2f}, EMA {memory['ema_bytes'] / gb:.2f}, "
+        f"activations {memory['activations_bytes'] / gb:.2f} (micro batch {spec.micro_batch_size}); a lower bound, plan for ~1.5x",
+    ]
+
+
+def _input_shape(spec: JobSpec) -> tuple[int, int, int, int | None] | None:
+    """(channels, side, classes, text width) of the network's input, or None where the data is not here to say."""
+    if spec.data.latent:
+        from orchestrator.train.shards import ShardError, open_shards
+
+        try:
+            index = open_shards(spec.data.path).index
+        except (ShardError, ValueError):
+            return None
+        channels, size, _ = index.latent_shape
+        return channels, size, spec.model.num_classes or index.num_classes or 1, index.text_dim
+    classes = spec.model.num_classes
+    if classes is None and spec.data.source == "digits":
+        classes = 10
+    if classes is None:
+        try:
+            classes = len(scan_image_folder(Path(spec.data.path)).classes)
+        except DataError:
+            return None
+    return spec.data.num_channels, spec.data.resolution, classes, None
 
 
 def check_data(spec: JobSpec) -> None:
