@@ -302,6 +302,8 @@ class ResourcesSpec(Section):
     """HOST:PORT where the nodes' ranks meet (torchrun's c10d rendezvous; a free port on node 0); required when nodes > 1."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto` uses CUDA when a GPU is visible, else the CPU."""
+    collective_timeout_s: int = Field(600, ge=10)
+    """Seconds a collective may wait for the other ranks (a stuck or vanished rank on another node) before the job fails, resumable, instead of hanging."""
     threads_per_process: int | None = Field(None, ge=1)
     """CPU threads per rank (OMP_NUM_THREADS); empty means the machine's cores divided by the ranks."""
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from orchestrator.errors import UserError
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 
 class WorldSizeMismatch(UserError):
@@ -18,9 +20,11 @@ class WorldSizeMismatch(UserError):
 
 
 class Engine:
-    def __init__(self, device: str, mixed_precision: str, expected_world_size: int):
+    def __init__(self, device: str, mixed_precision: str, expected_world_size: int, collective_timeout_s: int = 600):
         # cpu=True gives MULTI_CPU (DDP over gloo) under torchrun / accelerate launch, one CPU process alone.
-        self.accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
+        # The timeout turns a collective waiting on a stuck or vanished rank (another node) into an error, not a hang.
+        timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))
+        self.accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision, kwargs_handlers=[timeout])
         if self.world_size != expected_world_size:
             # Several launch commands silently start one process, or N that each see a world of 1.
             raise WorldSizeMismatch(

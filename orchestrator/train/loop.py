@@ -116,7 +116,7 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 def train(spec: JobSpec, job: JobDir, device: str, tracking_uri: str | None) -> Outcome:
     """Train from the newest checkpoint of the job (or from scratch) until done or asked to stop."""
     stop = StopRequest()
-    engine = Engine(device, spec.train.mixed_precision, spec.resources.world_size)
+    engine = Engine(device, spec.train.mixed_precision, spec.resources.world_size, spec.resources.collective_timeout_s)
     trainer = None
     try:
         trainer = Trainer(spec, job, engine, stop)

@@ -1,5 +1,6 @@
 """Whatever stops a job — SIGKILL, Ctrl-C, SIGTERM, SIGUSR1, `orch cancel` — `orch resume` continues it exactly."""
 
+import os
 import signal
 
 import pytest
@@ -107,3 +108,40 @@ def test_resume_refuses_a_changed_spec_unless_allowed(tmp_path):
     assert "train.learning_rate: 0.001 -> 0.5" in refused.stderr and "--allow-spec-change" in refused.stderr
     finished = orch("resume", job.name, root=root)
     assert finished.returncode == 2 and "already finished its 2 steps" in finished.stderr
+
+
+def rank_pid(job, rank: int) -> int | None:
+    """The pid of a rank process of the job (found by its environment), or None."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+            environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"orchestrator.worker" in cmdline and str(job).encode() in cmdline and f"RANK={rank}".encode() in environ:
+            return int(entry)
+    return None
+
+
+def test_a_rank_that_dies_ends_the_job_as_failed_without_a_hang_and_it_resumes(tmp_path):
+    root = tmp_path / "runs"
+    spec = tiny_spec(
+        tmp_path, train={"steps": 100000}, checkpoint={"every": 3}, sample={"every": 100000},
+        resources={"processes": 2, "threads_per_process": 1},
+    )
+    assert orch("submit", str(spec), "--detach", root=root).returncode == 0
+    job = only_job(root)
+    wait_for(lambda: (state(job).get("checkpoint_step") or 0) >= 3, timeout=240, what="a first checkpoint")
+    victim = wait_for(lambda: rank_pid(job, 1), timeout=30, what="rank 1's process")
+    os.kill(victim, signal.SIGKILL)  # one rank dies mid-collective; the other must not wait for it forever
+    wait_for(lambda: state(job)["state"] != "running", timeout=90, what="the job to end after a rank died")
+    record = state(job)
+    assert record["state"] == "failed", record
+    assert rank_pid(job, 0) is None, "rank 0 outlived the job"
+    stopped_at = record["checkpoint_step"]
+
+    finish = orch("resume", job.name, "--set", f"train.steps={stopped_at + 2}", "--allow-spec-change", root=root)
+    assert finish.returncode == 0, finish.stderr + log_text(job)
+    assert state(job)["state"] == "succeeded" and state(job)["step"] == stopped_at + 2
