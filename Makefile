@@ -13,6 +13,7 @@ demo: $(STAMP)
 	$(VENV)/bin/orch submit jobs/dit_digits.yaml
 
 test: $(STAMP)
+	bash scripts/install_test_services.sh
 	$(VENV)/bin/python -m pytest
 
 bench: $(STAMP)
