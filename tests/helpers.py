@@ -81,7 +81,7 @@ def wait_for(predicate, timeout: float = 120, interval: float = 0.05, what: str 
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
 def kill_job_processes(job_dir: Path) -> None:

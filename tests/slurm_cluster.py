@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import helpers
+
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 30.0
@@ -221,13 +223,7 @@ class SlurmCluster:
     @staticmethod
     def wait_for(condition, what: str, timeout: float, interval: float = 0.2):
         """Poll `condition` until it returns something true; TimeoutError naming `what` otherwise."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = condition()
-            if value:
-                return value
-            time.sleep(interval)
-        raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        return helpers.wait_for(condition, timeout=timeout, interval=interval, what=what)
 
     def logs(self) -> str:
         """The tail of every daemon log, for failure messages."""
