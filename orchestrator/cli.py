@@ -202,6 +202,11 @@ def join(root: Path, job_ref: str, node_rank: int) -> None:
 def _start(job: JobDir, detach: bool) -> None:
     from orchestrator.supervisor import exit_code_for, run
 
+    plan = json.loads(job.plan_file.read_text())
+    if plan["launcher"] == "slurm":
+        _submit_to_slurm(job, plan)
+        return
+
     if not detach:
         record = run(job, progress=True)
         _print_outcome(record)
@@ -215,6 +220,23 @@ def _start(job: JobDir, detach: bool) -> None:
     while time.time() < deadline and not job.is_locked() and job.read().state == JobState.QUEUED:
         time.sleep(0.05)
     click.echo(f"detached: `orch status {job.id}`, `orch logs {job.id} --follow`, `orch cancel {job.id}`")
+
+
+def _submit_to_slurm(job: JobDir, plan: dict) -> None:
+    """Write the job's sbatch script and submit it; Slurm runs (and requeues) it from here on."""
+    from orchestrator import slurm
+
+    script = job.path / "slurm" / "job.sbatch"
+    script.parent.mkdir(exist_ok=True)
+    script.write_text(plan["sbatch_script"])
+    job.logs_dir.mkdir(exist_ok=True)  # Slurm does not create the output folder; its output would be lost
+    slurm_job_id = slurm.submit(plan["command"]["argv"])
+    record = job.read()
+    if record.state != JobState.QUEUED:
+        job.transition(JobState.QUEUED, message="")
+    job.update(slurm_job_id=slurm_job_id, launcher="slurm", world_size=plan["world_size"], ended_at=None)
+    click.echo(f"submitted to Slurm as job {slurm_job_id}; output in {job.logs_dir / f'slurm-{slurm_job_id}.out'}")
+    click.echo(f"`orch status {job.id}`, `orch logs {job.id} --follow`, `orch cancel {job.id}`")
 
 
 def _print_outcome(record) -> None:
@@ -240,7 +262,15 @@ def cancel(root: Path, job_ref: str, wait: bool, timeout: float) -> None:
         click.echo(f"job {job.id} is not running ({record.state.value}); nothing to cancel")
         return
     job.update(cancel_requested=True)
-    if record.supervisor_pid and job.is_locked():
+    if record.slurm_job_id is not None:
+        from orchestrator import slurm
+
+        if record.state == JobState.QUEUED:  # not started: nothing to checkpoint
+            slurm.cancel(record.slurm_job_id)
+            job.transition(JobState.CANCELLED, ended_at=time.time(), message=f"cancelled before it started (Slurm job {record.slurm_job_id})")
+        else:
+            slurm.signal_tasks(record.slurm_job_id, "TERM")  # the ranks checkpoint and stop; no requeue
+    elif record.supervisor_pid and job.is_locked():
         os.kill(record.supervisor_pid, signal.SIGTERM)
     elif record.state == JobState.QUEUED:
         job.transition(JobState.CANCELLED, ended_at=time.time(), message="cancelled before it started")
@@ -248,7 +278,7 @@ def cancel(root: Path, job_ref: str, wait: bool, timeout: float) -> None:
         click.echo(f"job {job.id}: cancel requested")
         return
     deadline = time.time() + timeout
-    while job.is_locked() and time.time() < deadline:
+    while (job.is_locked() or job.status().state in ACTIVE_STATES) and time.time() < deadline:
         time.sleep(0.2)
     record = job.status()
     click.echo(f"job {job.id}: {record.state.value} — {record.message}")

@@ -58,10 +58,10 @@ class JobState(str, Enum):
 TRANSITIONS = {
     JobState.QUEUED: {JobState.RUNNING, JobState.FAILED, JobState.CANCELLED},
     JobState.RUNNING: {JobState.SUCCEEDED, JobState.FAILED, JobState.PREEMPTED, JobState.CANCELLED},
-    JobState.PREEMPTED: {JobState.RUNNING, JobState.CANCELLED},
-    JobState.FAILED: {JobState.RUNNING, JobState.CANCELLED},
-    JobState.CANCELLED: {JobState.RUNNING},
-    JobState.SUCCEEDED: {JobState.RUNNING},
+    JobState.PREEMPTED: {JobState.RUNNING, JobState.CANCELLED, JobState.QUEUED},  # QUEUED: resubmitted to Slurm
+    JobState.FAILED: {JobState.RUNNING, JobState.CANCELLED, JobState.QUEUED},
+    JobState.CANCELLED: {JobState.RUNNING, JobState.QUEUED},
+    JobState.SUCCEEDED: {JobState.RUNNING, JobState.QUEUED},
 }
 ACTIVE_STATES = {JobState.QUEUED, JobState.RUNNING}
 NEVER_STARTED_AFTER_S = 60.0
@@ -94,6 +94,8 @@ class JobRecord:
     attempts: int = 0
     cancel_requested: bool = False
     stop_reason: str | None = None
+    slurm_job_id: str | None = None  # launcher slurm: the job's id in Slurm (the same across requeues)
+    restarts: int = 0  # launcher slurm: runs after the first (requeues after preemption, time limit, node failure)
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
@@ -214,6 +216,8 @@ class JobDir:
         record = self.read()
         if record.state not in ACTIVE_STATES or self.is_locked():
             return record
+        if record.slurm_job_id is not None:
+            return self._slurm_status(record)
         if record.state == JobState.QUEUED and time.time() - record.created_at < NEVER_STARTED_AFTER_S:
             return record  # its supervisor may still be starting
         why = "its processes vanished (killed, or the machine restarted)" if record.state == JobState.RUNNING else "it never started"
@@ -223,6 +227,24 @@ class JobDir:
                 current.state = JobState.FAILED
                 current.ended_at = time.time()
                 current.message = f"{why}; `orch resume {self.id}` continues from the newest checkpoint"
+                self._save(current)
+            return current
+
+    def _slurm_status(self, record: JobRecord) -> JobRecord:
+        """An active Slurm job is alive while squeue lists it; once it does not, its last run ended unrecorded."""
+        from orchestrator import slurm
+
+        if slurm.state(record.slurm_job_id) is not None:
+            return record
+        with self._locked():
+            current = self.read()
+            if current.state in ACTIVE_STATES:
+                current.state = JobState.FAILED
+                current.ended_at = time.time()
+                current.message = (
+                    f"Slurm job {current.slurm_job_id} ended without recording an outcome (see logs/slurm-{current.slurm_job_id}.out); "
+                    f"`orch resume {self.id}` continues from the newest checkpoint"
+                )
                 self._save(current)
             return current
 

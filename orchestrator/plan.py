@@ -46,6 +46,7 @@ class Plan:
     command: LaunchCommand  # what `orch submit` runs here, on node 0
     node_commands: tuple[LaunchCommand, ...] = ()  # every node's command (node 0's is `command`); `orch join` runs the others
     estimate: tuple[str, ...] = ()  # parameters and memory per rank, computed (orchestrator/estimate.py)
+    sbatch_script: str | None = None  # launcher slurm: the script `command` (sbatch) submits, written into the job directory
     problems: tuple[str, ...] = ()
 
     def describe(self) -> list[str]:
@@ -58,6 +59,8 @@ class Plan:
             *self.estimate,
             f"tracking        {self.tracking_uri or 'off'}",
             *(
+                [f"command         {self.command.shell()}", *(f"  | {line}" for line in self.sbatch_script.splitlines() if line.startswith("#SBATCH") or line.startswith("srun") or line.lstrip().startswith("python"))]
+                if self.sbatch_script else
                 [f"command         {self.command.shell()}"] if len(self.node_commands) < 2 else
                 [f"node {n:<10} {c.shell()}{'  (orch submit runs it)' if n == 0 else f'  (orch join JOB --node-rank {n} runs it)'}" for n, c in enumerate(self.node_commands)]
             ),
@@ -98,6 +101,7 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
         launcher = "local" if resources.world_size == 1 else "torchrun"
     entry = ("-m", "orchestrator.worker", str(job_path))
     node_commands: tuple[LaunchCommand, ...] = ()
+    sbatch_script = None
     if launcher == "local":
         command = local_command(python, entry, threads=threads)
     elif launcher == "torchrun":
@@ -109,6 +113,8 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
             for node in range(resources.nodes)
         )
         command = node_commands[0]
+    elif launcher == "slurm":
+        command, sbatch_script = _slurm_command(spec, job_path, python, entry, device, threads, problems)
     else:
         command = accelerate_command(python, entry, num_processes=resources.processes, cpu=device == "cpu", threads=threads)
 
@@ -132,8 +138,32 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
         command=command,
         node_commands=node_commands or (command,),
         estimate=tuple(model_estimate(spec, resources.world_size)),
+        sbatch_script=sbatch_script,
         problems=tuple(problems),
     )
+
+
+def _slurm_command(spec: JobSpec, job_path: Path, python: str, entry, device: str, threads: int, problems: list[str]) -> tuple[LaunchCommand, str]:
+    """The sbatch command and script of a Slurm job (torchrun on each node, requeue, time-limit warning)."""
+    import shutil
+
+    from launch.slurm import sbatch_job
+
+    resources, slurm = spec.resources, spec.resources.slurm
+    if shutil.which("sbatch") is None:
+        problems.append("launcher slurm needs sbatch on the PATH: run orch on a Slurm login node (or use launcher torchrun)")
+    try:
+        job = sbatch_job(
+            job_name=job_path.name, script_path=str(job_path / "slurm" / "job.sbatch"), logs_dir=str(job_path / "logs"),
+            python=python, entry=entry, nodes=resources.nodes, gpus_per_node=resources.processes if device == "cuda" else 0,
+            processes_per_node=resources.processes, cpus_per_task=slurm.cpus_per_task, partition=slurm.partition,
+            account=slurm.account, qos=slurm.qos, constraint=slurm.constraint, time_limit=slurm.time,
+            signal_seconds=slurm.signal_seconds, requeue=slurm.requeue, sbatch_extra=slurm.sbatch_extra, setup=slurm.setup,
+            threads=threads, workdir=str(job_path),
+        )
+    except ValueError as err:  # values Slurm would reject or misread, named by the adapter
+        raise PlanError(f"resources.slurm: {err}") from None
+    return LaunchCommand(argv=job.argv, env={}), job.script
 
 
 def model_estimate(spec: JobSpec, world_size: int) -> list[str]:

@@ -291,9 +291,34 @@ class TrackingSpec(Section):
     """Log metrics every this many steps."""
 
 
+class SlurmSpec(Section):
+    partition: str | None = None
+    """`sbatch --partition`."""
+    account: str | None = None
+    """`sbatch --account`."""
+    qos: str | None = None
+    """`sbatch --qos`."""
+    constraint: str | None = None
+    """`sbatch --constraint` (node features, e.g. `a100&ib`)."""
+    time: str | None = None
+    """Time limit per run, Slurm's format (`1-00:00:00`, `12:00:00`, or minutes); empty is the partition's default."""
+    signal_seconds: int = Field(300, ge=1, le=65535)
+    """Seconds before the time limit when Slurm warns the job (SIGUSR1): the ranks checkpoint and the job requeues itself."""
+    requeue: bool = True
+    """Requeue after a preemption, a node failure or the time-limit warning; the next run resumes from the newest checkpoint."""
+    cpus_per_task: int | None = Field(None, ge=1)
+    """CPUs for each node's task (its ranks and their DataLoader workers)."""
+    sbatch_extra: list[str] = []
+    """More `#SBATCH` options, each starting with `--` (e.g. `--exclusive`, `--mail-type=END,FAIL`)."""
+    setup: list[str] = []
+    """Shell lines run before training on each run (module loads, environment activation)."""
+
+
 class ResourcesSpec(Section):
-    launcher: Literal["auto", "local", "torchrun", "accelerate"] = "auto"
-    """How ranks are started: `local` (one plain process), `torchrun`, `accelerate`; `auto` is local for 1 process on 1 node, torchrun otherwise."""
+    launcher: Literal["auto", "local", "torchrun", "accelerate", "slurm"] = "auto"
+    """How ranks are started: `local` (one plain process), `torchrun`, `accelerate`, or `slurm` (an sbatch job of `nodes` nodes, torchrun on each); `auto` is local for 1 process on 1 node, torchrun otherwise."""
+    slurm: SlurmSpec = SlurmSpec()
+    """Slurm settings (launcher: slurm)."""
     processes: int = Field(1, ge=1)
     """Ranks on this machine (one per GPU; on CPU, DDP ranks over gloo)."""
     nodes: int = Field(1, ge=1)
@@ -311,9 +336,11 @@ class ResourcesSpec(Section):
     def _launcher_fits(self) -> ResourcesSpec:
         if self.launcher == "local" and self.processes > 1:
             raise ValueError(f"launcher local starts one process; use torchrun or accelerate for processes={self.processes}")
-        if self.nodes > 1 and self.launcher not in ("auto", "torchrun"):
-            raise ValueError(f"launcher {self.launcher} runs on one node; multi-node jobs start through torchrun (launcher: torchrun or auto)")
-        if self.nodes > 1 and not self.rdzv_endpoint:
+        if self.slurm != SlurmSpec() and self.launcher != "slurm":
+            raise ValueError("resources.slurm configures launcher: slurm; set it, or remove the slurm section")
+        if self.nodes > 1 and self.launcher not in ("auto", "torchrun", "slurm"):
+            raise ValueError(f"launcher {self.launcher} runs on one node; multi-node jobs start through torchrun or slurm")
+        if self.nodes > 1 and self.launcher != "slurm" and not self.rdzv_endpoint:
             raise ValueError(f"{self.nodes} nodes need resources.rdzv_endpoint: HOST:PORT of node 0, where the ranks meet (e.g. node0.cluster:29400)")
         if self.rdzv_endpoint is not None:
             host, _, port = self.rdzv_endpoint.rpartition(":")

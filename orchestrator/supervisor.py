@@ -67,7 +67,7 @@ def run(job: JobDir, progress: bool) -> JobRecord:
             _wait(job, process, progress)
         finally:
             forwarder.restore()
-        return _record_end(job, process.returncode)
+        return record_end(job, process.returncode)
     finally:
         lock.close()
 
@@ -120,7 +120,8 @@ def _wait(job: JobDir, process: subprocess.Popen, progress: bool) -> None:
         bar.update(task, completed=record.step)
 
 
-def _record_end(job: JobDir, returncode: int) -> JobRecord:
+def record_end(job: JobDir, returncode: int) -> JobRecord:
+    """The job's final state for a run that exited with `returncode`, from what rank 0 recorded (stop_reason, cancel)."""
     record = job.read()
     reason = record.stop_reason or ""
     checkpoint = f"checkpoint {Path(record.checkpoint).name}" if record.checkpoint else "no checkpoint yet"

@@ -37,9 +37,38 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    torch.set_num_threads(plan["threads_per_process"])
+    slurm_run = os.environ.get("ORCH_SLURM_RESTART_COUNT")  # set by the sbatch script: 0, then 1, 2... after requeues
+    if slurm_run is not None and rank == 0:
+        _record_slurm_start(job, int(slurm_run), plan)
+    code = _train(job, spec, plan, rank)
+    if slurm_run is not None and rank == 0:
+        from orchestrator.supervisor import record_end
+
+        record_end(job, code)  # no supervisor under Slurm: rank 0 records how this run ended
+    return code
+
+
+def _record_slurm_start(job: JobDir, restarts: int, plan: dict) -> None:
+    """Mark the job running for this Slurm run (a requeued run follows a preempted or failed one)."""
+    import time
+
+    from orchestrator.jobs import JobState
+
+    previous = job.read()
+    if previous.state == JobState.RUNNING:  # the previous run was killed before it could record its end
+        job.transition(JobState.FAILED, ended_at=time.time(), message="the previous Slurm run ended unrecorded")
+    log.info("Slurm job %s, run %d (restarts after the first: %d)", os.environ.get("SLURM_JOB_ID"), restarts + 1, restarts)
+    job.transition(
+        JobState.RUNNING, started_at=time.time(), ended_at=None, exit_code=None, message="", stop_reason=None,
+        cancel_requested=previous.cancel_requested if previous.state == JobState.QUEUED else False,
+        attempts=previous.attempts + 1, restarts=restarts, launcher="slurm", world_size=plan["world_size"],
+    )
+
+
+def _train(job: JobDir, spec, plan: dict, rank: int) -> int:
     from orchestrator.train.loop import train
 
-    torch.set_num_threads(plan["threads_per_process"])
     try:
         outcome = train(spec, job, plan["device"], plan["tracking_uri"])
     except UserError as err:

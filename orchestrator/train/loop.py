@@ -381,6 +381,8 @@ def _start_tracker(spec: JobSpec, job: JobDir, engine: Engine, uri: str | None, 
         "orch.world_size": str(engine.world_size),
         "orch.attempt": str(record.attempts),
     }
+    if record.slurm_job_id is not None:
+        tags.update({"orch.slurm_job_id": record.slurm_job_id, "orch.slurm_restarts": str(record.restarts)})
     try:
         tracker = MlflowTracker.start(
             uri, spec.tracking.experiment, run_name=job.id, run_id=record.mlflow_run_id,

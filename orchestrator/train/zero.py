@@ -1,0 +1,464 @@
+"""DeepSpeed ZeRO (stages 1, 2, 3) behind the face of `Engine`, through accelerate's DeepSpeedPlugin.
+
+What differs from the DDP engine, and why:
+- DeepSpeed owns the optimizer step. Gradient clipping and accumulation live in its config
+  (`deepspeed_config`); `step()` runs DeepSpeed's step (reduce, clip, AdamW, zero the grads) and returns
+  the global grad norm before clipping. The optimizer that `prepare` returns is accelerate's wrapper,
+  whose `step()` and `zero_grad()` do nothing, so the DDP loop (`clip_grad_norm`, `optimizer.step()`,
+  `optimizer.zero_grad()`) still works: here `clip_grad_norm` *is* the step.
+- The loss is not divided again: the loop already divides it by grad_accum_steps, so `backward`
+  passes `scale_wrt_gas=False`. `no_sync` marks a micro step that is not the accumulation boundary.
+- bf16 is DeepSpeed's bf16 mode: the module's weights are bf16, the fp32 master weights and the AdamW
+  state live (partitioned) in DeepSpeed's optimizer. DeepSpeed does not autocast (and accelerate's
+  autocast is a no-op under DeepSpeed), yet the network makes fp32 tensors inside its forward
+  (timestep features), so `autocast()` is a real `torch.autocast(bf16)` here; inputs may stay fp32.
+- The EMA follows the fp32 master weights, gathered in full on every rank at each EMA update
+  (`update_ema`, a collective), so it equals the EMA the DDP engine keeps of its fp32 weights; its
+  memory is one fp32 copy of the model per rank, as with DDP (see `update_ema` for the trade-off).
+- `save_state`/`load_state` write and read DeepSpeed's own layout (`pytorch_model/` with per-rank ZeRO
+  shards, plus accelerate's `random_states_<r>.pkl`) inside the checkpoint directory, and rank 0 adds
+  `model.safetensors` (the consolidated fp32 weights) where the DDP engine keeps its weights, so
+  sampling and export read a ZeRO checkpoint as they read a DDP one; every rank calls both. A
+  checkpoint of another world size is loaded as a DeepSpeed universal checkpoint (weights, fp32 master
+  and AdamW state), or from its consolidated weights only. `full_state_dict` gathers the fp32 weights
+  in a running job; `consolidated_weights` rebuilds them from a checkpoint in one process (zero_to_fp32).
+
+The first collective compiles DeepSpeed's `deepspeed_shm_comm` op (30-40 s in one process on 2 cores,
+about 80 s when two ranks start on an empty cache), cached in TORCH_EXTENSIONS_DIR; this module points
+that at `<venv>/torch_extensions` unless it is set.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import warnings
+from contextlib import contextmanager, nullcontext, redirect_stdout
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from orchestrator.errors import UserError
+
+ZERO_STAGES = (1, 2, 3)
+MODEL_TAG = "pytorch_model"  # the sub-directory accelerate's save_state gives DeepSpeed's checkpoint (its MODEL_NAME)
+UNIVERSAL_TAG = "pytorch_model_universal"  # DeepSpeed's universal checkpoint, made from the shards for a world-size change
+MODEL_FILE = "model.safetensors"  # the consolidated fp32 weights, where the DDP engine's checkpoint has its weights
+log = logging.getLogger(__name__)
+
+
+def saved_world_size(checkpoint_dir: str | Path) -> int | None:
+    """The number of ranks whose ZeRO shards a checkpoint holds (None: no DeepSpeed checkpoint in it)."""
+    shards = list((Path(checkpoint_dir) / MODEL_TAG).glob("*zero_pp_rank_*_optim_states.pt"))
+    return len(shards) or None
+
+
+class WorldSizeMismatch(UserError):
+    """The launcher started a different number of ranks than the plan asked for."""
+
+
+def extensions_dir() -> Path:
+    """Where DeepSpeed's JIT-compiled ops are cached: TORCH_EXTENSIONS_DIR, else `<venv>/torch_extensions`."""
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path(sys.prefix) / "torch_extensions")
+
+
+def deepspeed_config(
+    stage: int, mixed_precision: str, micro_batch_size: int, grad_accum_steps: int, world_size: int, grad_clip: float | None
+) -> dict:
+    """The DeepSpeed config of a ZeRO job: batch split, accumulation, clipping, precision; no optimizer (ours is torch AdamW)."""
+    if stage not in ZERO_STAGES:
+        raise ValueError(f"ZeRO stage must be one of {ZERO_STAGES}, got {stage}")
+    if mixed_precision not in ("no", "bf16"):
+        raise ValueError(f"the DeepSpeed engine trains in fp32 (no) or bf16, got mixed_precision {mixed_precision!r}")
+    for name, value in (("micro_batch_size", micro_batch_size), ("grad_accum_steps", grad_accum_steps), ("world_size", world_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+    zero: dict = {"stage": stage}
+    if stage == 3:
+        # Gathering a bf16/fp32 copy of the whole model at save time is not needed: full_state_dict
+        # gathers the fp32 master weights instead, and checkpoints keep the shards.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
+        "gradient_clipping": float(grad_clip or 0.0),  # 0: no clipping (the norm is still measured)
+        "zero_optimization": zero,
+        "bf16": {"enabled": mixed_precision == "bf16"},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,  # torch AdamW, not DeepSpeed's (which would compile cpu_adam)
+        "steps_per_print": 1 << 62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _single_process_environment() -> None:
+    """A rank started without a launcher (no LOCAL_RANK): a world of one on a free loopback port, as DeepSpeed needs one."""
+    if "LOCAL_RANK" in os.environ:
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+class ZeroEngine:
+    """accelerate + DeepSpeed ZeRO over gloo (CPU) or NCCL (CUDA), with the methods of `Engine` and a few more."""
+
+    def __init__(
+        self,
+        device: str,
+        mixed_precision: str,
+        expected_world_size: int,
+        collective_timeout_s: int = 600,
+        *,
+        stage: int,
+        micro_batch_size: int,
+        grad_accum_steps: int = 1,
+        grad_clip: float | None = None,
+    ):
+        if mixed_precision == "fp16":
+            raise UserError("the DeepSpeed engine here trains in bf16 or fp32; fp16 (loss scaling) is not supported, use bf16")
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+        if device == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _single_process_environment()
+        # DeepSpeed 0.19 calls collectives torch 2.13 deprecates: one warning per call would flood the job log.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+        from accelerate import Accelerator, DeepSpeedPlugin
+        from accelerate.utils import InitProcessGroupKwargs
+
+        self.stage, self.mixed_precision, self.grad_accum_steps = stage, mixed_precision, grad_accum_steps
+        self.grad_clip = grad_clip
+        self.config = deepspeed_config(stage, mixed_precision, micro_batch_size, grad_accum_steps, expected_world_size, grad_clip)
+        plugin = DeepSpeedPlugin(hf_ds_config=self.config)
+        # Without an explicit backend accelerate asks DeepSpeed for its default (ccl on CPU), and
+        # without a process group every rank believes it is alone; cpu=True would turn DeepSpeed off.
+        # The timeout turns a collective waiting on a stuck or vanished rank into an error, not a hang.
+        backend = "gloo" if device == "cpu" else "nccl"
+        self.accelerator = Accelerator(
+            deepspeed_plugin=plugin, mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum_steps,
+            kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=collective_timeout_s))],
+        )
+        if self.world_size != expected_world_size:
+            raise WorldSizeMismatch(
+                f"rank {self.rank} sees a world of {self.world_size} process(es) but the plan has {expected_world_size}; "
+                f"the launcher did not start the ranks together (distributed type {self.accelerator.distributed_type.value})"
+            )
+        self.ds = None  # the DeepSpeedEngine, once prepared
+        self._boundary = True
+
+    # ------------------------------------------------------------------ who am I
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the module's weights: bfloat16 in bf16 mode, else float32."""
+        return torch.bfloat16 if self.mixed_precision == "bf16" else torch.float32
+
+    # ------------------------------------------------------------------ training
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        """(DeepSpeedEngine, accelerate's DeepSpeedOptimizerWrapper); under ZeRO-3 the module's parameters are partitioned."""
+        if self.ds is not None:
+            raise RuntimeError("ZeroEngine.prepare was called twice; it holds one model")
+        wrapped_model, wrapped_optimizer = self.accelerator.prepare(model, optimizer)
+        self.ds = wrapped_model
+        return wrapped_model, wrapped_optimizer
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The network inside the DeepSpeedEngine (ZeRO-3: its parameters are empty placeholders outside forward)."""
+        return self.accelerator.unwrap_model(model)
+
+    def autocast(self):
+        """torch.autocast to bf16 in bf16 mode (DeepSpeed does not autocast; fp32 tensors made in forward need casting)."""
+        if self.mixed_precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def cast_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """A floating tensor in the module's dtype (for callers that run the module outside `autocast`)."""
+        return x.to(self.compute_dtype) if x.is_floating_point() else x
+
+    @contextmanager
+    def no_sync(self, model: torch.nn.Module):
+        """The backward inside is a micro step before the accumulation boundary: gradients accumulate, no step."""
+        self._boundary = False
+        try:
+            yield
+        finally:
+            self._boundary = True
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of a loss the caller already divided by grad_accum_steps (DeepSpeed must not divide again)."""
+        assert self.ds is not None, "ZeroEngine.backward before prepare"
+        self.ds.set_gradient_accumulation_boundary(self._boundary)
+        self.ds.backward(loss, scale_wrt_gas=False)
+
+    def step(self, model: torch.nn.Module | None = None, optimizer=None, max_norm: float | None = None) -> torch.Tensor:
+        """DeepSpeed's step after the boundary micro batch: reduce, clip (config), AdamW, zero grads; the global norm before clipping.
+
+        The face both engines should share (Engine.step = clip_grad_norm + optimizer.step + zero_grad);
+        max_norm must be the clipping the config was built with.
+        """
+        assert self.ds is not None, "ZeroEngine.step before prepare"
+        if max_norm is not None and float(max_norm) != self.config["gradient_clipping"]:
+            raise ValueError(f"the DeepSpeed config clips at {self.config['gradient_clipping']}, the caller asked for {max_norm}")
+        self.ds.set_gradient_accumulation_boundary(True)
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        return torch.as_tensor(float("nan") if norm is None else float(norm))
+
+    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
+        """For the DDP loop: this IS the optimizer step (optimizer.step() / zero_grad() after it do nothing)."""
+        if max_norm is None and self.config["gradient_clipping"]:
+            raise ValueError(f"the DeepSpeed config clips at {self.config['gradient_clipping']}, the caller asked for no clipping")
+        return self.step(model, None, max_norm)
+
+    # ------------------------------------------------------------------ full weights and EMA
+    def _full_fp32(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Every parameter of `module` in full, fp32, on the CPU, on every rank (a collective: every rank calls it).
+
+        Trainable parameters: DeepSpeed's fp32 master weights (ZeRO-1/2: an all-reduce of each rank's
+        fragment over zeros, exact; ZeRO-3: an all-gather of the partitions). Frozen ones (no master
+        copy): the module's own, gathered under ZeRO-3.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        if self.stage < 3 and self.mixed_precision == "no":
+            # ZeRO-1/2 in fp32: every rank's module holds the full, current fp32 weights; no collective needed.
+            return {name: param.detach().float().cpu().clone() for name, param in module.named_parameters()}
+        full = {}
+        frozen = []
+        for name, param in module.named_parameters():
+            master = safe_get_full_fp32_param(param) if param.requires_grad else None
+            if master is None:
+                frozen.append((name, param))
+            else:
+                full[name] = master.detach().float().cpu()
+        if frozen:
+            context = nullcontext()
+            if self.stage == 3:
+                import deepspeed
+
+                context = deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=None)
+            with context:
+                for name, param in frozen:
+                    full[name] = param.detach().float().cpu().clone()
+        return {name: full[name] for name, _ in module.named_parameters()}  # the module's order
+
+    def load_full_state_dict(self, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        """Set every weight from a full state dict, the fp32 master copy included (every rank calls it with the same weights).
+
+        After `prepare`: loading fp32 weights into the network before it would keep only their bf16
+        rounding in bf16 mode (DeepSpeed builds its fp32 master from the bf16 module). This is how a job
+        starts from consolidated weights, e.g. on another world size.
+        """
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        module = self.unwrap(model)
+        expected = set(module.state_dict().keys())
+        if expected != set(weights):
+            missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+            raise ValueError(f"the weights do not fit the model (missing: {missing[:5]}, unexpected: {extra[:5]})")
+        params = list(module.named_parameters())
+        context = nullcontext()
+        if self.stage == 3:
+            import deepspeed
+
+            context = deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0)  # rank 0's copy is scattered
+        with torch.no_grad():
+            with context:
+                for name, param in params:
+                    param.data.copy_(weights[name].to(param.dtype))
+            for name, param in params:
+                if param.requires_grad:
+                    safe_set_full_fp32_param(param, weights[name].to(self.device, torch.float32))
+            for name, buffer in module.named_buffers():
+                if name in weights:
+                    buffer.copy_(weights[name])
+
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The consolidated fp32 state dict (parameters and persistent buffers) on every rank, for export and sampling (a collective)."""
+        module = self.unwrap(model)
+        weights = self._full_fp32(module)
+        names = set(module.state_dict().keys())
+        for name, buffer in module.named_buffers():
+            if name in names:
+                weights[name] = buffer.detach().float().cpu().clone()
+        return {name: weights[name] for name in module.state_dict()}
+
+    def update_ema(self, ema, model: torch.nn.Module, step: int) -> None:
+        """Move the EMA (model.ema.EMA) towards the full fp32 weights; every rank calls it with the same step (a collective).
+
+        Decision: gather the full weights at each EMA update rather than keep the EMA sharded. The
+        EMA then equals, bit for bit, an EMA of the consolidated fp32 weights on every rank, the trainer
+        samples from it on rank 0 and writes it into checkpoints exactly as under DDP, and it stays
+        the same object (model.ema.EMA). The cost: an all-gather of the fp32 weights per update
+        (amortise with ema.update_every) and one fp32 copy of the model per rank. A sharded EMA (each
+        rank averaging only its fp32 partition, gathered only for grids and checkpoints) is the way
+        once a full fp32 copy no longer fits on one device; it is not done here.
+        """
+        if step % ema.update_every:
+            return
+        module = self.unwrap(model)
+        weights = self._full_fp32(module)
+        buffers = {name: buffer.detach() for name, buffer in module.named_buffers()}
+        ema.update(_WeightsView(weights, buffers), step)
+
+    @staticmethod
+    def consolidated_weights(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+        """The fp32 weights of a checkpoint written by save_state, rebuilt from its ZeRO shards in this one process."""
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
+
+        checkpoint_dir = Path(checkpoint_dir)
+        if not (checkpoint_dir / MODEL_TAG).is_dir():
+            raise FileNotFoundError(f"{checkpoint_dir} holds no DeepSpeed checkpoint ({MODEL_TAG}/ is missing)")
+        with redirect_stdout(io.StringIO()) as chatter:  # zero_to_fp32 prints its progress
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=MODEL_TAG)
+        log.debug("zero_to_fp32: %s", chatter.getvalue().strip())
+        # ZeRO-1 records no frozen parameters (e.g. DiT's fixed pos_embed) for zero_to_fp32: take them,
+        # and anything else it left out, from the module state DeepSpeed saved beside the shards.
+        module_states = sorted((checkpoint_dir / MODEL_TAG).glob("*model_states.pt"))
+        if module_states:
+            module = torch.load(module_states[0], map_location="cpu", weights_only=False)["module"]
+            for name, tensor in module.items():
+                if name not in weights and torch.is_tensor(tensor) and tensor.numel() > 0:
+                    weights[name] = tensor
+        return {name: tensor.float().contiguous() for name, tensor in weights.items()}
+
+    # ------------------------------------------------------------------ ranks
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks (a logged loss is the global one, not rank 0's)."""
+        if not self.distributed:
+            return value
+        value = value.detach().to(self.device, torch.float32).clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value / self.world_size
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any rank."""
+        if not self.distributed:
+            return flag
+        tensor = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item())
+
+    def same_on_all_ranks(self, value: float) -> bool:
+        """Whether every rank holds the same number (an invariant check, e.g. of EMA weights)."""
+        if not self.distributed:
+            return True
+        tensor = torch.tensor([value, -value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor[0].item() == -tensor[1].item()
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_state(self, directory: str) -> None:
+        """DeepSpeed's checkpoint (module, fp32 master and optimizer shards), every rank's RNG states, and on rank 0
+        `model.safetensors`, the consolidated fp32 weights, where the DDP engine has its weights (a collective)."""
+        self.accelerator.save_state(directory)
+        if self.ds is not None:
+            weights = self.full_state_dict(self.ds)
+            if self.is_main:
+                from safetensors.torch import save_file
+
+                save_file(weights, str(Path(directory) / MODEL_FILE))
+
+    def load_state(self, directory: str, reshard: str = "universal") -> None:
+        """Restore what save_state wrote, on any world size (every rank calls it).
+
+        The same world size: DeepSpeed's shards and the RNG states, exactly. Another world size:
+        `reshard="universal"` converts the shards once (rank 0, DeepSpeed's ds_to_universal, into
+        `<checkpoint>/pytorch_model_universal/`) and loads weights, fp32 master and AdamW state from
+        it; `reshard="weights"` (or a failed conversion) loads the consolidated fp32 weights only, and
+        the AdamW moments start from zero. Either way the RNG states are not restored and the caller
+        must set the learning rate its schedule reached. A warning says which way was taken.
+        """
+        assert self.ds is not None, "ZeroEngine.load_state before prepare"
+        if reshard not in ("universal", "weights"):
+            raise ValueError(f"reshard must be 'universal' or 'weights', got {reshard!r}")
+        saved = saved_world_size(directory)
+        if saved is None:
+            raise UserError(f"{directory} holds no DeepSpeed checkpoint ({MODEL_TAG}/ is missing): was it written by the DDP engine?")
+        if saved == self.world_size:
+            # No map_location: accelerate passes load kwargs on to DeepSpeed's load_checkpoint, which takes none.
+            self.accelerator.load_state(directory)
+            return
+        if reshard == "universal" and self._convert_to_universal(Path(directory)):
+            log.warning("%s was written by %d ranks, this job has %d: loading it as a universal checkpoint", directory, saved, self.world_size)
+            self.ds._config.load_universal_checkpoint = True  # read by load_checkpoint only
+            try:
+                self.ds.load_checkpoint(directory, tag=UNIVERSAL_TAG, load_module_strict=True)
+            finally:
+                self.ds._config.load_universal_checkpoint = False
+            return
+        log.warning(
+            "%s was written by %d ranks, this job has %d: continuing from its consolidated fp32 weights; "
+            "the optimizer state (AdamW moments) starts afresh", directory, saved, self.world_size,
+        )
+        self.load_full_state_dict(self.ds, self.consolidated_weights(directory))
+
+    def _convert_to_universal(self, directory: Path) -> bool:
+        """`directory/pytorch_model_universal` made from the ZeRO shards (once, by rank 0); whether it is there on every rank."""
+        target = directory / UNIVERSAL_TAG
+        ok = True
+        if self.is_main and not target.is_dir():
+            tmp = directory / f"{UNIVERSAL_TAG}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            argv = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(directory / MODEL_TAG),
+                    "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
+            done = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if done.returncode == 0:
+                os.replace(tmp, target)
+            else:
+                log.warning("converting %s to a universal checkpoint failed: %s", directory, done.stderr.strip().splitlines()[-1:])
+                shutil.rmtree(tmp, ignore_errors=True)
+                ok = False
+        return not self.any(not ok)
+
+    def close(self) -> None:
+        self.accelerator.end_training()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _WeightsView:
+    """What EMA.update reads from a model (named_parameters, named_buffers), over already gathered tensors."""
+
+    def __init__(self, parameters: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]):
+        self._parameters, self._buffers = parameters, buffers
+
+    def named_parameters(self):
+        return iter(self._parameters.items())
+
+    def named_buffers(self):
+        return iter(self._buffers.items())
