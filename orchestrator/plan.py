@@ -36,6 +36,7 @@ def require_runnable(plan: "Plan") -> None:
 class Plan:
     launcher: str
     device: str
+    strategy: str
     world_size: int
     processes_per_node: int
     micro_batch_size: int
@@ -52,7 +53,7 @@ class Plan:
     def describe(self) -> list[str]:
         """Human-readable lines, as `orch plan` prints them."""
         return [
-            f"launcher        {self.launcher} on {self.device}",
+            f"launcher        {self.launcher} on {self.device}, strategy {self.strategy}",
             f"world size      {self.world_size} ({self.processes_per_node} process(es) x {len(self.node_commands) or 1} node(s))",
             f"batch           {self.global_batch_size} global = {self.micro_batch_size} per rank x {self.world_size} rank(s) x {self.grad_accum_steps} accumulation step(s)",
             f"threads         {self.threads_per_process} per process",
@@ -91,6 +92,11 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
         check_data(spec)
     except PlanError as err:
         problems.append(str(err))
+    if resources.strategy != "ddp":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            problems.append(f"resources.strategy {resources.strategy} needs DeepSpeed, which is not installed: bash scripts/setup.sh installs it (or use strategy: ddp)")
     if spec.model.init_from and not Path(spec.model.init_from).is_file():
         problems.append(f"model.init_from {spec.model.init_from} does not exist")
 
@@ -128,6 +134,7 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
     return Plan(
         launcher=launcher,
         device=device,
+        strategy=resources.strategy,
         world_size=resources.world_size,
         processes_per_node=resources.processes,
         micro_batch_size=spec.micro_batch_size,
@@ -183,13 +190,15 @@ def model_estimate(spec: JobSpec, world_size: int) -> list[str]:
     total, trainable = estimate.dit_parameter_count(**count), estimate.dit_parameter_count(**count, include_frozen=False)
     tokens = (size // m.patch_size) ** 2
     activations = estimate.dit_activation_bytes_per_sample(m.depth, tokens, m.hidden_size, m.num_heads, spec.train.mixed_precision)
+    strategy = spec.resources.strategy
     memory = estimate.memory_per_gpu(
-        trainable, "ddp", spec.train.mixed_precision, world_size, spec.micro_batch_size, activations, frozen_params=total - trainable,
+        trainable, strategy, spec.train.mixed_precision, world_size, spec.micro_batch_size, activations, frozen_params=total - trainable,
+        ema_sharded=False,  # the EMA is kept of the full weights on every rank (orchestrator/train/zero.py)
     )
     gb = 1e9
     return [
         f"parameters      {total:,} ({trainable:,} trainable), input {channels}x{size}x{size}, {tokens} tokens",
-        f"memory/rank     ~{memory['total_bytes'] / gb:.2f} GB (ddp, {spec.train.mixed_precision}): weights {memory['weights_bytes'] / gb:.2f}, "
+        f"memory/rank     ~{memory['total_bytes'] / gb:.2f} GB ({strategy}, {spec.train.mixed_precision}): weights {memory['weights_bytes'] / gb:.2f}, "
         f"grads {memory['grads_bytes'] / gb:.2f}, AdamW {memory['optimizer_states_bytes'] / gb:.2f}, EMA {memory['ema_bytes'] / gb:.2f}, "
         f"activations {memory['activations_bytes'] / gb:.2f} (micro batch {spec.micro_batch_size}); a lower bound, plan for ~1.5x",
     ]

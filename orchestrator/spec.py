@@ -327,6 +327,8 @@ class ResourcesSpec(Section):
     """HOST:PORT where the nodes' ranks meet (torchrun's c10d rendezvous; a free port on node 0); required when nodes > 1."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto` uses CUDA when a GPU is visible, else the CPU."""
+    strategy: Literal["ddp", "zero1", "zero2", "zero3"] = "ddp"
+    """How the model is spread over the ranks: `ddp` (replicated, accelerate's DDP) or DeepSpeed ZeRO stage 1 (optimizer states sharded), 2 (and gradients), 3 (and weights); the EMA is kept of the full weights on every rank."""
     collective_timeout_s: int = Field(600, ge=10)
     """Seconds a collective may wait for the other ranks (a stuck or vanished rank on another node) before the job fails, resumable, instead of hanging."""
     threads_per_process: int | None = Field(None, ge=1)
@@ -336,6 +338,8 @@ class ResourcesSpec(Section):
     def _launcher_fits(self) -> ResourcesSpec:
         if self.launcher == "local" and self.processes > 1:
             raise ValueError(f"launcher local starts one process; use torchrun or accelerate for processes={self.processes}")
+        if self.strategy != "ddp" and self.launcher == "accelerate":
+            raise ValueError(f"strategy {self.strategy} starts through torchrun (or local, or slurm): accelerate launch would switch DeepSpeed off on CPU")
         if self.slurm != SlurmSpec() and self.launcher != "slurm":
             raise ValueError("resources.slurm configures launcher: slurm; set it, or remove the slurm section")
         if self.nodes > 1 and self.launcher not in ("auto", "torchrun", "slurm"):
@@ -392,6 +396,8 @@ class JobSpec(Section):
             )
         if self.sample.steps > self.diffusion.num_train_timesteps:
             raise ValueError(f"sample.steps {self.sample.steps} exceeds diffusion.num_train_timesteps {self.diffusion.num_train_timesteps}")
+        if self.resources.strategy != "ddp" and self.train.mixed_precision == "fp16":
+            raise ValueError(f"resources.strategy {self.resources.strategy} trains in bf16 or fp32 here; fp16 (loss scaling) is not supported with DeepSpeed, use bf16")
         if m.condition == "text" and not self.data.has_text:
             raise ValueError(
                 f"model.condition: text needs precomputed text embeddings, which data.source {self.data.source} does not carry; "

@@ -12,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import InitProcessGroupKwargs
 
 
 class WorldSizeMismatch(UserError):
@@ -25,6 +25,9 @@ class Engine:
         # The timeout turns a collective waiting on a stuck or vanished rank (another node) into an error, not a hang.
         timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))
         self.accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision, kwargs_handlers=[timeout])
+        self._check_world_size(expected_world_size)
+
+    def _check_world_size(self, expected_world_size: int) -> None:
         if self.world_size != expected_world_size:
             # Several launch commands silently start one process, or N that each see a world of 1.
             raise WorldSizeMismatch(
@@ -50,7 +53,7 @@ class Engine:
 
     @property
     def distributed(self) -> bool:
-        return self.accelerator.distributed_type != DistributedType.NO
+        return self.world_size > 1
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         return self.accelerator.prepare(model, optimizer)
@@ -70,6 +73,17 @@ class Engine:
     def clip_grad_norm(self, model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
         """Unscale (fp16), clip to max_norm (None: only measure), return the global norm before clipping."""
         return self.accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm else float("inf"))
+
+    def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None) -> torch.Tensor:
+        """Clip, take the optimizer step, zero the grads; the global grad norm before clipping."""
+        grad_norm = self.clip_grad_norm(model, max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def update_ema(self, ema, model: torch.nn.Module, step: int) -> None:
+        """Move the EMA towards the trained weights (every rank calls it)."""
+        ema.update(self.unwrap(model), step)
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """Mean over ranks (a logged loss is the global one, not rank 0's)."""

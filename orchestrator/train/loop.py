@@ -36,7 +36,7 @@ from orchestrator.train.images import make_grid
 from orchestrator.train.model_input import ModelInput, latent_input, pixel_input
 from orchestrator.train.signals import StopRequest
 from orchestrator.train.tracking import NullTracker, Tracker, default_artifact_location
-from orchestrator.train.weights import load_weights
+from orchestrator.train.weights import load_weights, read_weights
 
 log = logging.getLogger(__name__)
 HYBRID_VLB_WEIGHT = 1e-3  # lambda of L_hybrid (Nichol & Dhariwal 2021, Sec. 3.1)
@@ -116,7 +116,7 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 def train(spec: JobSpec, job: JobDir, device: str, tracking_uri: str | None) -> Outcome:
     """Train from the newest checkpoint of the job (or from scratch) until done or asked to stop."""
     stop = StopRequest()
-    engine = Engine(device, spec.train.mixed_precision, spec.resources.world_size, spec.resources.collective_timeout_s)
+    engine = make_engine(spec, device)
     trainer = None
     try:
         trainer = Trainer(spec, job, engine, stop)
@@ -134,6 +134,19 @@ def train(spec: JobSpec, job: JobDir, device: str, tracking_uri: str | None) -> 
             # those sockets to close, so the workers must be gone first (measured: a 2-rank job hung at exit).
             trainer.stream.close()
         engine.close()
+
+
+def make_engine(spec: JobSpec, device: str) -> Engine:
+    """accelerate's DDP, or DeepSpeed ZeRO (resources.strategy)."""
+    r, t = spec.resources, spec.train
+    if r.strategy == "ddp":
+        return Engine(device, t.mixed_precision, r.world_size, r.collective_timeout_s)
+    from orchestrator.train.zero import ZeroEngine
+
+    return ZeroEngine(
+        device, t.mixed_precision, r.world_size, r.collective_timeout_s, stage=int(r.strategy[-1]),
+        micro_batch_size=spec.micro_batch_size, grad_accum_steps=t.grad_accum_steps, grad_clip=t.grad_clip,
+    )
 
 
 class Trainer:
@@ -162,6 +175,8 @@ class Trainer:
         # Not prepared by accelerate: a prepared scheduler steps once per rank (accelerate#2926).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec))
         self.model, self.optimizer = engine.prepare(model, optimizer)
+        if spec.model.init_from and job.latest_checkpoint() is None and hasattr(engine, "load_full_state_dict"):
+            engine.load_full_state_dict(self.model, read_weights(Path(spec.model.init_from)))  # DeepSpeed's fp32 master copy too
         self.noise_scheduler = make_diffusion(spec)
         self.vlb_weight = HYBRID_VLB_WEIGHT if spec.diffusion.loss == "hybrid" else 0.0
 
@@ -187,6 +202,8 @@ class Trainer:
         state, ema_weights = load_checkpoint(self.engine, checkpoint)
         self.ema.load_state_dict({"weights": ema_weights, "num_updates": state.ema_num_updates})
         self.scheduler.load_state_dict(state.lr_scheduler)
+        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr  # the restored schedule's rate, also where an engine restored only the weights
         self.step, self.restored = state.step, state
         if state.world_size != self.engine.world_size:
             log.warning("resuming a %d-rank checkpoint on %d ranks: training continues, but not bitwise as before", state.world_size, self.engine.world_size)
@@ -214,12 +231,10 @@ class Trainer:
                         loss = diffusion_loss(model, inputs, condition, self.noise_scheduler, vlb_weight=self.vlb_weight)
                     engine.backward(loss / t.grad_accum_steps)
                 loss_sum += loss.detach().float() / t.grad_accum_steps
-            grad_norm = engine.clip_grad_norm(model, t.grad_clip)
-            self.optimizer.step()
+            grad_norm = engine.step(model, self.optimizer, t.grad_clip)
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            self.ema.update(engine.unwrap(model), self.step)
+            engine.update_ema(self.ema, model, self.step)  # under ZeRO-3 the full weights are gathered for it
             window_steps += 1
 
             stopping = engine.any(self.stop.requested)

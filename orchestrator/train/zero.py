@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.errors import UserError
+from orchestrator.train.engine import Engine
 
 ZERO_STAGES = (1, 2, 3)
 MODEL_TAG = "pytorch_model"  # the sub-directory accelerate's save_state gives DeepSpeed's checkpoint (its MODEL_NAME)
@@ -58,10 +59,6 @@ def saved_world_size(checkpoint_dir: str | Path) -> int | None:
     """The number of ranks whose ZeRO shards a checkpoint holds (None: no DeepSpeed checkpoint in it)."""
     shards = list((Path(checkpoint_dir) / MODEL_TAG).glob("*zero_pp_rank_*_optim_states.pt"))
     return len(shards) or None
-
-
-class WorldSizeMismatch(UserError):
-    """The launcher started a different number of ranks than the plan asked for."""
 
 
 def extensions_dir() -> Path:
@@ -109,8 +106,8 @@ def _single_process_environment() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-class ZeroEngine:
-    """accelerate + DeepSpeed ZeRO over gloo (CPU) or NCCL (CUDA), with the methods of `Engine` and a few more."""
+class ZeroEngine(Engine):
+    """accelerate + DeepSpeed ZeRO over gloo (CPU) or NCCL (CUDA): `Engine`'s methods (ranks, collectives from it) and a few more."""
 
     def __init__(
         self,
@@ -147,35 +144,11 @@ class ZeroEngine:
             deepspeed_plugin=plugin, mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum_steps,
             kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=collective_timeout_s))],
         )
-        if self.world_size != expected_world_size:
-            raise WorldSizeMismatch(
-                f"rank {self.rank} sees a world of {self.world_size} process(es) but the plan has {expected_world_size}; "
-                f"the launcher did not start the ranks together (distributed type {self.accelerator.distributed_type.value})"
-            )
+        self._check_world_size(expected_world_size)
         self.ds = None  # the DeepSpeedEngine, once prepared
         self._boundary = True
 
-    # ------------------------------------------------------------------ who am I
-    @property
-    def rank(self) -> int:
-        return self.accelerator.process_index
-
-    @property
-    def world_size(self) -> int:
-        return self.accelerator.num_processes
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
+    # ------------------------------------------------------------------ who am I (rank, world_size, ... from Engine)
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype of the module's weights: bfloat16 in bf16 mode, else float32."""
@@ -189,10 +162,6 @@ class ZeroEngine:
         wrapped_model, wrapped_optimizer = self.accelerator.prepare(model, optimizer)
         self.ds = wrapped_model
         return wrapped_model, wrapped_optimizer
-
-    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The network inside the DeepSpeedEngine (ZeRO-3: its parameters are empty placeholders outside forward)."""
-        return self.accelerator.unwrap_model(model)
 
     def autocast(self):
         """torch.autocast to bf16 in bf16 mode (DeepSpeed does not autocast; fp32 tensors made in forward need casting)."""
@@ -352,34 +321,6 @@ class ZeroEngine:
                 if name not in weights and torch.is_tensor(tensor) and tensor.numel() > 0:
                     weights[name] = tensor
         return {name: tensor.float().contiguous() for name, tensor in weights.items()}
-
-    # ------------------------------------------------------------------ ranks
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        """Mean over ranks (a logged loss is the global one, not rank 0's)."""
-        if not self.distributed:
-            return value
-        value = value.detach().to(self.device, torch.float32).clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        return value / self.world_size
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank if it is true on any rank."""
-        if not self.distributed:
-            return flag
-        tensor = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return bool(tensor.item())
-
-    def same_on_all_ranks(self, value: float) -> bool:
-        """Whether every rank holds the same number (an invariant check, e.g. of EMA weights)."""
-        if not self.distributed:
-            return True
-        tensor = torch.tensor([value, -value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return tensor[0].item() == -tensor[1].item()
-
-    def barrier(self) -> None:
-        self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ checkpoints
     def save_state(self, directory: str) -> None:

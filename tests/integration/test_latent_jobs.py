@@ -13,8 +13,8 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.faults.test_resume import assert_bitwise_equal, final_weights
-from tests.helpers import kill_job_processes, log_text, only_job, orch, state, tiny_spec, wait_for
+from tests.faults.test_resume import kill_after_checkpoint_then_resume
+from tests.helpers import log_text, only_job, orch, state, tiny_spec
 
 pytestmark = pytest.mark.slow
 
@@ -175,20 +175,4 @@ def test_latent_job_resumes_bitwise_after_sigkill_with_two_ranks_and_workers(tmp
         sample={"every": 5, "sampler": "ddpm", "steps": 100, "per_class": 60},
         resources={"processes": 2},
     )
-    reference_root, root = tmp_path / "reference", tmp_path / "killed"
-    uninterrupted = orch("submit", str(spec), root=reference_root)
-    assert uninterrupted.returncode == 0, log_text(only_job(reference_root))
-
-    assert orch("submit", str(spec), "--detach", root=root).returncode == 0
-    job = only_job(root)
-    wait_for(lambda: state(job).get("checkpoint_step") == 4, timeout=240, what="the checkpoint at step 4")
-    kill_job_processes(job)
-    wait_for(lambda: orch("status", job.name, "--json", root=root).stdout.count('"failed"'), timeout=30, what="the job to show as failed")
-    assert state(job)["step"] < 8, "the job finished before it could be killed; the test proves nothing"
-
-    resumed = orch("resume", job.name, root=root)
-    assert resumed.returncode == 0, resumed.stderr + log_text(job)
-    reference_model, reference_ema = final_weights(only_job(reference_root))
-    model, ema = final_weights(job)
-    assert_bitwise_equal(model, reference_model)
-    assert_bitwise_equal(ema, reference_ema)
+    kill_after_checkpoint_then_resume(tmp_path, spec, [], kill_at=4, total=8)
