@@ -275,11 +275,21 @@ class Trainer:
             "grad_norm": grad_norm,
             "step_time_s": step_time,
             "samples_per_sec": self.spec.train.global_batch_size / step_time,
+            "samples_per_sec_per_node": self.spec.train.global_batch_size / step_time / self.spec.resources.nodes,
             "epoch": float(self.stream.position.epoch),
+            "peak_memory_gb": self._peak_memory_bytes() / 1e9,
         }
         if self.engine.is_main:
             self.tracker.log_metrics(metrics, self.step)
             self.job.update(step=self.step, loss=loss, samples_per_sec=metrics["samples_per_sec"])
+
+    def _peak_memory_bytes(self) -> float:
+        """This rank's peak memory: CUDA allocations on a GPU, else the process's peak resident set."""
+        if self.engine.device.type == "cuda":
+            return float(torch.cuda.max_memory_allocated(self.engine.device))
+        import resource
+
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
     def _checkpoint(self) -> None:
         ema_checksum = sum(float(p.double().sum()) for p in self.ema.module.parameters())

@@ -47,7 +47,7 @@ def test_job_logs_one_run_with_params_metrics_and_grids_and_resume_appends(tmp_p
     tags = run.data.tags
     assert tags["orch.job_id"] == job.name and tags["orch.launcher"] == "local" and tags["orch.world_size"] == "1"
     assert tags["orch.attempt"] == "2" and len(tags["orch.git_commit"]) >= 7 and tags["orch.host"]
-    for metric in ("loss", "lr", "grad_norm", "samples_per_sec", "step_time_s"):
+    for metric in ("loss", "lr", "grad_norm", "samples_per_sec", "samples_per_sec_per_node", "step_time_s", "peak_memory_gb"):
         assert [m.step for m in client.get_metric_history(run_id, metric)] == [1, 2, 3, 4, 5, 6], metric
     assert len(runs := client.search_runs([run.info.experiment_id])) == 1, runs
 
