@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import dit
+
 
 #################################################################################
 #                      Embedders: timesteps, class labels                       #
@@ -44,28 +46,15 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_embedding(t, self.time_emb_dim))  # (N, D_t)
 
 
-class LabelEmbedder(nn.Module):
-    """Map class labels to time_emb_dim vectors; row `num_classes` is the null class of classifier-free guidance."""
+class LabelEmbedder(dit.LabelEmbedder):
+    """DiT's label embedder (dropout to a null class, the same RNG use) with a null row always present:
+    row `num_classes`, the null class of classifier-free guidance."""
 
     def __init__(self, num_classes: int, time_emb_dim: int, dropout_prob: float):
-        super().__init__()
+        nn.Module.__init__(self)
         self.embedding_table = nn.Embedding(num_classes + 1, time_emb_dim)
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
-
-    def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Replace labels by the null class: at random with dropout_prob, or where force_drop_ids == 1."""
-        if force_drop_ids is None:
-            # On the CPU from the global RNG, as DiT's: the same decisions on every device, reproducible after torch.manual_seed.
-            drop = (torch.rand(labels.shape[0]) < self.dropout_prob).to(labels.device)  # (N,)
-        else:
-            drop = force_drop_ids == 1  # (N,)
-        return torch.where(drop, self.num_classes, labels)  # (N,)
-
-    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
-            labels = self.token_drop(labels, force_drop_ids)  # (N,)
-        return self.embedding_table(labels)  # (N, D_t)
 
 
 #################################################################################

@@ -14,6 +14,7 @@ No torch here: `orch list` and `orch status` read job directories in millisecond
 
 from __future__ import annotations
 
+from orchestrator.files import write_atomic
 from orchestrator.errors import UserError
 
 import dataclasses
@@ -165,9 +166,9 @@ class JobDir:
         job.path.mkdir()
         job.logs_dir.mkdir()
         job.checkpoints_dir.mkdir()
-        _write_atomic(job.spec_file, spec_yaml)
+        write_atomic(job.spec_file, spec_yaml)
         record = JobRecord(id=job_id, name=name, created_at=time.time(), total_steps=total_steps)
-        _write_atomic(job.state_file, json.dumps(record.to_json(), indent=2))
+        write_atomic(job.state_file, json.dumps(record.to_json(), indent=2))
         return job
 
     # ---- state ----------------------------------------------------------------------------
@@ -209,7 +210,7 @@ class JobDir:
         return record
 
     def _save(self, record: JobRecord) -> None:
-        _write_atomic(self.state_file, json.dumps(record.to_json(), indent=2))
+        write_atomic(self.state_file, json.dumps(record.to_json(), indent=2))
 
     def status(self) -> JobRecord:
         """The state with liveness checked: an active job whose supervisor is gone is recorded as failed."""
@@ -281,7 +282,7 @@ class JobDir:
         return target
 
     def write_spec(self, spec_yaml: str) -> None:
-        _write_atomic(self.spec_file, spec_yaml)
+        write_atomic(self.spec_file, spec_yaml)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,15 +339,3 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temp file, fsync, rename over the target: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -54,6 +54,7 @@ from webdataset.tariterators import base_plus_ext
 
 from orchestrator import shardformat
 from orchestrator.errors import UserError
+from orchestrator.files import fsync_dir, write_atomic
 from orchestrator.imagefolder import IMAGE_EXTENSIONS
 from orchestrator.prepare_spec import ImageSpec, InputSpec, PrepareSpec, TextSpec, VaeSpec, load_prepare_spec
 from orchestrator.train import vae as vae_loader
@@ -498,24 +499,6 @@ def _tmp(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = _tmp(path)
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def claim_output(out: Path, spec: PrepareSpec, inputs: Inputs, rank: int) -> None:
     """Create the output folder, or check that it holds this very preparation (same spec, same inputs)."""
     manifest = {"spec": spec.data_fields(), "num_inputs": len(inputs.items), "inputs_digest": inputs.digest()}
@@ -612,12 +595,12 @@ def _write_shard(out: Path, k: int, indices: range, inputs: Inputs, spec: Prepar
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(_tmp(tar_path), tar_path)
-    _fsync_dir(out)
+    fsync_dir(out)
     record = {
         "shard": tar_path.name, "index": k, "inputs": [indices.start, indices.stop], "num_samples": num_samples,
         "skipped": dict(Counter(s["reason"] for s in skips)), "skips": skips,
     }
-    _write_atomically(record_path(out, k), (json.dumps(record, indent=2) + "\n").encode())
+    write_atomic(record_path(out, k), json.dumps(record, indent=2) + "\n", tmp=_tmp(record_path(out, k)))
     return record
 
 

@@ -26,6 +26,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from orchestrator.files import write_atomic
+
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -65,9 +67,7 @@ class DatasetIndex:
 
     def write(self, folder: Path) -> Path:
         path = Path(folder) / INDEX_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        tmp.replace(path)
+        write_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
         return path
 
     @classmethod

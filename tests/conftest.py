@@ -14,3 +14,15 @@ def clean_environment():
     for name in LEAKY_VARIABLES:
         os.environ.pop(name, None)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny in-process models: they gain nothing from threads, lose a lot
+    to them on a busy 2-core machine, and one thread keeps float results fixed across runs."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from orchestrator.files import fsync_dir
 from orchestrator.jobs import TRAINER_STATE, latest_checkpoint
 from orchestrator.train.engine import Engine
 from orchestrator.train.model_input import ModelInput
@@ -87,7 +88,7 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)  # the same step written again (a resume that stopped before training)
         os.replace(tmp, final)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         _write_pointer(directory, final.name)
         _prune(directory, keep)
     engine.barrier()
@@ -123,7 +124,7 @@ def _write_pointer(directory: Path, name: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, directory / LATEST)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def _prune(directory: Path, keep: int) -> None:
@@ -137,12 +138,6 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -32,17 +32,12 @@ from orchestrator.prepare_spec import SpecError, load_prepare_spec
 from orchestrator.train.data import center_crop
 from tests.helpers import wait_for
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 REPO = Path(__file__).resolve().parents[2]
 RES = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; one thread keeps float results fixed across runs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

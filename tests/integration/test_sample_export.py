@@ -24,16 +24,9 @@ from orchestrator.train.loop import build_model, make_diffusion
 from orchestrator.train.model_input import pixel_input
 from tests.helpers import log_text, only_job, orch, tiny_spec
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; one thread also keeps float results fixed."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -8,17 +8,12 @@ from diffusers.models.embeddings import get_2d_sincos_pos_embed as diffusers_sin
 from model.convert import diffusers_state_dict, from_diffusers, to_diffusers
 from model.dit import DiT
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 # sample_size 8, patch 2, 2 layers, 2 heads of dim 16, 10 classes.
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def random_dit(**overrides) -> DiT:

@@ -8,17 +8,12 @@ import torch.nn.functional as F
 
 from model.dit import CONDITIONINGS, CONDITIONS, FFNS, POS_EMBEDS, ConvMlp, DiT, Mlp, TextEmbedder, get_2d_sincos_pos_embed
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 TEXT_DIM, TEXT_TOKENS = 24, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tiny_dit(**overrides) -> DiT:

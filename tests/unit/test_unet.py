@@ -7,6 +7,8 @@ import torch.nn as nn
 from model.diffusion import diffusion_loss, make_noise_scheduler
 from model.unet import UNet
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 # The default topology (28 -> 14 -> 7, attention on the two lower levels), at toy widths.
 TINY = dict(
     down_channels=(8, 16, 16, 32), mid_channels=(32, 32, 16), down_sample=(True, True, False), num_down_layers=1,
@@ -14,13 +16,6 @@ TINY = dict(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy tensors gain nothing from a second thread, and on a busy 2-core machine two threads ran these tests 30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_unet(**overrides) -> UNet:
