@@ -40,6 +40,19 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 #################################################################################
 
 
+def run_block(block: nn.Module, checkpointed: bool, *args):
+    """block(*args), or recomputed in backward instead of keeping its activations (activation checkpointing).
+
+    torch's non-reentrant checkpoint: same values and gradients, it keeps only the block's inputs and
+    works under DDP and DeepSpeed ZeRO; it applies only where gradients are being recorded.
+    """
+    if checkpointed and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
 class PatchEmbed(nn.Module):
     """Cut an image into non-overlapping p x p patches and project each to a D-dim token."""
 
@@ -454,6 +467,7 @@ class DiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=pos_embed == "learned")
         block_class = {"adaln_zero": DiTBlock, "adaln": DiTBlock, "cross_attention": CrossAttentionBlock, "in_context": InContextBlock}[conditioning]
         grid_size = self.x_embedder.grid_size
+        self.activation_checkpointing = False  # recompute each block in backward (run_block); set by the trainer
         self.blocks = nn.ModuleList([block_class(hidden_size, num_heads, mlp_ratio=mlp_ratio, ffn=ffn, grid_size=grid_size) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, modulated=conditioning != "in_context")
         self.initialize_weights()
@@ -543,19 +557,19 @@ class DiT(nn.Module):
         c = t if pooled is None else t + pooled  # (N, D)
         if self.conditioning in ("adaln_zero", "adaln"):
             for block in self.blocks:
-                x = block(x, c)  # (N, T, D)
+                x = run_block(block, self.activation_checkpointing, x, c)  # (N, T, D)
         elif self.conditioning == "cross_attention":
             context = torch.cat([t.unsqueeze(1), tokens], dim=1)  # (N, 1 + L, D)
             context_mask = None if mask is None else F.pad(mask, (1, 0), value=True)  # (N, 1 + L)
             for block in self.blocks:
-                x = block(x, context, context_mask)  # (N, T, D)
+                x = run_block(block, self.activation_checkpointing, x, context, context_mask)  # (N, T, D)
         else:  # in_context
             prefix = torch.cat([t.unsqueeze(1), tokens], dim=1)  # (N, S, D), S = 1 + L
             s = prefix.shape[1]
             x = torch.cat([prefix, x], dim=1)  # (N, S + T, D)
             seq_mask = None if mask is None else F.pad(mask, (1, x.shape[1] - s), value=True)  # (N, S + T)
             for block in self.blocks:
-                x = block(x, seq_mask, s)  # (N, S + T, D)
+                x = run_block(block, self.activation_checkpointing, x, seq_mask, s)  # (N, S + T, D)
             x = x[:, s:]  # (N, T, D), condition tokens dropped
         x = self.final_layer(x, c)  # (N, T, p * p * C_out)
         return self.unpatchify(x)  # (N, C_out, H, W)

@@ -247,6 +247,7 @@ class UNet(nn.Module):
             [DownBlock(down_channels[i], down_channels[i + 1], num_layers=num_down_layers, attention=attention[i],
                        down_sample=down_sample[i], **block_args) for i in range(num_levels)]
         )
+        self.activation_checkpointing = False  # recompute each block in backward (dit.run_block); set by the trainer
         self.mid_blocks = nn.ModuleList(
             [MidBlock(mid_channels[j], mid_channels[j + 1], num_layers=num_mid_layers, **block_args) for j in range(len(mid_channels) - 1)]
         )
@@ -288,13 +289,14 @@ class UNet(nn.Module):
 
         h = self.conv_in(x)  # (N, C_0, H, W)
         skips = []
+        checkpointed = self.activation_checkpointing
         for block in self.down_blocks:
-            h, skip = block(h, temb)  # (N, C_{i+1}, H_{i+1}, W_{i+1}), skip (N, C_{i+1}, H_i, W_i)
+            h, skip = dit.run_block(block, checkpointed, h, temb)  # (N, C_{i+1}, H_{i+1}, W_{i+1}), skip (N, C_{i+1}, H_i, W_i)
             skips.append(skip)
         for block in self.mid_blocks:
-            h = block(h, temb)  # (N, M_{j+1}, H_L, W_L)
+            h = dit.run_block(block, checkpointed, h, temb)  # (N, M_{j+1}, H_L, W_L)
         for block in self.up_blocks:
-            h = block(h, skips.pop(), temb)  # (N, C_i, H_i, W_i)
+            h = dit.run_block(block, checkpointed, h, skips.pop(), temb)  # (N, C_i, H_i, W_i)
         assert not skips, f"{len(skips)} skip connections left unused"
         return self.conv_out(F.silu(self.norm_out(h)))  # (N, C_out, H, W)
 

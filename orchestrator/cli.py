@@ -141,9 +141,24 @@ def submit(root: Path, spec_file: str, overrides: tuple[str, ...], detach: bool,
     require_runnable(the_plan)
 
     job = JobDir.create(root, job_id, spec.name, spec.to_yaml(), spec.train.steps)
+    keep_user_files(job, spec)
     write_plan(job, the_plan)
     click.echo(f"job {job.id}  ({job.path})")
     _start(job, detach)
+
+
+def keep_user_files(job: JobDir, spec) -> None:
+    """Copy the files the spec names and the ranks read at every start (a user's DeepSpeed JSON) into the job
+    directory, and point the recorded spec at the copies: a resume a week later trains with what was submitted."""
+    import shutil
+
+    from orchestrator.spec import replace
+
+    source = spec.resources.deepspeed.config_file
+    if source and Path(source).parent != job.path:
+        copy = job.path / "deepspeed_user.json"
+        shutil.copyfile(source, copy)
+        job.write_spec(replace(spec, "resources.deepspeed.config_file", str(copy)).to_yaml())
 
 
 @cli.command()
@@ -175,6 +190,7 @@ def resume(root: Path, job_ref: str | None, overrides: tuple[str, ...], allow_sp
     if changes:
         kept = job.archive_spec()
         job.write_spec(spec.to_yaml())
+        keep_user_files(job, spec)
         job.update(total_steps=spec.train.steps)
         click.echo(f"spec changed (previous kept as {kept.name}):\n  " + "\n  ".join(changes))
     write_plan(job, the_plan)

@@ -47,6 +47,7 @@ class Plan:
     command: LaunchCommand  # what `orch submit` runs here, on node 0
     node_commands: tuple[LaunchCommand, ...] = ()  # every node's command (node 0's is `command`); `orch join` runs the others
     estimate: tuple[str, ...] = ()  # parameters and memory per rank, computed (orchestrator/estimate.py)
+    strategy_lines: tuple[str, ...] = ()  # the strategy's settings as they will apply (e.g. the DeepSpeed config's essentials)
     sbatch_script: str | None = None  # launcher slurm: the script `command` (sbatch) submits, written into the job directory
     problems: tuple[str, ...] = ()
 
@@ -57,6 +58,7 @@ class Plan:
             f"world size      {self.world_size} ({self.processes_per_node} process(es) x {len(self.node_commands) or 1} node(s))",
             f"batch           {self.global_batch_size} global = {self.micro_batch_size} per rank x {self.world_size} rank(s) x {self.grad_accum_steps} accumulation step(s)",
             f"threads         {self.threads_per_process} per process",
+            *self.strategy_lines,
             *self.estimate,
             f"tracking        {self.tracking_uri or 'off'}",
             *(
@@ -92,11 +94,18 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
         check_data(spec)
     except PlanError as err:
         problems.append(str(err))
+    if resources.gpus_per_node is not None and device != "cuda":
+        problems.append(f"resources.gpus_per_node {resources.gpus_per_node} needs CUDA, and no NVIDIA GPU is visible here; on CPU set processes instead")
+    deepspeed_lines: list[str] = []
     if resources.strategy != "ddp":
         import importlib.util
 
         if importlib.util.find_spec("deepspeed") is None:
             problems.append(f"resources.strategy {resources.strategy} needs DeepSpeed, which is not installed: bash scripts/setup.sh installs it (or use strategy: ddp)")
+        try:
+            deepspeed_lines = describe_deepspeed(spec, deepspeed_config_of(spec, device))
+        except PlanError as err:
+            problems.append(str(err))
     if spec.model.init_from and not Path(spec.model.init_from).is_file():
         problems.append(f"model.init_from {spec.model.init_from} does not exist")
 
@@ -145,9 +154,57 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
         command=command,
         node_commands=node_commands or (command,),
         estimate=tuple(model_estimate(spec, resources.world_size)),
+        strategy_lines=tuple(deepspeed_lines or strategy_description(spec)),
         sbatch_script=sbatch_script,
         problems=tuple(problems),
     )
+
+
+def deepspeed_config_of(spec: JobSpec, device: str) -> dict:
+    """The DeepSpeed config a ZeRO job trains with (the spec's, with resources.deepspeed.config_file laid over it);
+    PlanError for a user file that cannot be read or contradicts the spec."""
+    from launch.deepspeed import deepspeed_config, read_user_config
+
+    r, ds = spec.resources, spec.resources.deepspeed
+    user_config = None
+    if ds.config_file:
+        try:
+            user_config = read_user_config(ds.config_file)
+        except ValueError as err:
+            raise PlanError(f"resources.deepspeed.config_file: {err}") from None
+    try:
+        return deepspeed_config(
+            int(r.strategy[-1]), spec.train.mixed_precision, spec.micro_batch_size, spec.train.grad_accum_steps, r.world_size,
+            spec.train.grad_clip, offload_optimizer=ds.offload_optimizer, offload_params=ds.offload_params,
+            pin_memory=device == "cuda", reduce_bucket_size=ds.reduce_bucket_size, allgather_bucket_size=ds.allgather_bucket_size,
+            overlap_comm=ds.overlap_comm, user_config=user_config,
+        )
+    except ValueError as err:
+        raise PlanError(f"resources.deepspeed.config_file {ds.config_file}: {err}" if user_config else f"resources.deepspeed: {err}") from None
+
+
+def describe_deepspeed(spec: JobSpec, config: dict) -> list[str]:
+    """`orch plan`'s lines on the DeepSpeed config that will apply."""
+    zero = config.get("zero_optimization", {})
+    offloaded = [what for what, key in (("optimizer", "offload_optimizer"), ("weights", "offload_param")) if zero.get(key, {}).get("device", "none") != "none"]
+    buckets = f"reduce bucket {zero.get('reduce_bucket_size'):,}"
+    if "allgather_bucket_size" in zero:
+        buckets += f", all-gather bucket {zero['allgather_bucket_size']:,}"
+    overlap = zero.get("overlap_comm")
+    lines = [
+        f"deepspeed       ZeRO-{zero.get('stage')}, offload {' + '.join(offloaded) if offloaded else 'none'}, {buckets} elements, "
+        f"overlap_comm {'default' if overlap is None else overlap}, activation checkpointing {'on' if spec.resources.activation_checkpointing else 'off'}"
+    ]
+    if spec.resources.deepspeed.config_file:
+        lines.append(f"deepspeed json  {spec.resources.deepspeed.config_file} laid over orch's config")
+    return lines
+
+
+def strategy_description(spec: JobSpec) -> list[str]:
+    """`orch plan`'s line on the DDP strategy's settings."""
+    if spec.resources.strategy != "ddp" or spec.resources.world_size == 1 and not spec.resources.activation_checkpointing:
+        return []
+    return [f"ddp             bucket {spec.resources.ddp.bucket_mb} MiB, activation checkpointing {'on' if spec.resources.activation_checkpointing else 'off'}"]
 
 
 def _slurm_command(spec: JobSpec, job_path: Path, python: str, entry, device: str, threads: int, problems: list[str]) -> tuple[LaunchCommand, str]:
@@ -189,18 +246,25 @@ def model_estimate(spec: JobSpec, world_size: int) -> list[str]:
     )
     total, trainable = estimate.dit_parameter_count(**count), estimate.dit_parameter_count(**count, include_frozen=False)
     tokens = (size // m.patch_size) ** 2
-    activations = estimate.dit_activation_bytes_per_sample(m.depth, tokens, m.hidden_size, m.num_heads, spec.train.mixed_precision)
-    strategy = spec.resources.strategy
+    r = spec.resources
+    activations = estimate.dit_activation_bytes_per_sample(
+        m.depth, tokens, m.hidden_size, m.num_heads, spec.train.mixed_precision, checkpointing=r.activation_checkpointing,
+    )
+    offload = None
+    if r.strategy != "ddp" and r.deepspeed.offload_optimizer:
+        offload = "optimizer+params" if r.deepspeed.offload_params else "optimizer"
     memory = estimate.memory_per_gpu(
-        trainable, strategy, spec.train.mixed_precision, world_size, spec.micro_batch_size, activations, frozen_params=total - trainable,
-        ema_sharded=False,  # the EMA is kept of the full weights on every rank (orchestrator/train/zero.py)
+        trainable, r.strategy, spec.train.mixed_precision, world_size, spec.micro_batch_size, activations, frozen_params=total - trainable,
+        offload=offload, ema_sharded=False,  # the EMA is kept of the full weights on every rank (orchestrator/train/zero.py)
     )
     gb = 1e9
+    offloaded = f"; {memory['cpu_offloaded_bytes'] / gb:.2f} GB offloaded to CPU memory" if offload else ""
     return [
         f"parameters      {total:,} ({trainable:,} trainable), input {channels}x{size}x{size}, {tokens} tokens",
-        f"memory/rank     ~{memory['total_bytes'] / gb:.2f} GB ({strategy}, {spec.train.mixed_precision}): weights {memory['weights_bytes'] / gb:.2f}, "
+        f"memory/rank     ~{memory['total_bytes'] / gb:.2f} GB ({r.strategy}, {spec.train.mixed_precision}): weights {memory['weights_bytes'] / gb:.2f}, "
         f"grads {memory['grads_bytes'] / gb:.2f}, AdamW {memory['optimizer_states_bytes'] / gb:.2f}, EMA {memory['ema_bytes'] / gb:.2f}, "
-        f"activations {memory['activations_bytes'] / gb:.2f} (micro batch {spec.micro_batch_size}); a lower bound, plan for ~1.5x",
+        f"activations {memory['activations_bytes'] / gb:.2f} (micro batch {spec.micro_batch_size}"
+        f"{', checkpointed' if r.activation_checkpointing else ''}){offloaded}; a lower bound, plan for ~1.5x",
     ]
 
 

@@ -314,13 +314,35 @@ class SlurmSpec(Section):
     """Shell lines run before training on each run (module loads, environment activation)."""
 
 
+class DeepSpeedSpec(Section):
+    offload_optimizer: bool = False
+    """ZeRO-Offload: the fp32 master weights and AdamW state live in CPU memory and DeepSpeed's CPU Adam steps them there (less GPU memory, a slower step)."""
+    offload_params: bool = False
+    """ZeRO-3 only: the weight partitions live in CPU memory too and are fetched layer by layer (with offload_optimizer)."""
+    reduce_bucket_size: int = Field(500_000_000, ge=1)
+    """Elements per gradient reduce-scatter bucket (DeepSpeed's default); smaller saves memory, larger overlaps better."""
+    allgather_bucket_size: int = Field(500_000_000, ge=1)
+    """ZeRO-1/2: elements per all-gather bucket of the updated weights."""
+    overlap_comm: bool | None = None
+    """Overlap gradient reduction with the backward pass (more memory for buckets); empty is DeepSpeed's default (on for ZeRO-3, off for 1/2)."""
+    config_file: str | None = None
+    """A DeepSpeed JSON of your own, laid over the one orch builds (e.g. `zero_optimization` tuning, `comms_logger`); batch sizes, accumulation, clipping, precision and the optimizer come from the spec and may only repeat its values (or say "auto")."""
+
+
+class DdpSpec(Section):
+    bucket_mb: int = Field(25, ge=1)
+    """MiB per gradient all-reduce bucket (torch DDP's bucket_cap_mb)."""
+
+
 class ResourcesSpec(Section):
     launcher: Literal["auto", "local", "torchrun", "accelerate", "slurm"] = "auto"
     """How ranks are started: `local` (one plain process), `torchrun`, `accelerate`, or `slurm` (an sbatch job of `nodes` nodes, torchrun on each); `auto` is local for 1 process on 1 node, torchrun otherwise."""
     slurm: SlurmSpec = SlurmSpec()
     """Slurm settings (launcher: slurm)."""
+    gpus_per_node: int | None = Field(None, ge=1)
+    """GPUs per node, one rank each (sets `processes`; needs CUDA: device cuda or auto)."""
     processes: int = Field(1, ge=1)
-    """Ranks on this machine (one per GPU; on CPU, DDP ranks over gloo)."""
+    """Ranks per node: one per GPU (see gpus_per_node), or on CPU the DDP ranks over gloo."""
     nodes: int = Field(1, ge=1)
     """Machines, each running `processes` ranks; node 0 runs `orch submit`, every other node `orch join JOB --node-rank N` (the job directory on a shared filesystem)."""
     rdzv_endpoint: str | None = None
@@ -329,10 +351,28 @@ class ResourcesSpec(Section):
     """`auto` uses CUDA when a GPU is visible, else the CPU."""
     strategy: Literal["ddp", "zero1", "zero2", "zero3"] = "ddp"
     """How the model is spread over the ranks: `ddp` (replicated, accelerate's DDP) or DeepSpeed ZeRO stage 1 (optimizer states sharded), 2 (and gradients), 3 (and weights); the EMA is kept of the full weights on every rank."""
+    ddp: DdpSpec = DdpSpec()
+    """Settings of strategy ddp."""
+    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+    """Settings of the ZeRO strategies (zero1, zero2, zero3)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer / U-Net block's activations in the backward pass instead of keeping them: about a third more compute for much less activation memory (any strategy)."""
     collective_timeout_s: int = Field(600, ge=10)
     """Seconds a collective may wait for the other ranks (a stuck or vanished rank on another node) before the job fails, resumable, instead of hanging."""
     threads_per_process: int | None = Field(None, ge=1)
     """CPU threads per rank (OMP_NUM_THREADS); empty means the machine's cores divided by the ranks."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gpus_set_processes(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("gpus_per_node") is not None:
+            gpus, processes = raw["gpus_per_node"], raw.get("processes")
+            if processes is not None and processes != gpus:
+                raise ValueError(f"gpus_per_node {gpus} and processes {processes} disagree: one rank runs per GPU; set only gpus_per_node")
+            if raw.get("device") == "cpu":
+                raise ValueError("gpus_per_node needs device cuda (or auto); on CPU set processes instead")
+            raw = {**raw, "processes": gpus}
+        return raw
 
     @model_validator(mode="after")
     def _launcher_fits(self) -> ResourcesSpec:
@@ -342,6 +382,14 @@ class ResourcesSpec(Section):
             raise ValueError(f"strategy {self.strategy} starts through torchrun (or local, or slurm): accelerate launch would switch DeepSpeed off on CPU")
         if self.slurm != SlurmSpec() and self.launcher != "slurm":
             raise ValueError("resources.slurm configures launcher: slurm; set it, or remove the slurm section")
+        if self.deepspeed != DeepSpeedSpec() and self.strategy == "ddp":
+            raise ValueError("resources.deepspeed configures the ZeRO strategies; set strategy zero1, zero2 or zero3, or remove the deepspeed section")
+        if self.ddp != DdpSpec() and self.strategy != "ddp":
+            raise ValueError(f"resources.ddp configures strategy ddp, not {self.strategy}; remove the ddp section (bucket sizes of ZeRO are under resources.deepspeed)")
+        if self.deepspeed.offload_params and self.strategy != "zero3":
+            raise ValueError(f"deepspeed.offload_params needs strategy zero3 (only ZeRO-3 partitions the weights), not {self.strategy}")
+        if self.deepspeed.offload_params and not self.deepspeed.offload_optimizer:
+            raise ValueError("deepspeed.offload_params goes with deepspeed.offload_optimizer: true (weights in CPU memory and the optimizer on the GPU would ship every update across); set both")
         if self.nodes > 1 and self.launcher not in ("auto", "torchrun", "slurm"):
             raise ValueError(f"launcher {self.launcher} runs on one node; multi-node jobs start through torchrun or slurm")
         if self.nodes > 1 and self.launcher != "slurm" and not self.rdzv_endpoint:
@@ -463,7 +511,8 @@ def parse_spec(text: str, source: str = "<spec>", overrides=(), base_dir: Path |
         _set_path(raw, key_path, value, override)
         origins[key_path] = f"--set {override}"
     spec = validate_tree(JobSpec, raw, source, origins)
-    for key_path, value in (("data.path", spec.data.path), ("model.init_from", spec.model.init_from)):
+    for key_path, value in (("data.path", spec.data.path), ("model.init_from", spec.model.init_from),
+                            ("resources.deepspeed.config_file", spec.resources.deepspeed.config_file)):
         if base_dir is not None and value and not Path(value).is_absolute():
             spec = replace(spec, key_path, str((base_dir / value).resolve()))  # relative to the spec file
     return spec

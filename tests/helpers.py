@@ -95,6 +95,47 @@ def kill_job_processes(job_dir: Path) -> None:
                 pass
 
 
+def final_weights(job: Path) -> tuple[dict, dict]:
+    """The model and EMA weights of a job's newest checkpoint."""
+    from safetensors.torch import load_file
+
+    newest = job / "checkpoints" / (job / "checkpoints" / "latest").read_text().strip()
+    return load_file(newest / "model.safetensors"), load_file(newest / "ema.safetensors")
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [key for key in a if not a[key].equal(b[key])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def kill_after_checkpoint_then_resume(tmp_path: Path, spec: Path, overrides: list[str], kill_at: int, total: int, before_resume=None):
+    """Run `spec` uninterrupted, and again SIGKILLed after its checkpoint at `kill_at` and resumed to `total`
+    (calling `before_resume(job)` first, if given); assert both end with bitwise-equal model and EMA weights;
+    return the resumed job and `orch resume`'s result."""
+    reference_root, root = tmp_path / "reference", tmp_path / "killed"
+    uninterrupted = orch("submit", str(spec), *overrides, root=reference_root)
+    assert uninterrupted.returncode == 0, log_text(only_job(reference_root))
+
+    assert orch("submit", str(spec), *overrides, "--detach", root=root).returncode == 0
+    job = only_job(root)
+    wait_for(lambda: state(job).get("checkpoint_step") == kill_at, timeout=300, what=f"the checkpoint at step {kill_at}")
+    kill_job_processes(job)
+    wait_for(lambda: orch("status", job.name, "--json", root=root).stdout.count('"failed"'), timeout=30, what="the job to show as failed")
+    assert state(job)["step"] < total, "the job finished before it could be killed; the test proves nothing"
+    assert "vanished" in state(job)["message"]
+    if before_resume is not None:
+        before_resume(job)
+
+    resumed = orch("resume", job.name, root=root)
+    assert resumed.returncode == 0, resumed.stderr + log_text(job)
+    reference_model, reference_ema = final_weights(only_job(reference_root))
+    model, ema = final_weights(job)
+    assert_bitwise_equal(model, reference_model)
+    assert_bitwise_equal(ema, reference_ema)
+    return job, resumed
+
+
 def log_text(job_dir: Path) -> str:
     log = job_dir / "logs" / "job.log"
     return log.read_text() if log.exists() else "(no log)"

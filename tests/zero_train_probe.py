@@ -74,12 +74,12 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(1)
 
+    from launch.deepspeed import deepspeed_config
     from orchestrator.train.zero import ZeroEngine, saved_world_size
 
     started = time.perf_counter()
-    engine = ZeroEngine(
-        "cpu", args.precision, args.world_size, stage=args.stage, micro_batch_size=MICRO_BATCH, grad_accum_steps=args.accum, grad_clip=1.0,
-    )
+    config = deepspeed_config(args.stage, args.precision, MICRO_BATCH, args.accum, args.world_size, grad_clip=1.0)
+    engine = ZeroEngine("cpu", args.precision, args.world_size, config=config)
     torch.manual_seed(args.seed)
     model = tiny_dit()
     ema = EMA(model, decay=args.ema_decay, warmup_power=0)

@@ -12,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 
 class WorldSizeMismatch(UserError):
@@ -20,11 +20,12 @@ class WorldSizeMismatch(UserError):
 
 
 class Engine:
-    def __init__(self, device: str, mixed_precision: str, expected_world_size: int, collective_timeout_s: int = 600):
+    def __init__(self, device: str, mixed_precision: str, expected_world_size: int, collective_timeout_s: int = 600, bucket_mb: int = 25):
         # cpu=True gives MULTI_CPU (DDP over gloo) under torchrun / accelerate launch, one CPU process alone.
         # The timeout turns a collective waiting on a stuck or vanished rank (another node) into an error, not a hang.
         timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))
-        self.accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision, kwargs_handlers=[timeout])
+        buckets = DistributedDataParallelKwargs(bucket_cap_mb=bucket_mb)
+        self.accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision, kwargs_handlers=[timeout, buckets])
         self._check_world_size(expected_world_size)
 
     def _check_world_size(self, expected_world_size: int) -> None:
@@ -54,6 +55,10 @@ class Engine:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    def make_optimizer(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> torch.optim.Optimizer:
+        """The AdamW the model trains with (torch's)."""
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         return self.accelerator.prepare(model, optimizer)

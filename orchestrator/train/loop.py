@@ -137,16 +137,14 @@ def train(spec: JobSpec, job: JobDir, device: str, tracking_uri: str | None) -> 
 
 
 def make_engine(spec: JobSpec, device: str) -> Engine:
-    """accelerate's DDP, or DeepSpeed ZeRO (resources.strategy)."""
+    """accelerate's DDP, or DeepSpeed ZeRO (resources.strategy) with the config `orch plan` described."""
     r, t = spec.resources, spec.train
     if r.strategy == "ddp":
-        return Engine(device, t.mixed_precision, r.world_size, r.collective_timeout_s)
+        return Engine(device, t.mixed_precision, r.world_size, r.collective_timeout_s, bucket_mb=r.ddp.bucket_mb)
+    from orchestrator.plan import deepspeed_config_of
     from orchestrator.train.zero import ZeroEngine
 
-    return ZeroEngine(
-        device, t.mixed_precision, r.world_size, r.collective_timeout_s, stage=int(r.strategy[-1]),
-        micro_batch_size=spec.micro_batch_size, grad_accum_steps=t.grad_accum_steps, grad_clip=t.grad_clip,
-    )
+    return ZeroEngine(device, t.mixed_precision, r.world_size, r.collective_timeout_s, config=deepspeed_config_of(spec, device))
 
 
 class Trainer:
@@ -171,7 +169,8 @@ class Trainer:
             load_weights(model, Path(spec.model.init_from))
             log.info("initialised the model from %s", spec.model.init_from)
         self.ema = EMA(model, decay=spec.ema.decay, warmup_power=spec.ema.warmup_power, update_every=spec.ema.update_every)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=t.adam_betas, eps=t.adam_eps, weight_decay=t.weight_decay)
+        model.activation_checkpointing = spec.resources.activation_checkpointing
+        optimizer = engine.make_optimizer(model.parameters(), lr=t.learning_rate, betas=t.adam_betas, eps=t.adam_eps, weight_decay=t.weight_decay)
         # Not prepared by accelerate: a prepared scheduler steps once per rank (accelerate#2926).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec))
         self.model, self.optimizer = engine.prepare(model, optimizer)

@@ -2,7 +2,7 @@
 
 What differs from the DDP engine, and why:
 - DeepSpeed owns the optimizer step. Gradient clipping and accumulation live in its config
-  (`deepspeed_config`); `step()` runs DeepSpeed's step (reduce, clip, AdamW, zero the grads) and returns
+  (launch/deepspeed.py); `step()` runs DeepSpeed's step (reduce, clip, AdamW, zero the grads) and returns
   the global grad norm before clipping. The optimizer that `prepare` returns is accelerate's wrapper,
   whose `step()` and `zero_grad()` do nothing, so the DDP loop (`clip_grad_norm`, `optimizer.step()`,
   `optimizer.zero_grad()`) still works: here `clip_grad_norm` *is* the step.
@@ -48,7 +48,6 @@ import torch.distributed as dist
 from orchestrator.errors import UserError
 from orchestrator.train.engine import Engine
 
-ZERO_STAGES = (1, 2, 3)
 MODEL_TAG = "pytorch_model"  # the sub-directory accelerate's save_state gives DeepSpeed's checkpoint (its MODEL_NAME)
 UNIVERSAL_TAG = "pytorch_model_universal"  # DeepSpeed's universal checkpoint, made from the shards for a world-size change
 MODEL_FILE = "model.safetensors"  # the consolidated fp32 weights, where the DDP engine's checkpoint has its weights
@@ -66,36 +65,6 @@ def extensions_dir() -> Path:
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path(sys.prefix) / "torch_extensions")
 
 
-def deepspeed_config(
-    stage: int, mixed_precision: str, micro_batch_size: int, grad_accum_steps: int, world_size: int, grad_clip: float | None
-) -> dict:
-    """The DeepSpeed config of a ZeRO job: batch split, accumulation, clipping, precision; no optimizer (ours is torch AdamW)."""
-    if stage not in ZERO_STAGES:
-        raise ValueError(f"ZeRO stage must be one of {ZERO_STAGES}, got {stage}")
-    if mixed_precision not in ("no", "bf16"):
-        raise ValueError(f"the DeepSpeed engine trains in fp32 (no) or bf16, got mixed_precision {mixed_precision!r}")
-    for name, value in (("micro_batch_size", micro_batch_size), ("grad_accum_steps", grad_accum_steps), ("world_size", world_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value}")
-    zero: dict = {"stage": stage}
-    if stage == 3:
-        # Gathering a bf16/fp32 copy of the whole model at save time is not needed: full_state_dict
-        # gathers the fp32 master weights instead, and checkpoints keep the shards.
-        zero["stage3_gather_16bit_weights_on_model_save"] = False
-    return {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": grad_accum_steps,
-        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
-        "gradient_clipping": float(grad_clip or 0.0),  # 0: no clipping (the norm is still measured)
-        "zero_optimization": zero,
-        "bf16": {"enabled": mixed_precision == "bf16"},
-        "fp16": {"enabled": False},
-        "zero_allow_untested_optimizer": True,  # torch AdamW, not DeepSpeed's (which would compile cpu_adam)
-        "steps_per_print": 1 << 62,
-        "wall_clock_breakdown": False,
-    }
-
-
 def _single_process_environment() -> None:
     """A rank started without a launcher (no LOCAL_RANK): a world of one on a free loopback port, as DeepSpeed needs one."""
     if "LOCAL_RANK" in os.environ:
@@ -109,18 +78,8 @@ def _single_process_environment() -> None:
 class ZeroEngine(Engine):
     """accelerate + DeepSpeed ZeRO over gloo (CPU) or NCCL (CUDA): `Engine`'s methods (ranks, collectives from it) and a few more."""
 
-    def __init__(
-        self,
-        device: str,
-        mixed_precision: str,
-        expected_world_size: int,
-        collective_timeout_s: int = 600,
-        *,
-        stage: int,
-        micro_batch_size: int,
-        grad_accum_steps: int = 1,
-        grad_clip: float | None = None,
-    ):
+    def __init__(self, device: str, mixed_precision: str, expected_world_size: int, collective_timeout_s: int = 600, *, config: dict):
+        """config: the DeepSpeed config (launch.deepspeed.deepspeed_config), batch split and stage included."""
         if mixed_precision == "fp16":
             raise UserError("the DeepSpeed engine here trains in bf16 or fp32; fp16 (loss scaling) is not supported, use bf16")
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
@@ -129,19 +88,23 @@ class ZeroEngine(Engine):
         _single_process_environment()
         # DeepSpeed 0.19 calls collectives torch 2.13 deprecates: one warning per call would flood the job log.
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+        # DeepSpeed steps the offloaded CPU Adam itself, past the LR scheduler's step counter; the schedule
+        # still applies (it sets the groups' lr, which CPU Adam reads: tests/integration/test_strategy_settings.py).
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
         from accelerate import Accelerator, DeepSpeedPlugin
         from accelerate.utils import InitProcessGroupKwargs
 
-        self.stage, self.mixed_precision, self.grad_accum_steps = stage, mixed_precision, grad_accum_steps
-        self.grad_clip = grad_clip
-        self.config = deepspeed_config(stage, mixed_precision, micro_batch_size, grad_accum_steps, expected_world_size, grad_clip)
+        self.config = config
+        self.stage = config["zero_optimization"]["stage"]
+        self.mixed_precision, self.grad_accum_steps = mixed_precision, config["gradient_accumulation_steps"]
+        self.offload_optimizer = config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none"
         plugin = DeepSpeedPlugin(hf_ds_config=self.config)
         # Without an explicit backend accelerate asks DeepSpeed for its default (ccl on CPU), and
         # without a process group every rank believes it is alone; cpu=True would turn DeepSpeed off.
         # The timeout turns a collective waiting on a stuck or vanished rank into an error, not a hang.
         backend = "gloo" if device == "cpu" else "nccl"
         self.accelerator = Accelerator(
-            deepspeed_plugin=plugin, mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum_steps,
+            deepspeed_plugin=plugin, mixed_precision=mixed_precision, gradient_accumulation_steps=self.grad_accum_steps,
             kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=collective_timeout_s))],
         )
         self._check_world_size(expected_world_size)
@@ -155,12 +118,30 @@ class ZeroEngine(Engine):
         return torch.bfloat16 if self.mixed_precision == "bf16" else torch.float32
 
     # ------------------------------------------------------------------ training
+    def make_optimizer(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> torch.optim.Optimizer:
+        """torch's AdamW; with the optimizer offloaded, DeepSpeed's CPU Adam in AdamW mode (the same update,
+        vectorised for the CPU; DeepSpeed refuses other optimizers there). Its op is compiled once (setup.sh)."""
+        if not self.offload_optimizer:
+            return super().make_optimizer(params, lr, betas, eps, weight_decay)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adamw_mode=True)
+
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         """(DeepSpeedEngine, accelerate's DeepSpeedOptimizerWrapper); under ZeRO-3 the module's parameters are partitioned."""
         if self.ds is not None:
             raise RuntimeError("ZeroEngine.prepare was called twice; it holds one model")
         wrapped_model, wrapped_optimizer = self.accelerator.prepare(model, optimizer)
         self.ds = wrapped_model
+        if self.is_main:  # read back from DeepSpeed's engine: what it really runs with
+            offload_param = self.ds.zero_offload_param()
+            log.info(
+                "DeepSpeed ZeRO-%d: optimizer %s%s%s, reduce bucket %d elements, overlap_comm %s, bf16 %s",
+                self.ds.zero_optimization_stage(), type(self.ds.optimizer.optimizer).__name__,
+                " offloaded to CPU" if self.ds.zero_cpu_offload() else "",
+                ", weights offloaded to CPU" if offload_param is not None and offload_param.device == "cpu" else "",
+                self.ds.zero_reduce_bucket_size(), self.ds.zero_overlap_comm(), self.ds.bfloat16_enabled(),
+            )
         return wrapped_model, wrapped_optimizer
 
     def autocast(self):

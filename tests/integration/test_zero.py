@@ -217,15 +217,3 @@ def test_zero_checkpoint_of_two_ranks_continues_on_one_process(runs, tmp_path, s
         assert result["eval_losses"][str(STEPS)] < result["eval_losses"][str(SAVE_AT)], "training did not go on from the consolidated weights"
 
 
-def test_deepspeed_config_splits_the_global_batch_and_carries_clipping():
-    from orchestrator.train.zero import deepspeed_config
-
-    config = deepspeed_config(3, "bf16", micro_batch_size=4, grad_accum_steps=2, world_size=2, grad_clip=1.0)
-    assert config["train_batch_size"] == 16 and config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_accumulation_steps"] == 2
-    assert config["gradient_clipping"] == 1.0 and config["zero_optimization"]["stage"] == 3 and config["bf16"] == {"enabled": True}
-    assert "optimizer" not in config, "a DeepSpeed-config optimizer would compile cpu_adam; the trainer's torch AdamW is used"
-    assert deepspeed_config(1, "no", 4, 1, 1, None)["gradient_clipping"] == 0.0
-    good = {"stage": 2, "mixed_precision": "bf16", "micro_batch_size": 4, "grad_accum_steps": 1, "world_size": 2, "grad_clip": None}
-    for bad in ({"stage": 0}, {"mixed_precision": "fp16"}, {"micro_batch_size": 0}):
-        with pytest.raises(ValueError):
-            deepspeed_config(**{**good, **bad})

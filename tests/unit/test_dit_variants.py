@@ -303,3 +303,38 @@ def test_variant_parameter_names():
 def test_invalid_variants_raise_value_errors_naming_the_valid_values(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_dit(**overrides)
+
+
+# --- activation checkpointing -------------------------------------------------------------------------
+
+
+def loss_and_grads(model: torch.nn.Module, x, t, y) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)  # the same condition dropout in both runs
+    loss = model(x, t, y).square().mean()
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("conditioning,condition", [("adaln_zero", "class"), ("cross_attention", "text"), ("in_context", "text"), ("adaln", "none")])
+def test_activation_checkpointing_recomputes_every_block_and_changes_no_gradient(conditioning, condition):
+    model = perturb(tiny_dit(conditioning=conditioning, condition=condition)).train()
+    x, t, y = inputs(condition=condition)
+    plain_loss, plain_grads = loss_and_grads(model, x, t, y)
+
+    calls = []
+    hooks = [block.register_forward_pre_hook(lambda module, args: calls.append(module)) for block in model.blocks]
+    model.activation_checkpointing = True
+    checkpointed_loss, checkpointed_grads = loss_and_grads(model, x, t, y)
+    for hook in hooks:
+        hook.remove()
+
+    assert len(calls) == 2 * len(model.blocks), "each block runs again in backward (its activations were not kept)"
+    assert checkpointed_loss.equal(plain_loss)
+    assert plain_grads.keys() == checkpointed_grads.keys()
+    assert all(plain_grads[name].equal(checkpointed_grads[name]) for name in plain_grads)
+    calls.clear()
+    hooks = [block.register_forward_pre_hook(lambda module, args: calls.append(module)) for block in model.blocks]
+    with torch.no_grad():
+        model.eval()(x, t, y)
+    assert len(calls) == len(model.blocks), "without gradients (sampling) each block runs once"

@@ -151,3 +151,28 @@ def test_readme_spec_reference_matches_the_code():
     start, end = "<!-- spec-reference:start -->\n", "<!-- spec-reference:end -->"
     section = readme[readme.index(start) + len(start) : readme.index(end)]
     assert section == reference_markdown(), "README spec reference is stale: run scripts/update_readme_reference.py"
+
+
+def test_gpus_per_node_sets_the_ranks_per_node_and_contradictions_are_refused():
+    spec = parse_spec("name: big\ntrain: {steps: 10, global_batch_size: 256}\nresources: {gpus_per_node: 8, nodes: 4, rdzv_endpoint: 'n0:29400', launcher: torchrun}\n")
+    assert spec.resources.processes == 8 and spec.resources.world_size == 32 and spec.micro_batch_size == 8
+    assert spec_from_dict(spec.to_dict()) == spec, "the recorded spec (both fields set) reads back"
+    assert "gpus_per_node 8 and processes 4 disagree" in problems(MINIMAL, ["resources.gpus_per_node=8", "resources.processes=4"])
+    assert "gpus_per_node needs device cuda" in problems(MINIMAL, ["resources.gpus_per_node=8", "resources.device=cpu"])
+
+
+def test_strategy_settings_belong_to_their_strategy():
+    assert "resources.deepspeed configures the ZeRO strategies" in problems(MINIMAL, ["resources.deepspeed.offload_optimizer=true"])
+    assert "resources.ddp configures strategy ddp, not zero2" in problems(MINIMAL, ["resources.strategy=zero2", "resources.ddp.bucket_mb=50"])
+    assert "offload_params needs strategy zero3" in problems(MINIMAL, ["resources.strategy=zero2", "resources.deepspeed.offload_params=true"])
+    assert "set both" in problems(MINIMAL, ["resources.strategy=zero3", "resources.deepspeed.offload_params=true"])
+    spec = parse_spec(MINIMAL, overrides=["resources.strategy=zero3", "resources.deepspeed.offload_params=true",
+                                          "resources.deepspeed.offload_optimizer=true", "resources.activation_checkpointing=true"])
+    assert spec.resources.deepspeed.offload_params and spec.resources.activation_checkpointing
+
+
+def test_deepspeed_config_file_is_resolved_next_to_the_spec(tmp_path):
+    (tmp_path / "ds.json").write_text("{}")
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(MINIMAL + "resources: {strategy: zero2, deepspeed: {config_file: ds.json}}\n")
+    assert load_spec(spec_file).resources.deepspeed.config_file == str(tmp_path / "ds.json")

@@ -195,3 +195,27 @@ def test_a_tiny_unet_overfits_one_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 5, f"loss went from {losses[0]:.3f} to {losses[-1]:.3f}"
+
+
+def test_activation_checkpointing_recomputes_the_blocks_and_changes_no_gradient():
+    model = randomize(tiny_unet(num_classes=3, class_dropout_prob=0.0)).train()
+    generator = torch.Generator().manual_seed(3)
+    x, t, y = torch.randn(2, 1, 16, 16, generator=generator), torch.tensor([3, 70]), torch.tensor([0, 2])
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        loss = model(x, t, y).square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_grads = run()
+    blocks = [*model.down_blocks, *model.mid_blocks, *model.up_blocks]
+    calls = []
+    hooks = [block.register_forward_pre_hook(lambda module, args: calls.append(module)) for block in blocks]
+    model.activation_checkpointing = True
+    loss, grads = run()
+    for hook in hooks:
+        hook.remove()
+    assert len(calls) == 2 * len(blocks)
+    assert loss.equal(plain_loss) and grads.keys() == plain_grads.keys()
+    assert all(grads[n].equal(plain_grads[n]) for n in grads)
