@@ -146,3 +146,78 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
+
+
+# ---------------------------------------------------------------------------------------------
+# The `deepspeed` launcher: a hostfile, ssh (pdsh) to every host, one launcher per host
+# ---------------------------------------------------------------------------------------------
+
+
+def deepspeed_command(
+    python: str,
+    entry: Sequence[str],
+    hostfile: str,
+    env_file: str,
+    master_addr: str,
+    master_port: int,
+    ssh_port: int | None = None,
+    threads: int | None = None,
+) -> LaunchCommand:
+    """DeepSpeed's runner starting the module in `entry` on every host of `hostfile` (its slots: ranks per host).
+
+    One host runs locally; several are started through pdsh over ssh from this machine, each with
+    DeepSpeed's per-host launcher (`deepspeed.launcher.launch`, node rank = the host's line). Only the
+    variables in `env_file` (DeepSpeed's DS_ENV_FILE) and a few prefixes (PYTHON*, MLFLOW*, UCX*)
+    reach the other hosts. `--no_local_rank`: the entry reads LOCAL_RANK from its environment.
+    """
+    entry = check_entry(entry, module_only=True)
+    check_positive("master_port", master_port)
+    if ssh_port is not None:
+        check_positive("ssh_port", ssh_port)
+    if not master_addr:
+        raise ValueError("master_addr is empty; pass the host name or address of node 0")
+    argv = [python, "-u", "-m", "deepspeed.launcher.runner", "--hostfile", hostfile, "--master_addr", master_addr, "--master_port", str(master_port)]
+    if ssh_port is not None:
+        argv += ["--ssh_port", str(ssh_port)]
+    argv += ["--no_local_rank", "--module", *entry[1:]]
+    return LaunchCommand(argv=tuple(argv), env={**thread_env(threads), "DS_ENV_FILE": env_file})
+
+
+def hostfile_text(hosts: Sequence[str], slots: int) -> str:
+    """A DeepSpeed hostfile: `HOST slots=N` per host, node 0 first."""
+    check_positive("slots", slots)
+    if not hosts:
+        raise ValueError("the hostfile needs at least one host")
+    for host in hosts:
+        if not host or any(c.isspace() for c in host) or host.startswith("#"):
+            raise ValueError(f"{host!r} is not a host name")
+    return "".join(f"{host} slots={slots}\n" for host in hosts)
+
+
+def parse_hostfile(text: str) -> dict[str, int]:
+    """Hosts and their slots from hostfile text (`HOST slots=N`, # comments), in order; ValueError on a bad line."""
+    hosts: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].startswith("slots=") or not parts[1][6:].isdigit() or int(parts[1][6:]) < 1:
+            raise ValueError(f"line {number} should read `HOST slots=N`, got {line!r}")
+        if parts[0] in hosts:
+            raise ValueError(f"line {number} lists {parts[0]} again")
+        hosts[parts[0]] = int(parts[1][6:])
+    if not hosts:
+        raise ValueError("it lists no host")
+    return hosts
+
+
+def env_file_text(env: Mapping[str, str]) -> str:
+    """DS_ENV_FILE's text: `NAME=value` lines (DeepSpeed's runner splits at the first '=' and quotes the value; it
+    cannot read a blank line)."""
+    lines = []
+    for name, value in env.items():
+        if not name.isidentifier() or "\n" in value:
+            raise ValueError(f"cannot pass {name}={value!r} to the other hosts")
+        lines.append(f"{name}={value}")
+    return "\n".join(lines) + ("\n" if lines else "")

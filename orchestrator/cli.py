@@ -242,9 +242,9 @@ def _submit_to_slurm(job: JobDir, plan: dict) -> None:
     """Write the job's sbatch script and submit it; Slurm runs (and requeues) it from here on."""
     from orchestrator import slurm
 
-    script = job.path / "slurm" / "job.sbatch"
-    script.parent.mkdir(exist_ok=True)
-    script.write_text(plan["sbatch_script"])
+    from orchestrator.supervisor import write_launch_files
+
+    write_launch_files(plan)  # the sbatch script
     job.logs_dir.mkdir(exist_ok=True)  # Slurm does not create the output folder; its output would be lost
     slurm_job_id = slurm.submit(plan["command"]["argv"])
     record = job.read()

@@ -143,6 +143,12 @@ class JobDir:
         return self.logs_dir / "job.log"
 
     @property
+    def ranks_dir(self) -> Path:
+        """Where each rank of the current run records its host and pid (`<rank>.json`), for signals to ranks
+        that are not the supervisor's descendants (started over ssh)."""
+        return self.path / "ranks"
+
+    @property
     def checkpoints_dir(self) -> Path:
         return self.path / "checkpoints"
 

@@ -49,13 +49,15 @@ class Plan:
     estimate: tuple[str, ...] = ()  # parameters and memory per rank, computed (orchestrator/estimate.py)
     strategy_lines: tuple[str, ...] = ()  # the strategy's settings as they will apply (e.g. the DeepSpeed config's essentials)
     sbatch_script: str | None = None  # launcher slurm: the script `command` (sbatch) submits, written into the job directory
+    launch_files: tuple[tuple[str, str], ...] = ()  # (path, text) the command reads, written before it runs (hostfile, sbatch script)
+    hosts: tuple[str, ...] = ()  # launcher deepspeed: the hosts it starts over ssh, node 0 first
     problems: tuple[str, ...] = ()
 
     def describe(self) -> list[str]:
         """Human-readable lines, as `orch plan` prints them."""
         return [
             f"launcher        {self.launcher} on {self.device}, strategy {self.strategy}",
-            f"world size      {self.world_size} ({self.processes_per_node} process(es) x {len(self.node_commands) or 1} node(s))",
+            f"world size      {self.world_size} ({self.processes_per_node} process(es) x {self.world_size // self.processes_per_node} node(s))",
             f"batch           {self.global_batch_size} global = {self.micro_batch_size} per rank x {self.world_size} rank(s) x {self.grad_accum_steps} accumulation step(s)",
             f"threads         {self.threads_per_process} per process",
             *self.strategy_lines,
@@ -64,7 +66,10 @@ class Plan:
             *(
                 [f"command         {self.command.shell()}", *(f"  | {line}" for line in self.sbatch_script.splitlines() if line.startswith("#SBATCH") or line.startswith("srun") or line.lstrip().startswith("python"))]
                 if self.sbatch_script else
-                [f"command         {self.command.shell()}"] if len(self.node_commands) < 2 else
+                [f"command         {self.command.shell()}"] if len(self.node_commands) < 2 and not self.hosts else
+                [f"command         {self.command.shell()}  (orch submit runs it on node 0)",
+                 *(f"node {n:<10} {host}: {self.processes_per_node} rank(s), started over ssh by DeepSpeed's runner" for n, host in enumerate(self.hosts))]
+                if self.hosts else
                 [f"node {n:<10} {c.shell()}{'  (orch submit runs it)' if n == 0 else f'  (orch join JOB --node-rank {n} runs it)'}" for n, c in enumerate(self.node_commands)]
             ),
             *(f"problem         {problem}" for problem in self.problems),
@@ -97,7 +102,7 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
     if resources.gpus_per_node is not None and device != "cuda":
         problems.append(f"resources.gpus_per_node {resources.gpus_per_node} needs CUDA, and no NVIDIA GPU is visible here; on CPU set processes instead")
     deepspeed_lines: list[str] = []
-    if resources.strategy != "ddp":
+    if resources.strategy.startswith("zero"):
         import importlib.util
 
         if importlib.util.find_spec("deepspeed") is None:
@@ -117,6 +122,8 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
     entry = ("-m", "orchestrator.worker", str(job_path))
     node_commands: tuple[LaunchCommand, ...] = ()
     sbatch_script = None
+    launch_files: tuple[tuple[str, str], ...] = ()
+    hosts: tuple[str, ...] = ()
     if launcher == "local":
         command = local_command(python, entry, threads=threads)
     elif launcher == "torchrun":
@@ -130,6 +137,9 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
         command = node_commands[0]
     elif launcher == "slurm":
         command, sbatch_script = _slurm_command(spec, job_path, python, entry, device, threads, problems)
+        launch_files = ((str(job_path / "slurm" / "job.sbatch"), sbatch_script),)
+    elif launcher == "deepspeed":
+        command, launch_files, hosts = _deepspeed_command(spec, job_path, python, entry, threads, problems)
     else:
         command = accelerate_command(python, entry, num_processes=resources.processes, cpu=device == "cpu", threads=threads)
 
@@ -156,6 +166,8 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
         estimate=tuple(model_estimate(spec, resources.world_size)),
         strategy_lines=tuple(deepspeed_lines or strategy_description(spec)),
         sbatch_script=sbatch_script,
+        launch_files=launch_files,
+        hosts=hosts,
         problems=tuple(problems),
     )
 
@@ -202,9 +214,60 @@ def describe_deepspeed(spec: JobSpec, config: dict) -> list[str]:
 
 def strategy_description(spec: JobSpec) -> list[str]:
     """`orch plan`'s line on the DDP strategy's settings."""
-    if spec.resources.strategy != "ddp" or spec.resources.world_size == 1 and not spec.resources.activation_checkpointing:
+    r = spec.resources
+    checkpointing = f"activation checkpointing {'on' if r.activation_checkpointing else 'off'}"
+    if r.strategy == "fsdp":
+        return [f"fsdp            FSDP2, one shard unit per block, {'bf16 weights, fp32 grad reduction' if spec.train.mixed_precision == 'bf16' else 'fp32'}, {checkpointing}"]
+    if r.world_size == 1 and not r.activation_checkpointing:
         return []
-    return [f"ddp             bucket {spec.resources.ddp.bucket_mb} MiB, activation checkpointing {'on' if spec.resources.activation_checkpointing else 'off'}"]
+    return [f"ddp             bucket {r.ddp.bucket_mb} MiB, {checkpointing}"]
+
+
+def _deepspeed_command(spec: JobSpec, job_path: Path, python: str, entry, threads: int, problems: list[str]):
+    """DeepSpeed's runner over the job's hostfile: (command, files to write, hosts)."""
+    import importlib.util
+    import shutil
+    import socket
+
+    from launch.deepspeed import deepspeed_command, env_file_text, hostfile_text, parse_hostfile
+
+    r = spec.resources
+    if importlib.util.find_spec("deepspeed") is None:
+        problems.append("launcher deepspeed needs DeepSpeed, which is not installed: bash scripts/setup.sh installs it (or use launcher torchrun)")
+    hosts = list(r.hosts)
+    if r.hostfile:
+        try:
+            listed = parse_hostfile(Path(r.hostfile).read_text())
+        except (OSError, ValueError) as err:
+            problems.append(f"resources.hostfile {r.hostfile}: {getattr(err, 'strerror', None) or err}")
+            listed = {}
+        if listed and (len(listed) != r.nodes or set(listed.values()) != {r.processes}):
+            problems.append(
+                f"resources.hostfile lists {len(listed)} host(s) with {sorted(set(listed.values()))} slot(s) but the spec has "
+                f"nodes {r.nodes} x processes {r.processes}; make them agree (the batch split follows the spec)"
+            )
+        hosts = list(listed) or hosts
+    if not hosts:
+        hosts = ["localhost"]  # one node: DeepSpeed's runner starts the ranks here, without ssh
+    if len(hosts) > 1 and shutil.which("pdsh") is None:
+        problems.append("launcher deepspeed starts the other hosts with pdsh over ssh, and pdsh is not on the PATH (apt-get install pdsh)")
+    if r.rdzv_endpoint:
+        master_addr, _, port = r.rdzv_endpoint.rpartition(":")
+        master_port = int(port)
+    elif len(hosts) > 1:
+        master_addr, master_port = hosts[0], 29500
+    else:
+        with socket.socket() as probe:  # one node: a free loopback port, so that jobs on one machine do not collide
+            probe.bind(("127.0.0.1", 0))
+            master_addr, master_port = "127.0.0.1", probe.getsockname()[1]
+    folder = job_path / "deepspeed"
+    command = deepspeed_command(
+        python, entry, hostfile=str(folder / "hostfile"), env_file=str(folder / "env"), master_addr=master_addr,
+        master_port=master_port, ssh_port=r.ssh_port, threads=threads,
+    )
+    passed_on = {name: value for name, value in command.env.items() if name != "DS_ENV_FILE"}
+    files = ((str(folder / "hostfile"), hostfile_text(hosts, r.processes)), (str(folder / "env"), env_file_text(passed_on)))
+    return command, files, tuple(hosts) if len(hosts) > 1 else ()
 
 
 def _slurm_command(spec: JobSpec, job_path: Path, python: str, entry, device: str, threads: int, problems: list[str]) -> tuple[LaunchCommand, str]:
@@ -251,7 +314,7 @@ def model_estimate(spec: JobSpec, world_size: int) -> list[str]:
         m.depth, tokens, m.hidden_size, m.num_heads, spec.train.mixed_precision, checkpointing=r.activation_checkpointing,
     )
     offload = None
-    if r.strategy != "ddp" and r.deepspeed.offload_optimizer:
+    if r.strategy.startswith("zero") and r.deepspeed.offload_optimizer:
         offload = "optimizer+params" if r.deepspeed.offload_params else "optimizer"
     memory = estimate.memory_per_gpu(
         trainable, r.strategy, spec.train.mixed_precision, world_size, spec.micro_batch_size, activations, frozen_params=total - trainable,

@@ -335,8 +335,14 @@ class DdpSpec(Section):
 
 
 class ResourcesSpec(Section):
-    launcher: Literal["auto", "local", "torchrun", "accelerate", "slurm"] = "auto"
-    """How ranks are started: `local` (one plain process), `torchrun`, `accelerate`, or `slurm` (an sbatch job of `nodes` nodes, torchrun on each); `auto` is local for 1 process on 1 node, torchrun otherwise."""
+    launcher: Literal["auto", "local", "torchrun", "accelerate", "deepspeed", "slurm"] = "auto"
+    """How ranks are started: `local` (one plain process), `torchrun`, `accelerate`, `deepspeed` (DeepSpeed's launcher: every host of `hosts` / `hostfile` started over ssh from node 0), or `slurm` (an sbatch job of `nodes` nodes, torchrun on each); `auto` is local for 1 process on 1 node, torchrun otherwise."""
+    hosts: list[str] = []
+    """launcher deepspeed: the nodes' host names, node 0 (where `orch submit` runs) first; sets `nodes`. Each needs passwordless ssh from node 0, pdsh on node 0, and the job root on a shared filesystem."""
+    hostfile: str | None = None
+    """launcher deepspeed: a hostfile (`HOST slots=N` per line, DeepSpeed/MPI style) instead of `hosts`; its hosts and slots must match `nodes` and `processes`."""
+    ssh_port: int | None = Field(None, ge=1, le=65535)
+    """launcher deepspeed: the ssh port of the hosts (empty: ssh's own default or ~/.ssh/config)."""
     slurm: SlurmSpec = SlurmSpec()
     """Slurm settings (launcher: slurm)."""
     gpus_per_node: int | None = Field(None, ge=1)
@@ -346,11 +352,11 @@ class ResourcesSpec(Section):
     nodes: int = Field(1, ge=1)
     """Machines, each running `processes` ranks; node 0 runs `orch submit`, every other node `orch join JOB --node-rank N` (the job directory on a shared filesystem)."""
     rdzv_endpoint: str | None = None
-    """HOST:PORT where the nodes' ranks meet (torchrun's c10d rendezvous; a free port on node 0); required when nodes > 1."""
+    """HOST:PORT where the nodes' ranks meet (a free port on node 0): torchrun's c10d rendezvous, required when nodes > 1; for launcher deepspeed the master address (default: the first host, port 29500)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto` uses CUDA when a GPU is visible, else the CPU."""
-    strategy: Literal["ddp", "zero1", "zero2", "zero3"] = "ddp"
-    """How the model is spread over the ranks: `ddp` (replicated, accelerate's DDP) or DeepSpeed ZeRO stage 1 (optimizer states sharded), 2 (and gradients), 3 (and weights); the EMA is kept of the full weights on every rank."""
+    strategy: Literal["ddp", "fsdp", "zero1", "zero2", "zero3"] = "ddp"
+    """How the model is spread over the ranks: `ddp` (replicated, accelerate's DDP), `fsdp` (PyTorch FSDP2: weights, gradients and optimizer states sharded per block) or DeepSpeed ZeRO stage 1 (optimizer states sharded), 2 (and gradients), 3 (and weights); the EMA is kept of the full weights on every rank."""
     ddp: DdpSpec = DdpSpec()
     """Settings of strategy ddp."""
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
@@ -365,6 +371,11 @@ class ResourcesSpec(Section):
     @model_validator(mode="before")
     @classmethod
     def _gpus_set_processes(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and isinstance(raw.get("hosts"), list) and raw["hosts"]:
+            hosts, nodes = raw["hosts"], raw.get("nodes")
+            if nodes is not None and nodes != len(hosts):
+                raise ValueError(f"nodes {nodes} and hosts ({len(hosts)} listed) disagree: hosts sets the node count; set only hosts")
+            raw = {**raw, "nodes": len(hosts)}
         if isinstance(raw, dict) and raw.get("gpus_per_node") is not None:
             gpus, processes = raw["gpus_per_node"], raw.get("processes")
             if processes is not None and processes != gpus:
@@ -378,21 +389,29 @@ class ResourcesSpec(Section):
     def _launcher_fits(self) -> ResourcesSpec:
         if self.launcher == "local" and self.processes > 1:
             raise ValueError(f"launcher local starts one process; use torchrun or accelerate for processes={self.processes}")
-        if self.strategy != "ddp" and self.launcher == "accelerate":
-            raise ValueError(f"strategy {self.strategy} starts through torchrun (or local, or slurm): accelerate launch would switch DeepSpeed off on CPU")
+        if self.strategy.startswith("zero") and self.launcher == "accelerate":
+            raise ValueError(f"strategy {self.strategy} starts through torchrun (or local, deepspeed, slurm): accelerate launch would switch DeepSpeed off on CPU")
         if self.slurm != SlurmSpec() and self.launcher != "slurm":
             raise ValueError("resources.slurm configures launcher: slurm; set it, or remove the slurm section")
-        if self.deepspeed != DeepSpeedSpec() and self.strategy == "ddp":
-            raise ValueError("resources.deepspeed configures the ZeRO strategies; set strategy zero1, zero2 or zero3, or remove the deepspeed section")
+        if self.deepspeed != DeepSpeedSpec() and not self.strategy.startswith("zero"):
+            raise ValueError(f"resources.deepspeed configures the ZeRO strategies, not {self.strategy}; set strategy zero1, zero2 or zero3, or remove the deepspeed section")
         if self.ddp != DdpSpec() and self.strategy != "ddp":
             raise ValueError(f"resources.ddp configures strategy ddp, not {self.strategy}; remove the ddp section (bucket sizes of ZeRO are under resources.deepspeed)")
         if self.deepspeed.offload_params and self.strategy != "zero3":
             raise ValueError(f"deepspeed.offload_params needs strategy zero3 (only ZeRO-3 partitions the weights), not {self.strategy}")
         if self.deepspeed.offload_params and not self.deepspeed.offload_optimizer:
             raise ValueError("deepspeed.offload_params goes with deepspeed.offload_optimizer: true (weights in CPU memory and the optimizer on the GPU would ship every update across); set both")
-        if self.nodes > 1 and self.launcher not in ("auto", "torchrun", "slurm"):
-            raise ValueError(f"launcher {self.launcher} runs on one node; multi-node jobs start through torchrun or slurm")
-        if self.nodes > 1 and self.launcher != "slurm" and not self.rdzv_endpoint:
+        if (self.hosts or self.hostfile or self.ssh_port) and self.launcher != "deepspeed":
+            raise ValueError("hosts, hostfile and ssh_port configure launcher: deepspeed (ssh-style multi-node); set it, or remove them")
+        if self.hosts and self.hostfile:
+            raise ValueError("give the nodes either as hosts or as a hostfile, not both")
+        if len(set(self.hosts)) != len(self.hosts):
+            raise ValueError(f"hosts lists a host twice: {self.hosts}")
+        if self.launcher == "deepspeed" and self.nodes > 1 and not (self.hosts or self.hostfile):
+            raise ValueError(f"launcher deepspeed on {self.nodes} nodes needs their names: resources.hosts (node 0 first) or resources.hostfile")
+        if self.nodes > 1 and self.launcher not in ("auto", "torchrun", "deepspeed", "slurm"):
+            raise ValueError(f"launcher {self.launcher} runs on one node; multi-node jobs start through torchrun, deepspeed or slurm")
+        if self.nodes > 1 and self.launcher not in ("slurm", "deepspeed") and not self.rdzv_endpoint:
             raise ValueError(f"{self.nodes} nodes need resources.rdzv_endpoint: HOST:PORT of node 0, where the ranks meet (e.g. node0.cluster:29400)")
         if self.rdzv_endpoint is not None:
             host, _, port = self.rdzv_endpoint.rpartition(":")
@@ -445,7 +464,7 @@ class JobSpec(Section):
         if self.sample.steps > self.diffusion.num_train_timesteps:
             raise ValueError(f"sample.steps {self.sample.steps} exceeds diffusion.num_train_timesteps {self.diffusion.num_train_timesteps}")
         if self.resources.strategy != "ddp" and self.train.mixed_precision == "fp16":
-            raise ValueError(f"resources.strategy {self.resources.strategy} trains in bf16 or fp32 here; fp16 (loss scaling) is not supported with DeepSpeed, use bf16")
+            raise ValueError(f"resources.strategy {self.resources.strategy} trains in bf16 or fp32 here; fp16 (loss scaling) is supported with ddp only, use bf16")
         if m.condition == "text" and not self.data.has_text:
             raise ValueError(
                 f"model.condition: text needs precomputed text embeddings, which data.source {self.data.source} does not carry; "
@@ -512,7 +531,8 @@ def parse_spec(text: str, source: str = "<spec>", overrides=(), base_dir: Path |
         origins[key_path] = f"--set {override}"
     spec = validate_tree(JobSpec, raw, source, origins)
     for key_path, value in (("data.path", spec.data.path), ("model.init_from", spec.model.init_from),
-                            ("resources.deepspeed.config_file", spec.resources.deepspeed.config_file)):
+                            ("resources.deepspeed.config_file", spec.resources.deepspeed.config_file),
+                            ("resources.hostfile", spec.resources.hostfile)):
         if base_dir is not None and value and not Path(value).is_absolute():
             spec = replace(spec, key_path, str((base_dir / value).resolve()))  # relative to the spec file
     return spec

@@ -34,6 +34,15 @@ def write_plan(job: JobDir, plan: Plan) -> None:
     job.plan_file.write_text(json.dumps(data, indent=2))
 
 
+def write_launch_files(plan: dict) -> None:
+    """The files the planned command reads (a hostfile, an sbatch script), written before it runs."""
+    from orchestrator.files import write_atomic
+
+    for path, text in plan.get("launch_files", ()):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(path), text)
+
+
 def exit_code_for(state: JobState) -> int:
     return {JobState.SUCCEEDED: 0, JobState.PREEMPTED: EXIT_PREEMPTED}.get(state, 1)
 
@@ -54,6 +63,8 @@ def run(job: JobDir, progress: bool) -> JobRecord:
             exit_code=None, message="", stop_reason=None, cancel_requested=False, attempts=previous.attempts + 1,
             launcher=plan["launcher"], world_size=plan["world_size"],
         )
+        write_launch_files(plan)
+        clear_rank_registry(job)
         with open(job.log_file, "ab") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {previous.attempts + 1}: {' '.join(plan['command']['argv'])}\n".encode())
             log.flush()
@@ -62,7 +73,7 @@ def run(job: JobDir, progress: bool) -> JobRecord:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         job.update(launcher_pid=process.pid)
-        forwarder = _SignalForwarder(process, ranks_are_children=plan["launcher"] != "local")
+        forwarder = _SignalForwarder(process, _rank_finder(job, plan["launcher"], process))
         try:
             _wait(job, process, progress)
         finally:
@@ -76,6 +87,8 @@ def run_node(job: JobDir, node_rank: int) -> int:
     """Run node `node_rank`'s part of a multi-node job in the foreground (its ranks join node 0's through the
     rendezvous); returns the launcher's exit code. Node 0's supervisor alone records the job's state."""
     plan = json.loads(job.plan_file.read_text())
+    if plan["launcher"] == "deepspeed":
+        raise JobError(f"job {job.id} runs through launcher deepspeed, which starts every host itself over ssh: there is nothing to join")
     commands = plan.get("node_commands") or [plan["command"]]
     if not 1 <= node_rank < len(commands):
         raise JobError(f"job {job.id} runs on {len(commands)} node(s): --node-rank must be 1..{len(commands) - 1} (node 0 is `orch submit`/`orch resume`)")
@@ -87,7 +100,7 @@ def run_node(job: JobDir, node_rank: int) -> int:
             command["argv"], env={**os.environ, **command["env"]},
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    forwarder = _SignalForwarder(process, ranks_are_children=True)
+    forwarder = _SignalForwarder(process, lambda: children_of(process.pid))
     try:
         return process.wait()
     finally:
@@ -137,12 +150,25 @@ def record_end(job: JobDir, returncode: int) -> JobRecord:
     return job.transition(state, ended_at=time.time(), exit_code=returncode, message=message)
 
 
+def _rank_finder(job: JobDir, launcher: str, process: subprocess.Popen):
+    """How to find the rank processes a stop signal goes to, by launcher (a function returning pids)."""
+    if launcher == "local":
+        return lambda: [process.pid]  # the launched process is the rank
+    if launcher == "deepspeed":
+        # Its ranks hang below sshd (pdsh), not below us: those on this host recorded themselves. The stop
+        # is agreed by all ranks at the next step, so signalling this host's ranks stops every host's.
+        return lambda: local_ranks(job)
+    # Ranks only: a launcher such as torchrun would answer SIGTERM by killing its ranks after 30 s,
+    # and SIGUSR1 would kill the launcher itself; DataLoader workers must not see it either.
+    return lambda: children_of(process.pid)
+
+
 class _SignalForwarder:
     """Passes stop signals on to the rank processes; a second Ctrl-C kills the run without a checkpoint."""
 
-    def __init__(self, process: subprocess.Popen, ranks_are_children: bool):
+    def __init__(self, process: subprocess.Popen, rank_pids):
         self.process = process
-        self.ranks_are_children = ranks_are_children
+        self.rank_pids = rank_pids
         self.interrupts = 0
         self.previous = {signum: signal.signal(signum, self._forward) for signum in FORWARDED}
 
@@ -151,25 +177,52 @@ class _SignalForwarder:
             self.interrupts += 1
             if self.interrupts > 1:
                 print("\nsecond interrupt: killing the job without a checkpoint", file=sys.stderr)
+                for pid in self.rank_pids():
+                    _kill(pid, signal.SIGKILL)
                 _kill_group(self.process.pid, signal.SIGKILL)
                 return
             print("\ninterrupt: the job writes a checkpoint and stops (Ctrl-C again to kill it at once)", file=sys.stderr)
-        for pid in self._rank_pids():
-            try:
-                os.kill(pid, FORWARDED[signum])
-            except ProcessLookupError:
-                pass
-
-    def _rank_pids(self) -> list[int]:
-        # Ranks only: a launcher such as torchrun would answer SIGTERM by killing its ranks after 30 s,
-        # and SIGUSR1 would kill the launcher itself; DataLoader workers must not see it either.
-        if not self.ranks_are_children:
-            return [self.process.pid]
-        return children_of(self.process.pid)
+        pids = self.rank_pids()
+        if not pids and self.process.poll() is None:
+            # No rank has started yet (the deepspeed runner is still connecting): its runner stops them all.
+            _kill(self.process.pid, signal.SIGTERM)
+        for pid in pids:
+            _kill(pid, FORWARDED[signum])
 
     def restore(self) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+
+
+def register_rank(job: JobDir, rank: int) -> None:
+    """Record this rank's host and pid for the current run (every rank calls it at its start)."""
+    import socket
+
+    from orchestrator.files import write_atomic
+
+    job.ranks_dir.mkdir(exist_ok=True)
+    write_atomic(job.ranks_dir / f"{rank}.json", json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+
+
+def clear_rank_registry(job: JobDir) -> None:
+    for entry in job.ranks_dir.glob("*.json"):
+        entry.unlink(missing_ok=True)
+
+
+def local_ranks(job: JobDir) -> list[int]:
+    """Pids of the job's ranks running on this host (from the registry, checked against /proc: a pid may be reused)."""
+    import socket
+
+    host, pids = socket.gethostname(), []
+    for entry in job.ranks_dir.glob("*.json"):
+        try:
+            record = json.loads(entry.read_text())
+            command = Path(f"/proc/{record['pid']}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, KeyError):
+            continue
+        if record.get("host") == host and b"orchestrator.worker" in command and str(job.path).encode() in command:
+            pids.append(int(record["pid"]))
+    return pids
 
 
 def children_of(pid: int) -> list[int]:
@@ -186,6 +239,13 @@ def children_of(pid: int) -> list[int]:
         if ppid == pid:
             children.append(int(entry.name))
     return children
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def _kill_group(pgid: int, signum: int) -> None:

@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(plan["threads_per_process"])
+    from orchestrator.supervisor import register_rank
+
+    register_rank(job, rank)
     slurm_run = os.environ.get("ORCH_SLURM_RESTART_COUNT")  # set by the sbatch script: 0, then 1, 2... after requeues
     if slurm_run is not None and rank == 0:
         _record_slurm_start(job, int(slurm_run), plan)

@@ -136,6 +136,17 @@ def kill_after_checkpoint_then_resume(tmp_path: Path, spec: Path, overrides: lis
     return job, resumed
 
 
+def service_unavailable(reason: str, require_variable: str) -> None:
+    """Skip the test that needs a local service (Slurm, sshd) with the reason, or fail it where the
+    environment says the service must be there (a silent skip in CI would hide a broken set-up)."""
+    import pytest
+
+    print(reason)
+    if os.environ.get(require_variable) == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 def log_text(job_dir: Path) -> str:
     log = job_dir / "logs" / "job.log"
     return log.read_text() if log.exists() else "(no log)"

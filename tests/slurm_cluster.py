@@ -252,11 +252,7 @@ def started_cluster() -> Iterator[SlurmCluster]:
         print(f"slurm cluster up in {time.monotonic() - started:.1f} s, SLURM_CONF={cluster.conf}")
     except (SlurmUnavailable, TimeoutError, RuntimeError, OSError, subprocess.SubprocessError) as err:
         cluster.stop()
-        reason = f"a local Slurm could not start: {err}"
-        print(reason)
-        if os.environ.get("ORCH_REQUIRE_SLURM") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        helpers.service_unavailable(f"a local Slurm could not start: {err}", "ORCH_REQUIRE_SLURM")
     try:
         yield cluster
     finally:

@@ -137,10 +137,14 @@ def train(spec: JobSpec, job: JobDir, device: str, tracking_uri: str | None) -> 
 
 
 def make_engine(spec: JobSpec, device: str) -> Engine:
-    """accelerate's DDP, or DeepSpeed ZeRO (resources.strategy) with the config `orch plan` described."""
+    """accelerate's DDP, torch FSDP2, or DeepSpeed ZeRO (resources.strategy) with the config `orch plan` described."""
     r, t = spec.resources, spec.train
     if r.strategy == "ddp":
         return Engine(device, t.mixed_precision, r.world_size, r.collective_timeout_s, bucket_mb=r.ddp.bucket_mb)
+    if r.strategy == "fsdp":
+        from orchestrator.train.fsdp import FsdpEngine
+
+        return FsdpEngine(device, t.mixed_precision, r.world_size, r.collective_timeout_s)
     from orchestrator.plan import deepspeed_config_of
     from orchestrator.train.zero import ZeroEngine
 

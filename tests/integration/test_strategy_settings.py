@@ -1,19 +1,36 @@
-"""Strategy settings at job level: ZeRO-3 with the optimizer and the weights offloaded to CPU memory, activation
-checkpointing, and a user's own DeepSpeed JSON, through `orch submit` / `orch resume` on 2 ranks over gloo."""
+"""Strategies and their settings at job level, through `orch submit` / `orch resume` on 2 ranks over gloo:
+ZeRO-3 with the optimizer and the weights offloaded to CPU memory, activation checkpointing and a user's
+own DeepSpeed JSON; FSDP2. Both are held against the same job trained with plain DDP in fp32."""
 
 import json
+import shutil
 
 import pytest
 
 from tests.faults.test_resume import RESUME_SPEC
-from tests.helpers import final_weights, kill_after_checkpoint_then_resume, log_text, only_job, orch, tiny_spec
+from tests.helpers import assert_bitwise_equal, final_weights, kill_after_checkpoint_then_resume, log_text, only_job, orch, state, tiny_spec
 
 pytestmark = pytest.mark.slow
 
 TWO_RANKS = ["--set", "resources.processes=2", "--set", "resources.threads_per_process=1"]
 
 
-def test_zero3_offloaded_and_checkpointed_trains_like_ddp_keeps_its_deepspeed_json_and_resumes_bitwise(tmp_path):
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory):
+    """RESUME_SPEC trained by DDP in fp32 on 2 ranks: (spec, job directory)."""
+    folder = tmp_path_factory.mktemp("ddp")
+    spec = tiny_spec(folder, **RESUME_SPEC)
+    done = orch("submit", str(spec), *TWO_RANKS, root=folder / "runs")
+    assert done.returncode == 0, log_text(only_job(folder / "runs"))
+    return spec, only_job(folder / "runs")
+
+
+def relative_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return float(sum((a[k] - b[k]).square().sum() for k in b) ** 0.5 / sum(b[k].square().sum() for k in b) ** 0.5)
+
+
+def test_zero3_offloaded_and_checkpointed_trains_like_ddp_keeps_its_deepspeed_json_and_resumes_bitwise(tmp_path, ddp_reference):
     user_json = tmp_path / "my_deepspeed.json"
     user_json.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"reduce_bucket_size": 4321, "stage3_prefetch_bucket_size": 5000}}))
     spec = tiny_spec(tmp_path, **RESUME_SPEC)
@@ -39,12 +56,8 @@ def test_zero3_offloaded_and_checkpointed_trains_like_ddp_keeps_its_deepspeed_js
     assert (job / "checkpoints" / "step-0000014" / "pytorch_model").is_dir()  # DeepSpeed's own shards, inside our layout
 
     # fp32: the same model as plain DDP without offload or checkpointing (DeepSpeed's CPU Adam is AdamW, the LR schedule applies).
-    ddp = orch("submit", str(spec), *TWO_RANKS, root=tmp_path / "ddp")
-    assert ddp.returncode == 0, log_text(only_job(tmp_path / "ddp"))
-    (zero_model, _), (ddp_model, _) = final_weights(job), final_weights(only_job(tmp_path / "ddp"))
-    difference = sum((zero_model[k] - ddp_model[k]).square().sum() for k in ddp_model) ** 0.5
-    size = sum(ddp_model[k].square().sum() for k in ddp_model) ** 0.5
-    assert difference / size < 1e-5, f"ZeRO-3 with offload departs from DDP by {difference / size:.2e} of the weights' norm"
+    difference = relative_difference(final_weights(job)[0], final_weights(ddp_reference[1])[0])
+    assert difference < 1e-5, f"ZeRO-3 with offload departs from DDP by {difference:.2e} of the weights' norm"
 
     sampled = orch("sample", job.name, "--num", "1", "--steps", "2", "--out", str(tmp_path / "samples"), root=tmp_path / "killed")
     assert sampled.returncode == 0 and (tmp_path / "samples" / "grid.png").is_file(), sampled.stderr
@@ -62,3 +75,49 @@ def test_a_deepspeed_json_that_contradicts_the_spec_is_refused_before_anything_r
     assert not (tmp_path / "jobs").exists() or not any((tmp_path / "jobs").iterdir()), "a refused spec records no job"
     user_json.write_text("{not json")
     assert "is not valid JSON" in orch("plan", str(spec), root=tmp_path / "jobs").stdout
+
+
+def test_fsdp_trains_what_ddp_trains_resumes_bitwise_and_continues_on_another_world_size(tmp_path, ddp_reference):
+    spec, ddp = ddp_reference
+    fsdp = [*TWO_RANKS, "--set", "resources.strategy=fsdp"]
+    root = tmp_path / "runs"
+    done = orch("submit", str(spec), *fsdp, root=root)
+    job = only_job(root)
+    assert done.returncode == 0, log_text(job)
+    assert (job / "checkpoints" / "step-0000010" / "fsdp" / ".metadata").is_file()  # every rank's shards, by DCP
+    model, ema = final_weights(job)
+    assert relative_difference(model, final_weights(ddp)[0]) < 1e-6 and relative_difference(ema, final_weights(ddp)[1]) < 1e-6
+
+    # Resume from the checkpoint at step 10 (a copy of the job that never got further): bitwise the same end.
+    rewound = tmp_path / "rewound"
+    shutil.copytree(root, rewound)
+    copy = only_job(rewound)
+    shutil.rmtree(copy / "checkpoints" / "step-0000014")
+    (copy / "checkpoints" / "latest").write_text("step-0000010\n")
+    (copy / "state.json").write_text(json.dumps({**state(copy), "state": "failed", "step": 10, "checkpoint_step": 10}))
+    resumed = orch("resume", copy.name, root=rewound)
+    assert resumed.returncode == 0 and "resuming from step-0000010" in resumed.stdout, resumed.stderr + log_text(copy)
+    assert_bitwise_equal(final_weights(copy)[0], model)
+    assert_bitwise_equal(final_weights(copy)[1], ema)
+
+    # On one process: DCP reshards the weights and the AdamW state, so it goes on as DDP's full checkpoint does.
+    one = ["--set", "train.steps=17", "--set", "resources.processes=1", "--allow-spec-change"]
+    for continued in (job, ddp):
+        result = orch("resume", continued.name, *one, root=continued.parent)
+        assert result.returncode == 0 and state(continued)["step"] == 17, result.stderr + log_text(continued)
+    difference = relative_difference(final_weights(job)[0], final_weights(ddp)[0])
+    assert difference < 1e-5, f"the resharded FSDP run departs from DDP's by {difference:.2e} (AdamW state lost?)"
+
+    sampled = orch("sample", job.name, "--num", "1", "--steps", "2", "--out", str(tmp_path / "samples"), root=root)
+    assert sampled.returncode == 0 and (tmp_path / "samples" / "grid.png").is_file(), sampled.stderr
+
+
+def test_fsdp_in_bf16_trains_and_checkpoints_in_one_process(tmp_path):
+    spec = tiny_spec(tmp_path, train={"mixed_precision": "bf16"}, resources={"strategy": "fsdp", "activation_checkpointing": True})
+    done = orch("submit", str(spec), root=tmp_path / "runs")
+    job = only_job(tmp_path / "runs")
+    assert done.returncode == 0 and state(job)["state"] == "succeeded", log_text(job)
+    model, _ = final_weights(job)
+    assert all(tensor.dtype.is_floating_point and tensor.isfinite().all() for tensor in model.values())
+    planned = orch("plan", str(spec), root=tmp_path / "runs")
+    assert "fsdp            FSDP2, one shard unit per block, bf16 weights, fp32 grad reduction, activation checkpointing on" in planned.stdout

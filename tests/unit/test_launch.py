@@ -10,6 +10,7 @@ import pytest
 
 from launch import LaunchCommand
 from launch.accelerate import accelerate_command
+from launch.deepspeed import deepspeed_command, env_file_text, hostfile_text, parse_hostfile
 from launch.local import local_command
 from launch.torchrun import torchrun_command
 
@@ -33,6 +34,10 @@ CASES = {
         main_process_ip="10.0.0.1", main_process_port=29500,
     ),
     "accelerate_gpu_eight_processes": lambda: accelerate_command(PYTHON, ENTRY, num_processes=8, cpu=False),
+    "deepspeed_hostfile_over_ssh": lambda: deepspeed_command(
+        PYTHON, ENTRY, hostfile="/jobs/j1/deepspeed/hostfile", env_file="/jobs/j1/deepspeed/env",
+        master_addr="node0.cluster", master_port=29500, ssh_port=2222, threads=4,
+    ),
 }
 
 
@@ -97,6 +102,31 @@ def test_accelerate_arguments_are_accepted_by_accelerates_own_parser(case):
     if case == "accelerate_cpu_two_machines":
         assert (args.num_processes, args.num_machines, args.machine_rank) == (4, 2, 1)
         assert (args.main_process_ip, args.main_process_port) == ("10.0.0.1", 29500)
+
+
+def test_deepspeed_arguments_are_accepted_by_deepspeeds_own_parser():
+    from deepspeed.launcher.runner import parse_args
+
+    cmd = CASES["deepspeed_hostfile_over_ssh"]()
+    assert cmd.argv[1:4] == ("-u", "-m", "deepspeed.launcher.runner")
+    args = parse_args(list(cmd.argv[4:]))
+    assert (args.module, args.no_local_rank, args.user_script, args.user_args) == (True, True, "orchestrator.worker", ["/jobs/j1"])
+    assert (args.hostfile, args.master_addr, args.master_port, args.ssh_port) == ("/jobs/j1/deepspeed/hostfile", "node0.cluster", 29500, 2222)
+    assert cmd.env["DS_ENV_FILE"] == "/jobs/j1/deepspeed/env"
+
+
+def test_hostfile_and_env_file_read_back_as_deepspeed_reads_them():
+    from deepspeed.launcher.runner import _parse_hostfile
+
+    text = hostfile_text(["node0", "node1"], slots=8)
+    assert dict(_parse_hostfile(text.splitlines())) == {"node0": 8, "node1": 8} == parse_hostfile(text)
+    assert parse_hostfile("# cluster A\nnode0 slots=4  # first\n\nnode1 slots=4\n") == {"node0": 4, "node1": 4}
+    for bad, message in (("node0\n", "line 1 should read"), ("node0 slots=2\nnode0 slots=2\n", "lists node0 again"), ("# none\n", "no host")):
+        with pytest.raises(ValueError, match=message):
+            parse_hostfile(bad)
+    assert env_file_text({"OMP_NUM_THREADS": "4", "NOTE": "a b"}) == "OMP_NUM_THREADS=4\nNOTE=a b\n"  # no blank line: DeepSpeed cannot read one
+    with pytest.raises(ValueError):
+        hostfile_text(["node 0"], slots=1)
 
 
 @pytest.mark.parametrize(

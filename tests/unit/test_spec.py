@@ -176,3 +176,19 @@ def test_deepspeed_config_file_is_resolved_next_to_the_spec(tmp_path):
     spec_file = tmp_path / "job.yaml"
     spec_file.write_text(MINIMAL + "resources: {strategy: zero2, deepspeed: {config_file: ds.json}}\n")
     assert load_spec(spec_file).resources.deepspeed.config_file == str(tmp_path / "ds.json")
+
+
+def test_hosts_set_the_node_count_for_the_deepspeed_launcher():
+    spec = parse_spec("name: ssh\ntrain: {steps: 10, global_batch_size: 32}\nresources: {launcher: deepspeed, hosts: [n0, n1], processes: 2}\n")
+    assert spec.resources.nodes == 2 and spec.resources.world_size == 4
+    assert spec_from_dict(spec.to_dict()) == spec
+    assert "nodes 3 and hosts (2 listed) disagree" in problems(MINIMAL, ["resources.launcher=deepspeed", "resources.hosts=[a, b]", "resources.nodes=3"])
+    assert "lists a host twice" in problems(MINIMAL, ["resources.launcher=deepspeed", "resources.hosts=[a, a]"])
+    assert "either as hosts or as a hostfile" in problems(MINIMAL, ["resources.launcher=deepspeed", "resources.hosts=[a, b]", "resources.hostfile=h"])
+    assert "configure launcher: deepspeed" in problems(MINIMAL, ["resources.ssh_port=2222"])
+
+
+def test_fsdp_is_a_strategy_without_deepspeed_settings_or_fp16():
+    assert parse_spec(MINIMAL, overrides=["resources.strategy=fsdp", "resources.launcher=accelerate"]).resources.strategy == "fsdp"
+    assert "configures the ZeRO strategies, not fsdp" in problems(MINIMAL, ["resources.strategy=fsdp", "resources.deepspeed.overlap_comm=true"])
+    assert "fp16 (loss scaling) is supported with ddp only" in problems(MINIMAL, ["resources.strategy=fsdp", "train.mixed_precision=fp16"])
