@@ -71,12 +71,13 @@ NIC_BYTES_PER_S = 200e9 / 8  # one 200 Gb/s HDR InfiniBand port per GPU = 25 GB/
 LINK_EFFICIENCY = 0.8  # achieved / nominal bandwidth of NCCL collectives, assumed for both links
 
 NODES = (1, 2, 8, 32)
-STRATEGIES = ("ddp", "zero2", "zero3")
+STRATEGIES = ("ddp", "zero2", "zero3", "fsdp")
 # Bytes per element sent. torch DDP under autocast keeps fp32 grads and all-reduces them in fp32
 # (orch's engine; a bf16 compression hook would halve it). DeepSpeed bf16 reduces and gathers in
-# bf16 (its communication_data_type defaults to the model's dtype).
-GRAD_BYTES = {"ddp": 4, "zero2": 2, "zero3": 2}
-PARAM_BYTES = {"ddp": 4, "zero2": 2, "zero3": 2}
+# bf16 (its communication_data_type defaults to the model's dtype). orch's FSDP gathers bf16
+# weights and reduce-scatters fp32 grads (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)).
+GRAD_BYTES = {"ddp": 4, "zero2": 2, "zero3": 2, "fsdp": 4}
+PARAM_BYTES = {"ddp": 4, "zero2": 2, "zero3": 2, "fsdp": 2}
 
 
 def overlap_phases(params: int, strategy: str) -> dict[str, int]:
@@ -87,6 +88,7 @@ def overlap_phases(params: int, strategy: str) -> dict[str, int]:
         "ddp": {"forward": 0, "backward": 2 * grads, "after": 0},  # all-reduce of gradient buckets as backward produces them
         "zero2": {"forward": 0, "backward": grads, "after": weights},  # reduce-scatter in backward; all-gather after the optimizer step
         "zero3": {"forward": weights, "backward": weights + grads, "after": 0},  # prefetched gathers; reduce-scatter in backward
+        "fsdp": {"forward": weights, "backward": weights + grads, "after": 0},  # the same schedule (FSDP2 prefetches the next block)
     }[strategy]
     assert sum(phases.values()) == collective_payload_bytes_per_step(params, strategy, GRAD_BYTES[strategy], PARAM_BYTES[strategy])
     return phases
@@ -128,7 +130,10 @@ def rows(micro_batch: int | None, global_batch: int | None, mfu: float, checkpoi
             comm_s = sum(phases_s.values())
             forward_s, backward_s = compute_s / 3, 2 * compute_s / 3  # backward = 2x forward
             overlapped_step_s = max(forward_s, phases_s["forward"]) + max(backward_s, phases_s["backward"]) + phases_s["after"]
-            memory = memory_per_gpu(trainable, strategy, "bf16", gpus, batch, activation_bytes, frozen_params=total - trainable)
+            memory = memory_per_gpu(
+                trainable, strategy, "bf16", gpus, batch, activation_bytes, frozen_params=total - trainable,
+                ema_sharded=False,  # orch keeps the EMA of the full weights on every rank, under every strategy
+            )
             out.append({
                 "nodes": nodes,
                 "gpus": gpus,
@@ -167,13 +172,14 @@ def assumptions(micro_batch: int | None, global_batch: int | None, mfu: float, c
         "Collectives hierarchical (NVLink ring in the node, then a ring across nodes per rail), phases added.",
         "Traffic per step (ZeRO paper Sec. 7): DDP all-reduces the grads (2x model); ZeRO-2 reduce-scatters grads and all-gathers "
         "weights (2x model); ZeRO-3 gathers weights twice and reduce-scatters grads (3x model). DDP's grads are fp32 (torch autocast keeps "
-        "fp32 grads; a bf16 compression hook would halve DDP's traffic); DeepSpeed communicates in bf16. No gradient accumulation.",
+        "fp32 grads; a bf16 compression hook would halve DDP's traffic); DeepSpeed communicates in bf16; FSDP (FSDP2 in orch) "
+        "follows ZeRO-3's schedule with bf16 weight gathers and fp32 gradient reduce-scatters. No gradient accumulation.",
         "Efficiency = T_compute / T_step. 'No overlap': T_step = T_compute + T_comm. 'Full overlap': collectives hide behind the pass they "
         "belong to (forward = 1/3, backward = 2/3 of T_compute): DDP's all-reduce and ZeRO-2's reduce-scatter behind backward, ZeRO-2's weight "
         "all-gather after the optimizer step (not hidden), ZeRO-3's gathers prefetched in forward and backward. "
         "Not modelled: collective latency, stragglers, optimizer step, data loading, congestion.",
-        "Memory per GPU (estimate.memory_per_gpu): weights, grads, fp32 master + AdamW states, a fp32 EMA (full per rank for DDP and ZeRO-2, "
-        f"sharded for ZeRO-3), activations {'with' if checkpointing else 'without'} checkpointing and with flash/SDPA attention (Korthikanti et al. "
+        "Memory per GPU (estimate.memory_per_gpu): weights, grads, fp32 master + AdamW states, a fp32 EMA (full on every rank, as orch keeps it "
+        f"under every strategy; a sharded EMA would save 2.5 GB under ZeRO-3 and FSDP), activations {'with' if checkpointing else 'without'} checkpointing and with flash/SDPA attention (Korthikanti et al. "
         "2022, eq. 1, adapted to DiT blocks); without the CUDA context, buckets, ZeRO-3's gathered layers, autocast's weight copies and "
         f"fragmentation: a lower bound (fast-DiT measured 27.5 GB where the same formula gives 17.1 GB). An A100 80GB holds {GPU_MEMORY_BYTES / GB:.1f} GB.",
     ]

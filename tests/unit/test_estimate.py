@@ -195,7 +195,7 @@ def test_scaling_bench_prints_the_table_and_its_assumptions_without_torch():
             "assert 'torch' not in sys.modules")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, text=True)
     table = [line for line in result.stdout.splitlines() if line.startswith("| ") and "GB |" in line]
-    assert len(table) == 4 * 3  # 1, 2, 8, 32 nodes x ddp, zero2, zero3
+    assert len(table) == 4 * 4  # 1, 2, 8, 32 nodes x ddp, zero2, zero3, fsdp
     assert "675,129,632 parameters" in result.stdout and "Assumptions" in result.stdout
 
 
