@@ -44,6 +44,7 @@ class Plan:
     global_batch_size: int
     threads_per_process: int
     tracking_uri: str | None
+    compute: str  # precision, TF32 and torch.compile as they will apply on this device
     command: LaunchCommand  # what `orch submit` runs here, on node 0
     node_commands: tuple[LaunchCommand, ...] = ()  # every node's command (node 0's is `command`); `orch join` runs the others
     estimate: tuple[str, ...] = ()  # parameters and memory per rank, computed (orchestrator/estimate.py)
@@ -60,6 +61,7 @@ class Plan:
             f"world size      {self.world_size} ({self.processes_per_node} process(es) x {self.world_size // self.processes_per_node} node(s))",
             f"batch           {self.global_batch_size} global = {self.micro_batch_size} per rank x {self.world_size} rank(s) x {self.grad_accum_steps} accumulation step(s)",
             f"threads         {self.threads_per_process} per process",
+            f"compute         {self.compute}",
             *self.strategy_lines,
             *self.estimate,
             f"tracking        {self.tracking_uri or 'off'}",
@@ -161,6 +163,7 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
         global_batch_size=spec.train.global_batch_size,
         threads_per_process=threads,
         tracking_uri=tracking_uri,
+        compute=compute_description(spec, device),
         command=command,
         node_commands=node_commands or (command,),
         estimate=tuple(model_estimate(spec, resources.world_size)),
@@ -210,6 +213,13 @@ def describe_deepspeed(spec: JobSpec, config: dict) -> list[str]:
     if spec.resources.deepspeed.config_file:
         lines.append(f"deepspeed json  {spec.resources.deepspeed.config_file} laid over orch's config")
     return lines
+
+
+def compute_description(spec: JobSpec, device: str) -> str:
+    """`orch plan`'s line on the arithmetic: autocast precision, fp32 matmuls (TF32 on CUDA) and torch.compile."""
+    precision = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling"}[spec.train.mixed_precision]
+    matmuls = ("TF32" if spec.resources.tf32 else "strict fp32") if device == "cuda" else "fp32"
+    return f"{precision}, fp32 matmuls in {matmuls}, torch.compile {'per block' if spec.resources.compile else 'off'}"
 
 
 def strategy_description(spec: JobSpec) -> list[str]:

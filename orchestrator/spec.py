@@ -363,6 +363,10 @@ class ResourcesSpec(Section):
     """Settings of the ZeRO strategies (zero1, zero2, zero3)."""
     activation_checkpointing: bool = False
     """Recompute each transformer / U-Net block's activations in the backward pass instead of keeping them: about a third more compute for much less activation memory (any strategy)."""
+    compile: bool = False
+    """torch.compile each transformer / U-Net block (blocks of one shape share one compiled graph; DDP and FSDP keep overlapping their communication with the backward pass block by block). The first step takes longer while it compiles; the weights train within float rounding of eager. Not with strategy zero3 (its gather hooks run inside each block)."""
+    tf32: bool = True
+    """On CUDA (Ampere and newer): fp32 matmuls and convolutions run on TF32 tensor cores, as the DiT reference training does; false for strict fp32. No effect on CPU."""
     collective_timeout_s: int = Field(600, ge=10)
     """Seconds a collective may wait for the other ranks (a stuck or vanished rank on another node) before the job fails, resumable, instead of hanging."""
     threads_per_process: int | None = Field(None, ge=1)
@@ -397,6 +401,8 @@ class ResourcesSpec(Section):
             raise ValueError(f"resources.deepspeed configures the ZeRO strategies, not {self.strategy}; set strategy zero1, zero2 or zero3, or remove the deepspeed section")
         if self.ddp != DdpSpec() and self.strategy != "ddp":
             raise ValueError(f"resources.ddp configures strategy ddp, not {self.strategy}; remove the ddp section (bucket sizes of ZeRO are under resources.deepspeed)")
+        if self.compile and self.strategy == "zero3":
+            raise ValueError("compile is not supported with strategy zero3: ZeRO-3's weight-gathering hooks inside every block break torch.compile's graphs (2 blocks gave 18 graphs and 29 breaks); use zero2 or fsdp, or compile: false")
         if self.deepspeed.offload_params and self.strategy != "zero3":
             raise ValueError(f"deepspeed.offload_params needs strategy zero3 (only ZeRO-3 partitions the weights), not {self.strategy}")
         if self.deepspeed.offload_params and not self.deepspeed.offload_optimizer:

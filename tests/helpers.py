@@ -95,12 +95,12 @@ def kill_job_processes(job_dir: Path) -> None:
                 pass
 
 
-def final_weights(job: Path) -> tuple[dict, dict]:
-    """The model and EMA weights of a job's newest checkpoint."""
+def final_weights(job: Path, checkpoint: str | None = None) -> tuple[dict, dict]:
+    """The model and EMA weights of a job's newest checkpoint (or of the one named, e.g. step-0000014)."""
     from safetensors.torch import load_file
 
-    newest = job / "checkpoints" / (job / "checkpoints" / "latest").read_text().strip()
-    return load_file(newest / "model.safetensors"), load_file(newest / "ema.safetensors")
+    chosen = job / "checkpoints" / (checkpoint or (job / "checkpoints" / "latest").read_text().strip())
+    return load_file(chosen / "model.safetensors"), load_file(chosen / "ema.safetensors")
 
 
 def assert_bitwise_equal(a: dict, b: dict) -> None:

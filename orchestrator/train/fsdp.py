@@ -33,12 +33,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from model.dit import blocks_of
 from orchestrator.errors import UserError
 from orchestrator.train.engine import Engine
 
 SHARDS = "fsdp"  # the DCP folder inside a checkpoint
 MODEL_FILE = "model.safetensors"
-BLOCK_LISTS = ("blocks", "down_blocks", "mid_blocks", "up_blocks")  # DiT's and the U-Net's block lists: one sharding unit per block
 log = logging.getLogger(__name__)
 
 
@@ -63,9 +63,8 @@ class FsdpEngine(Engine):
         model = model.to(self.device)
         names = {id(param): name for name, param in model.named_parameters()}
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.mixed_precision == "bf16" else MixedPrecisionPolicy()
-        for list_name in BLOCK_LISTS:
-            for block in getattr(model, list_name, ()):
-                fully_shard(block, mp_policy=policy)
+        for block in blocks_of(model):  # one sharding unit per block, then the root
+            fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         sharded = dict(model.named_parameters())
         for group in optimizer.param_groups:

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from model.diffusion import diffusion_loss, make_noise_scheduler, sample, sample_progression
-from model.dit import DiT
+from model.dit import DiT, compile_blocks
 from model.ema import EMA
 from model.unet import UNet
 from orchestrator.imagefolder import DataError
@@ -116,6 +116,8 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 def train(spec: JobSpec, job: JobDir, device: str, tracking_uri: str | None) -> Outcome:
     """Train from the newest checkpoint of the job (or from scratch) until done or asked to stop."""
     stop = StopRequest()
+    if device == "cuda":
+        use_tf32(spec.resources.tf32)
     engine = make_engine(spec, device)
     trainer = None
     try:
@@ -134,6 +136,19 @@ def train(spec: JobSpec, job: JobDir, device: str, tracking_uri: str | None) -> 
             # those sockets to close, so the workers must be gone first (measured: a 2-rank job hung at exit).
             trainer.stream.close()
         engine.close()
+
+
+def use_tf32(enabled: bool) -> None:
+    """fp32 matmuls and cuDNN convolutions on TF32 tensor cores, or strict fp32 (resources.tf32)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def compiled_graphs() -> str:
+    """What torch.compile has made so far in this process: graphs and graph breaks (dynamo's counters)."""
+    from torch._dynamo.utils import counters
+
+    return f"{counters['stats']['unique_graphs']} graph(s) compiled, {sum(counters['graph_break'].values())} graph break(s)"
 
 
 def make_engine(spec: JobSpec, device: str) -> Engine:
@@ -174,6 +189,8 @@ class Trainer:
             log.info("initialised the model from %s", spec.model.init_from)
         self.ema = EMA(model, decay=spec.ema.decay, warmup_power=spec.ema.warmup_power, update_every=spec.ema.update_every)
         model.activation_checkpointing = spec.resources.activation_checkpointing
+        if spec.resources.compile:  # before DDP/FSDP wrap the model (accelerate's dynamo_backend would not compile under DDP)
+            log.info("torch.compile: %d blocks (compiled at the first step)", compile_blocks(model))
         optimizer = engine.make_optimizer(model.parameters(), lr=t.learning_rate, betas=t.adam_betas, eps=t.adam_eps, weight_decay=t.weight_decay)
         # Not prepared by accelerate: a prepared scheduler steps once per rank (accelerate#2926).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec))
@@ -222,6 +239,7 @@ class Trainer:
         if engine.is_main:
             self.job.update(step=self.step, total_steps=t.steps)
         log.info("training steps %d..%d: micro batch %d x %d rank(s) x %d accumulation", self.step, t.steps, spec.micro_batch_size, engine.world_size, t.grad_accum_steps)
+        report_compiled = spec.resources.compile
 
         while self.step < t.steps:
             torch.manual_seed(step_seed(t.seed, self.step, engine.rank))
@@ -239,6 +257,9 @@ class Trainer:
             self.step += 1
             engine.update_ema(self.ema, model, self.step)  # under ZeRO-3 the full weights are gathered for it
             window_steps += 1
+            if report_compiled:  # the first step compiled the blocks
+                log.info("torch.compile: %s in %.1f s", compiled_graphs(), time.perf_counter() - window_start)
+                report_compiled = False
 
             stopping = engine.any(self.stop.requested)
             done = self.step == t.steps

@@ -171,6 +171,17 @@ def test_strategy_settings_belong_to_their_strategy():
     assert spec.resources.deepspeed.offload_params and spec.resources.activation_checkpointing
 
 
+def test_compile_and_tf32_are_shown_as_they_apply_and_compile_is_refused_under_zero3():
+    from orchestrator.plan import compute_description
+
+    assert "compile is not supported with strategy zero3" in problems(MINIMAL, ["resources.strategy=zero3", "resources.compile=true"])
+    spec = parse_spec(MINIMAL, overrides=["resources.compile=true", "train.mixed_precision=bf16"])
+    assert compute_description(spec, "cuda") == "bf16 autocast, fp32 matmuls in TF32, torch.compile per block"
+    assert compute_description(spec, "cpu") == "bf16 autocast, fp32 matmuls in fp32, torch.compile per block"
+    strict = parse_spec(MINIMAL, overrides=["resources.tf32=false"])
+    assert compute_description(strict, "cuda") == "fp32, fp32 matmuls in strict fp32, torch.compile off"
+
+
 def test_deepspeed_config_file_is_resolved_next_to_the_spec(tmp_path):
     (tmp_path / "ds.json").write_text("{}")
     spec_file = tmp_path / "job.yaml"
