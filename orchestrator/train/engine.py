@@ -106,6 +106,15 @@ class Engine:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return bool(tensor.item())
 
+    def gather_floats(self, values: list[float]) -> list[list[float]]:
+        """Every rank's `values`, in rank order, on every rank (a collective of a few numbers)."""
+        if not self.distributed:
+            return [list(values)]
+        mine = torch.tensor(values, dtype=torch.float64, device=self.device)
+        everyone = torch.empty(self.world_size * len(values), dtype=torch.float64, device=self.device)
+        dist.all_gather_into_tensor(everyone, mine)
+        return everyone.view(self.world_size, len(values)).tolist()
+
     def same_on_all_ranks(self, value: float) -> bool:
         """Whether every rank holds the same number (an invariant check, e.g. of EMA weights)."""
         if not self.distributed:

@@ -119,6 +119,7 @@ def train(spec: JobSpec, job: JobDir, device: str, tracking_uri: str | None) -> 
     if device == "cuda":
         use_tf32(spec.resources.tf32)
     engine = make_engine(spec, device)
+    log.info("rank %d of %d on %s: node%d in the per-node metrics", engine.rank, engine.world_size, socket.gethostname(), engine.rank // spec.resources.processes)
     trainer = None
     try:
         trainer = Trainer(spec, job, engine, stop)
@@ -235,7 +236,7 @@ class Trainer:
         """Optimizer steps up to train.steps, with metrics, grids and checkpoints on the way."""
         spec, t, engine, model = self.spec, self.spec.train, self.engine, self.model
         loss_sum = torch.zeros((), device=engine.device)
-        window_start, window_steps, paused = time.perf_counter(), 0, 0.0
+        window_start, window_steps, paused, data_wait = time.perf_counter(), 0, 0.0, 0.0
         if engine.is_main:
             self.job.update(step=self.step, total_steps=t.steps)
         log.info("training steps %d..%d: micro batch %d x %d rank(s) x %d accumulation", self.step, t.steps, spec.micro_batch_size, engine.world_size, t.grad_accum_steps)
@@ -245,7 +246,9 @@ class Trainer:
             torch.manual_seed(step_seed(t.seed, self.step, engine.rank))
             model.train()
             for micro in range(t.grad_accum_steps):
+                asked = time.perf_counter()
                 inputs, condition = self._next_batch()  # (B, C, H, W) pixels or latents; labels (B,) or a text dict
+                data_wait += time.perf_counter() - asked
                 last = micro == t.grad_accum_steps - 1
                 with nullcontext() if last else engine.no_sync(model):
                     with engine.autocast():
@@ -265,9 +268,9 @@ class Trainer:
             done = self.step == t.steps
             if self.step % spec.tracking.log_every == 0 or done or stopping:
                 step_time = (time.perf_counter() - window_start - paused) / window_steps
-                self._log(engine.mean(loss_sum / window_steps).item(), float(grad_norm), step_time)
+                self._log(engine.mean(loss_sum / window_steps).item(), float(grad_norm), step_time, data_wait / window_steps)
                 loss_sum.zero_()
-                window_start, window_steps, paused = time.perf_counter(), 0, 0.0
+                window_start, window_steps, paused, data_wait = time.perf_counter(), 0, 0.0, 0.0
 
             began = time.perf_counter()
             if engine.is_main and (self.step % spec.sample.every == 0 or done):
@@ -292,7 +295,15 @@ class Trainer:
         condition = batch.condition(self.spec.model.condition)
         return batch.latents, batch.labels if condition is None else condition
 
-    def _log(self, loss: float, grad_norm: float, step_time: float) -> None:
+    def _log(self, loss: float, grad_norm: float, step_time: float, data_wait: float) -> None:
+        """Metrics of the last window of steps, logged by rank 0; every rank calls it (a collective).
+
+        Each node's ranks report their peak memory and the seconds per step they waited for batches:
+        in synchronous training every node steps at the pace of the slowest, and its data wait or
+        memory is what tells the straggler (a slow filesystem, a rank near its memory limit) apart.
+        """
+        per_rank = self.engine.gather_floats([self._peak_memory_bytes() / 1e9, data_wait])  # (world size, 2), rank-major
+        per_node = [per_rank[n : n + self.spec.resources.processes] for n in range(0, len(per_rank), self.spec.resources.processes)]
         metrics = {
             "loss": loss,
             "lr": self.scheduler.get_last_lr()[0],
@@ -301,8 +312,12 @@ class Trainer:
             "samples_per_sec": self.spec.train.global_batch_size / step_time,
             "samples_per_sec_per_node": self.spec.train.global_batch_size / step_time / self.spec.resources.nodes,
             "epoch": float(self.stream.position.epoch),
-            "peak_memory_gb": self._peak_memory_bytes() / 1e9,
+            "peak_memory_gb": max(memory for memory, _ in per_rank),
+            "data_wait_s": max(wait for _, wait in per_rank),
         }
+        for node, ranks in enumerate(per_node):  # torchrun, DeepSpeed's runner and Slurm number ranks node by node
+            metrics[f"node{node}/peak_memory_gb"] = max(memory for memory, _ in ranks)
+            metrics[f"node{node}/data_wait_s"] = max(wait for _, wait in ranks)
         if self.engine.is_main:
             self.tracker.log_metrics(metrics, self.step)
             self.job.update(step=self.step, loss=loss, samples_per_sec=metrics["samples_per_sec"])
