@@ -133,11 +133,12 @@ def test_fsdp_trains_what_ddp_trains_resumes_bitwise_and_continues_on_another_wo
     assert sampled.returncode == 0 and (tmp_path / "samples" / "grid.png").is_file(), sampled.stderr
 
 
-def test_fsdp_in_bf16_trains_and_checkpoints_in_one_process(tmp_path):
-    spec = tiny_spec(tmp_path, train={"mixed_precision": "bf16"}, resources={"strategy": "fsdp", "activation_checkpointing": True})
+def test_fsdp_in_bf16_compiled_and_checkpointed_trains_in_one_process(tmp_path):
+    spec = tiny_spec(tmp_path, train={"mixed_precision": "bf16"}, resources={"strategy": "fsdp", "activation_checkpointing": True, "compile": True})
     done = orch("submit", str(spec), root=tmp_path / "runs")
     job = only_job(tmp_path / "runs")
     assert done.returncode == 0 and state(job)["state"] == "succeeded", log_text(job)
+    assert "torch.compile: 1 graph(s) compiled, 0 graph break(s)" in log_text(job)  # FSDP2's hooks sit outside the compiled blocks
     model, _ = final_weights(job)
     assert all(tensor.dtype.is_floating_point and tensor.isfinite().all() for tensor in model.values())
     planned = orch("plan", str(spec), root=tmp_path / "runs")
