@@ -129,7 +129,8 @@ def train(spec: JobSpec, job: JobDir, device: str, tracking_uri: str | None) -> 
         except BaseException:
             trainer.tracker.close(status="FAILED", timeout=10)
             raise
-        trainer.tracker.close(status="FINISHED" if outcome.finished else "KILLED")
+        # A finished job waits out a short MLflow outage; a stopping one (preempted: its grace time is short) does not.
+        trainer.tracker.close(status="FINISHED" if outcome.finished else "KILLED", outlast_outage=outcome.finished)
         return outcome
     finally:
         if trainer is not None:

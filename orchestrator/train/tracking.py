@@ -7,7 +7,7 @@ How MlflowTracker survives a slow or dead server: every call puts one item on a 
 1,000 items) and returns at once; ONE background thread sends the items in order. A failed item is retried
 with backoff (0.5 s doubling to 5 s) for as long as the server has been unreachable for less than
 `retry_for` seconds (default 120 s): an outage shorter than that loses nothing but what overflowed the
-queue. Past that bound each item is tried once and dropped, so whatever is logged after the server comes
+queue, also when it spans the end of a job (close(outlast_outage=True) waits out the rest of it). Past that bound each item is tried once and dropped, so whatever is logged after the server comes
 back is sent at once. Requests MLflow refuses outright (a 4xx, e.g. a changed param value) are dropped
 at once. Every drop is counted (`dropped`) and warned about.
 """
@@ -79,8 +79,9 @@ class Tracker(Protocol):
     def log_text(self, text: str, artifact_file: str) -> None:
         """Record text as an artifact file of the run."""
 
-    def close(self, status: str = "FINISHED", timeout: float = 30.0) -> None:
-        """Send what is pending within `timeout` seconds, then mark the run ended with `status`."""
+    def close(self, status: str = "FINISHED", timeout: float = 30.0, outlast_outage: bool = False) -> None:
+        """Send what is pending within `timeout` seconds (or, with outlast_outage, until a server that is away
+        has been away for retry_for), then mark the run ended with `status`."""
 
 
 class NullTracker:
@@ -103,7 +104,7 @@ class NullTracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         """Do nothing."""
 
-    def close(self, status: str = "FINISHED", timeout: float = 30.0) -> None:
+    def close(self, status: str = "FINISHED", timeout: float = 30.0, outlast_outage: bool = False) -> None:
         """Do nothing."""
 
 
@@ -212,21 +213,34 @@ class MlflowTracker:
         """Queue `text` as the artifact `artifact_file`."""
         self._enqueue(f"text file {artifact_file}", partial(self._client.log_text, self.run_id, text, artifact_file))
 
-    def close(self, status: str = "FINISHED", timeout: float = 30.0) -> None:
-        """Send the queue within 80% of `timeout`, mark the run `status` in the rest, and return by `timeout` regardless."""
+    def close(self, status: str = "FINISHED", timeout: float = 30.0, outlast_outage: bool = False) -> None:
+        """Send the queue within 80% of `timeout`, mark the run `status` in the rest, and return by `timeout` regardless.
+
+        outlast_outage: if the server is away when close() is called, keep retrying until the outage has
+        lasted retry_for, then take `timeout` as usual: an outage shorter than retry_for loses nothing even
+        at the very end of a job (a job that finished; a stopping one had better exit quickly).
+        """
         if status not in RUN_END_STATUSES:
             raise ValueError(f"run end status {status!r} is not one of {', '.join(RUN_END_STATUSES)}")
         if self._closed:
             return
         self._closed = True
         now = time.monotonic()
+        outage_left = 0.0
+        away_since = self._unreachable_since
+        if outlast_outage and away_since is not None:
+            outage_left = max(0.0, away_since + self._retry_for - now)
+            logger.warning(
+                "MLflow server at %s is still unreachable; waiting up to %.0f s more for it before ending the run (%d item(s) unsent)",
+                self.uri, outage_left + timeout, self._queue.qsize() + 1,
+            )
         self._final_status = status
-        self._flush_deadline = now + CLOSE_FLUSH_SHARE * timeout
-        self._close_deadline = now + timeout
+        self._flush_deadline = now + outage_left + CLOSE_FLUSH_SHARE * timeout
+        self._close_deadline = now + outage_left + timeout
         self._close_requested.set()
         self._sender.join(timeout=max(0.0, self._close_deadline - time.monotonic()))
         if self._sender.is_alive():
-            logger.warning("MLflow run %s: close() gave up after %.0f s; the run may still show RUNNING", self.run_id, timeout)
+            logger.warning("MLflow run %s: close() gave up after %.0f s; the run may still show RUNNING", self.run_id, outage_left + timeout)
         if self.dropped:
             logger.warning("MLflow run %s: %d logged item(s) were never sent to %s", self.run_id, self.dropped, self.uri)
 

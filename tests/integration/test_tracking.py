@@ -1,6 +1,7 @@
 """MlflowTracker against a real MLflow server: what is logged reads back, resumes append, outages never block training."""
 
 import logging
+import threading
 import time
 
 import pytest
@@ -120,15 +121,23 @@ def test_logging_never_blocks_while_the_server_is_down_and_catches_up_after(mlfl
         quitter.close(timeout=2)  # its items are still being retried: close gives up on time
         assert time.monotonic() - started < 2.5
         assert quitter.dropped >= 15  # what overflowed its 3-item queue, and what close() had no time to send
+
+        # A finished job closes the survivor while the server is away: it waits out the outage past its timeout.
+        closing = threading.Thread(target=survivor.close, kwargs={"timeout": 2, "outlast_outage": True})
+        closing.start()
+        closing.join(timeout=4)
+        assert closing.is_alive(), "close(outlast_outage=True) gave up while the outage was shorter than retry_for"
+        assert "still unreachable; waiting up to" in caplog.text
     finally:
         if not mlflow_server.running:
             mlflow_server.start()
 
     # The survivor's retries (RETRY_FOR_S = 120 s) outlast the restart (6-12 s here): nothing it logged is lost.
-    wait_for(lambda: metric_steps(client, survivor.run_id, "loss") == [1, 2, 3, 4, 5, 6], 30, "the outage's metrics")
+    closing.join(timeout=60)
+    assert not closing.is_alive(), "the survivor's close() did not return once the server was back"
+    assert metric_steps(client, survivor.run_id, "loss") == [1, 2, 3, 4, 5, 6]
     forgetter.log_metrics({"loss": 0.1}, step=7)  # after giving up, what is logged once the server is back is sent
-    for tracker in (survivor, forgetter):
-        tracker.close(timeout=20)
+    forgetter.close(timeout=20)
     assert survivor.dropped == 0 and forgetter.dropped == 15
     assert caplog.text.count("is reachable again") == 2
     assert client.get_run(survivor.run_id).info.status == "FINISHED"
