@@ -91,6 +91,12 @@ def deepspeed_config(
     return lay_over(config, user_config) if user_config else config
 
 
+def offloaded(config: Mapping) -> list[str]:
+    """What a DeepSpeed config keeps in CPU memory: "optimizer" and/or "weights"."""
+    zero = config.get("zero_optimization", {})
+    return [what for what, key in (("optimizer", "offload_optimizer"), ("weights", "offload_param")) if zero.get(key, {}).get("device", "none") != "none"]
+
+
 def read_user_config(path: str | Path) -> dict:
     """A user's DeepSpeed JSON as a dict; ValueError saying what is wrong with the file."""
     path = Path(path)
@@ -114,7 +120,7 @@ def lay_over(ours: Mapping, theirs: Mapping) -> dict:
         if value is None or value == "auto":
             continue
         expected = _get(ours, path)
-        if value != expected and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value == expected):
+        if value != expected:  # 1 and 1.0 are the same value
             problems.append(f"{'.'.join(path)} is {value!r} but the spec gives {expected!r} ({owner}); set it in the spec, or write \"auto\"")
     if problems:
         raise ValueError("; ".join(problems))

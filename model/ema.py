@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
@@ -36,23 +37,25 @@ class EMA:
             return self.decay
         return min(self.decay, 1 - (1 + num_updates) ** -self.warmup_power)
 
-    @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         """Move the shadow towards `model` (unwrapped, not DDP) if step % update_every == 0; copy its buffers."""
+        self.update_from(dict(model.named_parameters()), dict(model.named_buffers()), step)
+
+    @torch.no_grad()
+    def update_from(self, parameters: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor], step: int) -> None:
+        """update() from named tensors rather than a module: e.g. the full weights gathered from ZeRO or FSDP shards."""
         if step % self.update_every:
             return
         shadow_params = dict(self.module.named_parameters())
-        model_params = dict(model.named_parameters())
-        if shadow_params.keys() != model_params.keys():
-            missing, extra = shadow_params.keys() - model_params.keys(), model_params.keys() - shadow_params.keys()
+        if shadow_params.keys() != parameters.keys():
+            missing, extra = shadow_params.keys() - parameters.keys(), parameters.keys() - shadow_params.keys()
             raise ValueError(f"EMA.update got a model with other parameters (missing: {sorted(missing)[:5]}, extra: {sorted(extra)[:5]}); pass the unwrapped model the EMA was made from")
         shadows = list(shadow_params.values())
-        sources = [_like(model_params[name].detach(), shadow) for name, shadow in shadow_params.items()]
+        sources = [_like(parameters[name].detach(), shadow) for name, shadow in shadow_params.items()]
         torch._foreach_lerp_(shadows, sources, 1 - self.decay_at(self.num_updates))
 
-        model_buffers = dict(model.named_buffers())
         for name, buffer in self.module.named_buffers():
-            buffer.copy_(model_buffers[name])
+            buffer.copy_(buffers[name])
         self.num_updates += 1
 
     def copy_to(self, model: nn.Module) -> None:

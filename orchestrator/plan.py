@@ -105,10 +105,7 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
         problems.append(f"resources.gpus_per_node {resources.gpus_per_node} needs CUDA, and no NVIDIA GPU is visible here; on CPU set processes instead")
     deepspeed_lines: list[str] = []
     if resources.strategy.startswith("zero"):
-        import importlib.util
-
-        if importlib.util.find_spec("deepspeed") is None:
-            problems.append(f"resources.strategy {resources.strategy} needs DeepSpeed, which is not installed: bash scripts/setup.sh installs it (or use strategy: ddp)")
+        _need_deepspeed(f"resources.strategy {resources.strategy}", "strategy: ddp", problems)
         try:
             deepspeed_lines = describe_deepspeed(spec, deepspeed_config_of(spec, device))
         except PlanError as err:
@@ -200,8 +197,10 @@ def deepspeed_config_of(spec: JobSpec, device: str) -> dict:
 
 def describe_deepspeed(spec: JobSpec, config: dict) -> list[str]:
     """`orch plan`'s lines on the DeepSpeed config that will apply."""
+    from launch.deepspeed import offloaded as offloaded_parts
+
     zero = config.get("zero_optimization", {})
-    offloaded = [what for what, key in (("optimizer", "offload_optimizer"), ("weights", "offload_param")) if zero.get(key, {}).get("device", "none") != "none"]
+    offloaded = offloaded_parts(config)
     buckets = f"reduce bucket {zero.get('reduce_bucket_size'):,}"
     if "allgather_bucket_size" in zero:
         buckets += f", all-gather bucket {zero['allgather_bucket_size']:,}"
@@ -233,17 +232,23 @@ def strategy_description(spec: JobSpec) -> list[str]:
     return [f"ddp             bucket {r.ddp.bucket_mb} MiB, {checkpointing}"]
 
 
+def _need_deepspeed(what: str, alternative: str, problems: list[str]) -> None:
+    """Note a problem if DeepSpeed, which `what` needs, is not installed (checked without importing it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        problems.append(f"{what} needs DeepSpeed, which is not installed: bash scripts/setup.sh installs it (or use {alternative})")
+
+
 def _deepspeed_command(spec: JobSpec, job_path: Path, python: str, entry, threads: int, problems: list[str]):
     """DeepSpeed's runner over the job's hostfile: (command, files to write, hosts)."""
-    import importlib.util
     import shutil
     import socket
 
     from launch.deepspeed import deepspeed_command, env_file_text, hostfile_text, parse_hostfile
 
     r = spec.resources
-    if importlib.util.find_spec("deepspeed") is None:
-        problems.append("launcher deepspeed needs DeepSpeed, which is not installed: bash scripts/setup.sh installs it (or use launcher torchrun)")
+    _need_deepspeed("launcher deepspeed", "launcher torchrun", problems)
     hosts = list(r.hosts)
     if r.hostfile:
         try:

@@ -10,6 +10,7 @@ raise `SpecError`, whose message names the YAML path and line and suggests the n
 
 from __future__ import annotations
 
+from launch.deepspeed import DEFAULT_BUCKET_SIZE
 from orchestrator.errors import UserError
 
 import difflib
@@ -319,9 +320,9 @@ class DeepSpeedSpec(Section):
     """ZeRO-Offload: the fp32 master weights and AdamW state live in CPU memory and DeepSpeed's CPU Adam steps them there (less GPU memory, a slower step)."""
     offload_params: bool = False
     """ZeRO-3 only: the weight partitions live in CPU memory too and are fetched layer by layer (with offload_optimizer)."""
-    reduce_bucket_size: int = Field(500_000_000, ge=1)
+    reduce_bucket_size: int = Field(DEFAULT_BUCKET_SIZE, ge=1)
     """Elements per gradient reduce-scatter bucket (DeepSpeed's default); smaller saves memory, larger overlaps better."""
-    allgather_bucket_size: int = Field(500_000_000, ge=1)
+    allgather_bucket_size: int = Field(DEFAULT_BUCKET_SIZE, ge=1)
     """ZeRO-1/2: elements per all-gather bucket of the updated weights."""
     overlap_comm: bool | None = None
     """Overlap gradient reduction with the backward pass (more memory for buckets); empty is DeepSpeed's default (on for ZeRO-3, off for 1/2)."""

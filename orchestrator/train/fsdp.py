@@ -108,12 +108,10 @@ class FsdpEngine(Engine):
         """Move the EMA towards the gathered full fp32 weights; every rank calls it with the same step (a collective)."""
         if step % ema.update_every:
             return
-        from orchestrator.train.zero import _WeightsView
-
         weights = self.full_state_dict(model)
         parameters = {name: weights[name] for name, _ in model.named_parameters()}
         buffers = {name: buffer.detach() for name, buffer in model.named_buffers()}
-        ema.update(_WeightsView(parameters, buffers), step)
+        ema.update_from(parameters, buffers, step)
 
     # ------------------------------------------------------------------ checkpoints
     def save_state(self, directory: str) -> None:

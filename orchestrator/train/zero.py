@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from launch.deepspeed import offloaded
 from orchestrator.errors import UserError
 from orchestrator.train.engine import Engine
 
@@ -97,7 +98,7 @@ class ZeroEngine(Engine):
         self.config = config
         self.stage = config["zero_optimization"]["stage"]
         self.mixed_precision, self.grad_accum_steps = mixed_precision, config["gradient_accumulation_steps"]
-        self.offload_optimizer = config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none"
+        self.offload_optimizer = "optimizer" in offloaded(config)
         plugin = DeepSpeedPlugin(hf_ds_config=self.config)
         # Without an explicit backend accelerate asks DeepSpeed for its default (ccl on CPU), and
         # without a process group every rank believes it is alone; cpu=True would turn DeepSpeed off.
@@ -278,7 +279,7 @@ class ZeroEngine(Engine):
         module = self.unwrap(model)
         weights = self._full_fp32(module)
         buffers = {name: buffer.detach() for name, buffer in module.named_buffers()}
-        ema.update(_WeightsView(weights, buffers), step)
+        ema.update_from(weights, buffers, step)
 
     @staticmethod
     def consolidated_weights(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -371,16 +372,3 @@ class ZeroEngine(Engine):
         self.accelerator.end_training()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-
-
-class _WeightsView:
-    """What EMA.update reads from a model (named_parameters, named_buffers), over already gathered tensors."""
-
-    def __init__(self, parameters: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]):
-        self._parameters, self._buffers = parameters, buffers
-
-    def named_parameters(self):
-        return iter(self._parameters.items())
-
-    def named_buffers(self):
-        return iter(self._buffers.items())
