@@ -6,10 +6,12 @@ the supervisor turns that and the exit code into the job's final state.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import sys
+from typing import NoReturn
 
 import yaml
 
@@ -93,5 +95,20 @@ def _train(job: JobDir, spec, plan: dict, rank: int) -> int:
     return EXIT_PREEMPTED
 
 
+def exit_without_teardown(code: int) -> NoReturn:
+    """End a rank whose work and records are complete without the interpreter's teardown.
+
+    Finalising torch's distributed objects at interpreter exit can abort a rank that has finished
+    (gloo threads still holding tensors: pytorch/pytorch#190489 and #179291). Seen here as "terminate
+    called without an active exception" right after a job's last checkpoint, which torchrun turns into a
+    failed job. The atexit handlers (inductor's compile workers, logging) still run; nothing after them does.
+    """
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())
