@@ -339,16 +339,18 @@ def sample(root: Path, ref, num, classes, prompts, sampler, steps, guidance, see
     """Draw images from a job's newest checkpoint (or a checkpoint directory), EMA weights by default."""
     from rich.progress import Progress
 
-    from orchestrator import sampling
+    from orchestrator.checkpoints import resolve_checkpoint
 
-    spec, checkpoint = sampling.resolve_checkpoint(ref, root)
+    spec, checkpoint = resolve_checkpoint(ref, root)  # before torch is imported: a wrong name is answered at once
     condition = spec.model.condition
     if prompts and condition != "text":
-        raise sampling.SamplingError(f"--prompt needs a text-conditioned model; this one is conditioned on {condition}{': use --class' if condition == 'class' else ''}")
+        raise UserError(f"--prompt needs a text-conditioned model; this one is conditioned on {condition}{': use --class' if condition == 'class' else ''}")
     if classes and condition != "class":
-        raise sampling.SamplingError(f"--class needs a class-conditional model; this one is conditioned on {condition}{': use --prompt' if condition == 'text' else ''}")
+        raise UserError(f"--class needs a class-conditional model; this one is conditioned on {condition}{': use --prompt' if condition == 'text' else ''}")
     if condition == "text" and not prompts:
-        raise sampling.SamplingError("this model is text-conditioned: give the captions to draw with --prompt (repeatable)")
+        raise UserError("this model is text-conditioned: give the captions to draw with --prompt (repeatable)")
+    from orchestrator import sampling
+
     model = sampling.load_model(spec, checkpoint, ema=not no_ema)
     model_input = sampling.model_input_of(spec, checkpoint, ema=not no_ema)
     text = None
@@ -389,10 +391,11 @@ def sample(root: Path, ref, num, classes, prompts, sampler, steps, guidance, see
 @user_errors
 def export(root: Path, ref, fmt, out_dir, no_ema) -> None:
     """Export a job's model: .safetensors plus its spec, or a diffusers directory."""
-    from orchestrator import export as exporting
-    from orchestrator.sampling import resolve_checkpoint
+    from orchestrator.checkpoints import resolve_checkpoint
 
-    spec, checkpoint = resolve_checkpoint(ref, root)
+    spec, checkpoint = resolve_checkpoint(ref, root)  # before torch is imported: a wrong name is answered at once
+    from orchestrator import export as exporting
+
     write = exporting.export_diffusers if fmt == "diffusers" else exporting.export_safetensors
     write(spec, checkpoint, Path(out_dir), ema=not no_ema)
     click.echo(f"exported {checkpoint} ({'raw' if no_ema else 'EMA'} weights) as {fmt} -> {out_dir}")

@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 
 import model.diffusion as diffusion_math
+from orchestrator.checkpoints import CheckpointNotFound, resolve_checkpoint, weights_file
 from orchestrator.errors import UserError
-from orchestrator.jobs import JobDir, find_job
-from orchestrator.spec import JobSpec, spec_from_dict
+from orchestrator.spec import JobSpec
 from orchestrator.train.images import make_grid, to_uint8
 from orchestrator.train.loop import build_model, make_diffusion
 from orchestrator.train.model_input import ModelInput, pixel_input
@@ -42,14 +41,7 @@ __all__ = [
     "weights_file", "write_outputs",
 ]
 
-SPEC_FILE = "spec.yaml"
-EMA_FILE = "ema.safetensors"  # the EMA weights: what sampling and export use by default
-MODEL_FILE = "model.safetensors"  # the raw (trained) weights
 LABEL_TABLE = "y_embedder.embedding_table.weight"  # (classes [+ 1 null row], D) in the DiT and the U-Net
-
-
-class CheckpointNotFound(UserError):
-    """No usable checkpoint where the user pointed (no job, no complete checkpoint, or a file missing)."""
 
 
 class SamplingError(UserError):
@@ -62,71 +54,8 @@ def default_device() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Finding and loading a model
+# Loading a model (finding its checkpoint: orchestrator.checkpoints)
 # ---------------------------------------------------------------------------------------------
-
-
-def resolve_checkpoint(ref: str, root: Path) -> tuple[JobSpec, Path]:
-    """The spec and directory of a checkpoint: `ref` is a job (id, unique id prefix or job directory),
-    whose newest complete checkpoint is taken, or a checkpoint directory. The spec is the checkpoint's own."""
-    path = Path(ref)
-    if path.is_dir() and not (path / "state.json").is_file():
-        return _read_spec(_checkpoint_dir(path)), path.resolve()
-    if not path.exists() and "/" in ref:
-        raise CheckpointNotFound(f"{ref} does not exist; give a job id (`orch list` shows them), a job directory or a checkpoint directory")
-    job = find_job(root, ref)
-    checkpoint = job.latest_checkpoint()
-    if checkpoint is None:
-        raise CheckpointNotFound(_no_checkpoint_message(job))
-    return _read_spec(checkpoint), checkpoint
-
-
-def _checkpoint_dir(path: Path) -> Path:
-    """`path` if it is a usable checkpoint directory, else CheckpointNotFound saying what it lacks."""
-    if path.name.endswith(".tmp"):
-        raise CheckpointNotFound(f"{path} is a checkpoint whose writing never finished; use the job, or a complete step-N directory beside it")
-    if path.name == "checkpoints":
-        raise CheckpointNotFound(f"{path} is a job's checkpoints folder; give the job ({path.parent}) or one of its step-N directories")
-    if not (path / SPEC_FILE).is_file() or not any((path / name).is_file() for name in (EMA_FILE, MODEL_FILE)):
-        raise CheckpointNotFound(
-            f"{path} is neither a job directory (no state.json) nor a checkpoint directory ({SPEC_FILE} with {EMA_FILE} "
-            f"or {MODEL_FILE}); give a job id, a job directory or a runs/<job>/checkpoints/step-N directory"
-        )
-    return path
-
-
-def _no_checkpoint_message(job: JobDir) -> str:
-    record = job.status()
-    return (
-        f"job {job.id} has no complete checkpoint yet ({record.state.value} at step {record.step}); one is written every "
-        f"checkpoint.every steps, at the end and on preemption: wait for it, or `orch resume {job.id}` if the job stopped"
-    )
-
-
-def _read_spec(checkpoint: Path) -> JobSpec:
-    spec_file = checkpoint / SPEC_FILE
-    try:
-        raw = yaml.safe_load(spec_file.read_text())
-    except OSError as err:
-        raise CheckpointNotFound(f"{checkpoint} has no readable {SPEC_FILE} ({err.strerror}); it is not a checkpoint of orch") from None
-    if not isinstance(raw, dict):
-        raise CheckpointNotFound(f"{spec_file} is not a spec (a YAML mapping); the checkpoint is damaged")
-    return spec_from_dict(raw, source=str(spec_file))
-
-
-def weights_file(checkpoint: Path, ema: bool = True) -> Path:
-    """The weights to load: `checkpoint` itself if it is a .safetensors file, else its EMA (or raw) weights file."""
-    if checkpoint.is_file():
-        if checkpoint.suffix != ".safetensors":
-            raise CheckpointNotFound(f"{checkpoint} is not a .safetensors file or a checkpoint directory")
-        return checkpoint
-    name = EMA_FILE if ema else MODEL_FILE
-    path = checkpoint / name
-    if not path.is_file():
-        other = MODEL_FILE if ema else EMA_FILE
-        hint = f"; its {'raw' if ema else 'EMA'} weights ({other}) are there: {'pass --no-ema' if ema else 'leave out --no-ema'}" if (checkpoint / other).is_file() else ""
-        raise CheckpointNotFound(f"{checkpoint} has no {name} ({'EMA' if ema else 'raw'} weights){hint}")
-    return path
 
 
 def _num_classes_in(weights: Path, spec: JobSpec) -> int:

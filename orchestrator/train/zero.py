@@ -128,6 +128,10 @@ class ZeroEngine(Engine):
 
         return DeepSpeedCPUAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adamw_mode=True)
 
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The network inside the DeepSpeedEngine."""
+        return self.accelerator.unwrap_model(model)
+
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         """(DeepSpeedEngine, accelerate's DeepSpeedOptimizerWrapper); under ZeRO-3 the module's parameters are partitioned."""
         if self.ds is not None:

@@ -5,7 +5,7 @@ clipping, an LR warmup, EMA, checkpoints); its global batch is 4 per micro batch
 accumulation steps (or x 1 rank x 4 after a world-size change). DeepSpeed compiles its
 `deepspeed_shm_comm` op at the first collective: the session fixture builds it once, in one process,
 into the venv's cache (30-40 s on 2 cores; about twice that when two ranks start on an empty cache),
-and prints how long it took. Warm, the file takes about 2.5 minutes on 2 cores.
+and prints how long it took. Warm, the file takes about 1.5 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -102,6 +102,9 @@ def assert_bitwise_equal(a: dict, b: dict, what: str) -> None:
 
 
 CASES = [(1, "bf16"), (2, "bf16"), (3, "bf16"), (3, "no")]
+# Resume is checked where the checkpoint formats differ: ZeRO-1 shares ZeRO-2's optimizer class and checkpoint
+# layout in DeepSpeed, and ZeRO-3 in fp32 resumes bitwise at job level (test_strategy_settings, with offload).
+RESUME_CASES = [(2, "bf16"), (3, "bf16")]
 
 
 @pytest.mark.slow
@@ -119,7 +122,7 @@ def test_zero_trains_with_ranks_agreeing(runs, stage, precision):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,precision", CASES, ids=[f"zero{s}-{p}" for s, p in CASES])
+@pytest.mark.parametrize("stage,precision", RESUME_CASES, ids=[f"zero{s}-{p}" for s, p in RESUME_CASES])
 def test_zero_resume_from_checkpoint_is_bitwise_exact(runs, stage, precision, tmp_path):
     out, uninterrupted = runs(stage, precision)
     resumed = probe(tmp_path, "--stage", str(stage), "--precision", precision, "--steps", str(STEPS), "--resume", str(out / f"step-{SAVE_AT}"), "--ema-reference")

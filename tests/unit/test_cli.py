@@ -22,6 +22,14 @@ def test_fast_commands_import_no_torch_mlflow_or_pydantic(root_with_a_job, comma
     assert heavy_modules_loaded(args) == []
 
 
+@pytest.mark.parametrize("command", ["sample", "export"])
+def test_a_mistyped_job_for_sample_or_export_is_answered_before_torch_loads(tmp_path, command):
+    args = ["--root", str(tmp_path), command, "no-such-job", "--out", str(tmp_path / "out")]
+    assert not {"torch", "diffusers"} & set(heavy_modules_loaded(args))
+    result = orch(*args[2:], root=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("orch: error: no job 'no-such-job'")
+
+
 def test_status_json_gives_the_facts_scripts_need(root_with_a_job):
     root, job = root_with_a_job
     facts = json.loads(orch("status", job.id, "--json", root=root, check=True).stdout)

@@ -1,0 +1,85 @@
+"""What a user names as a checkpoint (a job id or id prefix, a job directory, a checkpoint directory, a
+weights file) turned into a checkpoint directory and its spec, without torch: `orch sample` and `orch export`
+answer a mistyped name at once, before they load any network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from orchestrator.errors import UserError
+from orchestrator.jobs import JobDir, find_job
+from orchestrator.spec import JobSpec, spec_from_dict
+
+SPEC_FILE = "spec.yaml"
+EMA_FILE = "ema.safetensors"  # the EMA weights: what sampling and export use by default
+MODEL_FILE = "model.safetensors"  # the raw (trained) weights
+
+
+class CheckpointNotFound(UserError):
+    """No usable checkpoint where the user pointed (no job, no complete checkpoint, or a file missing)."""
+
+
+def resolve_checkpoint(ref: str, root: Path) -> tuple[JobSpec, Path]:
+    """The spec and directory of a checkpoint: `ref` is a job (id, unique id prefix or job directory),
+    whose newest complete checkpoint is taken, or a checkpoint directory. The spec is the checkpoint's own."""
+    path = Path(ref)
+    if path.is_dir() and not (path / "state.json").is_file():
+        return _read_spec(_checkpoint_dir(path)), path.resolve()
+    if not path.exists() and "/" in ref:
+        raise CheckpointNotFound(f"{ref} does not exist; give a job id (`orch list` shows them), a job directory or a checkpoint directory")
+    job = find_job(root, ref)
+    checkpoint = job.latest_checkpoint()
+    if checkpoint is None:
+        raise CheckpointNotFound(_no_checkpoint_message(job))
+    return _read_spec(checkpoint), checkpoint
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    """`path` if it is a usable checkpoint directory, else CheckpointNotFound saying what it lacks."""
+    if path.name.endswith(".tmp"):
+        raise CheckpointNotFound(f"{path} is a checkpoint whose writing never finished; use the job, or a complete step-N directory beside it")
+    if path.name == "checkpoints":
+        raise CheckpointNotFound(f"{path} is a job's checkpoints folder; give the job ({path.parent}) or one of its step-N directories")
+    if not (path / SPEC_FILE).is_file() or not any((path / name).is_file() for name in (EMA_FILE, MODEL_FILE)):
+        raise CheckpointNotFound(
+            f"{path} is neither a job directory (no state.json) nor a checkpoint directory ({SPEC_FILE} with {EMA_FILE} "
+            f"or {MODEL_FILE}); give a job id, a job directory or a runs/<job>/checkpoints/step-N directory"
+        )
+    return path
+
+
+def _no_checkpoint_message(job: JobDir) -> str:
+    record = job.status()
+    return (
+        f"job {job.id} has no complete checkpoint yet ({record.state.value} at step {record.step}); one is written every "
+        f"checkpoint.every steps, at the end and on preemption: wait for it, or `orch resume {job.id}` if the job stopped"
+    )
+
+
+def _read_spec(checkpoint: Path) -> JobSpec:
+    spec_file = checkpoint / SPEC_FILE
+    try:
+        raw = yaml.safe_load(spec_file.read_text())
+    except OSError as err:
+        raise CheckpointNotFound(f"{checkpoint} has no readable {SPEC_FILE} ({err.strerror}); it is not a checkpoint of orch") from None
+    if not isinstance(raw, dict):
+        raise CheckpointNotFound(f"{spec_file} is not a spec (a YAML mapping); the checkpoint is damaged")
+    return spec_from_dict(raw, source=str(spec_file))
+
+
+def weights_file(checkpoint: Path, ema: bool = True) -> Path:
+    """The weights to load: `checkpoint` itself if it is a .safetensors file, else its EMA (or raw) weights file."""
+    if checkpoint.is_file():
+        if checkpoint.suffix != ".safetensors":
+            raise CheckpointNotFound(f"{checkpoint} is not a .safetensors file or a checkpoint directory")
+        return checkpoint
+    name = EMA_FILE if ema else MODEL_FILE
+    path = checkpoint / name
+    if not path.is_file():
+        other = MODEL_FILE if ema else EMA_FILE
+        hint = f"; its {'raw' if ema else 'EMA'} weights ({other}) are there: {'pass --no-ema' if ema else 'leave out --no-ema'}" if (checkpoint / other).is_file() else ""
+        raise CheckpointNotFound(f"{checkpoint} has no {name} ({'EMA' if ema else 'raw'} weights){hint}")
+    return path
