@@ -13,9 +13,10 @@ from orchestrator.errors import UserError
 from orchestrator.jobs import JobDir, find_job
 from orchestrator.spec import JobSpec, spec_from_dict
 
+# A checkpoint directory's files under every strategy (written by orchestrator.train.checkpoint and the engines).
 SPEC_FILE = "spec.yaml"
 EMA_FILE = "ema.safetensors"  # the EMA weights: what sampling and export use by default
-MODEL_FILE = "model.safetensors"  # the raw (trained) weights
+MODEL_FILE = "model.safetensors"  # the raw (trained) weights; ZeRO and FSDP write them consolidated, in fp32
 
 
 class CheckpointNotFound(UserError):

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from orchestrator.checkpoints import EMA_FILE, SPEC_FILE
 from orchestrator.files import fsync_dir
 from orchestrator.jobs import TRAINER_STATE, latest_checkpoint
 from orchestrator.train.engine import Engine
@@ -70,10 +71,10 @@ def save_checkpoint(
     try:
         engine.save_state(str(tmp))
         if engine.is_main:
-            save_file(ema_weights, str(tmp / "ema.safetensors"))
+            save_file(ema_weights, str(tmp / EMA_FILE))
             state.saved_at = time.time()
             (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=2))
-            (tmp / "spec.yaml").write_text(spec_yaml)
+            (tmp / SPEC_FILE).write_text(spec_yaml)
             model_input.write(tmp)  # what sampling and export build the network for, without the data
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         error = err
@@ -102,7 +103,7 @@ def load_checkpoint(engine: Engine, path: Path) -> tuple[TrainerState, dict]:
         raise CheckpointError(f"{path} is not a complete checkpoint (no {TRAINER_STATE})")
     engine.load_state(str(path))
     state = TrainerState(**json.loads(state_file.read_text()))
-    ema_weights = load_file(str(path / "ema.safetensors"), device="cpu")
+    ema_weights = load_file(str(path / EMA_FILE), device="cpu")
     return state, ema_weights
 
 

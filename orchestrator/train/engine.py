@@ -65,7 +65,7 @@ class Engine:
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The network inside DDP's wrapper. Not accelerate's unwrap_model: on its first call it imports DeepSpeed
-        (and through it MLflow) whenever DeepSpeed is installed, about a second of every rank's start (measured)."""
+        (and through it MLflow) whenever DeepSpeed is installed, about half a second of every rank's start (measured)."""
         return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
     def autocast(self):

@@ -34,11 +34,11 @@ import torch
 import torch.distributed as dist
 
 from model.dit import blocks_of
+from orchestrator.checkpoints import MODEL_FILE
 from orchestrator.errors import UserError
 from orchestrator.train.engine import Engine
 
 SHARDS = "fsdp"  # the DCP folder inside a checkpoint
-MODEL_FILE = "model.safetensors"
 log = logging.getLogger(__name__)
 
 

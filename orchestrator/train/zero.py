@@ -46,12 +46,12 @@ import torch
 import torch.distributed as dist
 
 from launch.deepspeed import offloaded
+from orchestrator.checkpoints import MODEL_FILE
 from orchestrator.errors import UserError
 from orchestrator.train.engine import Engine
 
 MODEL_TAG = "pytorch_model"  # the sub-directory accelerate's save_state gives DeepSpeed's checkpoint (its MODEL_NAME)
 UNIVERSAL_TAG = "pytorch_model_universal"  # DeepSpeed's universal checkpoint, made from the shards for a world-size change
-MODEL_FILE = "model.safetensors"  # the consolidated fp32 weights, where the DDP engine's checkpoint has its weights
 log = logging.getLogger(__name__)
 
 
