@@ -202,19 +202,28 @@ def _posterior_terms(noise_scheduler: DDPMScheduler, t: torch.Tensor) -> dict[st
     samplers do, so that strided and full schedules agree. beta-tilde_0 = 0, so its log is clipped to
     log beta-tilde_1 at t = 0, as in the reference code of Nichol & Dhariwal.
     """
-    alpha_bar = noise_scheduler.alphas_cumprod.detach().cpu().double()  # (T,)
-    alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])  # (T,)
-    beta = 1 - alpha_bar / alpha_bar_prev  # (T,)
-    beta_tilde = beta * (1 - alpha_bar_prev) / (1 - alpha_bar)  # (T,), 0 at t = 0
-    table = {
-        "alpha_bar": alpha_bar,
-        "coef_x0": alpha_bar_prev.sqrt() * beta / (1 - alpha_bar),  # (T,), Ho et al. 2020, Eq. 7
-        "coef_xt": (1 - beta).sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar),  # (T,)
-        "log_beta": beta.log(),  # (T,)
-        "log_beta_tilde": torch.cat([beta_tilde[1:2], beta_tilde[1:]]).log(),  # (T,)
-    }
-    index = t.detach().cpu().long()  # (N,)
-    return {name: values[index].view(-1, 1, 1, 1).to(device=t.device, dtype=torch.float32) for name, values in table.items()}
+    table = _posterior_table(noise_scheduler, t.device)
+    index = t.detach().long()  # (N,), indexing on t's device: no wait for the GPU
+    return {name: values[index].view(-1, 1, 1, 1) for name, values in table.items()}
+
+
+def _posterior_table(noise_scheduler: DDPMScheduler, device: torch.device) -> dict[str, torch.Tensor]:
+    """The per-timestep coefficients of _posterior_terms, (T,) float32 each on `device`, computed once per scheduler and device."""
+    cache = noise_scheduler.__dict__.setdefault("_orch_posterior_tables", {})
+    if device not in cache:
+        alpha_bar = noise_scheduler.alphas_cumprod.detach().cpu().double()  # (T,)
+        alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])  # (T,)
+        beta = 1 - alpha_bar / alpha_bar_prev  # (T,)
+        beta_tilde = beta * (1 - alpha_bar_prev) / (1 - alpha_bar)  # (T,), 0 at t = 0
+        table = {
+            "alpha_bar": alpha_bar,
+            "coef_x0": alpha_bar_prev.sqrt() * beta / (1 - alpha_bar),  # (T,), Ho et al. 2020, Eq. 7
+            "coef_xt": (1 - beta).sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar),  # (T,)
+            "log_beta": beta.log(),  # (T,)
+            "log_beta_tilde": torch.cat([beta_tilde[1:2], beta_tilde[1:]]).log(),  # (T,)
+        }
+        cache[device] = {name: values.to(device=device, dtype=torch.float32) for name, values in table.items()}
+    return cache[device]
 
 
 def _predict_x0(prediction: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor | float, prediction_type: str) -> torch.Tensor:

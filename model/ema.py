@@ -31,6 +31,11 @@ class EMA:
         self.num_updates = 0
         self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
 
+    def to(self, device: torch.device | str) -> EMA:
+        """Place the shadow on `device`: the training device, so that updates and sample grids never cross to the host."""
+        self.module.to(device)
+        return self
+
     def decay_at(self, num_updates: int) -> float:
         """The decay used by the update that follows `num_updates` earlier ones."""
         if self.warmup_power <= 0:
@@ -63,11 +68,11 @@ class EMA:
         model.load_state_dict(self.module.state_dict())
 
     def state_dict(self) -> dict:
-        """Everything a resume needs: the update count and the averaged weights."""
+        """Everything a resume needs: the update count and the averaged weights (where the shadow lives)."""
         return {"num_updates": self.num_updates, "weights": self.module.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what state_dict() returned."""
+        """Restore what state_dict() returned (weights from any device are copied onto the shadow's)."""
         self.module.load_state_dict(state["weights"])
         self.num_updates = int(state["num_updates"])
 

@@ -506,3 +506,7 @@ def ui(root: Path, port: int, uri: str | None) -> None:
 
 def main() -> None:
     cli(prog_name="orch")
+
+
+if __name__ == "__main__":  # python -m orchestrator.cli: where no `orch` script is installed (a bare GPU node)
+    main()

@@ -59,6 +59,7 @@ from orchestrator.imagefolder import IMAGE_EXTENSIONS
 from orchestrator.prepare_spec import ImageSpec, InputSpec, PrepareSpec, TextSpec, VaeSpec, load_prepare_spec
 from orchestrator.train import vae as vae_loader
 from orchestrator.train.data import center_crop
+from orchestrator.train.device import use_tf32
 from orchestrator.train.vae import ModelLoadError  # a VAE or text encoder that cannot be loaded (not downloaded, no network)
 
 log = logging.getLogger("orchestrator.prepare")
@@ -370,6 +371,7 @@ def resolve_device(choice: str, local_rank: int) -> str:
         return "cpu"
     if not torch.cuda.is_available():
         raise PrepareError("resources.device is cuda but no GPU is visible to torch; use device: auto or cpu")
+    use_tf32(True)  # the encoders' fp32 matmuls and convolutions on TF32 tensor cores
     return f"cuda:{local_rank % torch.cuda.device_count()}"
 
 

@@ -30,6 +30,7 @@ import model.diffusion as diffusion_math
 from orchestrator.checkpoints import CheckpointNotFound, resolve_checkpoint, weights_file
 from orchestrator.errors import UserError
 from orchestrator.spec import JobSpec
+from orchestrator.train.device import use_tf32
 from orchestrator.train.images import make_grid, to_uint8
 from orchestrator.train.loop import build_model, make_diffusion
 from orchestrator.train.model_input import ModelInput, pixel_input
@@ -96,7 +97,10 @@ def load_model(spec: JobSpec, checkpoint: Path, ema: bool = True, device: str | 
     with torch.random.fork_rng(devices=[]):  # building draws an init from the global RNG: leave the caller's alone
         model = build_model(spec, model_input_of(spec, checkpoint, ema))
     load_weights(model, weights)
-    return model.to(device or default_device()).eval()
+    device = torch.device(device or default_device())
+    if device.type == "cuda":
+        use_tf32(spec.resources.tf32)  # as the job trained
+    return model.to(device).eval()
 
 
 def num_classes_of(model: torch.nn.Module) -> int:

@@ -238,7 +238,7 @@ class TrainSpec(Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast precision: `no` (fp32), `bf16` (CPU or GPU), `fp16` (GPU only, with a gradient scaler)."""
     seed: int = 0
-    """Seed of weights, data order and noise; the same seed gives bitwise the same run on the same hardware."""
+    """Seed of weights, data order and noise; the same seed gives bitwise the same run on the same hardware and thread count: always on the CPU, on CUDA with resources.deterministic."""
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -308,11 +308,29 @@ class SlurmSpec(Section):
     requeue: bool = True
     """Requeue after a preemption, a node failure or the time-limit warning; the next run resumes from the newest checkpoint."""
     cpus_per_task: int | None = Field(None, ge=1)
-    """CPUs for each node's task (its ranks and their DataLoader workers)."""
+    """CPUs for each node's task (its ranks and their DataLoader workers); empty asks for processes x (data.num_workers + 2): per rank one CPU per loader worker plus two for the rank itself (8 GPUs with 4 workers each: 48). Not capped: if the nodes have fewer CPUs, sbatch refuses the job and this must be set. The ranks' threads are these CPUs divided by the ranks (unless threads_per_process is set)."""
+    mem: str | None = None
+    """Memory per node (`sbatch --mem`), Slurm's format: megabytes, or a size with a K, M, G or T suffix (`256G`); `0` asks for all of each node's memory (some sites refuse it). Empty is the partition's default (often memory per CPU, so it grows with cpus_per_task)."""
     sbatch_extra: list[str] = []
     """More `#SBATCH` options, each starting with `--` (e.g. `--exclusive`, `--mail-type=END,FAIL`)."""
     setup: list[str] = []
     """Shell lines run before training on each run (module loads, environment activation)."""
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _minutes_as_text(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # YAML reads `time: 90` (minutes) as a number; launch.slurm checks the format
+        return value
+
+    @field_validator("mem", mode="before")
+    @classmethod
+    def _memory_size(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # YAML reads `mem: 0` or `mem: 64000` as a number
+        if isinstance(value, str) and not re.fullmatch(r"\d+[KMGTkmgt]?", value):
+            raise ValueError(f"mem {value!r} is not a Slurm memory size; write megabytes (64000) or a size with a K, M, G or T suffix (256G)")
+        return value
 
 
 class DeepSpeedSpec(Section):
@@ -355,7 +373,7 @@ class ResourcesSpec(Section):
     rdzv_endpoint: str | None = None
     """HOST:PORT where the nodes' ranks meet (a free port on node 0): torchrun's c10d rendezvous, required when nodes > 1; for launcher deepspeed the master address (default: the first host, port 29500)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """`auto` uses CUDA when a GPU is visible, else the CPU."""
+    """`auto` uses CUDA when a GPU is visible, else the CPU. With launcher slurm it is decided on the compute node, never on the host that submits: `cuda` asks for one GPU per rank (`--gpus-per-node`); `auto` asks for GPUs only when gpus_per_node is set, and each node's worker then uses CUDA if its allocation holds a GPU, else the CPU; `cpu` asks for none."""
     strategy: Literal["ddp", "fsdp", "zero1", "zero2", "zero3"] = "ddp"
     """How the model is spread over the ranks: `ddp` (replicated, accelerate's DDP), `fsdp` (PyTorch FSDP2: weights, gradients and optimizer states sharded per block) or DeepSpeed ZeRO stage 1 (optimizer states sharded), 2 (and gradients), 3 (and weights); the EMA is kept of the full weights on every rank."""
     ddp: DdpSpec = DdpSpec()
@@ -370,8 +388,12 @@ class ResourcesSpec(Section):
     """On CUDA (Ampere and newer): fp32 matmuls and convolutions run on TF32 tensor cores, as the DiT reference training does; false for strict fp32. No effect on CPU."""
     collective_timeout_s: int = Field(600, ge=10)
     """Seconds a collective may wait for the other ranks (a stuck or vanished rank on another node) before the job fails, resumable, instead of hanging."""
+    rank0_timeout_s: int = Field(3600, ge=10)
+    """Seconds the other ranks wait while rank 0 works alone (drawing a sample grid, converting a ZeRO checkpoint to another world size), outside NCCL's collective timeout; a DDPM-1000 grid of a large model can take minutes."""
+    deterministic: bool = False
+    """On CUDA: deterministic algorithms only (torch.use_deterministic_algorithms, cuDNN deterministic and without autotuning, cuBLAS with a fixed workspace), so that a resumed run repeats the uninterrupted one bit for bit, as it always does on the CPU. Costs speed (measured in bench/results/); an op without a deterministic kernel stops the job with torch's error naming it."""
     threads_per_process: int | None = Field(None, ge=1)
-    """CPU threads per rank (OMP_NUM_THREADS); empty means the machine's cores divided by the ranks."""
+    """CPU threads per rank (OMP_NUM_THREADS); empty means the machine's cores divided by the ranks (launcher slurm: the compute node's allocated CPUs, slurm.cpus_per_task, divided by its ranks)."""
 
     @model_validator(mode="before")
     @classmethod

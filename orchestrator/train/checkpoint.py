@@ -71,7 +71,7 @@ def save_checkpoint(
     try:
         engine.save_state(str(tmp))
         if engine.is_main:
-            save_file(ema_weights, str(tmp / EMA_FILE))
+            save_file({name: tensor.detach().cpu().contiguous() for name, tensor in ema_weights.items()}, str(tmp / EMA_FILE))  # to the host only to be written
             state.saved_at = time.time()
             (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=2))
             (tmp / SPEC_FILE).write_text(spec_yaml)

@@ -155,13 +155,14 @@ class EpochBatches:
 class BatchStream:
     """Iterator of (images, labels) micro batches that knows the position of the next one."""
 
-    def __init__(self, dataset: Dataset, batches: EpochBatches, num_workers: int, seed: int):
+    def __init__(self, dataset: Dataset, batches: EpochBatches, num_workers: int, seed: int, pin_memory: bool = False):
         self.batches = batches
         self.position = batches.start
         loader = DataLoader(
             dataset,
             batch_sampler=batches,
             num_workers=num_workers,
+            pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
             generator=torch.Generator().manual_seed(seed),  # keeps loader start-up off the global RNG
         )

@@ -1,12 +1,19 @@
 """The distributed engine behind one face: accelerate's Accelerator (DDP over gloo or NCCL).
 
-The trainer talks to this class only, so a later engine (DeepSpeed) changes this file, not the loop.
+The trainer talks to this class only; FSDP (fsdp.py) and DeepSpeed ZeRO (zero.py) subclass it.
+
+Small host-side agreements (stop requested? every rank's peak memory, an invariant check) go over a
+second process group on gloo, with CPU tensors: on CUDA they never wait for the GPU's queue of work,
+so the step that asks stays asynchronous. The same group carries the wait of the other ranks while
+rank 0 works alone (`rank0_alone`: sample grids, a checkpoint conversion), with a timeout of its own,
+so that a long grid does not run into NCCL's collective timeout.
 """
 
 from __future__ import annotations
 
 from orchestrator.errors import UserError
 
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -20,13 +27,25 @@ class WorldSizeMismatch(UserError):
 
 
 class Engine:
-    def __init__(self, device: str, mixed_precision: str, expected_world_size: int, collective_timeout_s: int = 600, bucket_mb: int = 25):
+    def __init__(
+        self, device: str, mixed_precision: str, expected_world_size: int, collective_timeout_s: int = 600, bucket_mb: int = 25,
+        rank0_timeout_s: int = 3600,
+    ):
         # cpu=True gives MULTI_CPU (DDP over gloo) under torchrun / accelerate launch, one CPU process alone.
         # The timeout turns a collective waiting on a stuck or vanished rank (another node) into an error, not a hang.
         timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))
         buckets = DistributedDataParallelKwargs(bucket_cap_mb=bucket_mb)
         self.accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision, kwargs_handlers=[timeout, buckets])
         self._check_world_size(expected_world_size)
+        self._start_host_group(collective_timeout_s, rank0_timeout_s)
+        self.last_step_skipped = False
+
+    def _start_host_group(self, collective_timeout_s: int, rank0_timeout_s: int) -> None:
+        """The gloo group for host-side agreements and rank 0's solo phases (every rank calls it, once, after the default group)."""
+        self.rank0_timeout_s = rank0_timeout_s
+        self.host_group = None
+        if self.distributed:
+            self.host_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=collective_timeout_s))
 
     def _check_world_size(self, expected_world_size: int) -> None:
         if self.world_size != expected_world_size:
@@ -82,10 +101,15 @@ class Engine:
         return self.accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm else float("inf"))
 
     def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None) -> torch.Tensor:
-        """Clip, take the optimizer step, zero the grads; the global grad norm before clipping."""
+        """Clip, take the optimizer step, zero the grads; the global grad norm before clipping.
+
+        With fp16, the grad scaler skips the step whose gradients overflowed: `last_step_skipped`
+        then tells the loop not to advance the LR schedule or the EMA for it.
+        """
         grad_norm = self.clip_grad_norm(model, max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        self.last_step_skipped = bool(getattr(optimizer, "step_was_skipped", False))
         return grad_norm
 
     def update_ema(self, ema, model: torch.nn.Module, step: int) -> None:
@@ -101,29 +125,45 @@ class Engine:
         return value / self.world_size
 
     def any(self, flag: bool) -> bool:
-        """True on every rank if it is true on any rank."""
+        """True on every rank if it is true on any rank (over the host group: no wait for the GPU)."""
         if not self.distributed:
             return flag
-        tensor = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        tensor = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.host_group)
         return bool(tensor.item())
 
     def gather_floats(self, values: list[float]) -> list[list[float]]:
-        """Every rank's `values`, in rank order, on every rank (a collective of a few numbers)."""
+        """Every rank's `values`, in rank order, on every rank (a collective of a few numbers, over the host group)."""
         if not self.distributed:
             return [list(values)]
-        mine = torch.tensor(values, dtype=torch.float64, device=self.device)
-        everyone = torch.empty(self.world_size * len(values), dtype=torch.float64, device=self.device)
-        dist.all_gather_into_tensor(everyone, mine)
-        return everyone.view(self.world_size, len(values)).tolist()
+        mine = torch.tensor(values, dtype=torch.float64)
+        everyone = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(everyone, mine, group=self.host_group)
+        return [tensor.tolist() for tensor in everyone]
 
     def same_on_all_ranks(self, value: float) -> bool:
         """Whether every rank holds the same number (an invariant check, e.g. of EMA weights)."""
         if not self.distributed:
             return True
-        tensor = torch.tensor([value, -value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        tensor = torch.tensor([value, -value], dtype=torch.float64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.host_group)
         return tensor[0].item() == -tensor[1].item()
+
+    @contextmanager
+    def rank0_alone(self, what: str):
+        """Rank 0 runs the body alone (the caller checks is_main); the others wait at a gloo barrier for up to
+        rank0_timeout_s instead of in the next NCCL collective, whose timeout a long grid would exceed."""
+        try:
+            yield
+        finally:
+            if self.distributed:
+                try:
+                    dist.monitored_barrier(group=self.host_group, timeout=timedelta(seconds=self.rank0_timeout_s))
+                except RuntimeError as err:
+                    raise RuntimeError(
+                        f"rank {self.rank} waited {self.rank0_timeout_s} s for rank 0 to finish {what} "
+                        f"(resources.rank0_timeout_s): {err}"
+                    ) from err
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()

@@ -43,10 +43,10 @@ log = logging.getLogger(__name__)
 
 
 class FsdpEngine(Engine):
-    def __init__(self, device: str, mixed_precision: str, expected_world_size: int, collective_timeout_s: int = 600):
+    def __init__(self, device: str, mixed_precision: str, expected_world_size: int, collective_timeout_s: int = 600, rank0_timeout_s: int = 3600):
         if mixed_precision == "fp16":
             raise UserError("strategy fsdp trains in bf16 or fp32 here; fp16 (loss scaling) is not supported, use bf16")
-        super().__init__(device, "no", expected_world_size, collective_timeout_s)  # autocast and casting are ours (see above)
+        super().__init__(device, "no", expected_world_size, collective_timeout_s, rank0_timeout_s=rank0_timeout_s)  # autocast and casting are ours (see above)
         self.mixed_precision = mixed_precision
         if not dist.is_initialized():  # one process without a launcher: FSDP still needs a (one-rank) process group
             import os
@@ -96,19 +96,21 @@ class FsdpEngine(Engine):
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     # ------------------------------------------------------------------ full weights and EMA
-    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The consolidated fp32 weights (parameters and persistent buffers) on every rank (a collective)."""
+    def full_state_dict(self, model: torch.nn.Module, on_host: bool = True) -> dict[str, torch.Tensor]:
+        """The consolidated fp32 weights (parameters and persistent buffers) on every rank (a collective):
+        copied to the host for writing, or (on_host=False) left on the device for the EMA."""
         full = {}
         for name, tensor in model.state_dict().items():
             tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-            full[name] = tensor.detach().float().cpu().clone()
+            tensor = tensor.detach().float()
+            full[name] = tensor.cpu().clone() if on_host else tensor
         return full
 
     def update_ema(self, ema, model: torch.nn.Module, step: int) -> None:
-        """Move the EMA towards the gathered full fp32 weights; every rank calls it with the same step (a collective)."""
+        """Move the EMA towards the gathered full fp32 weights, on the device; every rank calls it with the same step (a collective)."""
         if step % ema.update_every:
             return
-        weights = self.full_state_dict(model)
+        weights = self.full_state_dict(model, on_host=False)
         parameters = {name: weights[name] for name, _ in model.named_parameters()}
         buffers = {name: buffer.detach() for name, buffer in model.named_buffers()}
         ema.update_from(parameters, buffers, step)
@@ -124,8 +126,8 @@ class FsdpEngine(Engine):
         model_state, optimizer_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(Path(directory) / SHARDS))
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":  # this rank's own GPU: another node may show another number of them
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         torch.save(rng, Path(directory) / f"random_states_{self.rank}.pkl")
         weights = self.full_state_dict(model)
         if self.is_main:
@@ -150,5 +152,5 @@ class FsdpEngine(Engine):
             random.setstate(rng["python"])
             np.random.set_state(rng["numpy"])
             torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)

@@ -31,6 +31,7 @@ from orchestrator.jobs import JobDir
 from orchestrator.spec import JobSpec
 from orchestrator.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from orchestrator.train.data import BatchStream, DataPosition, EpochBatches, build_dataset
+from orchestrator.train.device import check_node_devices, set_determinism, use_tf32
 from orchestrator.train.engine import Engine
 from orchestrator.train.images import make_grid
 from orchestrator.train.model_input import ModelInput, latent_input, pixel_input
@@ -116,8 +117,10 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 def train(spec: JobSpec, job: JobDir, device: str, tracking_uri: str | None) -> Outcome:
     """Train from the newest checkpoint of the job (or from scratch) until done or asked to stop."""
     stop = StopRequest()
+    check_node_devices(spec, device)  # before the first collective: a wrong node fails alone, with its name
     if device == "cuda":
         use_tf32(spec.resources.tf32)
+    set_determinism(spec.resources.deterministic, device)
     engine = make_engine(spec, device)
     log.info("rank %d of %d on %s: node%d in the per-node metrics", engine.rank, engine.world_size, socket.gethostname(), engine.rank // spec.resources.processes)
     trainer = None
@@ -140,12 +143,6 @@ def train(spec: JobSpec, job: JobDir, device: str, tracking_uri: str | None) -> 
         engine.close()
 
 
-def use_tf32(enabled: bool) -> None:
-    """fp32 matmuls and cuDNN convolutions on TF32 tensor cores, or strict fp32 (resources.tf32)."""
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
-
-
 def compiled_graphs() -> str:
     """What torch.compile has made so far in this process: graphs and graph breaks (dynamo's counters)."""
     from torch._dynamo.utils import counters
@@ -157,15 +154,17 @@ def make_engine(spec: JobSpec, device: str) -> Engine:
     """accelerate's DDP, torch FSDP2, or DeepSpeed ZeRO (resources.strategy) with the config `orch plan` described."""
     r, t = spec.resources, spec.train
     if r.strategy == "ddp":
-        return Engine(device, t.mixed_precision, r.world_size, r.collective_timeout_s, bucket_mb=r.ddp.bucket_mb)
+        return Engine(device, t.mixed_precision, r.world_size, r.collective_timeout_s, bucket_mb=r.ddp.bucket_mb, rank0_timeout_s=r.rank0_timeout_s)
     if r.strategy == "fsdp":
         from orchestrator.train.fsdp import FsdpEngine
 
-        return FsdpEngine(device, t.mixed_precision, r.world_size, r.collective_timeout_s)
+        return FsdpEngine(device, t.mixed_precision, r.world_size, r.collective_timeout_s, rank0_timeout_s=r.rank0_timeout_s)
     from orchestrator.plan import deepspeed_config_of
     from orchestrator.train.zero import ZeroEngine
 
-    return ZeroEngine(device, t.mixed_precision, r.world_size, r.collective_timeout_s, config=deepspeed_config_of(spec, device))
+    return ZeroEngine(
+        device, t.mixed_precision, r.world_size, r.collective_timeout_s, config=deepspeed_config_of(spec, device), rank0_timeout_s=r.rank0_timeout_s,
+    )
 
 
 class Trainer:
@@ -197,6 +196,7 @@ class Trainer:
         # Not prepared by accelerate: a prepared scheduler steps once per rank (accelerate#2926).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec))
         self.model, self.optimizer = engine.prepare(model, optimizer)
+        self.ema.to(engine.device)  # where the model trains: updates and grids never cross to the host
         if spec.model.init_from and job.latest_checkpoint() is None and hasattr(engine, "load_full_state_dict"):
             engine.load_full_state_dict(self.model, read_weights(Path(spec.model.init_from)))  # DeepSpeed's fp32 master copy too
         self.noise_scheduler = make_diffusion(spec)
@@ -207,16 +207,17 @@ class Trainer:
         if self.resumed_from is not None:
             self._restore(self.resumed_from)
             position = DataPosition(self.restored.epoch, self.restored.batch_in_epoch)
+        pinned = engine.device.type == "cuda"  # page-locked batches: host-to-device copies that overlap the step
         if spec.data.latent:
             from orchestrator.train.shards import ShardStream
 
             self.stream = ShardStream(
                 shards, micro_batch=spec.micro_batch_size, rank=engine.rank, world_size=engine.world_size, seed=t.seed,
-                num_workers=spec.data.num_workers, shuffle_buffer=spec.data.shuffle_buffer, start=position,
+                num_workers=spec.data.num_workers, shuffle_buffer=spec.data.shuffle_buffer, start=position, pin_memory=pinned,
             )
         else:
             batches = EpochBatches(len(dataset), spec.micro_batch_size, engine.rank, engine.world_size, t.seed, spec.data.hflip, position)
-            self.stream = BatchStream(dataset, batches, spec.data.num_workers, t.seed)
+            self.stream = BatchStream(dataset, batches, spec.data.num_workers, t.seed, pin_memory=pinned)
         self.grid = _GridMaker(spec, self.model_input, engine.device, self.noise_scheduler) if engine.is_main else None
         self.tracker: Tracker = NullTracker()
 
@@ -237,11 +238,13 @@ class Trainer:
         """Optimizer steps up to train.steps, with metrics, grids and checkpoints on the way."""
         spec, t, engine, model = self.spec, self.spec.train, self.engine, self.model
         loss_sum = torch.zeros((), device=engine.device)
-        window_start, window_steps, paused, data_wait = time.perf_counter(), 0, 0.0, 0.0
+        window_start, window_steps, paused, data_wait, skipped_steps = time.perf_counter(), 0, 0.0, 0.0, 0
         if engine.is_main:
             self.job.update(step=self.step, total_steps=t.steps)
         log.info("training steps %d..%d: micro batch %d x %d rank(s) x %d accumulation", self.step, t.steps, spec.micro_batch_size, engine.world_size, t.grad_accum_steps)
         report_compiled = spec.resources.compile
+        if self.resumed_from is not None and self.step % spec.sample.every == 0 and engine.any(engine.is_main and not self._grid_file("samples").exists()):
+            self._draw_grids(progression=False)  # the stop came between the checkpoint and its grid: draw the grid now
 
         while self.step < t.steps:
             torch.manual_seed(step_seed(t.seed, self.step, engine.rank))
@@ -257,9 +260,12 @@ class Trainer:
                     engine.backward(loss / t.grad_accum_steps)
                 loss_sum += loss.detach().float() / t.grad_accum_steps
             grad_norm = engine.step(model, self.optimizer, t.grad_clip)
-            self.scheduler.step()
             self.step += 1
-            engine.update_ema(self.ema, model, self.step)  # under ZeRO-3 the full weights are gathered for it
+            if engine.last_step_skipped:  # fp16: the grad scaler found inf/NaN gradients and skipped the update
+                skipped_steps += 1
+            else:  # the schedule and the EMA follow the updates that happened
+                self.scheduler.step()
+                engine.update_ema(self.ema, model, self.step)  # under ZeRO and FSDP the full weights are gathered for it
             window_steps += 1
             if report_compiled:  # the first step compiled the blocks
                 log.info("torch.compile: %s in %.1f s", compiled_graphs(), time.perf_counter() - window_start)
@@ -269,18 +275,20 @@ class Trainer:
             done = self.step == t.steps
             if self.step % spec.tracking.log_every == 0 or done or stopping:
                 step_time = (time.perf_counter() - window_start - paused) / window_steps
-                self._log(engine.mean(loss_sum / window_steps).item(), float(grad_norm), step_time, data_wait / window_steps)
+                self._log(engine.mean(loss_sum / window_steps).item(), float(grad_norm), step_time, data_wait / window_steps, skipped_steps)
                 loss_sum.zero_()
-                window_start, window_steps, paused, data_wait = time.perf_counter(), 0, 0.0, 0.0
+                window_start, window_steps, paused, data_wait, skipped_steps = time.perf_counter(), 0, 0.0, 0.0, 0
 
             began = time.perf_counter()
-            if engine.is_main and (self.step % spec.sample.every == 0 or done):
-                self.tracker.log_image(self.grid.draw(self.ema.module), key="samples", step=self.step)
-            if engine.is_main and done and self.spec.sample.steps >= 2:
-                self.tracker.log_image(self.grid.progression(self.ema.module), key="progression", step=self.step)
-            if self.step % spec.checkpoint.every == 0 or done or stopping:
+            checkpointing = self.step % spec.checkpoint.every == 0 or done or stopping
+            sampling = (self.step % spec.sample.every == 0 or done) and not stopping
+            if checkpointing:
                 self._checkpoint()
+            if sampling:  # after the checkpoint: a grid that fails or runs long never costs it
+                self._draw_grids(progression=done and spec.sample.steps >= 2)
             paused += time.perf_counter() - began
+            if (checkpointing or sampling) and engine.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(engine.device)  # peak_memory_gb: the training steps', not the grid's
             if stopping:
                 return Outcome(finished=False, step=self.step, stop_signal=self.stop.signal_name or "a signal on another rank")
         return Outcome(finished=True, step=self.step)
@@ -288,15 +296,38 @@ class Trainer:
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]:
         """The next micro batch on the device: the network's inputs and the condition its `y` takes."""
         device = self.engine.device
-        batch = next(self.stream)
+        batch = next(self.stream)  # in pinned memory on CUDA: the copies below do not block the host
         if isinstance(batch, tuple):  # pixels: (images, labels)
             images, labels = batch
-            return images.to(device), labels.to(device)
-        batch = batch.to(device)  # a LatentBatch
+            return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        batch = batch.to(device, non_blocking=True)  # a LatentBatch
         condition = batch.condition(self.spec.model.condition)
         return batch.latents, batch.labels if condition is None else condition
 
-    def _log(self, loss: float, grad_norm: float, step_time: float, data_wait: float) -> None:
+    def _draw_grids(self, progression: bool) -> None:
+        """The sample grid (and at the end the denoising progression) from the EMA, drawn by rank 0 in the training
+        precision while the other ranks wait outside NCCL; saved under samples/ in the job directory and logged to
+        MLflow. A grid that fails (say, out of memory) is logged with its traceback and skipped: it never stops training."""
+        with self.engine.rank0_alone(f"the sample grid of step {self.step}"):
+            if self.engine.is_main:
+                try:
+                    with self.engine.autocast():
+                        grids = {"samples": self.grid.draw(self.ema.module)}
+                        if progression:
+                            grids["progression"] = self.grid.progression(self.ema.module)
+                except Exception:
+                    log.exception("drawing the sample grid of step %d failed; training goes on without it", self.step)
+                    return
+                for key, image in grids.items():
+                    self._grid_file(key).parent.mkdir(exist_ok=True)
+                    image.save(self._grid_file(key))
+                    self.tracker.log_image(image, key=key, step=self.step)
+
+    def _grid_file(self, key: str) -> Path:
+        """Where the grid `key` (samples, progression) of the current step is saved in the job directory."""
+        return self.job.path / "samples" / f"{key}-{self.step:07d}.png"
+
+    def _log(self, loss: float, grad_norm: float, step_time: float, data_wait: float, skipped_steps: int = 0) -> None:
         """Metrics of the last window of steps, logged by rank 0; every rank calls it (a collective).
 
         Each node's ranks report their peak memory and the seconds per step they waited for batches:
@@ -316,12 +347,18 @@ class Trainer:
             "peak_memory_gb": max(memory for memory, _ in per_rank),
             "data_wait_s": max(wait for _, wait in per_rank),
         }
+        if self.spec.train.mixed_precision == "fp16":
+            metrics["fp16_skipped_steps"] = float(skipped_steps)  # updates the grad scaler skipped in this window
         for node, ranks in enumerate(per_node):  # torchrun, DeepSpeed's runner and Slurm number ranks node by node
             metrics[f"node{node}/peak_memory_gb"] = max(memory for memory, _ in ranks)
             metrics[f"node{node}/data_wait_s"] = max(wait for _, wait in ranks)
         if self.engine.is_main:
             self.tracker.log_metrics(metrics, self.step)
             self.job.update(step=self.step, loss=loss, samples_per_sec=metrics["samples_per_sec"])
+            log.info(
+                "step %d: loss %.4f, %.1f samples/s, %.4f s/step, peak memory %.2f GB, data wait %.4f s/step",
+                self.step, loss, metrics["samples_per_sec"], step_time, metrics["peak_memory_gb"], metrics["data_wait_s"],
+            )
 
     def _peak_memory_bytes(self) -> float:
         """This rank's peak memory: CUDA allocations on a GPU, else the process's peak resident set."""

@@ -79,7 +79,10 @@ def _single_process_environment() -> None:
 class ZeroEngine(Engine):
     """accelerate + DeepSpeed ZeRO over gloo (CPU) or NCCL (CUDA): `Engine`'s methods (ranks, collectives from it) and a few more."""
 
-    def __init__(self, device: str, mixed_precision: str, expected_world_size: int, collective_timeout_s: int = 600, *, config: dict):
+    def __init__(
+        self, device: str, mixed_precision: str, expected_world_size: int, collective_timeout_s: int = 600, *, config: dict,
+        rank0_timeout_s: int = 3600,
+    ):
         """config: the DeepSpeed config (launch.deepspeed.deepspeed_config), batch split and stage included."""
         if mixed_precision == "fp16":
             raise UserError("the DeepSpeed engine here trains in bf16 or fp32; fp16 (loss scaling) is not supported, use bf16")
@@ -109,6 +112,8 @@ class ZeroEngine(Engine):
             kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=collective_timeout_s))],
         )
         self._check_world_size(expected_world_size)
+        self._start_host_group(collective_timeout_s, rank0_timeout_s)
+        self.last_step_skipped = False
         self.ds = None  # the DeepSpeedEngine, once prepared
         self._boundary = True
 
@@ -195,8 +200,9 @@ class ZeroEngine(Engine):
         return self.step(model, None, max_norm)
 
     # ------------------------------------------------------------------ full weights and EMA
-    def _full_fp32(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """Every parameter of `module` in full, fp32, on the CPU, on every rank (a collective: every rank calls it).
+    def _full_fp32(self, module: torch.nn.Module, on_host: bool = True) -> dict[str, torch.Tensor]:
+        """Every parameter of `module` in full, fp32, on every rank (a collective: every rank calls it): copied to
+        the host for writing, or (on_host=False) left on the device for the EMA.
 
         Trainable parameters: DeepSpeed's fp32 master weights (ZeRO-1/2: an all-reduce of each rank's
         fragment over zeros, exact; ZeRO-3: an all-gather of the partitions). Frozen ones (no master
@@ -206,7 +212,7 @@ class ZeroEngine(Engine):
 
         if self.stage < 3 and self.mixed_precision == "no":
             # ZeRO-1/2 in fp32: every rank's module holds the full, current fp32 weights; no collective needed.
-            return {name: param.detach().float().cpu().clone() for name, param in module.named_parameters()}
+            return {name: _placed(param, on_host) for name, param in module.named_parameters()}
         full = {}
         frozen = []
         for name, param in module.named_parameters():
@@ -214,7 +220,7 @@ class ZeroEngine(Engine):
             if master is None:
                 frozen.append((name, param))
             else:
-                full[name] = master.detach().float().cpu()
+                full[name] = _placed(master, on_host)
         if frozen:
             context = nullcontext()
             if self.stage == 3:
@@ -223,7 +229,7 @@ class ZeroEngine(Engine):
                 context = deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=None)
             with context:
                 for name, param in frozen:
-                    full[name] = param.detach().float().cpu().clone()
+                    full[name] = _placed(param, on_host)
         return {name: full[name] for name, _ in module.named_parameters()}  # the module's order
 
     def load_full_state_dict(self, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -281,7 +287,7 @@ class ZeroEngine(Engine):
         if step % ema.update_every:
             return
         module = self.unwrap(model)
-        weights = self._full_fp32(module)
+        weights = self._full_fp32(module, on_host=False)
         buffers = {name: buffer.detach() for name, buffer in module.named_buffers()}
         ema.update_from(weights, buffers, step)
 
@@ -355,24 +361,36 @@ class ZeroEngine(Engine):
         self.load_full_state_dict(self.ds, self.consolidated_weights(directory))
 
     def _convert_to_universal(self, directory: Path) -> bool:
-        """`directory/pytorch_model_universal` made from the ZeRO shards (once, by rank 0); whether it is there on every rank."""
+        """`directory/pytorch_model_universal` made from the ZeRO shards (once, by rank 0, while the others wait
+        up to rank0_timeout_s outside NCCL); whether it is there on every rank."""
         target = directory / UNIVERSAL_TAG
         ok = True
-        if self.is_main and not target.is_dir():
-            tmp = directory / f"{UNIVERSAL_TAG}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            argv = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(directory / MODEL_TAG),
-                    "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
-            done = subprocess.run(argv, capture_output=True, text=True, check=False)
-            if done.returncode == 0:
-                os.replace(tmp, target)
-            else:
-                log.warning("converting %s to a universal checkpoint failed: %s", directory, done.stderr.strip().splitlines()[-1:])
-                shutil.rmtree(tmp, ignore_errors=True)
-                ok = False
+        with self.rank0_alone("converting the checkpoint to another world size"):
+            if self.is_main and not target.is_dir():
+                ok = self._run_universal_conversion(directory, target)
         return not self.any(not ok)
+
+    def _run_universal_conversion(self, directory: Path, target: Path) -> bool:
+        """DeepSpeed's ds_to_universal, into a temporary folder renamed to `target` when it succeeds."""
+        tmp = directory / f"{UNIVERSAL_TAG}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        argv = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(directory / MODEL_TAG),
+                "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if done.returncode == 0:
+            os.replace(tmp, target)
+            return True
+        log.warning("converting %s to a universal checkpoint failed: %s", directory, done.stderr.strip().splitlines()[-1:])
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
 
     def close(self) -> None:
         self.accelerator.end_training()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _placed(tensor: torch.Tensor, on_host: bool) -> torch.Tensor:
+    """A weight as fp32: a host copy to be written, or the device tensor itself (no copy when it already is fp32)."""
+    tensor = tensor.detach().float()
+    return tensor.cpu().clone() if on_host else tensor

@@ -1,0 +1,137 @@
+"""Every tensor a rank holds or makes lives on the engine's device, and the loop's order keeps a checkpoint safe.
+
+The machines that test orch have no GPU, where every tensor shares the CPU and a tensor left behind
+goes unseen. `meta` stands in for CUDA here: a second device, on which a CPU tensor meeting a
+device tensor raises as it would on a GPU (an EMA left on the CPU crashed the first grid of every
+GPU job this way).
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from model.diffusion import diffusion_loss
+from model.ema import EMA
+from orchestrator.jobs import JobDir
+from orchestrator.spec import spec_from_dict
+from orchestrator.train.engine import Engine
+from orchestrator.train.loop import Trainer
+from tests.helpers import tiny_spec
+
+META = torch.device("meta")
+
+
+class MetaEngine(Engine):
+    """The DDP engine of one process with `meta` standing in for a GPU."""
+
+    @property
+    def device(self) -> torch.device:
+        return META
+
+    def prepare(self, model, optimizer):
+        names = {id(param): name for name, param in model.named_parameters()}
+        model = model.to(META)  # as accelerate's prepare moves the model to cuda:k
+        moved = dict(model.named_parameters())
+        for group in optimizer.param_groups:
+            group["params"] = [moved[names[id(param)]] for param in group["params"]]
+        return model, optimizer
+
+
+class SkipSecondStepEngine(Engine):
+    """The DDP engine whose grad scaler (fp16, which the CPU lacks) 'finds' inf gradients at the second step."""
+
+    def step(self, model, optimizer, max_norm):
+        self.steps_taken = getattr(self, "steps_taken", 0) + 1
+        if self.steps_taken == 2:
+            optimizer.zero_grad(set_to_none=True)
+            self.last_step_skipped = True
+            return torch.tensor(float("inf"))
+        return super().step(model, optimizer, max_norm)
+
+
+def make_trainer(tmp_path: Path, engine_class, **sections) -> Trainer:
+    spec = spec_from_dict(yaml.safe_load(tiny_spec(tmp_path, **sections).read_text()))
+    job = JobDir.create(tmp_path / "runs", "job-1", spec.name, spec.to_yaml(), spec.train.steps)
+    never_stop = types.SimpleNamespace(requested=False, signal_name=None)  # no signal handlers inside pytest
+    return Trainer(spec, job, engine_class("cpu", "no", 1), never_stop)
+
+
+def tensors_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+def test_every_tensor_the_trainer_holds_or_makes_lives_on_the_engine_device(tmp_path, one_thread):
+    trainer = make_trainer(tmp_path, MetaEngine)
+    off_device = {name: t.device for name, t in tensors_of(trainer.model).items() if t.device != META}
+    assert not off_device, f"model tensors off the engine's device: {off_device}"
+    off_device = {name: t.device for name, t in tensors_of(trainer.ema.module).items() if t.device != META}
+    assert not off_device, f"EMA tensors off the engine's device (the grid then mixes devices): {off_device}"
+    assert trainer.grid.noise.device == META and trainer.grid.labels.device == META and trainer.grid.conditions.device == META
+
+    images, labels = trainer._next_batch()
+    assert images.device == META and labels.device == META
+    loss = diffusion_loss(trainer.model, images, labels, trainer.noise_scheduler)
+    assert loss.device == META
+    loss.backward()
+    trainer.engine.step(trainer.model, trainer.optimizer, 1.0)
+    trainer.engine.update_ema(trainer.ema, trainer.model, step=1)
+    assert trainer.ema.num_updates == 1 and all(t.device == META for t in tensors_of(trainer.ema.module).values())
+
+    # What the grid feeds the EMA network at every sampler step: its fixed noise, a timestep and its rows' labels.
+    timesteps = torch.full((len(trainer.grid.labels),), 3, device=trainer.grid.noise.device)
+    with torch.no_grad():
+        out = trainer.ema.module.eval()(trainer.grid.noise, timesteps, trainer.grid.conditions)
+    assert out.device == META
+
+
+def test_ema_updates_on_the_device_it_lives_on_and_copies_nothing_to_the_host():
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.5, warmup_power=0).to(META)
+    device_weights = {name: p.detach().to(META) for name, p in model.named_parameters()}
+    ema.update_from(device_weights, {}, step=1)  # gathered full weights under ZeRO or FSDP, left on the device
+    assert all(p.device == META for p in ema.module.parameters())
+
+
+def test_zero_keeps_gathered_weights_on_the_device_for_the_ema_and_copies_them_to_the_host_to_write():
+    pytest.importorskip("deepspeed")
+    from orchestrator.train.zero import _placed
+
+    on_device = torch.ones(2, device=META, dtype=torch.bfloat16)
+    kept = _placed(on_device, on_host=False)
+    assert kept.device == META and kept.dtype == torch.float32
+    assert _placed(torch.ones(2, dtype=torch.bfloat16), on_host=True).device.type == "cpu"
+
+
+def test_a_failing_grid_costs_neither_the_checkpoint_nor_the_run(tmp_path, one_thread, caplog):
+    trainer = make_trainer(tmp_path, Engine, train={"steps": 4}, checkpoint={"every": 2}, sample={"every": 2})
+    drawn = []
+
+    def draw(ema_model):
+        drawn.append(trainer.step)
+        if trainer.step == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
+        return original_draw(ema_model)
+
+    original_draw, trainer.grid.draw = trainer.grid.draw, draw
+    outcome = trainer.run()
+    assert outcome.finished and outcome.step == 4
+    assert drawn == [2, 4]
+    checkpoints = sorted(p.name for p in trainer.job.checkpoints_dir.glob("step-*"))
+    assert checkpoints == ["step-0000002", "step-0000004"], "the checkpoint of the step whose grid failed was not written"
+    assert "drawing the sample grid of step 2 failed" in caplog.text
+    saved = sorted(p.name for p in (trainer.job.path / "samples").iterdir())
+    assert saved == ["progression-0000004.png", "samples-0000004.png"]
+
+
+def test_an_update_the_grad_scaler_skipped_advances_neither_the_lr_schedule_nor_the_ema(tmp_path, one_thread):
+    trainer = make_trainer(tmp_path, SkipSecondStepEngine, train={"steps": 3}, checkpoint={"every": 100}, sample={"every": 100})
+    trainer.grid.draw = trainer.grid.progression = lambda ema_model: None  # no grids: not what this test is about
+    trainer._draw_grids = lambda progression: None
+    assert trainer.run().finished
+    assert trainer.step == 3, "the skipped step still counts as a step (its batch was consumed)"
+    assert trainer.scheduler.last_epoch == 2 and trainer.ema.num_updates == 2
