@@ -9,7 +9,9 @@ that submits it; nothing here runs Slurm. The script it writes:
 - is requeueable (`--requeue`) and asks Slurm for SIGUSR1 `signal_seconds` before the time limit,
   sent to the batch shell only (`--signal=B:USR1@N`); the shell passes the signal on to the ranks,
   which checkpoint and stop, and then requeues the job itself so it continues from that checkpoint;
-- exports ORCH_SLURM_RESTART_COUNT (0 on the first run; Slurm leaves SLURM_RESTART_COUNT unset then).
+- exports ORCH_SLURM_RESTART_COUNT (0 on the first run; Slurm leaves SLURM_RESTART_COUNT unset then);
+- unless told a thread count, exports OMP_NUM_THREADS / MKL_NUM_THREADS computed on the node from the
+  allocation: the task's CPUs (SLURM_CPUS_PER_TASK) shared by the node's ranks.
 """
 
 import posixpath
@@ -46,6 +48,13 @@ TORCHRUN_SIGNAL_HANDLING = """\
 export PET_SIGNALS_TO_HANDLE={signals}
 # ...and gives the ranks the whole warning period to checkpoint before it sends SIGKILL.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={seconds}
+"""
+ALLOCATION_THREADS = """\
+# Threads per rank from the allocation: the task's CPUs (--cpus-per-task; else those this shell may use)
+# shared by the node's {ranks} rank(s), at least 1. torchrun's ranks inherit them (unset, torchrun would set 1).
+orch_threads=$(( ${{SLURM_CPUS_PER_TASK:-$(nproc)}} / {ranks} ))
+[ "$orch_threads" -ge 1 ] || orch_threads=1
+export OMP_NUM_THREADS="$orch_threads" MKL_NUM_THREADS="$orch_threads"
 """
 RENDEZVOUS = """
 # torchrun's c10d rendezvous lives on the first node of the allocation; every node's torchrun
@@ -91,8 +100,8 @@ fi
 # #SBATCH options this module writes itself, with the argument of sbatch_job that sets each.
 MANAGED_OPTIONS = {
     "job-name": "job_name", "nodes": "nodes", "ntasks": "nodes", "ntasks-per-node": "nodes",
-    "gpus-per-node": "gpus_per_node", "gpus": "gpus_per_node",
-    "cpus-per-task": "cpus_per_task", "partition": "partition", "account": "account", "qos": "qos",
+    "gpus-per-node": "gpus_per_node", "gpus": "gpus_per_node", "gres": "gpus_per_node",
+    "cpus-per-task": "cpus_per_task", "mem": "mem", "partition": "partition", "account": "account", "qos": "qos",
     "constraint": "constraint", "time": "time_limit", "signal": "signal_seconds", "requeue": "requeue",
     "no-requeue": "requeue", "open-mode": "logs_dir", "output": "logs_dir", "error": "logs_dir",
     "chdir": "workdir",
@@ -104,6 +113,7 @@ _NAME = re.compile(r"[A-Za-z0-9_.+-]+")
 _LIST = re.compile(r"[A-Za-z0-9_.,+-]+")  # partition, account, qos: names, comma-separated
 _SBATCH_VALUE = re.compile(r"[^\s'\"\\]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MEMORY = re.compile(r"\d+[KMGTkmgt]?")  # sbatch --mem: a size, in megabytes unless suffixed
 _TIME_LIMIT = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
 
 
@@ -126,6 +136,7 @@ def sbatch_job(
     gpus_per_node: int = 0,
     processes_per_node: int | None = None,
     cpus_per_task: int | None = None,
+    mem: str | None = None,
     partition: str | None = None,
     account: str | None = None,
     qos: str | None = None,
@@ -150,14 +161,20 @@ def sbatch_job(
         the job starts, since Slurm does not create it and loses the output otherwise.
     python, entry: the interpreter on the nodes and the rank's module, e.g. ('-m', 'orchestrator.worker', JOB_DIR).
     nodes, gpus_per_node: the allocation; one rank per GPU, or `processes_per_node` ranks on CPU (default 1).
-    cpus_per_task: CPUs for each node's task (torchrun and all its ranks); None leaves Slurm's default.
+    cpus_per_task: CPUs for each node's task (torchrun and all its ranks); None leaves Slurm's default
+        (often 1 CPU, which torchrun and all its ranks would then share).
+    mem: memory per node (`--mem`), Slurm's format: a whole number in megabytes or with a K, M, G or T
+        suffix (`256G`); `0` asks for all of each node's memory (refused by some sites); None leaves the
+        partition's default.
     partition, account, qos, constraint: passed through to sbatch when given.
     time_limit: Slurm's format (`MM`, `HH:MM:SS`, `D-HH:MM`...) or whole minutes; None uses the partition's.
     signal_seconds: SIGUSR1 comes this long before the time limit (Slurm may send it up to 60 s earlier).
     requeue: `--requeue`, and requeue the job after the ranks stopped on the time-limit warning.
     sbatch_extra: further options, one per `#SBATCH` line, each starting with `--`.
     setup: shell lines run first (module loads, venv activation); the job stops if one fails.
-    env: variables exported before the launch; threads pins OMP_NUM_THREADS / MKL_NUM_THREADS per rank.
+    env: variables exported before the launch.
+    threads: OMP_NUM_THREADS / MKL_NUM_THREADS per rank; None computes them in the script from the
+        allocation: $SLURM_CPUS_PER_TASK (else `nproc`) // processes_per_node, at least 1.
     rdzv_port: torchrun's rendezvous port on the first node; None picks 20000 + job id mod 10000, so
         two jobs that share a node do not both take 29400.
     workdir: the job's working directory (`--chdir`); None keeps sbatch's (where it is run).
@@ -179,6 +196,8 @@ def sbatch_job(
         )
     if cpus_per_task is not None:
         check_at_least("cpus_per_task", cpus_per_task, 1)
+    if mem is not None:
+        check_sbatch_value("mem", mem, _MEMORY, "Slurm's format: megabytes, or a size with a K, M, G or T suffix, e.g. 256G")
     for name, value in (("partition", partition), ("account", account), ("qos", qos)):
         if value is not None:
             check_sbatch_value(name, value, _LIST, "names separated by commas, no spaces")
@@ -198,6 +217,9 @@ def sbatch_job(
     if rdzv_port is not None and not 1 <= rdzv_port <= 65535:
         raise ValueError(f"rdzv_port must be in 1..65535, got {rdzv_port}")
     extra_lines = [check_sbatch_extra(option) for option in sbatch_extra]
+    for option in extra_lines:
+        if mem is not None and option.split("=", 1)[0] in ("--mem-per-cpu", "--mem-per-gpu"):
+            raise ValueError(f"sbatch_extra entry {option!r} and mem ({mem}) both set the memory; sbatch takes only one of them")
     setup_lines = [check_setup_line(line) for line in setup]
 
     if step_command is None:
@@ -220,6 +242,8 @@ def sbatch_job(
         sbatch_lines.append(f"--gpus-per-node={gpus_per_node}")
     if cpus_per_task is not None:
         sbatch_lines.append(f"--cpus-per-task={cpus_per_task}")
+    if mem is not None:
+        sbatch_lines.append(f"--mem={mem}")
     for option, value in (("partition", partition), ("account", account), ("qos", qos),
                           ("constraint", constraint), ("time", time_text), ("chdir", workdir)):
         if value is not None:
@@ -247,6 +271,8 @@ def sbatch_job(
     lines += RESTART_COUNT.splitlines()
     if step_command is None:
         lines += TORCHRUN_SIGNAL_HANDLING.format(signals=TORCHRUN_SIGNALS, seconds=signal_seconds).splitlines()
+        if threads is None:
+            lines += ALLOCATION_THREADS.format(ranks=processes_per_node).splitlines()
     lines += [f"export {name}={shlex.quote(value)}" for name, value in exports.items()]
     port = str(rdzv_port) if rdzv_port is not None else "$((20000 + SLURM_JOB_ID % 10000))"
     lines += RENDEZVOUS.format(port=port).splitlines()

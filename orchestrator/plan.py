@@ -3,6 +3,10 @@
 `orch submit` runs exactly the command the plan holds. Checks that need this machine (data on disk,
 a GPU for cuda or fp16, a reachable tracking server) are collected as `problems`: `submit` refuses to
 start while there are any, `plan` and `--dry-run` print them.
+
+Under launcher slurm this machine is a login node, not where the ranks run: the device and the GPUs
+asked for come from the spec alone (`auto` stays `auto` and the worker resolves it on the compute node),
+and the threads per rank from the allocation (computed on the node), never from this host's hardware.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 from orchestrator.errors import UserError
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,14 +40,14 @@ def require_runnable(plan: "Plan") -> None:
 @dataclass(frozen=True)
 class Plan:
     launcher: str
-    device: str
+    device: str  # cpu or cuda; "auto" under launcher slurm: resolved by the worker on the compute node
     strategy: str
     world_size: int
     processes_per_node: int
     micro_batch_size: int
     grad_accum_steps: int
     global_batch_size: int
-    threads_per_process: int
+    threads_per_process: int | None  # None under launcher slurm: the allocation's CPUs per rank, computed on the node
     tracking_uri: str | None
     compute: str  # precision, TF32 and torch.compile as they will apply on this device
     command: LaunchCommand  # what `orch submit` runs here, on node 0
@@ -53,20 +58,27 @@ class Plan:
     launch_files: tuple[tuple[str, str], ...] = ()  # (path, text) the command reads, written before it runs (hostfile, sbatch script)
     hosts: tuple[str, ...] = ()  # launcher deepspeed: the hosts it starts over ssh, node 0 first
     problems: tuple[str, ...] = ()
+    cpus_per_task: int | None = None  # launcher slurm: the CPUs asked for each node's task (its ranks and their loaders)
 
     def describe(self) -> list[str]:
         """Human-readable lines, as `orch plan` prints them."""
+        device = "auto (resolved on the compute node)" if self.device == "auto" else self.device
+        if self.threads_per_process is not None:
+            threads = f"{self.threads_per_process} per process"
+        else:  # launcher slurm: the sbatch script and the worker compute it from the allocation
+            threads = (f"{max(1, (self.cpus_per_task or 1) // self.processes_per_node)} per process on the compute node "
+                       f"(the allocation's {self.cpus_per_task} CPUs per node / {self.processes_per_node} rank(s))")
         return [
-            f"launcher        {self.launcher} on {self.device}, strategy {self.strategy}",
+            f"launcher        {self.launcher} on {device}, strategy {self.strategy}",
             f"world size      {self.world_size} ({self.processes_per_node} process(es) x {self.world_size // self.processes_per_node} node(s))",
             f"batch           {self.global_batch_size} global = {self.micro_batch_size} per rank x {self.world_size} rank(s) x {self.grad_accum_steps} accumulation step(s)",
-            f"threads         {self.threads_per_process} per process",
+            f"threads         {threads}",
             f"compute         {self.compute}",
             *self.strategy_lines,
             *self.estimate,
             f"tracking        {self.tracking_uri or 'off'}",
             *(
-                [f"command         {self.command.shell()}", *(f"  | {line}" for line in self.sbatch_script.splitlines() if line.startswith("#SBATCH") or line.startswith("srun") or line.lstrip().startswith("python"))]
+                [f"command         {self.command.shell()}", *(f"  | {line}" for line in _sbatch_essentials(self.sbatch_script))]
                 if self.sbatch_script else
                 [f"command         {self.command.shell()}"] if len(self.node_commands) < 2 and not self.hosts else
                 [f"command         {self.command.shell()}  (orch submit runs it on node 0)",
@@ -78,12 +90,52 @@ class Plan:
         ]
 
 
-def gpu_visible() -> bool:
-    """An NVIDIA GPU is visible to this process (checked without importing torch)."""
+def _sbatch_essentials(script: str) -> list[str]:
+    """The lines of an sbatch script `orch plan` shows: the #SBATCH options and the srun step (with its continuation line)."""
+    lines = script.splitlines()
+    shown = []
+    for i, line in enumerate(lines):
+        if line.startswith("#SBATCH") or line.startswith("srun"):
+            shown.append(line)
+            if line.startswith("srun") and line.endswith("\\") and i + 1 < len(lines):
+                shown.append(lines[i + 1])
+    return shown
+
+
+def gpu_visible(root: Path = Path("/")) -> bool:
+    """An NVIDIA GPU is visible to this process (checked without importing torch, which takes seconds).
+
+    Any of: the driver's /proc/driver/nvidia/gpus entries, a /dev/nvidiaN device node (containers that
+    get the devices but not the driver's /proc), or WSL2's GPU device /dev/dxg. CUDA_VISIBLE_DEVICES ""
+    or "-1" hides them all. `root` stands in for / in tests.
+    """
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
-    gpus = Path("/proc/driver/nvidia/gpus")
-    return gpus.is_dir() and any(gpus.iterdir())
+    try:
+        gpus = root / "proc" / "driver" / "nvidia" / "gpus"
+        if gpus.is_dir() and any(gpus.iterdir()):
+            return True
+        if any(re.fullmatch(r"nvidia\d+", node.name) for node in (root / "dev").glob("nvidia[0-9]*")):
+            return True
+        return (root / "dev" / "dxg").exists()
+    except OSError:  # an unreadable /proc or /dev entry: as if absent
+        return False
+
+
+def visible_gpu_count(root: Path = Path("/")) -> int | None:
+    """How many NVIDIA GPUs this process may use, without importing torch: the driver's /proc entries, or the
+    /dev/nvidiaN nodes, narrowed by CUDA_VISIBLE_DEVICES; None where neither says (WSL2, an unreadable /proc)."""
+    if not gpu_visible(root):
+        return 0
+    try:
+        gpus = root / "proc" / "driver" / "nvidia" / "gpus"
+        count = len(list(gpus.iterdir())) if gpus.is_dir() else len([n for n in (root / "dev").glob("nvidia[0-9]*") if re.fullmatch(r"nvidia\d+", n.name)])
+    except OSError:
+        return None
+    chosen = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if chosen is not None:
+        count = min(count, len([entry for entry in chosen.split(",") if entry.strip()]))
+    return count or None
 
 
 def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.executable) -> Plan:
@@ -92,17 +144,24 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
 
     problems = []
     resources = spec.resources
-    device = resources.device if resources.device != "auto" else ("cuda" if gpu_visible() else "cpu")
-    if device == "cuda" and not gpu_visible():
-        problems.append("resources.device is cuda but no NVIDIA GPU is visible here; use device: cpu (or auto)")
+    on_slurm = resources.launcher == "slurm"  # this host submits only: the compute nodes' GPUs are not visible from it
+    if on_slurm:
+        device = resources.device  # auto stays auto: the worker resolves it on the node (orchestrator/worker.py)
+    else:
+        device = resources.device if resources.device != "auto" else ("cuda" if gpu_visible() else "cpu")
+        if device == "cuda" and not gpu_visible():
+            problems.append("resources.device is cuda but no NVIDIA GPU is visible here; use device: cpu (or auto)")
+        if resources.gpus_per_node is not None and device != "cuda":
+            problems.append(f"resources.gpus_per_node {resources.gpus_per_node} needs CUDA, and no NVIDIA GPU is visible here; on CPU set processes instead")
+        visible = visible_gpu_count() if device == "cuda" else None
+        if visible and resources.processes > visible:  # every rank of this node takes a GPU of its own
+            problems.append(f"resources.processes {resources.processes} ranks per node, one per GPU, but this node shows {visible} GPU(s); set gpus_per_node (or processes) to at most {visible}")
     if spec.train.mixed_precision == "fp16" and device == "cpu":
         problems.append("train.mixed_precision fp16 needs a GPU; on CPU use bf16 (or no)")
     try:
         check_data(spec)
     except PlanError as err:
         problems.append(str(err))
-    if resources.gpus_per_node is not None and device != "cuda":
-        problems.append(f"resources.gpus_per_node {resources.gpus_per_node} needs CUDA, and no NVIDIA GPU is visible here; on CPU set processes instead")
     deepspeed_lines: list[str] = []
     if resources.strategy.startswith("zero"):
         _need_deepspeed(f"resources.strategy {resources.strategy}", "strategy: ddp", problems)
@@ -113,8 +172,10 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
     if spec.model.init_from and not Path(spec.model.init_from).is_file():
         problems.append(f"model.init_from {spec.model.init_from} does not exist")
 
-    cores = len(os.sched_getaffinity(0))
-    threads = resources.threads_per_process or max(1, cores // resources.processes)
+    if on_slurm:  # None: the allocation's CPUs per rank, computed on the node by the sbatch script and the worker
+        threads = resources.threads_per_process
+    else:
+        threads = resources.threads_per_process or max(1, len(os.sched_getaffinity(0)) // resources.processes)
     launcher = resources.launcher
     if launcher == "auto":
         launcher = "local" if resources.world_size == 1 else "torchrun"
@@ -123,6 +184,7 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
     sbatch_script = None
     launch_files: tuple[tuple[str, str], ...] = ()
     hosts: tuple[str, ...] = ()
+    cpus_per_task = None
     if launcher == "local":
         command = local_command(python, entry, threads=threads)
     elif launcher == "torchrun":
@@ -135,7 +197,8 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
         )
         command = node_commands[0]
     elif launcher == "slurm":
-        command, sbatch_script = _slurm_command(spec, job_path, python, entry, device, threads, problems)
+        cpus_per_task = slurm_cpus_per_task(spec)
+        command, sbatch_script = _slurm_command(spec, job_path, python, entry, device, threads, cpus_per_task, problems)
         launch_files = ((str(job_path / "slurm" / "job.sbatch"), sbatch_script),)
     elif launcher == "deepspeed":
         command, launch_files, hosts = _deepspeed_command(spec, job_path, python, entry, threads, problems)
@@ -169,6 +232,7 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
         launch_files=launch_files,
         hosts=hosts,
         problems=tuple(problems),
+        cpus_per_task=cpus_per_task,
     )
 
 
@@ -217,7 +281,8 @@ def describe_deepspeed(spec: JobSpec, config: dict) -> list[str]:
 def compute_description(spec: JobSpec, device: str) -> str:
     """`orch plan`'s line on the arithmetic: autocast precision, fp32 matmuls (TF32 on CUDA) and torch.compile."""
     precision = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling"}[spec.train.mixed_precision]
-    matmuls = ("TF32" if spec.resources.tf32 else "strict fp32") if device == "cuda" else "fp32"
+    on_gpu = "TF32" if spec.resources.tf32 else "strict fp32"
+    matmuls = on_gpu if device == "cuda" else f"{on_gpu} on a GPU node, fp32 on a CPU node" if device == "auto" else "fp32"
     return f"{precision}, fp32 matmuls in {matmuls}, torch.compile {'per block' if spec.resources.compile else 'off'}"
 
 
@@ -285,20 +350,32 @@ def _deepspeed_command(spec: JobSpec, job_path: Path, python: str, entry, thread
     return command, files, tuple(hosts) if len(hosts) > 1 else ()
 
 
-def _slurm_command(spec: JobSpec, job_path: Path, python: str, entry, device: str, threads: int, problems: list[str]) -> tuple[LaunchCommand, str]:
-    """The sbatch command and script of a Slurm job (torchrun on each node, requeue, time-limit warning)."""
+def slurm_cpus_per_task(spec: JobSpec) -> int:
+    """CPUs asked for each node's task: resources.slurm.cpus_per_task, or per rank its DataLoader workers plus 2
+    (the rank's own compute threads and its helper threads: pinning, collectives)."""
+    return spec.resources.slurm.cpus_per_task or spec.resources.processes * (spec.data.num_workers + 2)
+
+
+def _slurm_command(
+    spec: JobSpec, job_path: Path, python: str, entry, device: str, threads: int | None, cpus_per_task: int, problems: list[str],
+) -> tuple[LaunchCommand, str]:
+    """The sbatch command and script of a Slurm job (torchrun on each node, requeue, time-limit warning).
+
+    GPUs are asked for from the spec: one per rank for device cuda, or for device auto with gpus_per_node
+    set (the worker then finds them on the node); none for cpu, or auto without gpus_per_node."""
     import shutil
 
     from launch.slurm import sbatch_job
 
     resources, slurm = spec.resources, spec.resources.slurm
+    wants_gpus = device == "cuda" or (device == "auto" and resources.gpus_per_node is not None)
     if shutil.which("sbatch") is None:
         problems.append("launcher slurm needs sbatch on the PATH: run orch on a Slurm login node (or use launcher torchrun)")
     try:
         job = sbatch_job(
             job_name=job_path.name, script_path=str(job_path / "slurm" / "job.sbatch"), logs_dir=str(job_path / "logs"),
-            python=python, entry=entry, nodes=resources.nodes, gpus_per_node=resources.processes if device == "cuda" else 0,
-            processes_per_node=resources.processes, cpus_per_task=slurm.cpus_per_task, partition=slurm.partition,
+            python=python, entry=entry, nodes=resources.nodes, gpus_per_node=resources.processes if wants_gpus else 0,
+            processes_per_node=resources.processes, cpus_per_task=cpus_per_task, mem=slurm.mem, partition=slurm.partition,
             account=slurm.account, qos=slurm.qos, constraint=slurm.constraint, time_limit=slurm.time,
             signal_seconds=slurm.signal_seconds, requeue=slurm.requeue, sbatch_extra=slurm.sbatch_extra, setup=slurm.setup,
             threads=threads, workdir=str(job_path),

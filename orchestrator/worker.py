@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    torch.set_num_threads(plan["threads_per_process"])
+    torch.set_num_threads(threads_per_rank(plan["threads_per_process"]))
     from orchestrator.supervisor import register_rank
 
     register_rank(job, rank)
@@ -52,6 +52,34 @@ def main(argv: list[str] | None = None) -> int:
 
         record_end(job, code)  # no supervisor under Slurm: rank 0 records how this run ended
     return code
+
+
+def resolve_device(planned: str) -> str:
+    """The device this rank trains on: the plan's, or for `auto` (launcher slurm, where the host that
+    submitted could not see the nodes' GPUs) CUDA if this node's allocation gives it one, else the CPU."""
+    if planned != "auto":
+        return planned
+    import socket
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    log.info("device auto resolved on %s: %s (%d GPU(s) visible)", socket.gethostname(), device, torch.cuda.device_count())
+    return device
+
+
+def threads_per_rank(planned: int | None) -> int:
+    """torch's threads for this rank: the plan's, or (None: launcher slurm) this node's allocated CPUs
+    (SLURM_CPUS_PER_TASK, else the CPUs this process may run on) shared by the node's ranks, at least 1;
+    the same count the sbatch script exported as OMP_NUM_THREADS."""
+    if planned is not None:
+        return planned
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    total = int(cpus) if cpus.isdigit() else len(os.sched_getaffinity(0))
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    threads = max(1, total // max(1, ranks))
+    log.info("%d thread(s) per rank: %d allocated CPU(s) / %d rank(s) on this node", threads, total, ranks)
+    return threads
 
 
 def _record_slurm_start(job: JobDir, restarts: int, plan: dict) -> None:
@@ -75,7 +103,10 @@ def _train(job: JobDir, spec, plan: dict, rank: int) -> int:
     from orchestrator.train.loop import train
 
     try:
-        outcome = train(spec, job, plan["device"], plan["tracking_uri"])
+        device = resolve_device(plan["device"])
+        if device == "cpu" and spec.train.mixed_precision == "fp16":  # device auto on a node without a GPU
+            raise UserError("train.mixed_precision fp16 needs a GPU and this node has none; use bf16 (or no), or ask for GPUs (resources.gpus_per_node)")
+        outcome = train(spec, job, device, plan["tracking_uri"])
     except UserError as err:
         log.error("%s", err)
         if rank == 0:

@@ -19,7 +19,7 @@ REQUIRED = {"job_name": "dit_cats", "script_path": "/runs/dit_cats-1/slurm/job.s
 # Set UPDATE_EXPECTED=1 to rewrite the expected files from the code (then review the diff).
 CASES = {
     "slurm_two_nodes_eight_gpus": lambda: sbatch_job(
-        **REQUIRED, python="python", entry=ENTRY, nodes=2, gpus_per_node=8, cpus_per_task=64,
+        **REQUIRED, python="python", entry=ENTRY, nodes=2, gpus_per_node=8, cpus_per_task=64, mem="256G",
         partition="gpu", account="proj42", qos="normal", constraint="a100&ib", time_limit="1-00:00:00",
         signal_seconds=300, sbatch_extra=["--exclusive", "--mail-type=END,FAIL"],
         setup=["module load cuda/12.4", "source /opt/venvs/orch/bin/activate"], env={"NCCL_DEBUG": "WARN"},
@@ -77,6 +77,32 @@ def test_gpus_and_signal_lines_follow_the_values():
     assert 'export ORCH_SLURM_RESTART_COUNT="${SLURM_RESTART_COUNT:-0}"' in cpu
 
 
+def run_thread_lines(script: str, env: dict) -> str:
+    """OMP_NUM_THREADS / MKL_NUM_THREADS as the script's thread lines leave them, run by bash."""
+    thread_lines = [line for line in script.splitlines() if line.startswith(("orch_threads=", '[ "$orch_threads"', "export OMP_", "export MKL_"))]
+    probe = "\n".join([*thread_lines, 'echo "$OMP_NUM_THREADS $MKL_NUM_THREADS"'])
+    clean = {k: v for k, v in os.environ.items() if k not in ("SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    result = subprocess.run(["bash", "-c", probe], env={**clean, **env}, capture_output=True, text=True, check=True)
+    return result.stdout.splitlines()[-1]
+
+
+def test_threads_per_rank_are_computed_from_the_allocation_on_the_node():
+    gpu = CASES["slurm_two_nodes_eight_gpus"]().script  # threads not given: from SLURM_CPUS_PER_TASK
+    assert run_thread_lines(gpu, {"SLURM_CPUS_PER_TASK": "64"}) == "8 8"
+    assert run_thread_lines(gpu, {"SLURM_CPUS_PER_TASK": "48"}) == "6 6"
+    assert run_thread_lines(gpu, {"SLURM_CPUS_PER_TASK": "4"}) == "1 1"  # fewer CPUs than ranks: still 1 each
+    fallback = max(1, len(os.sched_getaffinity(0)) // 8)  # no --cpus-per-task: the CPUs the shell may use (nproc)
+    assert run_thread_lines(gpu, {}) == f"{fallback} {fallback}"
+    cpu = CASES["slurm_one_node_cpu"]().script  # threads=1 given: pinned, not computed
+    assert "orch_threads" not in cpu and "export OMP_NUM_THREADS=1\n" in cpu
+    assert run_thread_lines(cpu, {"SLURM_CPUS_PER_TASK": "64"}) == "1 1"
+
+
+def test_memory_is_asked_for_only_when_given():
+    assert "#SBATCH --mem=256G\n" in CASES["slurm_two_nodes_eight_gpus"]().script
+    assert "--mem" not in CASES["slurm_one_node_cpu"]().script  # None: the partition's default
+
+
 @pytest.mark.parametrize(
     "text, seconds",
     [("90", 5400), ("90:30", 5430), ("01:30:00", 5400), ("2-0", 172800), ("1-12:30", 131400), ("1-00:00:01", 86401)],
@@ -95,6 +121,10 @@ def test_time_limit_is_read_as_sbatch_reads_it(text, seconds):
         ({"gpus_per_node": -1}, "gpus_per_node must be a whole number of at least 0"),
         ({"gpus_per_node": 8, "processes_per_node": 4}, "one rank per GPU"),
         ({"cpus_per_task": 0}, "cpus_per_task"),
+        ({"mem": "256 GB"}, "mem '256 GB' cannot go into an #SBATCH line"),
+        ({"mem": "1.5G"}, "megabytes, or a size with a K, M, G or T suffix"),
+        ({"sbatch_extra": ["--mem=64G"]}, "sets what the field mem sets"),
+        ({"mem": "64G", "sbatch_extra": ["--mem-per-gpu=8G"]}, r"and mem \(64G\) both set the memory"),
         ({"partition": "gpu a100"}, "partition"),
         ({"constraint": "a100 & ib"}, "constraint"),
         ({"time_limit": "one hour"}, "time_limit 'one hour' is not a Slurm time limit"),
