@@ -1,54 +1,47 @@
-"""Single-GPU training throughput and MFU of DiT-B/2 and DiT-XL/2 at 256 px, in orch's settings and in
-the reference training setup, on whatever GPU this runs on.
+"""Training throughput and MFU of DiT-B/2 and DiT-XL/2 at 256 px as users run them: `orch submit` of a job, its
+own trainer (data loader, EMA on the device, grad clipping, metrics), timed by the trainer's own logged windows.
 
-    .venv/bin/python bench/gpu_throughput.py [--models DiT-B/2,DiT-XL/2] [--batch 32] [--steps 30] [--warmup 10]
+    python bench/gpu_throughput.py [--models DiT-B/2,DiT-XL/2] [--settings reference,bf16,bf16+compile]
+                                   [--batch 32] [--steps 60] [--work DIR] [--budget-s 400]
 
-Settings (the `resources` / `train` fields that select them in a job spec in brackets):
+Settings (the job-spec fields that select them):
   reference      fp32 weights and activations, matmuls on TF32, eager: the DiT reference training setup
                  (train.mixed_precision: "no", resources.tf32: true)
   bf16           bf16 autocast, eager (train.mixed_precision: bf16)
   bf16+compile   bf16 autocast, every DiT block compiled by torch.compile (resources.compile: true)
+  bf16+deterministic  bf16 autocast with deterministic kernels only (resources.deterministic: true): its cost
 
-One step is what a job's rank does per optimizer step on one GPU: the paper's 256 px setting (32x32x4
-latents, random tensors: the data does not change the work; 1000 classes, label dropout 0.1, learned
-sigma with the hybrid loss; batch 32 per GPU as in the paper's 256 on 8 GPUs), orch's DiT, diffusion loss, AdamW and EMA update. Steps are timed with
-CUDA events after `--warmup` steps (which include compiling). samples/s = batch / median step time.
+The job is the paper's 256 px setting: 4 x 32 x 32 latents (synthetic images prepared by `orch prepare` through a
+tiny VAE: the data do not change the work), 1000 classes, label dropout 0.1, learned sigma with the hybrid loss,
+batch 32 per GPU (the paper's 256 over 8 GPUs), AdamW, EMA, grad clipping at 1. Throughput is the trainer's
+samples/s of its last logged window (`--steps` / 3 steps after the first two windows, which hold start-up and
+compiling); its step time leaves out checkpoints and grids, as the trainer's metric does.
 
-MFU = model FLOPs per second / the GPU's dense bf16 tensor peak. Model FLOPs per image =
-3 x 2 x forward multiply-adds (orchestrator/estimate.dit_forward_macs, which reproduces the DiT paper's
-Table 4: 118.6 G for XL/2, 23.0 G for B/2), the convention of the PaLM paper (Chowdhery et al. 2022,
-App. B). Peaks from NVIDIA's datasheets, dense (no sparsity): A100 312 TFLOPS, H100 SXM 989, H100 PCIe
-756, H100 NVL 835, H200 989. The reference is also given against the TF32 peak (half the bf16 peak), which is what
-it can reach at best.
+MFU = model FLOPs per second / the GPU's dense bf16 tensor peak. Model FLOPs per image = 3 x 2 x forward
+multiply-adds (orchestrator/estimate.dit_forward_macs, which reproduces the DiT paper's Table 4: 118.6 G for
+XL/2, 23.0 G for B/2), the convention of the PaLM paper (Chowdhery et al. 2022, App. B). Peaks from NVIDIA's
+datasheets, dense (no sparsity): A100 312 TFLOPS, H100 SXM 989, H100 PCIe 756, H100 NVL 835, H200 989. The
+reference is also given against the TF32 peak (half the bf16 peak), which is what it can reach at best.
 
-Without a GPU the script runs the same steps on the CPU with DiT-S/8 at batch 4 (a smoke run of the
-code path; no MFU). Writes nothing; paste its output into bench/results/ with the device it names.
+Without a GPU it runs DiT-S/8 at batch 4 for 9 steps on the CPU: a smoke run of the code path, no MFU.
+Prints a markdown table (and returns its rows to bench/gpu_acceptance.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
+import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from machine import cpu_name  # noqa: E402  (bench/machine.py)
+from gpu_jobs import LATENT_SIDE, gpu_description, logged_windows, make_latent_dataset, orch, the_job, write_spec  # noqa: E402
 
-from model.diffusion import diffusion_loss, make_noise_scheduler  # noqa: E402
-from model.dit import DIT_SIZES, DiT_models, compile_blocks  # noqa: E402
-from model.ema import EMA  # noqa: E402
-from orchestrator.estimate import dit_forward_macs, training_flops_per_image  # noqa: E402
-from orchestrator.train.loop import HYBRID_VLB_WEIGHT, use_tf32  # noqa: E402
-
-LATENT = (4, 32, 32)  # 256 px through the SD VAE's 8x downsampling
 NUM_CLASSES = 1000
-SETTINGS = ("reference", "bf16", "bf16+compile")
+SETTINGS = ("reference", "bf16", "bf16+compile")  # the default rows; "bf16+deterministic" on request
 PEAK_BF16_TFLOPS = {"A100": 312, "H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989}  # dense tensor-core peaks (datasheets)
 
 
@@ -60,103 +53,112 @@ def peak_bf16_flops(device_name: str) -> float | None:
     return None
 
 
-def model_flops_per_image(name: str) -> int:
-    size = DIT_SIZES[name.split("-")[1].split("/")[0]]
-    patch = int(name.split("/")[1])
-    macs = dit_forward_macs(size["depth"], size["hidden_size"], patch, LATENT[0], LATENT[1], learn_sigma=True)
+def model_flops_per_image(preset: str) -> int:
+    from model.dit import DIT_SIZES
+    from orchestrator.estimate import dit_forward_macs, training_flops_per_image
+
+    size = DIT_SIZES[preset.split("-")[1].split("/")[0]]
+    patch = int(preset.split("/")[1])
+    macs = dit_forward_macs(size["depth"], size["hidden_size"], patch, 4, LATENT_SIDE, learn_sigma=True)
     return training_flops_per_image(macs)
 
 
-class Clock:
-    """Seconds between two points of the device's stream (CUDA events), or wall time on the CPU."""
+def job_spec(preset: str, setting: str, batch: int, steps: int, shards: Path, device: str) -> dict:
+    """The job of one row: the paper's 256 px class-conditional setting in one of SETTINGS."""
+    return {
+        "version": 1,
+        "name": f"throughput-{preset.replace('/', '-')}-{setting.replace('+', '-')}",
+        "model": {"preset": preset, "num_classes": NUM_CLASSES, "learn_sigma": True},
+        "diffusion": {"loss": "hybrid"},
+        "data": {"source": "webdataset", "path": str(shards), "resolution": 2 * LATENT_SIDE, "num_workers": 2, "shuffle_buffer": 64},
+        "train": {
+            "steps": steps, "global_batch_size": batch, "learning_rate": 1e-4, "warmup_steps": 0, "grad_clip": 1.0,
+            "mixed_precision": "no" if setting == "reference" else "bf16", "seed": 0,
+        },
+        "ema": {"decay": 0.9999},
+        "checkpoint": {"every": 10 * steps, "keep": 1},  # written once, at the end (outside the timed windows)
+        "sample": {"every": 10 * steps, "sampler": "ddpm", "steps": 2, "per_class": 1, "classes": [0]},
+        "tracking": {"enabled": False, "log_every": max(1, steps // 3)},
+        "resources": {
+            "device": device, "tf32": True, "compile": setting.endswith("+compile"), "deterministic": setting.endswith("+deterministic"),
+            "threads_per_process": 4,
+        },
+    }
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
 
-    def start(self):
-        if self.cuda:
-            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.begin.record()
-        else:
-            self.began = time.perf_counter()
+def measure(preset: str, setting: str, batch: int, steps: int, shards: Path, work: Path, device: str) -> dict:
+    """One row: run the job through `orch submit`, read the trainer's last logged window."""
+    root = work / "throughput" / f"{preset.replace('/', '-')}-{setting}"
+    spec = write_spec(work / f"{root.name}.yaml", job_spec(preset, setting, batch, steps, shards, device))
+    began = time.perf_counter()
+    result = orch("submit", str(spec), root=root, timeout=900)
+    row = {"model": preset, "setting": setting, "wall_s": time.perf_counter() - began}
+    job = the_job(root)
+    windows = logged_windows(job) if job else []
+    if result.returncode != 0 or len(windows) < 3:
+        tail = (result.stdout + result.stderr)[-1500:]
+        row["error"] = "out of memory" if "OutOfMemoryError" in tail or "out of memory" in tail else f"exit {result.returncode}: {tail.strip().splitlines()[-1:]}"
+        return row
+    last = windows[-1]
+    row.update(samples_per_sec=last["samples_per_sec"], step_s=last["step_s"], peak_gb=last["peak_gb"])
+    return row
 
-    def stop(self) -> float:
-        if self.cuda:
-            self.end.record()
-            self.end.synchronize()
-            return self.begin.elapsed_time(self.end) / 1000
-        return time.perf_counter() - self.began
+
+def table(rows: list[dict], batch: int, device_name: str) -> list[str]:
+    """The markdown table of the rows, with TFLOPS and MFU against the device's bf16 peak."""
+    peak = peak_bf16_flops(device_name)
+    lines = ["| model | setting | s/step | samples/s | TFLOPS | MFU | peak memory | wall (job) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['model']} | {row['setting']} | {row['error']} | | | | | {row.get('wall_s', 0):.0f} s |")
+            continue
+        achieved = model_flops_per_image(row["model"]) * row["samples_per_sec"]
+        mfu = f"{achieved / peak:.1%}" if peak else "n/a"
+        if peak and row["setting"] == "reference":
+            mfu += f" ({achieved / (peak / 2):.1%} of TF32 peak)"
+        lines.append(
+            f"| {row['model']} | {row['setting']} | {row['step_s']:.4f} | {row['samples_per_sec']:.1f} | {achieved / 1e12:.1f} | {mfu} | "
+            f"{row['peak_gb']:.1f} GB | {row['wall_s']:.0f} s |"
+        )
+    return lines
 
 
-def run_setting(name: str, setting: str, batch: int, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
-    """(median seconds per step, peak memory GB) of one model in one setting."""
-    use_tf32(True)  # the reference setup's TF32; bf16 autocast leaves only the fp32 parts to it
-    torch.manual_seed(0)
-    model = DiT_models[name](input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES, learn_sigma=True).to(device).train()
-    ema = EMA(model, decay=0.9999)
-    if setting.endswith("+compile"):
-        compile_blocks(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
-    noise_scheduler = make_noise_scheduler()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if setting.startswith("bf16") else nullcontext()
-    x = torch.randn(batch, *LATENT, device=device)  # (B, 4, 32, 32) latents
-    y = torch.randint(0, NUM_CLASSES, (batch,), device=device)  # (B,)
-    clock, times = Clock(device), []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for step in range(warmup + steps):
-        clock.start()
-        with autocast:
-            loss = diffusion_loss(model, x, y, noise_scheduler, vlb_weight=HYBRID_VLB_WEIGHT)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(model, step + 1)
-        seconds = clock.stop()
-        if step >= warmup:
-            times.append(seconds)
-    peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
-    del model, ema, optimizer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return statistics.median(times), peak
+def run(models: list[str], settings: list[str], batch: int, steps: int, work: Path, device: str, budget_s: float | None = None) -> list[str]:
+    """Measure every (model, setting) in order, skipping what no longer fits the time budget; the report's lines."""
+    device_name, versions = gpu_description()
+    shards = make_latent_dataset(work, device)
+    began, rows = time.perf_counter(), []
+    for preset in models:
+        for setting in settings:
+            if budget_s is not None and time.perf_counter() - began > budget_s:
+                rows.append({"model": preset, "setting": setting, "error": "skipped: time budget spent", "wall_s": 0.0})
+                continue
+            rows.append(measure(preset, setting, batch, steps, shards, work, device))
+            print(table(rows[-1:], batch, device_name)[-1], flush=True)
+    return [
+        f"Trainer throughput on {device_name} ({versions}): `orch submit` of the paper's 256 px job (4x32x32 latents, "
+        f"1000 classes, learned sigma, hybrid loss), batch {batch} on one GPU, AdamW + EMA (on the GPU) + clipping; "
+        f"the trainer's last logged window of {steps} steps.",
+        "",
+        *table(rows, batch, device_name),
+    ]
 
 
 def main() -> None:
+    import torch
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=None, help="comma-separated (default DiT-B/2,DiT-XL/2 on a GPU, DiT-S/8 on the CPU)")
-    parser.add_argument("--batch", type=int, default=None, help="images per step (default 32 on a GPU, the paper's per-GPU batch; 4 on the CPU)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per setting (default 30 on a GPU, 3 on the CPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first, compiling included (default 10 / 1)")
-    parser.add_argument("--settings", default=",".join(SETTINGS))
-    args = parser.parse_args()
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    models = (args.models or ("DiT-B/2,DiT-XL/2" if cuda else "DiT-S/8")).split(",")
-    batch = args.batch or (32 if cuda else 4)
-    steps = args.steps or (30 if cuda else 3)
-    warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
-    device_name = torch.cuda.get_device_name() if cuda else f"CPU: {cpu_name()}, {torch.get_num_threads()} threads"
-    peak = peak_bf16_flops(device_name) if cuda else None
-    print(f"device: {device_name}; torch {torch.__version__}"
-          f"{f', CUDA {torch.version.cuda}' if cuda else ''}; peak dense bf16 {f'{peak / 1e12:.0f} TFLOPS' if peak else 'unknown (no MFU)'}")
-    print(f"setting: batch {batch}, latents {LATENT[1]}x{LATENT[2]}x{LATENT[0]}, {NUM_CLASSES} classes, learned sigma, AdamW + EMA; "
-          f"median of {steps} steps after {warmup} warm-up")
-    print(f"\n{'model':10s} {'setting':14s} {'s/step':>8s} {'samples/s':>10s} {'TFLOPS':>8s} {'MFU':>7s} {'peak mem':>9s}")
-    for name in models:
-        flops = model_flops_per_image(name) * batch
-        for setting in args.settings.split(","):
-            try:
-                seconds, memory = run_setting(name, setting, batch, steps, warmup, device)
-            except torch.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                print(f"{name:10s} {setting:14s} out of memory at batch {batch} (try --batch {batch // 2})")
-                continue
-            achieved = flops / seconds
-            mfu = f"{achieved / peak:7.1%}" if peak else "    n/a"
-            memory_text = f"{memory:6.1f} GB" if cuda else "      n/a"
-            tf32_note = f"  ({achieved / (peak / 2):.1%} of the TF32 peak)" if peak and setting == "reference" else ""
-            print(f"{name:10s} {setting:14s} {seconds:8.3f} {batch / seconds:10.1f} {achieved / 1e12:8.2f} {mfu} {memory_text}{tf32_note}")
+    parser.add_argument("--models", default="DiT-B/2,DiT-XL/2" if cuda else "DiT-S/8")
+    parser.add_argument("--settings", default=",".join(SETTINGS) if cuda else "reference,bf16")
+    parser.add_argument("--batch", type=int, default=32 if cuda else 4, help="images per step (default 32, the paper's per-GPU batch)")
+    parser.add_argument("--steps", type=int, default=60 if cuda else 9)
+    parser.add_argument("--work", type=Path, default=None, help="where the dataset and jobs go (default: a temporary folder)")
+    parser.add_argument("--budget-s", type=float, default=None, help="skip the remaining rows once this many seconds are spent")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="orch-throughput-"))
+    lines = run(args.models.split(","), args.settings.split(","), args.batch, args.steps, work, "cuda" if cuda else "cpu", args.budget_s)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

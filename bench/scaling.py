@@ -78,6 +78,10 @@ STRATEGIES = ("ddp", "zero2", "zero3", "fsdp")
 # weights and reduce-scatters fp32 grads (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)).
 GRAD_BYTES = {"ddp": 4, "zero2": 2, "zero3": 2, "fsdp": 4}
 PARAM_BYTES = {"ddp": 4, "zero2": 2, "zero3": 2, "fsdp": 2}
+# orch's EMA follows the full fp32 weights (orchestrator/train/zero.py, fsdp.py): under ZeRO and FSDP every EMA
+# update gathers them, after the optimizer step, in fp32. ZeRO-1/2 (DeepSpeed's safe_get_full_fp32_param) all-reduce
+# each rank's fragment over zeros: 2 payloads; ZeRO-3 and FSDP all-gather: 1 payload. DDP holds them already.
+EMA_GATHER_PAYLOADS = {"ddp": 0, "zero2": 2, "zero3": 1, "fsdp": 1}
 
 
 def overlap_phases(params: int, strategy: str) -> dict[str, int]:
@@ -125,6 +129,8 @@ def rows(micro_batch: int | None, global_batch: int | None, mfu: float, checkpoi
         compute_s = batch * flops_per_image / (mfu * PEAK_BF16_FLOPS)
         for strategy in STRATEGIES:
             phases = overlap_phases(trainable, strategy)
+            ema_payload = EMA_GATHER_PAYLOADS[strategy] * trainable * 4  # fp32, once per step (ema.update_every: 1)
+            phases["after"] += ema_payload
             nvlink_bytes, nic_bytes = hierarchical_sent_bytes(sum(phases.values()), nodes)
             phases_s = {phase: collective_seconds(payload, nodes) for phase, payload in phases.items()}
             comm_s = sum(phases_s.values())
@@ -139,7 +145,8 @@ def rows(micro_batch: int | None, global_batch: int | None, mfu: float, checkpoi
                 "gpus": gpus,
                 "strategy": strategy,
                 "micro_batch": batch,
-                "ring_sent_bytes": comm_bytes_per_step(trainable, strategy, gpus, GRAD_BYTES[strategy], PARAM_BYTES[strategy]),
+                "ring_sent_bytes": comm_bytes_per_step(trainable, strategy, gpus, GRAD_BYTES[strategy], PARAM_BYTES[strategy])
+                + (gpus - 1) / gpus * ema_payload,
                 "nvlink_sent_bytes": nvlink_bytes,
                 "nic_sent_bytes": nic_bytes,
                 "compute_s": compute_s,
@@ -174,6 +181,10 @@ def assumptions(micro_batch: int | None, global_batch: int | None, mfu: float, c
         "weights (2x model); ZeRO-3 gathers weights twice and reduce-scatters grads (3x model). DDP's grads are fp32 (torch autocast keeps "
         "fp32 grads; a bf16 compression hook would halve DDP's traffic); DeepSpeed communicates in bf16; FSDP (FSDP2 in orch) "
         "follows ZeRO-3's schedule with bf16 weight gathers and fp32 gradient reduce-scatters. No gradient accumulation.",
+        "EMA: orch keeps it of the full fp32 weights on the GPU, so under ZeRO and FSDP every update gathers them after the optimizer "
+        "step, not overlapped: ZeRO-2 by an all-reduce of each rank's fragment over zeros (2x the fp32 model), ZeRO-3 and FSDP by an "
+        "all-gather (1x); counted here with ema.update_every 1 (k divides it by k). It runs as one collective per parameter tensor "
+        "(about 290 for XL/2), whose latency is not modelled; a sharded EMA (each rank averaging its own shard) would remove it.",
         "Efficiency = T_compute / T_step. 'No overlap': T_step = T_compute + T_comm. 'Full overlap': collectives hide behind the pass they "
         "belong to (forward = 1/3, backward = 2/3 of T_compute): DDP's all-reduce and ZeRO-2's reduce-scatter behind backward, ZeRO-2's weight "
         "all-gather after the optimizer step (not hidden), ZeRO-3's gathers prefetched in forward and backward. "
