@@ -4,9 +4,9 @@ The trainer talks to this class only; FSDP (fsdp.py) and DeepSpeed ZeRO (zero.py
 
 Small host-side agreements (stop requested? every rank's peak memory, an invariant check) go over a
 second process group on gloo, with CPU tensors: on CUDA they never wait for the GPU's queue of work,
-so the step that asks stays asynchronous. The same group carries the wait of the other ranks while
-rank 0 works alone (`rank0_alone`: sample grids, a checkpoint conversion), with a timeout of its own,
-so that a long grid does not run into NCCL's collective timeout.
+so the step that asks stays asynchronous. A third group, also gloo, carries the wait of the other
+ranks while rank 0 works alone (`rank0_alone`: sample grids, a checkpoint conversion), with a timeout
+of its own, so that a long grid does not run into the collective timeout (NCCL's, or gloo's).
 """
 
 from __future__ import annotations
@@ -41,11 +41,14 @@ class Engine:
         self.last_step_skipped = False
 
     def _start_host_group(self, collective_timeout_s: int, rank0_timeout_s: int) -> None:
-        """The gloo group for host-side agreements and rank 0's solo phases (every rank calls it, once, after the default group)."""
+        """The gloo groups for host-side agreements and for waiting out rank 0's solo phases (every rank calls it, once,
+        after the default group). Two groups because gloo applies a group's own timeout to every send and receive:
+        a stuck rank must still fail a per-step agreement within collective_timeout_s."""
         self.rank0_timeout_s = rank0_timeout_s
-        self.host_group = None
+        self.host_group = self._rank0_wait_group = None
         if self.distributed:
             self.host_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=collective_timeout_s))
+            self._rank0_wait_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=rank0_timeout_s))
 
     def _check_world_size(self, expected_world_size: int) -> None:
         if self.world_size != expected_world_size:
@@ -158,7 +161,7 @@ class Engine:
         finally:
             if self.distributed:
                 try:
-                    dist.monitored_barrier(group=self.host_group, timeout=timedelta(seconds=self.rank0_timeout_s))
+                    dist.monitored_barrier(group=self._rank0_wait_group, timeout=timedelta(seconds=self.rank0_timeout_s))
                 except RuntimeError as err:
                     raise RuntimeError(
                         f"rank {self.rank} waited {self.rank0_timeout_s} s for rank 0 to finish {what} "

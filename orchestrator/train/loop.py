@@ -310,6 +310,7 @@ class Trainer:
         MLflow. A grid that fails (say, out of memory) is logged with its traceback and skipped: it never stops training."""
         with self.engine.rank0_alone(f"the sample grid of step {self.step}"):
             if self.engine.is_main:
+                began = time.perf_counter()
                 try:
                     with self.engine.autocast():
                         grids = {"samples": self.grid.draw(self.ema.module)}
@@ -322,6 +323,7 @@ class Trainer:
                     self._grid_file(key).parent.mkdir(exist_ok=True)
                     image.save(self._grid_file(key))
                     self.tracker.log_image(image, key=key, step=self.step)
+                log.info("sample grid of step %d drawn in %.1f s", self.step, time.perf_counter() - began)
 
     def _grid_file(self, key: str) -> Path:
         """Where the grid `key` (samples, progression) of the current step is saved in the job directory."""
