@@ -34,7 +34,7 @@ def set_determinism(deterministic: bool, device: str) -> None:
     let cuDNN pick its fastest convolution algorithms for the shapes it sees (the U-Net's convolutions)."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before the first matmul
-        torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = device == "cuda" and not deterministic
 

@@ -8,6 +8,7 @@ GPU job this way).
 
 from __future__ import annotations
 
+import os
 import types
 from pathlib import Path
 
@@ -135,3 +136,43 @@ def test_an_update_the_grad_scaler_skipped_advances_neither_the_lr_schedule_nor_
     assert trainer.run().finished
     assert trainer.step == 3, "the skipped step still counts as a step (its batch was consumed)"
     assert trainer.scheduler.last_epoch == 2 and trainer.ema.num_updates == 2
+
+
+def test_a_node_with_fewer_gpus_than_ranks_or_without_bf16_is_named_before_any_collective(tmp_path, monkeypatch):
+    import socket
+
+    from orchestrator.errors import UserError
+    from orchestrator.train.device import check_node_devices
+
+    spec = spec_from_dict(yaml.safe_load(tiny_spec(tmp_path, train={"mixed_precision": "bf16"}).read_text()))
+    host = socket.gethostname()
+    with pytest.raises(UserError, match=f"node {host} has no usable CUDA GPU"):
+        check_node_devices(spec, "cuda")  # this test machine has none
+    check_node_devices(spec, "cpu")  # nothing to check on the CPU
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Tesla V100-SXM2-32GB")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # what torchrun tells each rank
+    with pytest.raises(UserError, match=f"node {host} shows 2 GPU\\(s\\) but the job runs 4 rank\\(s\\) per node"):
+        check_node_devices(spec, "cuda")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="Tesla V100-SXM2-32GB\\) has no bf16"):
+        check_node_devices(spec, "cuda")
+
+
+def test_deterministic_turns_on_deterministic_kernels_and_off_cudnn_autotuning(monkeypatch):
+    from orchestrator.train.device import set_determinism
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        set_determinism(True, "cuda")
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # cuBLAS reads it when it starts, before the first matmul
+        set_determinism(False, "cuda")
+        assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark  # the fast default on a GPU
+    finally:
+        torch.use_deterministic_algorithms(False)
+        set_determinism(False, "cpu")
