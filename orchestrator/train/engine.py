@@ -46,6 +46,7 @@ class Engine:
         a stuck rank must still fail a per-step agreement within collective_timeout_s."""
         self.rank0_timeout_s = rank0_timeout_s
         self.host_group = self._rank0_wait_group = None
+        self._pending_flag = None  # any_since_last_step's all-reduce in flight: (work, tensor)
         if self.distributed:
             self.host_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=collective_timeout_s))
             self._rank0_wait_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=rank0_timeout_s))
@@ -152,6 +153,25 @@ class Engine:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.host_group)
         return tensor[0].item() == -tensor[1].item()
 
+    def any_since_last_step(self, flag: bool) -> bool:
+        """Whether any rank's flag was true at its previous call, on every rank alike; every rank calls it once a step.
+
+        An agreement that never waits: the all-reduce of this call's flag starts now, over the host group, and
+        is read at the next call, a step later, when it has long arrived. A synchronous one would cost a round
+        trip through every rank each step (gloo's ring over 256 ranks: milliseconds) or, over NCCL, a wait for
+        the GPU. So a stop signal takes effect one step after it arrived, on every rank at the same step.
+        """
+        if not self.distributed:
+            return flag
+        agreed = False
+        if self._pending_flag is not None:
+            work, tensor = self._pending_flag
+            work.wait()
+            agreed = bool(tensor.item())
+        tensor = torch.tensor([1.0 if flag else 0.0])
+        self._pending_flag = (dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.host_group, async_op=True), tensor)
+        return agreed
+
     @contextmanager
     def rank0_alone(self, what: str):
         """Rank 0 runs the body alone (the caller checks is_main); the others wait at a gloo barrier for up to
@@ -179,6 +199,9 @@ class Engine:
         self.accelerator.load_state(directory, map_location="cpu")
 
     def close(self) -> None:
+        if self._pending_flag is not None:  # the last step's agreement, still in flight: finish it before the group goes
+            self._pending_flag[0].wait()
+            self._pending_flag = None
         self.accelerator.end_training()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -271,7 +271,7 @@ class Trainer:
                 log.info("torch.compile: %s in %.1f s", compiled_graphs(), time.perf_counter() - window_start)
                 report_compiled = False
 
-            stopping = engine.any(self.stop.requested)
+            stopping = engine.any_since_last_step(self.stop.requested)  # a signal is acted on by every rank at the same step
             done = self.step == t.steps
             if self.step % spec.tracking.log_every == 0 or done or stopping:
                 step_time = (time.perf_counter() - window_start - paused) / window_steps

@@ -385,9 +385,7 @@ class ZeroEngine(Engine):
         return False
 
     def close(self) -> None:
-        self.accelerator.end_training()
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        super().close()  # the accelerator and the process group go the same way as under DDP
 
 
 def _placed(tensor: torch.Tensor, on_host: bool) -> torch.Tensor:
