@@ -43,7 +43,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from launch.deepspeed import offloaded
 from orchestrator.checkpoints import MODEL_FILE
@@ -383,9 +382,6 @@ class ZeroEngine(Engine):
         log.warning("converting %s to a universal checkpoint failed: %s", directory, done.stderr.strip().splitlines()[-1:])
         shutil.rmtree(tmp, ignore_errors=True)
         return False
-
-    def close(self) -> None:
-        super().close()  # the accelerator and the process group go the same way as under DDP
 
 
 def _placed(tensor: torch.Tensor, on_host: bool) -> torch.Tensor:
