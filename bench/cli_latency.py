@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from orchestrator.jobs import JobDir, JobState, new_job_id  # noqa: E402
+from orchestrator.jobs.directory import JobDir, JobState, new_job_id  # noqa: E402
 from tests.helpers import heavy_modules_loaded  # noqa: E402
 
 ORCH = str(Path(sys.executable).with_name("orch"))

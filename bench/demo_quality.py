@@ -24,10 +24,10 @@ from sklearn.svm import SVC
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.diffusion import make_noise_scheduler, sample  # noqa: E402
-from orchestrator.jobs import JobDir  # noqa: E402
-from orchestrator.spec import spec_from_dict  # noqa: E402
-from orchestrator.train.loop import build_model  # noqa: E402
-from orchestrator.train.model_input import pixel_input  # noqa: E402
+from orchestrator.jobs.directory import JobDir  # noqa: E402
+from orchestrator.specs.job import spec_from_dict  # noqa: E402
+from orchestrator.components.model import build_model  # noqa: E402
+from orchestrator.components.model_input import pixel_input  # noqa: E402
 
 
 def digit_classifier() -> tuple[SVC, float]:

@@ -55,7 +55,7 @@ def peak_bf16_flops(device_name: str) -> float | None:
 
 def model_flops_per_image(preset: str) -> int:
     from model.dit import DIT_SIZES
-    from orchestrator.estimate import dit_forward_macs, training_flops_per_image
+    from orchestrator.jobs.estimate import dit_forward_macs, training_flops_per_image
 
     size = DIT_SIZES[preset.split("-")[1].split("/")[0]]
     patch = int(preset.split("/")[1])

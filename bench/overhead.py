@@ -29,10 +29,10 @@ import torch  # noqa: E402
 
 from model.diffusion import diffusion_loss, make_noise_scheduler  # noqa: E402
 from model.ema import EMA  # noqa: E402
-from orchestrator.spec import load_spec  # noqa: E402
-from orchestrator.train.data import DigitsDataset  # noqa: E402
-from orchestrator.train.loop import build_model  # noqa: E402
-from orchestrator.train.model_input import pixel_input  # noqa: E402
+from orchestrator.specs.job import load_spec  # noqa: E402
+from orchestrator.data.loader import DigitsDataset  # noqa: E402
+from orchestrator.components.model import build_model  # noqa: E402
+from orchestrator.components.model_input import pixel_input  # noqa: E402
 
 WARMUP = 20
 

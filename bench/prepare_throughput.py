@@ -36,7 +36,7 @@ from diffusers import AutoencoderKL  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from orchestrator.prepare import load_encoders, prepare, resolve_device  # noqa: E402
-from orchestrator.prepare_spec import load_prepare_spec  # noqa: E402
+from orchestrator.specs.prepare import load_prepare_spec  # noqa: E402
 
 RESOLUTION = 256
 VAES = {

@@ -5,7 +5,7 @@
 The paper's 256 px setting at the network: 32x32x4 latents (4 channels; the VAE decode that would
 turn them into 256 px images is not included), 1000 classes, learned sigma. Untrained weights: the
 work does not depend on them. It runs orch's sampler (model.diffusion.sample, what `orch sample`
-calls per batch) with per-image noise as orchestrator.sampling draws it; guidance doubles the
+calls per batch) with per-image noise as orchestrator.trained.sampling draws it; guidance doubles the
 network's batch (conditional and unconditional halves), so a batch of 8 images is 16 per forward.
 """
 
@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from model.diffusion import make_noise_scheduler, sample  # noqa: E402
 from model.dit import DiT_S_2  # noqa: E402
-from orchestrator.sampling import initial_noise  # noqa: E402
+from orchestrator.trained.sampling import initial_noise  # noqa: E402
 
 LATENT = (4, 32, 32)
 NUM_CLASSES = 1000

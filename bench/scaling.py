@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/scaling.py [--markdown] [--micro-batch 32 | --global-batch 256] [--mfu 0.4]
 
-Computed, not measured: pure arithmetic from orchestrator/estimate.py (no torch, no GPU), in well
+Computed, not measured: pure arithmetic from orchestrator/jobs/estimate.py (no torch, no GPU), in well
 under a second. Per optimizer step and per GPU it prints the bytes sent, the compute time, the
 communication time, the scaling efficiency T_compute / T_step at both overlap bounds, and the
 memory per GPU. Every assumption is printed with the table.
@@ -45,7 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from orchestrator.estimate import (  # noqa: E402
+from orchestrator.jobs.estimate import (  # noqa: E402
     GB,
     collective_payload_bytes_per_step,
     comm_bytes_per_step,

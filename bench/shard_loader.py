@@ -27,9 +27,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
 
-from orchestrator.shardformat import SHARD_PATTERN, DatasetIndex, ShardRecord  # noqa: E402
-from orchestrator.train.data import DataPosition  # noqa: E402
-from orchestrator.train.shards import ShardStream  # noqa: E402
+from orchestrator.data.shardformat import SHARD_PATTERN, DatasetIndex, ShardRecord  # noqa: E402
+from orchestrator.data.loader import DataPosition  # noqa: E402
+from orchestrator.data.shards import ShardStream  # noqa: E402
 
 LATENT = (4, 32, 32)  # SD VAE latents of 256x256 images
 

@@ -1,6 +1,6 @@
 """Slurm: an sbatch script that runs one torchrun per node through srun, survives time limits and requeues.
 
-`sbatch_job(...)` is a pure function from plain values to the script's text and the `sbatch` command
+`sbatch_job(...)` is a pure function from plain values (a SlurmAllocation, a NodeStep) to the script's text and the `sbatch` command
 that submits it; nothing here runs Slurm. The script it writes:
 
 - asks for N nodes with one task per node (the task is torchrun, which starts the ranks of its node);
@@ -125,41 +125,10 @@ class SbatchJob:
     argv: tuple[str, ...]
 
 
-def sbatch_job(
-    *,
-    job_name: str,
-    script_path: str,
-    logs_dir: str,
-    python: str = "python",
-    entry: Sequence[str] = (),
-    nodes: int = 1,
-    gpus_per_node: int = 0,
-    processes_per_node: int | None = None,
-    cpus_per_task: int | None = None,
-    mem: str | None = None,
-    partition: str | None = None,
-    account: str | None = None,
-    qos: str | None = None,
-    constraint: str | None = None,
-    time_limit: str | int | None = None,
-    signal_seconds: int = 120,
-    requeue: bool = True,
-    sbatch_extra: Sequence[str] = (),
-    setup: Sequence[str] = (),
-    env: Mapping[str, str] | None = None,
-    threads: int | None = None,
-    rdzv_port: int | None = None,
-    workdir: str | None = None,
-    step_command: Sequence[str] | None = None,
-) -> SbatchJob:
-    """An sbatch script running `python -m torch.distributed.run ... ENTRY` on every node of the job.
+@dataclass(frozen=True)
+class SlurmAllocation:
+    """What the job asks Slurm for, and how it meets its time limit (the `#SBATCH` lines), checked when made.
 
-    job_name: the Slurm job name (letters, digits, `_ . + -`).
-    script_path: where the caller writes `script` before running `argv` (`sbatch --parsable PATH`,
-        which prints just the job id, or `id;cluster` on a federation).
-    logs_dir: folder of `slurm-<jobid>.out` (stdout and stderr of every run); it must exist before
-        the job starts, since Slurm does not create it and loses the output otherwise.
-    python, entry: the interpreter on the nodes and the rank's module, e.g. ('-m', 'orchestrator.worker', JOB_DIR).
     nodes, gpus_per_node: the allocation; one rank per GPU, or `processes_per_node` ranks on CPU (default 1).
     cpus_per_task: CPUs for each node's task (torchrun and all its ranks); None leaves Slurm's default
         (often 1 CPU, which torchrun and all its ranks would then share).
@@ -170,95 +139,160 @@ def sbatch_job(
     time_limit: Slurm's format (`MM`, `HH:MM:SS`, `D-HH:MM`...) or whole minutes; None uses the partition's.
     signal_seconds: SIGUSR1 comes this long before the time limit (Slurm may send it up to 60 s earlier).
     requeue: `--requeue`, and requeue the job after the ranks stopped on the time-limit warning.
-    sbatch_extra: further options, one per `#SBATCH` line, each starting with `--`.
+    """
+
+    nodes: int = 1
+    gpus_per_node: int = 0
+    processes_per_node: int | None = None
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    time_limit: str | int | None = None
+    signal_seconds: int = 120
+    requeue: bool = True
+
+    def __post_init__(self) -> None:
+        check_at_least("nodes", self.nodes, 1)
+        check_at_least("gpus_per_node", self.gpus_per_node, 0)
+        if self.processes_per_node is None:
+            object.__setattr__(self, "processes_per_node", self.gpus_per_node or 1)
+        check_at_least("processes_per_node", self.processes_per_node, 1)
+        if self.gpus_per_node and self.processes_per_node != self.gpus_per_node:
+            raise ValueError(
+                f"processes_per_node ({self.processes_per_node}) must equal gpus_per_node ({self.gpus_per_node}): one rank per GPU; "
+                "leave processes_per_node unset on GPU nodes"
+            )
+        if self.cpus_per_task is not None:
+            check_at_least("cpus_per_task", self.cpus_per_task, 1)
+        if self.mem is not None:
+            check_sbatch_value("mem", self.mem, _MEMORY, "Slurm's format: megabytes, or a size with a K, M, G or T suffix, e.g. 256G")
+        for name, value in (("partition", self.partition), ("account", self.account), ("qos", self.qos)):
+            if value is not None:
+                check_sbatch_value(name, value, _LIST, "names separated by commas, no spaces")
+        if self.constraint is not None:
+            check_sbatch_value("constraint", self.constraint, _SBATCH_VALUE, "e.g. 'a100&ib' without spaces or quotes")
+        time_text = self.time_text
+        check_at_least("signal_seconds", self.signal_seconds, 1)
+        if self.signal_seconds > MAX_SIGNAL_SECONDS:
+            raise ValueError(f"signal_seconds must be at most {MAX_SIGNAL_SECONDS} (Slurm's limit), got {self.signal_seconds}")
+        if time_text is not None and self.signal_seconds >= time_limit_seconds(time_text):
+            raise ValueError(
+                f"signal_seconds ({self.signal_seconds}) must be shorter than time_limit ({time_text} = "
+                f"{time_limit_seconds(time_text)} s), or the warning comes as soon as the job starts; lower signal_seconds"
+            )
+
+    @property
+    def time_text(self) -> str | None:
+        """The time limit as sbatch reads it (None: the partition's)."""
+        return normalise_time_limit(self.time_limit)
+
+
+@dataclass(frozen=True)
+class NodeStep:
+    """What runs on every node of the job, checked when made.
+
+    python, entry: the interpreter on the nodes and the rank's module, e.g. ('-m', 'orchestrator.worker', JOB_DIR).
     setup: shell lines run first (module loads, venv activation); the job stops if one fails.
     env: variables exported before the launch.
     threads: OMP_NUM_THREADS / MKL_NUM_THREADS per rank; None computes them in the script from the
         allocation: $SLURM_CPUS_PER_TASK (else `nproc`) // processes_per_node, at least 1.
     rdzv_port: torchrun's rendezvous port on the first node; None picks 20000 + job id mod 10000, so
         two jobs that share a node do not both take 29400.
-    workdir: the job's working directory (`--chdir`); None keeps sbatch's (where it is run).
     step_command: runs instead of torchrun on every node (tests inject a small probe here).
     """
+
+    python: str = "python"
+    entry: Sequence[str] = ()
+    setup: Sequence[str] = ()
+    env: Mapping[str, str] | None = None
+    threads: int | None = None
+    rdzv_port: int | None = None
+    step_command: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.rdzv_port is not None and not 1 <= self.rdzv_port <= 65535:
+            raise ValueError(f"rdzv_port must be in 1..65535, got {self.rdzv_port}")
+        for line in self.setup:
+            check_setup_line(line)
+        if self.step_command is not None and not self.step_command:
+            raise ValueError("step_command is empty; pass None to run torchrun, or the command each node runs")
+
+
+def sbatch_job(
+    *,
+    job_name: str,
+    script_path: str,
+    logs_dir: str,
+    allocation: SlurmAllocation | None = None,
+    step: NodeStep | None = None,
+    sbatch_extra: Sequence[str] = (),
+    workdir: str | None = None,
+) -> SbatchJob:
+    """An sbatch script running `python -m torch.distributed.run ... ENTRY` on every node of the job.
+
+    job_name: the Slurm job name (letters, digits, `_ . + -`).
+    script_path: where the caller writes `script` before running `argv` (`sbatch --parsable PATH`,
+        which prints just the job id, or `id;cluster` on a federation).
+    logs_dir: folder of `slurm-<jobid>.out` (stdout and stderr of every run); it must exist before
+        the job starts, since Slurm does not create it and loses the output otherwise.
+    allocation: what the job asks Slurm for (default: one node, one CPU rank); step: what each node runs (default:
+        `python` with no entry).
+    sbatch_extra: further options, one per `#SBATCH` line, each starting with `--`.
+    workdir: the job's working directory (`--chdir`); None keeps sbatch's (where it is run).
+    """
+    a = allocation or SlurmAllocation()
+    step = step or NodeStep()
     check_sbatch_value("job_name", job_name, _NAME, "e.g. dit_cats")
     check_sbatch_value("logs_dir", logs_dir, _SBATCH_VALUE, "a path without whitespace or quotes")
     if "%" in logs_dir:
         raise ValueError(f"logs_dir must not contain '%' (Slurm reads it as a file-name pattern), got {logs_dir!r}")
-    check_at_least("nodes", nodes, 1)
-    check_at_least("gpus_per_node", gpus_per_node, 0)
-    if processes_per_node is None:
-        processes_per_node = gpus_per_node or 1
-    check_at_least("processes_per_node", processes_per_node, 1)
-    if gpus_per_node and processes_per_node != gpus_per_node:
-        raise ValueError(
-            f"processes_per_node ({processes_per_node}) must equal gpus_per_node ({gpus_per_node}): one rank per GPU; "
-            "leave processes_per_node unset on GPU nodes"
-        )
-    if cpus_per_task is not None:
-        check_at_least("cpus_per_task", cpus_per_task, 1)
-    if mem is not None:
-        check_sbatch_value("mem", mem, _MEMORY, "Slurm's format: megabytes, or a size with a K, M, G or T suffix, e.g. 256G")
-    for name, value in (("partition", partition), ("account", account), ("qos", qos)):
-        if value is not None:
-            check_sbatch_value(name, value, _LIST, "names separated by commas, no spaces")
-    if constraint is not None:
-        check_sbatch_value("constraint", constraint, _SBATCH_VALUE, "e.g. 'a100&ib' without spaces or quotes")
     if workdir is not None:
         check_sbatch_value("workdir", workdir, _SBATCH_VALUE, "a path without whitespace or quotes")
-    time_text = normalise_time_limit(time_limit)
-    check_at_least("signal_seconds", signal_seconds, 1)
-    if signal_seconds > MAX_SIGNAL_SECONDS:
-        raise ValueError(f"signal_seconds must be at most {MAX_SIGNAL_SECONDS} (Slurm's limit), got {signal_seconds}")
-    if time_text is not None and signal_seconds >= time_limit_seconds(time_text):
-        raise ValueError(
-            f"signal_seconds ({signal_seconds}) must be shorter than time_limit ({time_text} = "
-            f"{time_limit_seconds(time_text)} s), or the warning comes as soon as the job starts; lower signal_seconds"
-        )
-    if rdzv_port is not None and not 1 <= rdzv_port <= 65535:
-        raise ValueError(f"rdzv_port must be in 1..65535, got {rdzv_port}")
+    time_text = a.time_text
     extra_lines = [check_sbatch_extra(option) for option in sbatch_extra]
     for option in extra_lines:
-        if mem is not None and option.split("=", 1)[0] in ("--mem-per-cpu", "--mem-per-gpu"):
-            raise ValueError(f"sbatch_extra entry {option!r} and mem ({mem}) both set the memory; sbatch takes only one of them")
-    setup_lines = [check_setup_line(line) for line in setup]
+        if a.mem is not None and option.split("=", 1)[0] in ("--mem-per-cpu", "--mem-per-gpu"):
+            raise ValueError(f"sbatch_extra entry {option!r} and mem ({a.mem}) both set the memory; sbatch takes only one of them")
+    setup_lines = list(step.setup)
 
-    if step_command is None:
+    if step.step_command is None:
         command = torchrun_command(
-            python, entry, nproc_per_node=processes_per_node, nnodes=nodes,
-            rdzv_endpoint=_ENDPOINT_TOKEN, rdzv_id=_JOB_ID_TOKEN, threads=threads,
+            step.python, step.entry, nproc_per_node=a.processes_per_node, nnodes=a.nodes,
+            rdzv_endpoint=_ENDPOINT_TOKEN, rdzv_id=_JOB_ID_TOKEN, threads=step.threads,
         )
-        step_argv, exports = command.argv, {**command.env, **(env or {})}
+        step_argv, exports = command.argv, {**command.env, **(step.env or {})}
     else:
-        if not step_command:
-            raise ValueError("step_command is empty; pass None to run torchrun, or the command each node runs")
-        step_argv, exports = tuple(step_command), dict(env or {})
+        step_argv, exports = tuple(step.step_command), dict(step.env or {})
     for name in exports:
         if not _ENV_NAME.fullmatch(name):
             raise ValueError(f"env name {name!r} is not a shell variable name (letters, digits, _, no leading digit)")
 
     log_file = posixpath.join(logs_dir, "slurm-%j.out")  # %j: the job id, the same across requeues
-    sbatch_lines = [f"--job-name={job_name}", f"--nodes={nodes}", "--ntasks-per-node=1"]
-    if gpus_per_node:
-        sbatch_lines.append(f"--gpus-per-node={gpus_per_node}")
-    if cpus_per_task is not None:
-        sbatch_lines.append(f"--cpus-per-task={cpus_per_task}")
-    if mem is not None:
-        sbatch_lines.append(f"--mem={mem}")
-    for option, value in (("partition", partition), ("account", account), ("qos", qos),
-                          ("constraint", constraint), ("time", time_text), ("chdir", workdir)):
+    sbatch_lines = [f"--job-name={job_name}", f"--nodes={a.nodes}", "--ntasks-per-node=1"]
+    if a.gpus_per_node:
+        sbatch_lines.append(f"--gpus-per-node={a.gpus_per_node}")
+    if a.cpus_per_task is not None:
+        sbatch_lines.append(f"--cpus-per-task={a.cpus_per_task}")
+    if a.mem is not None:
+        sbatch_lines.append(f"--mem={a.mem}")
+    for option, value in (("partition", a.partition), ("account", a.account), ("qos", a.qos),
+                          ("constraint", a.constraint), ("time", time_text), ("chdir", workdir)):
         if value is not None:
             sbatch_lines.append(f"--{option}={value}")
     sbatch_lines += [f"--output={log_file}", f"--error={log_file}", "--open-mode=append"]
-    sbatch_lines.append("--requeue" if requeue else "--no-requeue")
-    sbatch_lines.append(f"--signal=B:USR1@{signal_seconds}")
+    sbatch_lines.append("--requeue" if a.requeue else "--no-requeue")
+    sbatch_lines.append(f"--signal=B:USR1@{a.signal_seconds}")
     sbatch_lines += extra_lines
 
     submit = ("sbatch", "--parsable", script_path)  # --parsable: sbatch prints only the job id
-    srun_argv = ["srun", f"--nodes={nodes}", "--ntasks-per-node=1"]
-    if cpus_per_task is not None:
+    srun_argv = ["srun", f"--nodes={a.nodes}", "--ntasks-per-node=1"]
+    if a.cpus_per_task is not None:
         # Since Slurm 22.05 srun no longer inherits sbatch's --cpus-per-task: without it the node's
         # torchrun and all its ranks would share one CPU.
-        srun_argv.append(f"--cpus-per-task={cpus_per_task}")
+        srun_argv.append(f"--cpus-per-task={a.cpus_per_task}")
     srun_argv.append("--kill-on-bad-exit=1")  # one node failing ends the step on every node
     step_words = [_SHELL_EXPANSIONS.get(word) or shlex.quote(word) for word in step_argv]
 
@@ -269,16 +303,16 @@ def sbatch_job(
         lines += ["# Set-up from the spec; a failing line stops the job here, not later in a confusing launch.", "set -e"]
         lines += [*setup_lines, "set +e", ""]
     lines += RESTART_COUNT.splitlines()
-    if step_command is None:
-        lines += TORCHRUN_SIGNAL_HANDLING.format(signals=TORCHRUN_SIGNALS, seconds=signal_seconds).splitlines()
-        if threads is None:
-            lines += ALLOCATION_THREADS.format(ranks=processes_per_node).splitlines()
+    if step.step_command is None:
+        lines += TORCHRUN_SIGNAL_HANDLING.format(signals=TORCHRUN_SIGNALS, seconds=a.signal_seconds).splitlines()
+        if step.threads is None:
+            lines += ALLOCATION_THREADS.format(ranks=a.processes_per_node).splitlines()
     lines += [f"export {name}={shlex.quote(value)}" for name, value in exports.items()]
-    port = str(rdzv_port) if rdzv_port is not None else "$((20000 + SLURM_JOB_ID % 10000))"
+    port = str(step.rdzv_port) if step.rdzv_port is not None else "$((20000 + SLURM_JOB_ID % 10000))"
     lines += RENDEZVOUS.format(port=port).splitlines()
     lines += [*FORWARD_SIGNALS.splitlines(), shlex.join(srun_argv) + " \\", "    " + " ".join(step_words) + " &"]
     lines += WAIT_FOR_STEP.splitlines()
-    if requeue:
+    if a.requeue:
         lines += REQUEUE_AFTER_WARNING.splitlines()
     lines.append('exit "$status"')
     return SbatchJob(script="\n".join(lines) + "\n", argv=submit)

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.sizes import DIT_SIZES
+
 CONDITIONINGS = ("adaln_zero", "adaln", "cross_attention", "in_context")
 CONDITIONS = ("class", "text", "none")
 FFNS = ("mlp", "conv")
@@ -690,14 +692,7 @@ def get_1d_sincos_pos_embed(embed_dim: int, positions: np.ndarray) -> np.ndarray
 #################################################################################
 #                                 Named configs                                 #
 #################################################################################
-# Table 1 of the paper: model sizes S, B, L, XL; a name "DiT-XL/2" adds the patch size.
-
-DIT_SIZES: dict[str, dict] = {
-    "S": {"depth": 12, "hidden_size": 384, "num_heads": 6},
-    "B": {"depth": 12, "hidden_size": 768, "num_heads": 12},
-    "L": {"depth": 24, "hidden_size": 1024, "num_heads": 16},
-    "XL": {"depth": 28, "hidden_size": 1152, "num_heads": 16},
-}
+# Table 1 of the paper: model sizes S, B, L, XL (model/sizes.py); a name "DiT-XL/2" adds the patch size.
 
 
 def DiT_XL_2(**kwargs) -> DiT:

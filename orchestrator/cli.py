@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from orchestrator.errors import UserError
-from orchestrator.jobs import ACTIVE_STATES, JobDir, JobError, JobState, find_job, list_jobs, resolve_root
+from orchestrator.jobs.directory import ACTIVE_STATES, JobDir, JobError, JobState, find_job, list_jobs, resolve_root
 
 USER_ERROR = 2
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a spec field (repeatable); beats the YAML file.")
@@ -66,11 +66,11 @@ def cli(ctx: click.Context, root: str | None) -> None:
 @user_errors
 def validate(spec_file: str, overrides: tuple[str, ...]) -> None:
     """Check a job spec (or a `kind: prepare` spec); create nothing. (Whether it can run here: `orch plan`.)"""
-    from orchestrator.plan import PlanError, check_data
-    from orchestrator.spec import load_spec, spec_kind
+    from orchestrator.jobs.plan import PlanError, check_data
+    from orchestrator.specs.job import load_spec, spec_kind
 
     if spec_kind(spec_file) == "prepare":
-        from orchestrator.prepare_spec import load_prepare_spec
+        from orchestrator.specs.prepare import load_prepare_spec
 
         prepare_spec = load_prepare_spec(spec_file, overrides)
         click.echo(f"{spec_file}: valid — prepare {prepare_spec.input.source} {prepare_spec.input.path} -> {prepare_spec.output.path}")
@@ -87,7 +87,7 @@ def validate(spec_file: str, overrides: tuple[str, ...]) -> None:
 @click.option("--markdown", is_flag=True, help="Print the field reference as Markdown tables instead.")
 def schema(markdown: bool) -> None:
     """Print the spec's JSON Schema (point a YAML editor at it for autocompletion)."""
-    from orchestrator.spec import json_schema, reference_markdown
+    from orchestrator.specs.job import json_schema, reference_markdown
 
     click.echo(reference_markdown() if markdown else json.dumps(json_schema(), indent=2))
 
@@ -103,9 +103,9 @@ def plan(root: Path, spec_file: str, overrides: tuple[str, ...]) -> None:
 
 
 def _plan(root: Path, spec_file: str, overrides):
-    from orchestrator.jobs import new_job_id
-    from orchestrator.plan import make_plan
-    from orchestrator.spec import load_spec
+    from orchestrator.jobs.directory import new_job_id
+    from orchestrator.jobs.plan import make_plan
+    from orchestrator.specs.job import load_spec
 
     spec = load_spec(spec_file, overrides)
     job_id = new_job_id(spec.name)
@@ -130,8 +130,8 @@ def _print_plan(spec, job_id, the_plan) -> None:
 @user_errors
 def submit(root: Path, spec_file: str, overrides: tuple[str, ...], detach: bool, dry_run: bool) -> None:
     """Validate a spec, record a job and run it."""
-    from orchestrator.plan import require_runnable
-    from orchestrator.supervisor import write_plan
+    from orchestrator.jobs.plan import require_runnable
+    from orchestrator.jobs.supervisor import write_plan
 
     spec, job_id, the_plan = _plan(root, spec_file, overrides)
     if dry_run:
@@ -152,7 +152,7 @@ def keep_user_files(job: JobDir, spec) -> None:
     directory, and point the recorded spec at the copies: a resume a week later trains with what was submitted."""
     import shutil
 
-    from orchestrator.spec import replace
+    from orchestrator.specs.job import replace
 
     source = spec.resources.deepspeed.config_file
     if source and Path(source).parent != job.path:
@@ -170,9 +170,9 @@ def keep_user_files(job: JobDir, spec) -> None:
 @user_errors
 def resume(root: Path, job_ref: str | None, overrides: tuple[str, ...], allow_spec_change: bool, detach: bool) -> None:
     """Continue a job (default: the newest unfinished one) from its newest checkpoint."""
-    from orchestrator.plan import make_plan, require_runnable
-    from orchestrator.spec import parse_spec, spec_changes
-    from orchestrator.supervisor import write_plan
+    from orchestrator.jobs.plan import make_plan, require_runnable
+    from orchestrator.specs.job import parse_spec, spec_changes
+    from orchestrator.jobs.supervisor import write_plan
 
     job = find_job(root, job_ref, unfinished=True)
     record = job.status()
@@ -206,7 +206,7 @@ def resume(root: Path, job_ref: str | None, overrides: tuple[str, ...], allow_sp
 @user_errors
 def join(root: Path, job_ref: str, node_rank: int) -> None:
     """Run this node's ranks of a multi-node job (the job directory must be on a shared filesystem)."""
-    from orchestrator.supervisor import run_node
+    from orchestrator.jobs.supervisor import run_node
 
     job = find_job(root, job_ref)
     click.echo(f"job {job.id}: node {node_rank} joining; logs: {job.logs_dir / f'node-{node_rank}.log'}")
@@ -216,7 +216,7 @@ def join(root: Path, job_ref: str, node_rank: int) -> None:
 
 
 def _start(job: JobDir, detach: bool) -> None:
-    from orchestrator.supervisor import exit_code_for, run
+    from orchestrator.jobs.supervisor import exit_code_for, run
 
     plan = json.loads(job.plan_file.read_text())
     if plan["launcher"] == "slurm":
@@ -229,7 +229,7 @@ def _start(job: JobDir, detach: bool) -> None:
         sys.exit(exit_code_for(record.state))
     with open(job.logs_dir / "supervisor.log", "ab") as log:
         subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.supervisor", str(job.path)],
+            [sys.executable, "-m", "orchestrator.jobs.supervisor", str(job.path)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     deadline = time.time() + 30
@@ -240,9 +240,9 @@ def _start(job: JobDir, detach: bool) -> None:
 
 def _submit_to_slurm(job: JobDir, plan: dict) -> None:
     """Write the job's sbatch script and submit it; Slurm runs (and requeues) it from here on."""
-    from orchestrator import slurm
+    from orchestrator.jobs import slurm_queue as slurm
 
-    from orchestrator.supervisor import write_launch_files
+    from orchestrator.jobs.supervisor import write_launch_files
 
     write_launch_files(plan)  # the sbatch script
     job.logs_dir.mkdir(exist_ok=True)  # Slurm does not create the output folder; its output would be lost
@@ -279,7 +279,7 @@ def cancel(root: Path, job_ref: str, wait: bool, timeout: float) -> None:
         return
     job.update(cancel_requested=True)
     if record.slurm_job_id is not None:
-        from orchestrator import slurm
+        from orchestrator.jobs import slurm_queue as slurm
 
         if record.state == JobState.QUEUED:  # not started: nothing to checkpoint
             slurm.cancel(record.slurm_job_id)
@@ -309,7 +309,7 @@ def cancel(root: Path, job_ref: str, wait: bool, timeout: float) -> None:
 @user_errors
 def prepare(spec_file: str, overrides: tuple[str, ...]) -> None:
     """Encode images (and captions) into latent shards for training; run it again to continue after a stop."""
-    from orchestrator.prepare_spec import load_prepare_spec
+    from orchestrator.specs.prepare import load_prepare_spec
 
     spec = load_prepare_spec(spec_file, overrides)  # fails fast, without torch
     from orchestrator.prepare import run_local
@@ -339,7 +339,7 @@ def sample(root: Path, ref, num, classes, prompts, sampler, steps, guidance, see
     """Draw images from a job's newest checkpoint (or a checkpoint directory), EMA weights by default."""
     from rich.progress import Progress
 
-    from orchestrator.checkpoints import resolve_checkpoint
+    from orchestrator.jobs.checkpoints import resolve_checkpoint
 
     spec, checkpoint = resolve_checkpoint(ref, root)  # before torch is imported: a wrong name is answered at once
     condition = spec.model.condition
@@ -349,7 +349,7 @@ def sample(root: Path, ref, num, classes, prompts, sampler, steps, guidance, see
         raise UserError(f"--class needs a class-conditional model; this one is conditioned on {condition}{': use --prompt' if condition == 'text' else ''}")
     if condition == "text" and not prompts:
         raise UserError("this model is text-conditioned: give the captions to draw with --prompt (repeatable)")
-    from orchestrator import sampling
+    from orchestrator.trained import sampling
 
     model = sampling.load_model(spec, checkpoint, ema=not no_ema)
     model_input = sampling.model_input_of(spec, checkpoint, ema=not no_ema)
@@ -391,10 +391,10 @@ def sample(root: Path, ref, num, classes, prompts, sampler, steps, guidance, see
 @user_errors
 def export(root: Path, ref, fmt, out_dir, no_ema) -> None:
     """Export a job's model: .safetensors plus its spec, or a diffusers directory."""
-    from orchestrator.checkpoints import resolve_checkpoint
+    from orchestrator.jobs.checkpoints import resolve_checkpoint
 
     spec, checkpoint = resolve_checkpoint(ref, root)  # before torch is imported: a wrong name is answered at once
-    from orchestrator import export as exporting
+    from orchestrator.trained import export as exporting
 
     write = exporting.export_diffusers if fmt == "diffusers" else exporting.export_safetensors
     write(spec, checkpoint, Path(out_dir), ema=not no_ema)
@@ -497,7 +497,7 @@ def logs(root: Path, job_ref: str | None, follow: bool) -> None:
 @click.pass_obj
 def ui(root: Path, port: int, uri: str | None) -> None:
     """Start the MLflow UI on 127.0.0.1 for the store the jobs log to."""
-    from orchestrator.train.tracking import resolve_tracking_uri
+    from orchestrator.tracking import resolve_tracking_uri
 
     store = resolve_tracking_uri(uri, root.resolve())
     click.echo(f"MLflow UI for {store} at http://127.0.0.1:{port}  (Ctrl-C stops it)")

@@ -2,7 +2,7 @@
 
 The library behind `orch prepare SPEC`, and a rank entry point: `python -m orchestrator.prepare SPEC`
 reads RANK / WORLD_SIZE / LOCAL_RANK (or Slurm's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID) and does
-that rank's share; the ranks never talk to each other. The layout written is orchestrator/shardformat.py.
+that rank's share; the ranks never talk to each other. The layout written is orchestrator/data/shardformat.py.
 
 One rank, top to bottom:
   1. scan the inputs into one deterministic list (sorted files, table rows in order, tar members in
@@ -52,15 +52,16 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from webdataset.tariterators import base_plus_ext
 
-from orchestrator import shardformat
+from orchestrator.data import shardformat
 from orchestrator.errors import UserError
 from orchestrator.files import fsync_dir, write_atomic
-from orchestrator.imagefolder import IMAGE_EXTENSIONS
-from orchestrator.prepare_spec import ImageSpec, InputSpec, PrepareSpec, TextSpec, VaeSpec, load_prepare_spec
-from orchestrator.train import vae as vae_loader
-from orchestrator.train.data import center_crop
-from orchestrator.train.device import use_tf32
-from orchestrator.train.vae import ModelLoadError  # a VAE or text encoder that cannot be loaded (not downloaded, no network)
+from orchestrator.data.imagefolder import IMAGE_EXTENSIONS
+from orchestrator.specs.prepare import ImageSpec, InputSpec, PrepareSpec, VaeSpec, load_prepare_spec
+from orchestrator.components import vae as vae_loader
+from orchestrator.data.loader import center_crop
+from orchestrator.components.device import use_tf32
+from orchestrator.components.text import encode_texts, load_text_encoder
+from orchestrator.components.vae import require_local_folder
 
 log = logging.getLogger("orchestrator.prepare")
 
@@ -398,44 +399,8 @@ def load_encoders(spec: PrepareSpec, device: str, captions: bool) -> Encoders:
 
 
 def load_vae(vae_spec: VaeSpec, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    _require_local_folder(vae_spec.name, "vae.name")
+    require_local_folder(vae_spec.name, "vae.name")
     return vae_loader.load_vae(vae_spec.name, device, dtype, subfolder=vae_spec.subfolder)  # the one loader training and sampling decode with
-
-
-def load_text_encoder(text_spec: TextSpec, device: str) -> tuple[object, int, int]:
-    """(model, pooled dim, max tokens); probed on one caption so a model without what we need fails here."""
-    from sentence_transformers import SentenceTransformer
-
-    name = text_spec.encoder
-    _require_local_folder(name, "text.encoder")
-    try:
-        model = SentenceTransformer(name, device=device)
-    except Exception as err:  # as for the VAE: any failure here means the model is not usable as named
-        raise ModelLoadError(
-            f"cannot load the text encoder {name!r}: {_first_line(err)}. Without network it must already be on disk: "
-            f"download it once with `hf download {name}` where there is internet, or set text.encoder to a local "
-            "sentence-transformers folder (SentenceTransformer.save)"
-        ) from None
-    model.eval()
-    # Truncate to the tokens we keep; a model's own limit (77 for CLIP, 256 for MiniLM) still applies.
-    model.max_seq_length = min(text_spec.max_tokens, model.max_seq_length or text_spec.max_tokens)
-    pooled, tokens = encode_texts(model, ["a photo"])[0]
-    if tokens.shape[1] != pooled.shape[0]:  # the shard format has one text_dim for both
-        raise ModelLoadError(
-            f"the text encoder {name!r} gives pooled embeddings of width {pooled.shape[0]} but per-token ones of width "
-            f"{tokens.shape[1]}; choose one whose widths agree (all OpenAI CLIPs and plain sentence-transformers do)"
-        )
-    return model, int(pooled.shape[0]), int(model.max_seq_length)
-
-
-def _require_local_folder(name: str, field_name: str) -> None:
-    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
-        raise ModelLoadError(f"{field_name} {name} looks like a local path but is not a folder; fix the path or give a Hugging Face model name")
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 @torch.inference_mode()
@@ -445,34 +410,6 @@ def encode_images(encoders: Encoders, pixels: np.ndarray) -> np.ndarray:
     posterior = encoders.vae.encode(x.to(encoders.device, encoders.dtype)).latent_dist
     latents = torch.stack([posterior.mean, posterior.std], dim=1)  # (N, 2, C, h, w)
     return latents.float().cpu().numpy().astype(np.float16)
-
-
-@torch.inference_mode()
-def encode_texts(model, captions: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per caption: pooled (D,) and per-token (L, D_tok) float16 embeddings, without padding."""
-    outputs = model.encode(captions, output_value=None, convert_to_numpy=False, batch_size=len(captions), show_progress_bar=False)
-    if "token_embeddings" in outputs[0]:
-        tokens = [o["token_embeddings"][o["attention_mask"].bool()] for o in outputs]  # (L_i, D) each
-    else:
-        tokens = _clip_token_embeddings(model, outputs)
-    return [(o["sentence_embedding"].float().cpu().numpy().astype(np.float16), t.float().cpu().numpy().astype(np.float16)) for o, t in zip(outputs, tokens)]
-
-
-def _clip_token_embeddings(model, outputs: list[dict]) -> list[torch.Tensor]:
-    """CLIP models in sentence-transformers return only the pooled (projected) embedding; the per-token
-    ones are the text transformer's last hidden states, what Stable Diffusion conditions on."""
-    text_model = getattr(getattr(model[0], "model", None), "text_model", None)
-    if text_model is None:
-        raise ModelLoadError(
-            f"the text encoder (a {type(model[0]).__name__}) gives no per-token embeddings; "
-            "use a sentence-transformers model with a Transformer module (e.g. clip-ViT-L-14 or all-MiniLM-L6-v2)"
-        )
-    pad = torch.nn.utils.rnn.pad_sequence
-    ids = pad([o["input_ids"] for o in outputs], batch_first=True)  # (N, L)
-    mask = pad([o["attention_mask"] for o in outputs], batch_first=True)  # (N, L)
-    device = next(text_model.parameters()).device
-    hidden = text_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # (N, L, D_tok)
-    return [h[m.bool()] for h, m in zip(hidden, mask.to(device))]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ from typing import NoReturn
 import yaml
 
 from orchestrator.errors import UserError
-from orchestrator.jobs import EXIT_PREEMPTED, EXIT_USER_ERROR, JobDir
-from orchestrator.spec import spec_from_dict
+from orchestrator.jobs.directory import EXIT_PREEMPTED, EXIT_USER_ERROR, JobDir
+from orchestrator.specs.job import device_precision_refusal, spec_from_dict
 
 log = logging.getLogger("orchestrator.worker")
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(threads_per_rank(plan["threads_per_process"]))
-    from orchestrator.supervisor import register_rank
+    from orchestrator.jobs.supervisor import register_rank
 
     register_rank(job, rank)
     slurm_run = os.environ.get("ORCH_SLURM_RESTART_COUNT")  # set by the sbatch script: 0, then 1, 2... after requeues
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         _record_slurm_start(job, int(slurm_run), plan)
     code = _train(job, spec, plan, rank)
     if slurm_run is not None and rank == 0:
-        from orchestrator.supervisor import record_end
+        from orchestrator.jobs.supervisor import record_end
 
         record_end(job, code)  # no supervisor under Slurm: rank 0 records how this run ended
     return code
@@ -86,7 +86,7 @@ def _record_slurm_start(job: JobDir, restarts: int, plan: dict) -> None:
     """Mark the job running for this Slurm run (a requeued run follows a preempted or failed one)."""
     import time
 
-    from orchestrator.jobs import JobState
+    from orchestrator.jobs.directory import JobState
 
     previous = job.read()
     if previous.state == JobState.RUNNING:  # the previous run was killed before it could record its end
@@ -104,8 +104,9 @@ def _train(job: JobDir, spec, plan: dict, rank: int) -> int:
 
     try:
         device = resolve_device(plan["device"])
-        if device == "cpu" and spec.train.mixed_precision == "fp16":  # device auto on a node without a GPU
-            raise UserError("train.mixed_precision fp16 needs a GPU and this node has none; use bf16 (or no), or ask for GPUs (resources.gpus_per_node)")
+        refusal = device_precision_refusal(device, spec.train.mixed_precision)  # device auto on a node without a GPU
+        if refusal:
+            raise UserError(f"{refusal} (this node has no GPU), or ask for GPUs with resources.gpus_per_node")
         outcome = train(spec, job, device, plan["tracking_uri"])
     except UserError as err:
         log.error("%s", err)

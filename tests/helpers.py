@@ -165,3 +165,14 @@ def heavy_modules_loaded(args: list[str]) -> list[str]:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     line = next(line for line in out.splitlines() if line.startswith("HEAVY:"))
     return [m for m in line.removeprefix("HEAVY:").split(",") if m]
+
+
+def sbatch_from(**values):
+    """launch.slurm.sbatch_job with its values given flat, each routed to its group (SlurmAllocation, NodeStep)."""
+    from dataclasses import fields
+
+    from launch.slurm import NodeStep, SlurmAllocation, sbatch_job
+
+    allocation = {f.name: values.pop(f.name) for f in fields(SlurmAllocation) if f.name in values}
+    step = {f.name: values.pop(f.name) for f in fields(NodeStep) if f.name in values}
+    return sbatch_job(**values, allocation=SlurmAllocation(**allocation), step=NodeStep(**step))

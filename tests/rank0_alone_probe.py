@@ -14,14 +14,14 @@ import time
 import torch
 import torch.distributed as dist
 
-from orchestrator.train.engine import Engine
+from orchestrator.train.ddp import DdpEngine
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--solo-s", type=float, required=True)
 parser.add_argument("--unguarded", action="store_true")
 args = parser.parse_args()
 
-engine = Engine("cpu", "no", expected_world_size=2, collective_timeout_s=10, rank0_timeout_s=120)
+engine = DdpEngine("cpu", "no", expected_world_size=2, collective_timeout_s=10, rank0_timeout_s=120)
 began = time.perf_counter()
 if args.unguarded:
     if engine.is_main:

@@ -124,10 +124,8 @@ def main() -> int:
                 engine.backward(loss / args.accum)
             loss_sum += loss.detach().float() / args.accum
         lrs[step] = optimizer.param_groups[0]["lr"]
-        norm = engine.clip_grad_norm(model, 1.0)  # the DDP loop's calls: under DeepSpeed this is the step
-        optimizer.step()
+        norm = engine.step(model, optimizer, 1.0)  # the loop's call: clip, step, zero the grads
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         engine.update_ema(ema, model, step)
         if reference is not None:

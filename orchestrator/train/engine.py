@@ -1,45 +1,99 @@
-"""The distributed engine behind one face: accelerate's Accelerator (DDP over gloo or NCCL).
+"""The face every distributed engine shows the trainer, and what all of them share.
 
-The trainer talks to this class only; FSDP (fsdp.py) and DeepSpeed ZeRO (zero.py) subclass it.
+`Engine` states what the loop needs: wrap the model and optimizer (`prepare`), run forward and
+backward under the training precision (`autocast`, `no_sync`, `backward`), clip and step (`step`),
+gather the full fp32 weights (`full_state_dict`, `update_ema`, `load_full_state_dict`) and save and
+load every rank's state (`save_state`, `load_state`). DDP (ddp.py), FSDP (fsdp.py) and DeepSpeed ZeRO
+(zero.py) are peers behind it; a fourth engine is one new file that fills in the abstract methods and
+one line in `strategy.make_engine`.
 
-Small host-side agreements (stop requested? every rank's peak memory, an invariant check) go over a
-second process group on gloo, with CPU tensors: on CUDA they never wait for the GPU's queue of work,
-so the step that asks stays asynchronous. A third group, also gloo, carries the wait of the other
+What they share lives here: accelerate's Accelerator sets up the process group and the device in all
+three, and small host-side agreements (stop requested? every rank's peak memory, an invariant check) go
+over a second process group on gloo, with CPU tensors: on CUDA they never wait for the GPU's queue of
+work, so the step that asks stays asynchronous. A third group, also gloo, carries the wait of the other
 ranks while rank 0 works alone (`rank0_alone`: sample grids, a checkpoint conversion), with a timeout
 of its own, so that a long grid does not run into the collective timeout (NCCL's, or gloo's).
 """
 
 from __future__ import annotations
 
-from orchestrator.errors import UserError
-
-from contextlib import contextmanager
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+from orchestrator.errors import UserError
 
 
 class WorldSizeMismatch(UserError):
     """The launcher started a different number of ranks than the plan asked for."""
 
 
-class Engine:
-    def __init__(
-        self, device: str, mixed_precision: str, expected_world_size: int, collective_timeout_s: int = 600, bucket_mb: int = 25,
-        rank0_timeout_s: int = 3600,
-    ):
-        # cpu=True gives MULTI_CPU (DDP over gloo) under torchrun / accelerate launch, one CPU process alone.
-        # The timeout turns a collective waiting on a stuck or vanished rank (another node) into an error, not a hang.
-        timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))
-        buckets = DistributedDataParallelKwargs(bucket_cap_mb=bucket_mb)
-        self.accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision, kwargs_handlers=[timeout, buckets])
+class Engine(ABC):
+    """One rank's view of the distributed job: its place in it, its collectives, and the training calls every
+    engine answers in its own way (the abstract methods)."""
+
+    def __init__(self, accelerator, expected_world_size: int, collective_timeout_s: int, rank0_timeout_s: int):
+        """accelerator: the engine's accelerate.Accelerator, which has set up the process group and the device."""
+        self.accelerator = accelerator
+        self.last_step_skipped = False  # set by `step`: fp16's grad scaler skipped the update (inf/NaN gradients)
         self._check_world_size(expected_world_size)
         self._start_host_group(collective_timeout_s, rank0_timeout_s)
-        self.last_step_skipped = False
 
+    # ------------------------------------------------------------------ what each engine does its own way
+    def make_optimizer(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> torch.optim.Optimizer:
+        """The AdamW the model trains with (torch's, unless the engine needs its own)."""
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    @abstractmethod
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """The model and optimizer as this engine trains them (wrapped, sharded, moved to the device)."""
+
+    @abstractmethod
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The network inside what `prepare` returned."""
+
+    @abstractmethod
+    def autocast(self) -> AbstractContextManager:
+        """The context the forward pass runs in: the training precision."""
+
+    @abstractmethod
+    def no_sync(self, model: torch.nn.Module) -> AbstractContextManager:
+        """The context of a micro step before the last of an accumulation: gradients accumulate, no reduction."""
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of a loss the caller already divided by the number of accumulation steps."""
+
+    @abstractmethod
+    def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None) -> torch.Tensor:
+        """Clip to max_norm (None: only measure), take the optimizer step, zero the grads; the global grad norm
+        before clipping. Sets `last_step_skipped` when the update was skipped (fp16 overflow)."""
+
+    @abstractmethod
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The full fp32 state dict (parameters and persistent buffers) on the host of every rank (a collective)."""
+
+    @abstractmethod
+    def update_ema(self, ema, model: torch.nn.Module, step: int) -> None:
+        """Move the EMA (model.ema.EMA, on the training device) towards the full trained weights (every rank calls it)."""
+
+    def load_full_state_dict(self, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        """After `prepare`, set every weight from the full state dict the network was loaded with before it
+        (model.init_from). DDP and FSDP wrap or shard the loaded module and need nothing more; an engine that
+        keeps a copy of its own (DeepSpeed's fp32 master weights) sets it here."""
+
+    @abstractmethod
+    def save_state(self, directory: str) -> None:
+        """Model, optimizer and this rank's RNG states into the checkpoint directory (every rank calls it)."""
+
+    @abstractmethod
+    def load_state(self, directory: str) -> None:
+        """Restore what save_state wrote (every rank calls it)."""
+
+    # ------------------------------------------------------------------ what all engines share
     def _start_host_group(self, collective_timeout_s: int, rank0_timeout_s: int) -> None:
         """The gloo groups for host-side agreements and for waiting out rank 0's solo phases (every rank calls it, once,
         after the default group). Two groups because gloo applies a group's own timeout to every send and receive:
@@ -78,47 +132,6 @@ class Engine:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-    def make_optimizer(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> torch.optim.Optimizer:
-        """The AdamW the model trains with (torch's)."""
-        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-
-    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        return self.accelerator.prepare(model, optimizer)
-
-    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The network inside DDP's wrapper. Not accelerate's unwrap_model: on its first call it imports DeepSpeed
-        (and through it MLflow) whenever DeepSpeed is installed, about half a second of every rank's start (measured)."""
-        return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-    def autocast(self):
-        return self.accelerator.autocast()
-
-    def no_sync(self, model: torch.nn.Module):
-        return self.accelerator.no_sync(model)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
-
-    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
-        """Unscale (fp16), clip to max_norm (None: only measure), return the global norm before clipping."""
-        return self.accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm else float("inf"))
-
-    def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None) -> torch.Tensor:
-        """Clip, take the optimizer step, zero the grads; the global grad norm before clipping.
-
-        With fp16, the grad scaler skips the step whose gradients overflowed: `last_step_skipped`
-        then tells the loop not to advance the LR schedule or the EMA for it.
-        """
-        grad_norm = self.clip_grad_norm(model, max_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        self.last_step_skipped = bool(getattr(optimizer, "step_was_skipped", False))
-        return grad_norm
-
-    def update_ema(self, ema, model: torch.nn.Module, step: int) -> None:
-        """Move the EMA towards the trained weights (every rank calls it)."""
-        ema.update(self.unwrap(model), step)
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """Mean over ranks (a logged loss is the global one, not rank 0's)."""
@@ -190,13 +203,6 @@ class Engine:
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
-
-    def save_state(self, directory: str) -> None:
-        """Model, optimizer, grad scaler and this rank's RNG states (a collective: every rank calls it)."""
-        self.accelerator.save_state(directory)
-
-    def load_state(self, directory: str) -> None:
-        self.accelerator.load_state(directory, map_location="cpu")
 
     def close(self) -> None:
         if self._pending_flag is not None:  # the last step's agreement, still in flight: finish it before the group goes

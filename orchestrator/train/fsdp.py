@@ -1,4 +1,4 @@
-"""PyTorch FSDP (FSDP2, `torch.distributed.fsdp.fully_shard`) behind the face of `Engine`.
+"""PyTorch FSDP (FSDP2, `torch.distributed.fsdp.fully_shard`), an `Engine` (engine.py).
 
 Why torch's own API and not accelerate's FSDP plugin: on CPU, accelerate 1.15 ignores an
 `fsdp_plugin` without a word (it stays MULTI_CPU and wraps the model in DDP; measured), so the CPU
@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import random
 from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,9 @@ import torch
 import torch.distributed as dist
 
 from model.dit import blocks_of
-from orchestrator.checkpoints import MODEL_FILE
+from orchestrator.layout import MODEL_FILE
 from orchestrator.errors import UserError
+from orchestrator.specs.job import precision_refusal
 from orchestrator.train.engine import Engine
 
 SHARDS = "fsdp"  # the DCP folder inside a checkpoint
@@ -44,9 +46,15 @@ log = logging.getLogger(__name__)
 
 class FsdpEngine(Engine):
     def __init__(self, device: str, mixed_precision: str, expected_world_size: int, collective_timeout_s: int = 600, rank0_timeout_s: int = 3600):
-        if mixed_precision == "fp16":
-            raise UserError("strategy fsdp trains in bf16 or fp32 here; fp16 (loss scaling) is not supported, use bf16")
-        super().__init__(device, "no", expected_world_size, collective_timeout_s, rank0_timeout_s=rank0_timeout_s)  # autocast and casting are ours (see above)
+        refusal = precision_refusal("fsdp", mixed_precision)
+        if refusal:
+            raise UserError(refusal)
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))
+        # mixed_precision "no": autocast and casting are ours (see above)
+        super().__init__(Accelerator(cpu=device == "cpu", mixed_precision="no", kwargs_handlers=[timeout]), expected_world_size, collective_timeout_s, rank0_timeout_s)
         self.mixed_precision = mixed_precision
         if not dist.is_initialized():  # one process without a launcher: FSDP still needs a (one-rank) process group
             import os
@@ -91,8 +99,11 @@ class FsdpEngine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
+    def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None) -> torch.Tensor:
+        """Clip (the norm over every rank's shards), step, zero the grads; the global grad norm before clipping."""
         norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm if max_norm else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     # ------------------------------------------------------------------ full weights and EMA

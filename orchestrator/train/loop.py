@@ -9,35 +9,33 @@ threads).
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import socket
-import subprocess
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from model.diffusion import diffusion_loss, make_noise_scheduler, sample, sample_progression
-from model.dit import DiT, compile_blocks
+from model.diffusion import diffusion_loss
+from model.dit import compile_blocks
 from model.ema import EMA
-from model.unet import UNet
-from orchestrator.imagefolder import DataError
-from orchestrator.jobs import JobDir
-from orchestrator.spec import JobSpec
-from orchestrator.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
-from orchestrator.train.data import BatchStream, DataPosition, EpochBatches, build_dataset
-from orchestrator.train.device import check_node_devices, set_determinism, use_tf32
+from orchestrator.jobs.directory import JobDir
+from orchestrator.specs.job import JobSpec
+from orchestrator.train.state import TrainerState, load_checkpoint, save_checkpoint
+from orchestrator.data.loader import BatchStream, DataPosition, EpochBatches, build_dataset
+from orchestrator.components.device import check_node_devices, set_determinism, use_tf32
 from orchestrator.train.engine import Engine
-from orchestrator.train.images import make_grid
-from orchestrator.train.model_input import ModelInput, latent_input, pixel_input
+from orchestrator.train.strategy import make_engine
+from orchestrator.components.model_input import classes_to_build, latent_input, pixel_input
+from orchestrator.train.grids import GridMaker
+from orchestrator.train.run_tracking import start_tracker
+from orchestrator.train.schedule import lr_factor, step_seed
 from orchestrator.train.signals import StopRequest
-from orchestrator.train.tracking import NullTracker, Tracker, default_artifact_location
-from orchestrator.train.weights import load_weights, read_weights
+from orchestrator.components.model import build_model, make_diffusion
+from orchestrator.tracking import NullTracker, Tracker
+from orchestrator.components.weights import load_weights, read_weights
 
 log = logging.getLogger(__name__)
 HYBRID_VLB_WEIGHT = 1e-3  # lambda of L_hybrid (Nichol & Dhariwal 2021, Sec. 3.1)
@@ -48,70 +46,6 @@ class Outcome:
     finished: bool
     step: int
     stop_signal: str | None = None
-
-
-def build_model(spec: JobSpec, model_input: ModelInput) -> torch.nn.Module:
-    """The network a spec describes, for the inputs the data gives (weights from the global RNG: seed it first)."""
-    m, num_classes = spec.model, model_input.num_classes
-    if m.arch == "unet":
-        u = m.unet
-        return UNet(
-            in_channels=model_input.channels,
-            down_channels=u.down_channels,
-            mid_channels=u.mid_channels,
-            down_sample=u.down_sample,
-            num_down_layers=u.num_down_layers,
-            num_mid_layers=u.num_mid_layers,
-            num_up_layers=u.num_up_layers,
-            num_heads=u.num_heads,
-            time_emb_dim=u.time_emb_dim,
-            attention=tuple(u.attention and level > 0 for level in range(len(u.down_sample))),
-            num_classes=None if m.condition == "none" else num_classes,
-            class_dropout_prob=m.class_dropout,
-            norm_groups=u.norm_groups,
-        )
-    return DiT(
-        input_size=model_input.size,
-        patch_size=m.patch_size,
-        in_channels=model_input.channels,
-        hidden_size=m.hidden_size,
-        depth=m.depth,
-        num_heads=m.num_heads,
-        mlp_ratio=m.mlp_ratio,
-        class_dropout_prob=m.class_dropout,
-        num_classes=num_classes,
-        learn_sigma=m.learn_sigma,
-        conditioning=m.conditioning,
-        condition=m.condition,
-        ffn=m.ffn,
-        pos_embed=m.pos_embed,
-        text_dim=model_input.text_dim,
-        text_tokens=model_input.text_tokens or 77,
-    )
-
-
-def make_diffusion(spec: JobSpec):
-    """The forward process of a spec (a diffusers DDPMScheduler)."""
-    d = spec.diffusion
-    return make_noise_scheduler(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end, prediction_type=d.prediction)
-
-
-def lr_factor(step: int, spec: JobSpec) -> float:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based): warmup, then the schedule."""
-    t = spec.train
-    if step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
-    if t.lr_schedule == "constant":
-        return 1.0
-    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if t.lr_schedule == "cosine" else 1 - progress
-    return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """A seed for the global RNG at one step of one rank."""
-    digest = hashlib.blake2b(f"{seed}:{step}:{rank}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def train(spec: JobSpec, job: JobDir, device: str, tracking_uri: str | None) -> Outcome:
@@ -126,7 +60,7 @@ def train(spec: JobSpec, job: JobDir, device: str, tracking_uri: str | None) -> 
     trainer = None
     try:
         trainer = Trainer(spec, job, engine, stop)
-        trainer.tracker = _start_tracker(spec, job, engine, tracking_uri, resumed=trainer.resumed_from is not None)
+        trainer.tracker = start_tracker(spec, job, engine, tracking_uri, resumed=trainer.resumed_from is not None)
         try:
             outcome = trainer.run()
         except BaseException:
@@ -150,23 +84,6 @@ def compiled_graphs() -> str:
     return f"{counters['stats']['unique_graphs']} graph(s) compiled, {sum(counters['graph_break'].values())} graph break(s)"
 
 
-def make_engine(spec: JobSpec, device: str) -> Engine:
-    """accelerate's DDP, torch FSDP2, or DeepSpeed ZeRO (resources.strategy) with the config `orch plan` described."""
-    r, t = spec.resources, spec.train
-    if r.strategy == "ddp":
-        return Engine(device, t.mixed_precision, r.world_size, r.collective_timeout_s, bucket_mb=r.ddp.bucket_mb, rank0_timeout_s=r.rank0_timeout_s)
-    if r.strategy == "fsdp":
-        from orchestrator.train.fsdp import FsdpEngine
-
-        return FsdpEngine(device, t.mixed_precision, r.world_size, r.collective_timeout_s, rank0_timeout_s=r.rank0_timeout_s)
-    from orchestrator.plan import deepspeed_config_of
-    from orchestrator.train.zero import ZeroEngine
-
-    return ZeroEngine(
-        device, t.mixed_precision, r.world_size, r.collective_timeout_s, config=deepspeed_config_of(spec, device), rank0_timeout_s=r.rank0_timeout_s,
-    )
-
-
 class Trainer:
     """Everything one rank trains with, built from the spec and restored from the newest checkpoint."""
 
@@ -174,13 +91,13 @@ class Trainer:
         t = spec.train
         self.spec, self.job, self.engine, self.stop = spec, job, engine, stop
         if spec.data.latent:
-            from orchestrator.train.shards import open_shards
+            from orchestrator.data.shards import open_shards
 
             shards = open_shards(spec.data.path)
             self.model_input = latent_input(spec, shards.index)
         else:
             dataset = build_dataset(spec.data)
-            self.model_input = pixel_input(spec, spec.model.num_classes or len(dataset.classes))
+            self.model_input = pixel_input(spec, classes_to_build(spec, len(dataset.classes)))
         self.num_classes = self.model_input.num_classes
 
         torch.manual_seed(t.seed)
@@ -197,7 +114,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec))
         self.model, self.optimizer = engine.prepare(model, optimizer)
         self.ema.to(engine.device)  # where the model trains: updates and grids never cross to the host
-        if spec.model.init_from and job.latest_checkpoint() is None and hasattr(engine, "load_full_state_dict"):
+        if spec.model.init_from and job.latest_checkpoint() is None:
             engine.load_full_state_dict(self.model, read_weights(Path(spec.model.init_from)))  # DeepSpeed's fp32 master copy too
         self.noise_scheduler = make_diffusion(spec)
         self.vlb_weight = HYBRID_VLB_WEIGHT if spec.diffusion.loss == "hybrid" else 0.0
@@ -209,7 +126,7 @@ class Trainer:
             position = DataPosition(self.restored.epoch, self.restored.batch_in_epoch)
         pinned = engine.device.type == "cuda"  # page-locked batches: host-to-device copies that overlap the step
         if spec.data.latent:
-            from orchestrator.train.shards import ShardStream
+            from orchestrator.data.shards import ShardStream
 
             self.stream = ShardStream(
                 shards, micro_batch=spec.micro_batch_size, rank=engine.rank, world_size=engine.world_size, seed=t.seed,
@@ -218,7 +135,7 @@ class Trainer:
         else:
             batches = EpochBatches(len(dataset), spec.micro_batch_size, engine.rank, engine.world_size, t.seed, spec.data.hflip, position)
             self.stream = BatchStream(dataset, batches, spec.data.num_workers, t.seed, pin_memory=pinned)
-        self.grid = _GridMaker(spec, self.model_input, engine.device, self.noise_scheduler) if engine.is_main else None
+        self.grid = GridMaker(spec, self.model_input, engine.device) if engine.is_main else None
         self.tracker: Tracker = NullTracker()
 
     def _restore(self, checkpoint: Path) -> None:
@@ -387,130 +304,3 @@ class Trainer:
             log.info("checkpoint %s", path.name)
 
 
-class _GridMaker:
-    """Sample grids from fixed noise and fixed conditions (one row per class or caption), so steps are comparable.
-
-    Latent models: the grid is decoded through the dataset's VAE (loaded on first use, on rank 0 only);
-    text models draw the captions of the dataset's first samples, from their stored embeddings.
-    """
-
-    def __init__(self, spec: JobSpec, model_input: ModelInput, device: torch.device, noise_scheduler):
-        s = spec.sample
-        self.spec, self.model_input, self.device, self.noise_scheduler = s, model_input, device, noise_scheduler
-        self.condition_kind = spec.model.condition
-        if self.condition_kind == "text":
-            captions, conditions = _first_captions(spec.data.path, count=s.text_rows)  # R captions; text dict of (R, ...) tensors
-            log.info("grid rows: %s", "; ".join(repr(c) for c in captions))
-            self.rows = len(captions)
-            self.conditions = {k: v.repeat_interleave(s.per_class, 0).to(device) for k, v in conditions.items()}
-            self.labels = torch.zeros(self.rows * s.per_class, dtype=torch.long, device=device)  # (N,) unused by a text model
-        else:
-            classes = s.classes if s.classes is not None else list(range(min(10, model_input.num_classes)))
-            self.rows = len(classes)
-            self.labels = torch.tensor([c for c in classes for _ in range(s.per_class)], device=device)  # (N,)
-            self.conditions = self.labels
-        generator = torch.Generator().manual_seed(s.seed)
-        self.noise = torch.randn((len(self.labels), *model_input.shape), generator=generator).to(device)  # (N, C, H, W)
-        self._vae = None
-        if model_input.latent is not None:  # now, not at the first grid hours in: a VAE that cannot load stops the job at once
-            from orchestrator.train.vae import load_vae
-
-            self._vae = load_vae(model_input.latent.vae, device)
-
-    def _settings(self) -> dict:
-        generator = torch.Generator(device=self.noise.device).manual_seed(self.spec.seed + 1)
-        return dict(
-            image_shape=self.model_input.shape, noise_scheduler=self.noise_scheduler, sampler=self.spec.sampler, num_steps=self.spec.steps,
-            guidance_scale=self.spec.guidance_scale, null_label=self.model_input.num_classes, generator=generator,
-            clip_denoised=self.model_input.latent is None,  # pixels live in [-1, 1]; latents do not
-        )
-
-    def _to_images(self, x: torch.Tensor) -> torch.Tensor:
-        """Pixels as they are; latents decoded through the VAE, (N, C, H, W) in [-1, 1]."""
-        latent = self.model_input.latent
-        if latent is None:
-            return x
-        from orchestrator.train.vae import decode
-
-        return decode(self._vae, x, latent.scaling_factor)
-
-    @torch.no_grad()
-    def draw(self, ema_model: torch.nn.Module) -> Image.Image:
-        """The grid: rows of classes (or captions), columns of fixed noise."""
-        x = sample(ema_model, self.conditions, noise=self.noise, **self._settings())  # (N, C, H, W)
-        return make_grid(self._to_images(x), rows=self.rows)
-
-    @torch.no_grad()
-    def progression(self, ema_model: torch.nn.Module, frames: int = 8) -> Image.Image:
-        """The denoising progression strip: one row per class, the x0 prediction across the timesteps."""
-        first = torch.arange(self.rows, device=self.labels.device) * self.spec.per_class  # first image of each row
-        frames = min(frames, self.spec.steps)
-        conditions = self.conditions[first] if isinstance(self.conditions, torch.Tensor) else {k: v[first] for k, v in self.conditions.items()}
-        strip = sample_progression(ema_model, conditions, noise=self.noise[first], num_frames=frames, **self._settings())  # (R, K, C, H, W)
-        return make_grid(self._to_images(strip.flatten(0, 1)), rows=self.rows)  # (R * K, C, H, W)
-
-
-def _first_captions(path: str, count: int) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """The captions and stored text embeddings of the first `count` captioned samples of a prepared dataset."""
-    from orchestrator.shardformat import CAPTION_MEMBER
-    from orchestrator.train.shards import collate, decode_sample, open_shards, read_shard
-
-    shards = open_shards(path)
-    captions, samples = [], []
-    for url, expected in zip(shards.urls, shards.counts):
-        for raw in read_shard(url, expected):
-            if CAPTION_MEMBER in raw and len(samples) < count:
-                captions.append(raw[CAPTION_MEMBER].decode("utf-8"))
-                samples.append(decode_sample(raw, url, shards.index, seed=0, epoch=0))
-        if len(samples) == count:
-            break
-    if not samples:
-        raise DataError(f"{path} holds no captioned sample to draw the grid of a text model from")
-    batch = collate(samples, shards.index)
-    return captions, {"tokens": batch.text_tokens, "mask": batch.text_mask, "pooled": batch.text_pooled}
-
-
-def _start_tracker(spec: JobSpec, job: JobDir, engine: Engine, uri: str | None, resumed: bool) -> Tracker:
-    """MLflow on global rank 0 (one run per job, reopened on resume); a no-op elsewhere or if it fails."""
-    if not engine.is_main or uri is None:
-        return NullTracker()
-    from orchestrator.train.tracking import MlflowTracker
-
-    record = job.read()
-    tags = {
-        "orch.job_id": job.id,
-        "orch.git_commit": _git_commit(),
-        "orch.host": socket.gethostname(),
-        "orch.launcher": record.launcher,
-        "orch.world_size": str(engine.world_size),
-        "orch.attempt": str(record.attempts),
-    }
-    if record.slurm_job_id is not None:
-        tags.update({"orch.slurm_job_id": record.slurm_job_id, "orch.slurm_restarts": str(record.restarts)})
-    try:
-        tracker = MlflowTracker.start(
-            uri, spec.tracking.experiment, run_name=job.id, run_id=record.mlflow_run_id,
-            artifact_location=default_artifact_location(job.root) if uri.startswith("sqlite:") else None, tags=tags,
-        )
-    except Exception as err:  # tracking never stops training
-        log.warning("MLflow unavailable at %s (%s): training goes on without tracking", uri, err)
-        return NullTracker()
-    if record.mlflow_run_id is None:
-        tracker.log_params(spec.flat())
-        tracker.log_text(spec.to_yaml(), "spec.yaml")
-    elif resumed:
-        tracker.log_text(spec.to_yaml(), f"spec.attempt-{record.attempts}.yaml")
-    tracker.set_tags(tags)
-    job.update(mlflow_run_id=tracker.run_id, mlflow_uri=uri)
-    return tracker
-
-
-def _git_commit() -> str:
-    """The commit of the orch checkout that runs this job, or 'unknown'."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"

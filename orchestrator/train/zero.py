@@ -1,11 +1,10 @@
-"""DeepSpeed ZeRO (stages 1, 2, 3) behind the face of `Engine`, through accelerate's DeepSpeedPlugin.
+"""DeepSpeed ZeRO (stages 1, 2, 3), an `Engine` (engine.py), through accelerate's DeepSpeedPlugin.
 
 What differs from the DDP engine, and why:
 - DeepSpeed owns the optimizer step. Gradient clipping and accumulation live in its config
   (launch/deepspeed.py); `step()` runs DeepSpeed's step (reduce, clip, AdamW, zero the grads) and returns
   the global grad norm before clipping. The optimizer that `prepare` returns is accelerate's wrapper,
-  whose `step()` and `zero_grad()` do nothing, so the DDP loop (`clip_grad_norm`, `optimizer.step()`,
-  `optimizer.zero_grad()`) still works: here `clip_grad_norm` *is* the step.
+  whose `step()` and `zero_grad()` do nothing.
 - The loss is not divided again: the loop already divides it by grad_accum_steps, so `backward`
   passes `scale_wrt_gas=False`. `no_sync` marks a micro step that is not the accumulation boundary.
 - bf16 is DeepSpeed's bf16 mode: the module's weights are bf16, the fp32 master weights and the AdamW
@@ -45,8 +44,9 @@ from pathlib import Path
 import torch
 
 from launch.deepspeed import offloaded
-from orchestrator.checkpoints import MODEL_FILE
+from orchestrator.layout import MODEL_FILE
 from orchestrator.errors import UserError
+from orchestrator.specs.job import precision_refusal
 from orchestrator.train.engine import Engine
 
 MODEL_TAG = "pytorch_model"  # the sub-directory accelerate's save_state gives DeepSpeed's checkpoint (its MODEL_NAME)
@@ -83,8 +83,9 @@ class ZeroEngine(Engine):
         rank0_timeout_s: int = 3600,
     ):
         """config: the DeepSpeed config (launch.deepspeed.deepspeed_config), batch split and stage included."""
-        if mixed_precision == "fp16":
-            raise UserError("the DeepSpeed engine here trains in bf16 or fp32; fp16 (loss scaling) is not supported, use bf16")
+        refusal = precision_refusal(f"zero{config['zero_optimization']['stage']}", mixed_precision)
+        if refusal:
+            raise UserError(refusal)
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
         if device == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -106,21 +107,13 @@ class ZeroEngine(Engine):
         # without a process group every rank believes it is alone; cpu=True would turn DeepSpeed off.
         # The timeout turns a collective waiting on a stuck or vanished rank into an error, not a hang.
         backend = "gloo" if device == "cpu" else "nccl"
-        self.accelerator = Accelerator(
+        accelerator = Accelerator(
             deepspeed_plugin=plugin, mixed_precision=mixed_precision, gradient_accumulation_steps=self.grad_accum_steps,
             kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=collective_timeout_s))],
         )
-        self._check_world_size(expected_world_size)
-        self._start_host_group(collective_timeout_s, rank0_timeout_s)
-        self.last_step_skipped = False
+        super().__init__(accelerator, expected_world_size, collective_timeout_s, rank0_timeout_s)
         self.ds = None  # the DeepSpeedEngine, once prepared
         self._boundary = True
-
-    # ------------------------------------------------------------------ who am I (rank, world_size, ... from Engine)
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        """The dtype of the module's weights: bfloat16 in bf16 mode, else float32."""
-        return torch.bfloat16 if self.mixed_precision == "bf16" else torch.float32
 
     # ------------------------------------------------------------------ training
     def make_optimizer(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -159,10 +152,6 @@ class ZeroEngine(Engine):
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def cast_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """A floating tensor in the module's dtype (for callers that run the module outside `autocast`)."""
-        return x.to(self.compute_dtype) if x.is_floating_point() else x
-
     @contextmanager
     def no_sync(self, model: torch.nn.Module):
         """The backward inside is a micro step before the accumulation boundary: gradients accumulate, no step."""
@@ -178,25 +167,16 @@ class ZeroEngine(Engine):
         self.ds.set_gradient_accumulation_boundary(self._boundary)
         self.ds.backward(loss, scale_wrt_gas=False)
 
-    def step(self, model: torch.nn.Module | None = None, optimizer=None, max_norm: float | None = None) -> torch.Tensor:
-        """DeepSpeed's step after the boundary micro batch: reduce, clip (config), AdamW, zero grads; the global norm before clipping.
-
-        The face both engines should share (Engine.step = clip_grad_norm + optimizer.step + zero_grad);
-        max_norm must be the clipping the config was built with.
-        """
+    def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None) -> torch.Tensor:
+        """DeepSpeed's step after the boundary micro batch: reduce, clip (config), AdamW, zero grads; the global norm before
+        clipping. max_norm must be the clipping the config was built with."""
         assert self.ds is not None, "ZeroEngine.step before prepare"
-        if max_norm is not None and float(max_norm) != self.config["gradient_clipping"]:
+        if float(max_norm or 0) != float(self.config["gradient_clipping"] or 0):
             raise ValueError(f"the DeepSpeed config clips at {self.config['gradient_clipping']}, the caller asked for {max_norm}")
         self.ds.set_gradient_accumulation_boundary(True)
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
         return torch.as_tensor(float("nan") if norm is None else float(norm))
-
-    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
-        """For the DDP loop: this IS the optimizer step (optimizer.step() / zero_grad() after it do nothing)."""
-        if max_norm is None and self.config["gradient_clipping"]:
-            raise ValueError(f"the DeepSpeed config clips at {self.config['gradient_clipping']}, the caller asked for no clipping")
-        return self.step(model, None, max_norm)
 
     # ------------------------------------------------------------------ full weights and EMA
     def _full_fp32(self, module: torch.nn.Module, on_host: bool = True) -> dict[str, torch.Tensor]:

@@ -26,10 +26,12 @@ import yaml
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from orchestrator import shardformat
-from orchestrator.prepare import ModelLoadError, PrepareError, encode_texts, prepare, run_local
-from orchestrator.prepare_spec import SpecError, load_prepare_spec
-from orchestrator.train.data import center_crop
+from orchestrator.data import shardformat
+from orchestrator.components.text import encode_texts
+from orchestrator.components.vae import ModelLoadError
+from orchestrator.prepare import PrepareError, prepare, run_local
+from orchestrator.specs.prepare import SpecError, load_prepare_spec
+from orchestrator.data.loader import center_crop
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -198,7 +200,7 @@ def test_captions_give_pooled_and_per_token_embeddings(tmp_path, vae_dir, text_e
 
 
 def test_the_training_reader_takes_what_prepare_writes(tmp_path, vae_dir, text_encoder_dir):
-    shards = pytest.importorskip("orchestrator.train.shards")  # written alongside; this checks the shared format end to end
+    shards = pytest.importorskip("orchestrator.data.shards")  # written alongside; this checks the shared format end to end
     image_folder(tmp_path / "images")
     (tmp_path / "images" / "cat" / "a.txt").write_text("a noisy cat")
     prepare(load_prepare_spec(folder_spec(tmp_path, vae_dir, text={"encoder": str(text_encoder_dir)}, image={"resolution": RES, "flip": True})))

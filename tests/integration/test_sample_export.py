@@ -1,4 +1,4 @@
-"""Sampling from and exporting a job trained through the real `orch` command (orchestrator.sampling, orchestrator.export)."""
+"""Sampling from and exporting a job trained through the real `orch` command (orchestrator.trained.sampling, orchestrator.trained.export)."""
 
 import json
 import re
@@ -13,15 +13,15 @@ from safetensors.torch import load_file, save_file
 
 import model.diffusion as diffusion_math
 from orchestrator.errors import UserError
-from orchestrator.export import ExportError, export_diffusers, export_safetensors
-from orchestrator.jobs import JobDir
-from orchestrator.sampling import (
+from orchestrator.trained.export import ExportError, export_diffusers, export_safetensors
+from orchestrator.jobs.directory import JobDir
+from orchestrator.trained.sampling import (
     CheckpointNotFound, SamplingError, WeightsMismatch, load_model, load_weights, num_classes_of, progression_frames,
     progression_strip, resolve_checkpoint, sample_images, write_outputs,
 )
-from orchestrator.spec import replace
-from orchestrator.train.loop import build_model, make_diffusion
-from orchestrator.train.model_input import pixel_input
+from orchestrator.specs.job import replace
+from orchestrator.components.model import build_model, make_diffusion
+from orchestrator.components.model_input import pixel_input
 from tests.helpers import log_text, only_job, orch, tiny_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.slurm import sbatch_job
+from tests.helpers import sbatch_from
 from tests.slurm_cluster import SlurmCluster, started_cluster
 
 pytestmark = pytest.mark.slow
@@ -99,7 +99,7 @@ def jobs(cluster, tmp_path_factory):
     }.items():
         folder = root / name
         (folder / "logs").mkdir(parents=True)  # Slurm does not create the log folder
-        job = sbatch_job(job_name=f"orch_{name}", script_path=str(folder / "job.sbatch"), logs_dir=str(folder / "logs"),
+        job = sbatch_from(job_name=f"orch_{name}", script_path=str(folder / "job.sbatch"), logs_dir=str(folder / "logs"),
                          workdir=str(root), **{"cpus_per_task": 1, "signal_seconds": 30, **values})
         (folder / "job.sbatch").write_text(job.script)
         assert job.argv[:2] == ("sbatch", "--parsable")
@@ -179,7 +179,7 @@ def test_stopping_the_cluster_leaves_no_daemon_or_job_process(cluster):
     try:
         second.start()
         script = second.root / "sleep.sbatch"
-        script.write_text(sbatch_job(job_name="orch_sleep", script_path=str(script), logs_dir=str(second.root),
+        script.write_text(sbatch_from(job_name="orch_sleep", script_path=str(script), logs_dir=str(second.root),
                                      step_command=("sleep", "600")).script)
         second.submit(script)
         second.wait_for(lambda: any("sleep 600" in command for _, command in second.leftover_processes()),

@@ -8,8 +8,8 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from orchestrator.train import tracking
-from orchestrator.train.tracking import (
+from orchestrator import tracking
+from orchestrator.tracking import (
     MlflowTracker,
     NullTracker,
     Tracker,

@@ -121,10 +121,10 @@ def test_detached_job_returns_at_once_and_logs_follow_until_it_ends(tmp_path):
 
 def test_a_rank_that_sees_the_wrong_world_size_stops_with_a_clear_error(tmp_path):
     # What a launcher that silently starts lone processes would produce (e.g. `accelerate launch --cpu --num_processes 2`).
-    from orchestrator.jobs import JobDir, new_job_id
-    from orchestrator.plan import make_plan
-    from orchestrator.spec import load_spec
-    from orchestrator.supervisor import write_plan
+    from orchestrator.jobs.directory import JobDir, new_job_id
+    from orchestrator.jobs.plan import make_plan
+    from orchestrator.specs.job import load_spec
+    from orchestrator.jobs.supervisor import write_plan
 
     root = tmp_path / "runs"
     spec = load_spec(tiny_spec(tmp_path), ["resources.processes=2"])

@@ -3,7 +3,7 @@
 import json
 import pytest
 
-from orchestrator.jobs import JobDir, JobState, new_job_id
+from orchestrator.jobs.directory import JobDir, JobState, new_job_id
 from tests.helpers import heavy_modules_loaded, orch
 
 @pytest.fixture

@@ -18,16 +18,16 @@ import yaml
 
 from model.diffusion import diffusion_loss
 from model.ema import EMA
-from orchestrator.jobs import JobDir
-from orchestrator.spec import spec_from_dict
-from orchestrator.train.engine import Engine
+from orchestrator.jobs.directory import JobDir
+from orchestrator.specs.job import spec_from_dict
+from orchestrator.train.ddp import DdpEngine
 from orchestrator.train.loop import Trainer
 from tests.helpers import tiny_spec
 
 META = torch.device("meta")
 
 
-class MetaEngine(Engine):
+class MetaEngine(DdpEngine):
     """The DDP engine of one process with `meta` standing in for a GPU."""
 
     @property
@@ -43,7 +43,7 @@ class MetaEngine(Engine):
         return model, optimizer
 
 
-class SkipSecondStepEngine(Engine):
+class SkipSecondStepEngine(DdpEngine):
     """The DDP engine whose grad scaler (fp16, which the CPU lacks) 'finds' inf gradients at the second step."""
 
     def step(self, model, optimizer, max_norm):
@@ -109,7 +109,7 @@ def test_zero_keeps_gathered_weights_on_the_device_for_the_ema_and_copies_them_t
 
 
 def test_a_failing_grid_costs_neither_the_checkpoint_nor_the_run(tmp_path, one_thread, caplog):
-    trainer = make_trainer(tmp_path, Engine, train={"steps": 4}, checkpoint={"every": 2}, sample={"every": 2})
+    trainer = make_trainer(tmp_path, DdpEngine, train={"steps": 4}, checkpoint={"every": 2}, sample={"every": 2})
     drawn = []
 
     def draw(ema_model):
@@ -142,7 +142,7 @@ def test_a_node_with_fewer_gpus_than_ranks_or_without_bf16_is_named_before_any_c
     import socket
 
     from orchestrator.errors import UserError
-    from orchestrator.train.device import check_node_devices
+    from orchestrator.components.device import check_node_devices
 
     spec = spec_from_dict(yaml.safe_load(tiny_spec(tmp_path, train={"mixed_precision": "bf16"}).read_text()))
     host = socket.gethostname()
@@ -163,7 +163,7 @@ def test_a_node_with_fewer_gpus_than_ranks_or_without_bf16_is_named_before_any_c
 
 
 def test_deterministic_turns_on_deterministic_kernels_and_off_cudnn_autotuning(monkeypatch):
-    from orchestrator.train.device import set_determinism
+    from orchestrator.components.device import set_determinism
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     try:

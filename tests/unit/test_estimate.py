@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.dit import DiT, DiT_models
-from orchestrator.estimate import (
+from orchestrator.jobs.estimate import (
     GB,
     comm_bytes_per_step,
     dit_activation_bytes_per_sample,
@@ -186,7 +186,7 @@ def test_gradient_accumulation_multiplies_only_per_micro_step_collectives():
 
 
 def test_estimate_imports_without_torch():
-    code = "import sys; import orchestrator.estimate; assert 'torch' not in sys.modules, 'estimate imported torch'"
+    code = "import sys; import orchestrator.jobs.estimate; assert 'torch' not in sys.modules, 'estimate imported torch'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
@@ -200,9 +200,9 @@ def test_scaling_bench_prints_the_table_and_its_assumptions_without_torch():
 
 
 def test_orch_plan_prints_the_parameter_count_of_the_network_the_job_builds(tmp_path):
-    from orchestrator.spec import load_spec
-    from orchestrator.train.loop import build_model
-    from orchestrator.train.model_input import pixel_input
+    from orchestrator.specs.job import load_spec
+    from orchestrator.components.model import build_model
+    from orchestrator.components.model_input import pixel_input
     from tests.helpers import orch, tiny_spec
 
     spec_file = tiny_spec(tmp_path)

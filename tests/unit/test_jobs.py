@@ -6,11 +6,11 @@ import time
 
 import pytest
 
-from orchestrator.jobs import JobDir, JobError, JobState, find_job, latest_checkpoint, list_jobs
+from orchestrator.jobs.directory import JobDir, JobError, JobState, find_job, latest_checkpoint, list_jobs
 
 
 def make_job(root, name="t"):
-    from orchestrator.jobs import new_job_id
+    from orchestrator.jobs.directory import new_job_id
 
     return JobDir.create(root, new_job_id(name), name, "name: t\n", total_steps=10)
 

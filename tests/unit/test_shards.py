@@ -15,9 +15,9 @@ import torch
 import webdataset as wds
 
 from orchestrator.errors import UserError
-from orchestrator.shardformat import SHARD_PATTERN, DatasetIndex, ShardRecord
-from orchestrator.train.data import DataPosition
-from orchestrator.train.shards import (
+from orchestrator.data.shardformat import SHARD_PATTERN, DatasetIndex, ShardRecord
+from orchestrator.data.loader import DataPosition
+from orchestrator.data.shards import (
     ClassPairs,
     ShardError,
     ShardStream,
@@ -336,7 +336,7 @@ def test_check_dataset_finds_channel_size_shard_and_condition_problems(dataset, 
 
 
 def test_check_dataset_does_not_import_torch(dataset):
-    code = f"import sys; from orchestrator.train.shards import check_dataset; print(check_dataset({str(dataset)!r}, 4, 4)); assert 'torch' not in sys.modules"
+    code = f"import sys; from orchestrator.data.shards import check_dataset; print(check_dataset({str(dataset)!r}, 4, 4)); assert 'torch' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2], check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -1,14 +1,14 @@
 """The plan of a `launcher: slurm` job made on a login node without a GPU: device, GPUs, CPUs, memory and
-threads come from the spec and the allocation, never from the host that submits (orchestrator/plan.py,
+threads come from the spec and the allocation, never from the host that submits (orchestrator/jobs/plan.py,
 orchestrator/worker.py)."""
 
 from pathlib import Path
 
 import pytest
 
-from orchestrator import plan as plan_module
-from orchestrator.plan import gpu_visible, make_plan
-from orchestrator.spec import SpecError, parse_spec
+from orchestrator.jobs import plan as plan_module
+from orchestrator.jobs.plan import gpu_visible, make_plan
+from orchestrator.specs.job import SpecError, parse_spec
 
 JOB = Path("/runs/dit_slurm-1")
 SPEC = """\
@@ -84,7 +84,7 @@ def test_fp16_is_left_to_the_node_for_device_auto_and_refused_for_device_cpu(log
 
 def test_the_worker_refuses_fp16_when_auto_finds_no_gpu_on_its_node(monkeypatch):
     from orchestrator import worker
-    from orchestrator.jobs import EXIT_USER_ERROR
+    from orchestrator.jobs.directory import EXIT_USER_ERROR
 
     monkeypatch.setattr(worker, "resolve_device", lambda planned: "cpu")  # a node whose allocation has no GPU
     spec = parse_spec(SPEC, overrides=["resources.device=auto", "train.mixed_precision=fp16"])
@@ -151,7 +151,7 @@ def test_gpu_visible_reads_proc_device_nodes_and_wsl(tmp_path, monkeypatch):
 
 
 def test_a_local_job_with_more_ranks_than_this_node_has_gpus_is_refused_at_plan(tmp_path, monkeypatch):
-    from orchestrator.plan import visible_gpu_count
+    from orchestrator.jobs.plan import visible_gpu_count
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     for bus in ("0000:01:00.0", "0000:02:00.0"):

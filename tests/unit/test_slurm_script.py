@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.slurm import sbatch_job, time_limit_seconds
+from launch.slurm import time_limit_seconds
+from tests.helpers import sbatch_from
 
 EXPECTED_DIR = Path(__file__).parent / "launch_expected"
 ENTRY = ("-m", "orchestrator.worker", "/runs/dit_cats-1")
@@ -18,14 +19,14 @@ REQUIRED = {"job_name": "dit_cats", "script_path": "/runs/dit_cats-1/slurm/job.s
 
 # Set UPDATE_EXPECTED=1 to rewrite the expected files from the code (then review the diff).
 CASES = {
-    "slurm_two_nodes_eight_gpus": lambda: sbatch_job(
+    "slurm_two_nodes_eight_gpus": lambda: sbatch_from(
         **REQUIRED, python="python", entry=ENTRY, nodes=2, gpus_per_node=8, cpus_per_task=64, mem="256G",
         partition="gpu", account="proj42", qos="normal", constraint="a100&ib", time_limit="1-00:00:00",
         signal_seconds=300, sbatch_extra=["--exclusive", "--mail-type=END,FAIL"],
         setup=["module load cuda/12.4", "source /opt/venvs/orch/bin/activate"], env={"NCCL_DEBUG": "WARN"},
         workdir="/runs/dit_cats-1",
     ),
-    "slurm_one_node_cpu": lambda: sbatch_job(
+    "slurm_one_node_cpu": lambda: sbatch_from(
         **REQUIRED, python="/opt/venvs/orch/bin/python", entry=ENTRY, processes_per_node=2, cpus_per_task=2,
         threads=1, time_limit=30, signal_seconds=60, rdzv_port=29400, requeue=False,
     ),
@@ -148,7 +149,7 @@ def test_time_limit_is_read_as_sbatch_reads_it(text, seconds):
 def test_impossible_slurm_values_raise_value_error_naming_the_field(changes, message):
     values = {**REQUIRED, "entry": ENTRY, **changes}
     with pytest.raises(ValueError, match=message):
-        sbatch_job(**values)
+        sbatch_from(**values)
 
 
 # --- the batch shell's own logic, run by bash with stand-ins for srun, scontrol and scancel -----------
@@ -191,7 +192,7 @@ def run_with_fake_slurm(tmp_path: Path, sleep_s: float, exit_code: int, env_extr
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("scancel", FAKE_SCANCEL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    job = sbatch_job(**REQUIRED, step_command=(sys.executable, "-c", STEP_PROBE, str(sleep_s), str(exit_code)), rdzv_port=29400)
+    job = sbatch_from(**REQUIRED, step_command=(sys.executable, "-c", STEP_PROBE, str(sleep_s), str(exit_code)), rdzv_port=29400)
     script = tmp_path / "job.sbatch"
     script.write_text(job.script)
     report, pid_file, fake_log = tmp_path / "report.txt", tmp_path / "step.pid", tmp_path / "fake_slurm.log"

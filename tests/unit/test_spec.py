@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.spec import DIT_PRESETS, JobSpec, SpecError, json_schema, load_spec, parse_spec, spec_changes, spec_from_dict
+from orchestrator.specs.job import DIT_PRESETS, JobSpec, SpecError, json_schema, load_spec, parse_spec, spec_changes, spec_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 MINIMAL = "name: tiny\ntrain:\n  steps: 10\n"
@@ -130,7 +130,7 @@ def test_shipped_job_specs_validate(name):
 
 @pytest.mark.parametrize("name", ["prepare_cats.yaml", "prepare_text.yaml"])
 def test_shipped_prepare_specs_validate_and_are_refused_as_jobs(name):
-    from orchestrator.prepare_spec import load_prepare_spec
+    from orchestrator.specs.prepare import load_prepare_spec
 
     assert load_prepare_spec(REPO / "jobs" / name).image.resolution == 256
     with pytest.raises(SpecError, match="is a data-preparation spec"):
@@ -145,7 +145,7 @@ def test_cats_spec_is_the_production_shape():
 
 
 def test_readme_spec_reference_matches_the_code():
-    from orchestrator.spec import reference_markdown
+    from orchestrator.specs.job import reference_markdown
 
     readme = (REPO / "README.md").read_text()
     start, end = "<!-- spec-reference:start -->\n", "<!-- spec-reference:end -->"
@@ -172,7 +172,7 @@ def test_strategy_settings_belong_to_their_strategy():
 
 
 def test_compile_and_tf32_are_shown_as_they_apply_and_compile_is_refused_under_zero3():
-    from orchestrator.plan import compute_description
+    from orchestrator.jobs.plan import compute_description
 
     assert "compile is not supported with strategy zero3" in problems(MINIMAL, ["resources.strategy=zero3", "resources.compile=true"])
     spec = parse_spec(MINIMAL, overrides=["resources.compile=true", "train.mixed_precision=bf16"])

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from model.dit import DiT
-from orchestrator.train.weights import WeightsMismatch, load_weights
+from orchestrator.components.weights import WeightsMismatch, load_weights
 
 
 def tiny_dit(**overrides) -> DiT:

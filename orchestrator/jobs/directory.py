@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from orchestrator.files import write_atomic
 from orchestrator.errors import UserError
+from orchestrator.layout import JOB_STATE_FILE, LATEST_POINTER, PLAN_FILE, SPEC_FILE, TRAINER_STATE
 
 import dataclasses
 import fcntl
@@ -30,7 +31,6 @@ from pathlib import Path
 from typing import Iterator
 
 DEFAULT_ROOT = "runs"
-TRAINER_STATE = "trainer_state.json"  # in every complete checkpoint directory
 EXIT_PREEMPTED = 75  # a rank stopped on a signal after writing its checkpoint
 EXIT_USER_ERROR = 2
 
@@ -124,15 +124,15 @@ class JobDir:
 
     @property
     def spec_file(self) -> Path:
-        return self.path / "spec.yaml"
+        return self.path / SPEC_FILE
 
     @property
     def plan_file(self) -> Path:
-        return self.path / "plan.json"
+        return self.path / PLAN_FILE
 
     @property
     def state_file(self) -> Path:
-        return self.path / "state.json"
+        return self.path / JOB_STATE_FILE
 
     @property
     def logs_dir(self) -> Path:
@@ -239,7 +239,7 @@ class JobDir:
 
     def _slurm_status(self, record: JobRecord) -> JobRecord:
         """An active Slurm job is alive while squeue lists it; once it does not, its last run ended unrecorded."""
-        from orchestrator import slurm
+        from orchestrator.jobs import slurm_queue as slurm
 
         if slurm.state(record.slurm_job_id) is not None:
             return record
@@ -310,13 +310,13 @@ def list_jobs(root: Path) -> list[JobDir]:
     """Every job under the root, oldest first."""
     if not root.is_dir():
         return []
-    jobs = [JobDir(p) for p in root.iterdir() if (p / "state.json").is_file()]
+    jobs = [JobDir(p) for p in root.iterdir() if (p / JOB_STATE_FILE).is_file()]
     return sorted(jobs, key=lambda job: (job.read().created_at, job.id))
 
 
 def find_job(root: Path, ref: str | None, *, unfinished: bool = False) -> JobDir:
     """A job by id, unique id prefix or path; with no ref, the newest job (the newest unfinished one if asked)."""
-    if ref and (Path(ref) / "state.json").is_file():
+    if ref and (Path(ref) / JOB_STATE_FILE).is_file():
         return JobDir(ref)
     jobs = list_jobs(root)
     if ref is None:
@@ -336,7 +336,7 @@ def find_job(root: Path, ref: str | None, *, unfinished: bool = False) -> JobDir
 
 def latest_checkpoint(directory: Path) -> Path | None:
     """The newest complete checkpoint: the `latest` pointer, else the highest complete step-N."""
-    pointer = directory / "latest"
+    pointer = directory / LATEST_POINTER
     if pointer.is_file():
         candidate = directory / pointer.read_text().strip()
         if (candidate / TRAINER_STATE).is_file():

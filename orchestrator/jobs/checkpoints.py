@@ -10,13 +10,10 @@ from pathlib import Path
 import yaml
 
 from orchestrator.errors import UserError
-from orchestrator.jobs import JobDir, find_job
-from orchestrator.spec import JobSpec, spec_from_dict
+from orchestrator.jobs.directory import JobDir, find_job
+from orchestrator.layout import EMA_FILE, JOB_STATE_FILE, MODEL_FILE, SPEC_FILE
+from orchestrator.specs.job import JobSpec, spec_from_dict
 
-# A checkpoint directory's files under every strategy (written by orchestrator.train.checkpoint and the engines).
-SPEC_FILE = "spec.yaml"
-EMA_FILE = "ema.safetensors"  # the EMA weights: what sampling and export use by default
-MODEL_FILE = "model.safetensors"  # the raw (trained) weights; ZeRO and FSDP write them consolidated, in fp32
 
 
 class CheckpointNotFound(UserError):
@@ -27,7 +24,7 @@ def resolve_checkpoint(ref: str, root: Path) -> tuple[JobSpec, Path]:
     """The spec and directory of a checkpoint: `ref` is a job (id, unique id prefix or job directory),
     whose newest complete checkpoint is taken, or a checkpoint directory. The spec is the checkpoint's own."""
     path = Path(ref)
-    if path.is_dir() and not (path / "state.json").is_file():
+    if path.is_dir() and not (path / JOB_STATE_FILE).is_file():
         return _read_spec(_checkpoint_dir(path)), path.resolve()
     if not path.exists() and "/" in ref:
         raise CheckpointNotFound(f"{ref} does not exist; give a job id (`orch list` shows them), a job directory or a checkpoint directory")
@@ -46,7 +43,7 @@ def _checkpoint_dir(path: Path) -> Path:
         raise CheckpointNotFound(f"{path} is a job's checkpoints folder; give the job ({path.parent}) or one of its step-N directories")
     if not (path / SPEC_FILE).is_file() or not any((path / name).is_file() for name in (EMA_FILE, MODEL_FILE)):
         raise CheckpointNotFound(
-            f"{path} is neither a job directory (no state.json) nor a checkpoint directory ({SPEC_FILE} with {EMA_FILE} "
+            f"{path} is neither a job directory (no {JOB_STATE_FILE}) nor a checkpoint directory ({SPEC_FILE} with {EMA_FILE} "
             f"or {MODEL_FILE}); give a job id, a job directory or a runs/<job>/checkpoints/step-N directory"
         )
     return path

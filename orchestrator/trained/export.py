@@ -33,8 +33,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from orchestrator.errors import UserError
-from orchestrator.sampling import load_model, model_input_of, weights_file
-from orchestrator.spec import JobSpec
+from orchestrator.layout import TRAINER_STATE
+from orchestrator.trained.sampling import load_model, model_input_of, weights_file
+from orchestrator.specs.job import JobSpec
 
 EXPORT_INFO = "orch_export.json"
 SAFETENSORS_NAMES = {"model.safetensors", "spec.yaml", "README.md", EXPORT_INFO}
@@ -84,8 +85,8 @@ Load and sample with orch's Python API (from an orch checkout, `pip install -e .
 ```python
 from pathlib import Path
 import yaml
-from orchestrator.spec import spec_from_dict
-from orchestrator.sampling import load_model, sample_images, write_outputs
+from orchestrator.specs.job import spec_from_dict
+from orchestrator.trained.sampling import load_model, sample_images, write_outputs
 
 here = Path(".")  # this folder
 spec = spec_from_dict(yaml.safe_load((here / "spec.yaml").read_text()))
@@ -94,8 +95,8 @@ images = sample_images(model, spec, labels=[0, 1, 2, 3], seed=0)  # (4, {c}, {r}
 write_outputs(images, [0, 1, 2, 3], Path("samples"), rows=1)
 ```
 
-Or by hand: `orchestrator.train.loop.build_model(spec, orchestrator.sampling.model_input_of(spec, path))` builds the network and
-`orchestrator.train.weights.load_weights(model, path)` loads these weights with an exact key match.
+Or by hand: `orchestrator.components.model.build_model(spec, orchestrator.trained.sampling.model_input_of(spec, path))` builds the network and
+`orchestrator.components.weights.load_weights(model, path)` loads these weights with an exact key match.
 """
 
 
@@ -160,7 +161,7 @@ def _scheduler(spec: JobSpec, clip: bool):
     `clip`: pixel space, every x0 estimate clipped to [-1, 1]."""
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-    from orchestrator.train.loop import make_diffusion
+    from orchestrator.components.model import make_diffusion
 
     base, sampler = make_diffusion(spec).config, spec.sample.sampler
     if sampler == "ddim":
@@ -183,7 +184,7 @@ def _export_pipeline(spec, checkpoint: Path, out_dir: Path, kind: str, model, tr
     """
     from diffusers import DiTPipeline, DiTTransformer2DModel
 
-    from orchestrator.train.vae import load_vae
+    from orchestrator.components.vae import load_vae
 
     k = model.num_classes
     if k > PIPELINE_NULL_CLASS:
@@ -295,7 +296,7 @@ def class_names(spec: JobSpec, num_classes: int) -> dict[str, str] | None:
     if spec.data.source == "digits":
         names = [str(i) for i in range(10)]
     elif spec.data.latent:
-        from orchestrator.shardformat import DatasetIndex
+        from orchestrator.data.shardformat import DatasetIndex
 
         try:
             names = DatasetIndex.read(Path(spec.data.path)).class_names or []
@@ -313,7 +314,7 @@ def _write_info(out_dir: Path, fmt: str, spec: JobSpec, checkpoint: Path, kind: 
     """orch_export.json: what was exported, from where, and the class names when they are known."""
     num_classes = getattr(model, "num_classes", None) or 1
     step = None
-    state_file = checkpoint / "trainer_state.json" if checkpoint.is_dir() else None
+    state_file = checkpoint / TRAINER_STATE if checkpoint.is_dir() else None
     if state_file is not None and state_file.is_file():
         step = json.loads(state_file.read_text()).get("step")
     info = {

@@ -27,14 +27,15 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 
 import model.diffusion as diffusion_math
-from orchestrator.checkpoints import CheckpointNotFound, resolve_checkpoint, weights_file
+from orchestrator.jobs.checkpoints import CheckpointNotFound, resolve_checkpoint, weights_file
 from orchestrator.errors import UserError
-from orchestrator.spec import JobSpec
-from orchestrator.train.device import use_tf32
-from orchestrator.train.images import make_grid, to_uint8
-from orchestrator.train.loop import build_model, make_diffusion
-from orchestrator.train.model_input import ModelInput, pixel_input
-from orchestrator.train.weights import WeightsMismatch, load_weights
+from orchestrator.specs.job import JobSpec
+from orchestrator.components.device import use_tf32
+from orchestrator.components.images import make_grid, to_uint8
+from orchestrator.components.model import build_model
+from orchestrator.components.model_input import ModelInput, classes_to_build, pixel_input
+from orchestrator.components.sampler import SamplerSettings
+from orchestrator.components.weights import WeightsMismatch, load_weights
 
 __all__ = [
     "CheckpointNotFound", "SamplingError", "WeightsMismatch", "default_device", "image_seed", "initial_noise", "load_model",
@@ -55,7 +56,7 @@ def default_device() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading a model (finding its checkpoint: orchestrator.checkpoints)
+# Loading a model (finding its checkpoint: orchestrator.jobs.checkpoints)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -63,7 +64,7 @@ def _num_classes_in(weights: Path, spec: JobSpec) -> int:
     """The number of classes of the weights' label table (its rows, less the null row when there is one)."""
     m = spec.model
     if m.condition == "none":
-        return m.num_classes or 1  # the network ignores labels; any positive number builds it
+        return classes_to_build(spec, None)  # the network ignores labels; any positive number builds it
     try:
         with safe_open(str(weights), framework="pt") as handle:
             if LABEL_TABLE not in handle.keys():
@@ -134,30 +135,26 @@ def initial_noise(seed: int, count: int, image_shape: tuple[int, int, int]) -> t
 
 def _settings(
     model: torch.nn.Module, spec: JobSpec, labels: list[int], sampler: str | None, steps: int | None, guidance: float | None, model_input: ModelInput | None
-) -> dict:
-    """Check sampling settings against the model (SamplingError) and fill the unset ones from the spec's `sample` section."""
+) -> tuple[SamplerSettings, ModelInput]:
+    """The sampler settings (the spec's `sample` section under the given ones), checked against the model (SamplingError)."""
     model_input = model_input or pixel_input(spec, num_classes_of(model))
-    sampler = sampler or spec.sample.sampler
-    steps = spec.sample.steps if steps is None else steps
-    guidance = spec.sample.guidance_scale if guidance is None else guidance
-    if sampler not in diffusion_math.SAMPLERS:
-        raise SamplingError(f"unknown sampler {sampler!r} (valid: {', '.join(diffusion_math.SAMPLERS)})")
+    settings = SamplerSettings.of(spec, model_input, sampler, steps, guidance, null_label=num_classes_of(model))
+    if settings.sampler not in diffusion_math.SAMPLERS:
+        raise SamplingError(f"unknown sampler {settings.sampler!r} (valid: {', '.join(diffusion_math.SAMPLERS)})")
     timesteps = spec.diffusion.num_train_timesteps
-    if not 1 <= steps <= timesteps:
-        raise SamplingError(f"steps must be between 1 and the model's diffusion.num_train_timesteps ({timesteps}), got {steps}")
-    if guidance != 1 and not _has_null_class(model, spec):
-        raise SamplingError(f"guidance {guidance} needs a class- or text-conditioned model trained with model.class_dropout > 0 (a null class or caption); use guidance 1")
+    if not 1 <= settings.steps <= timesteps:
+        raise SamplingError(f"steps must be between 1 and the model's diffusion.num_train_timesteps ({timesteps}), got {settings.steps}")
+    if settings.guidance_scale != 1 and not _has_null_class(model, spec):
+        raise SamplingError(
+            f"guidance {settings.guidance_scale} needs a class- or text-conditioned model trained with model.class_dropout > 0 "
+            "(a null class or caption); use guidance 1"
+        )
     num_classes = num_classes_of(model)
     if spec.model.condition == "class":
         bad = sorted({label for label in labels if not 0 <= label < num_classes})
         if bad:
             raise SamplingError(f"class(es) {', '.join(map(str, bad))} out of range: this model has classes 0..{num_classes - 1}")
-    return dict(
-        sampler=sampler, num_steps=steps, guidance_scale=guidance, null_label=num_classes,
-        image_shape=model_input.shape,
-        noise_scheduler=make_diffusion(spec),
-        clip_denoised=model_input.latent is None,  # pixel space: every x0 estimate is clipped to [-1, 1]; latents are not bounded
-    ), model_input
+    return settings, model_input
 
 
 _VAES: dict[tuple[str, str], torch.nn.Module] = {}  # (name, device) -> the loaded VAE, kept for the next call
@@ -168,7 +165,7 @@ def _to_images(x: torch.Tensor, model_input: ModelInput) -> torch.Tensor:
     latent = model_input.latent
     if latent is None:
         return x
-    from orchestrator.train.vae import decode, load_vae
+    from orchestrator.components.vae import decode, load_vae
 
     key = (latent.vae, str(x.device))
     if key not in _VAES:
@@ -209,7 +206,7 @@ def sample_images(
     device = torch.device(device) if device is not None else _model_device(model)
     model = model.to(device)
     count = len(labels)
-    noise, generators = initial_noise(seed, count, settings["image_shape"])  # (N, C, H, W) on the CPU, N generators
+    noise, generators = initial_noise(seed, count, settings.image_shape)  # (N, C, H, W) on the CPU, N generators
     starts = list(range(0, count, batch_size))
     out: list[torch.Tensor] = []
     was_training = model.training
@@ -223,9 +220,9 @@ def sample_images(
                 _condition(labels, text, start, end, device),  # labels (B,) or a text dict of (B, ...)
                 noise=noise[start:end],  # (B, C, H, W)
                 # One CPU generator per image: DDPM's step noise of image i comes from image i's own stream.
-                generator=generators[start:end] if settings["sampler"] == "ddpm" else None,
+                generator=generators[start:end] if settings.sampler == "ddpm" else None,
                 progress=report,
-                **settings,
+                **settings.reverse_process_args(),
             )  # (B, C, H, W)
             out.append(_to_images(images, model_input).float().cpu())
     finally:
@@ -247,8 +244,8 @@ def encode_prompts(model_input: ModelInput, prompts: list[str]) -> dict[str, tor
     shards' float16 precision and padded as the trainer pads them: tokens (N, L, D), mask (N, L), pooled (N, D)."""
     if model_input.text_encoder is None or model_input.text_dim is None:
         raise SamplingError("this model is not text-conditioned: use --class (or nothing, for an unconditional model)")
-    from orchestrator.prepare import encode_texts, load_text_encoder
-    from orchestrator.prepare_spec import TextSpec
+    from orchestrator.components.text import encode_texts, load_text_encoder
+    from orchestrator.specs.prepare import TextSpec
 
     encoder, _, _ = load_text_encoder(TextSpec(encoder=model_input.text_encoder, max_tokens=model_input.text_tokens), "cpu")
     n, length, dim = len(prompts), model_input.text_tokens, model_input.text_dim
@@ -315,17 +312,18 @@ def progression_frames(
     if not labels:
         raise SamplingError("a progression needs at least one label")
     settings, model_input = _settings(model, spec, labels, sampler, steps, guidance, model_input)
-    if settings["num_steps"] < 2:
-        raise SamplingError(f"a progression needs at least 2 sampler steps, got {settings['num_steps']}")
+    if settings.steps < 2:
+        raise SamplingError(f"a progression needs at least 2 sampler steps, got {settings.steps}")
     device = torch.device(device) if device is not None else _model_device(model)
     model = model.to(device)
-    noise, generators = initial_noise(seed, len(labels), settings["image_shape"])  # (N, C, H, W), N generators
+    noise, generators = initial_noise(seed, len(labels), settings.image_shape)  # (N, C, H, W), N generators
     was_training = model.training
     model.eval()
     try:
         strip = progression(
             model, _condition(labels, text, 0, len(labels), device), noise=noise,
-            generator=generators if settings["sampler"] == "ddpm" else None, num_frames=min(frames, settings["num_steps"]), **settings,
+            generator=generators if settings.sampler == "ddpm" else None, num_frames=min(frames, settings.steps),
+            **settings.reverse_process_args(),
         )  # (N, K, C, H, W)
     finally:
         model.train(was_training)

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from orchestrator.imagefolder import DataError, scan_image_folder
-from orchestrator.spec import DataSpec
+from orchestrator.data.imagefolder import DataError, scan_image_folder
+from orchestrator.specs.job import DataSpec
 
 
 @dataclass(frozen=True)

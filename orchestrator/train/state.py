@@ -28,14 +28,13 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from orchestrator.checkpoints import EMA_FILE, SPEC_FILE
+from orchestrator.layout import EMA_FILE, LATEST_POINTER, SPEC_FILE, TRAINER_STATE
 from orchestrator.files import fsync_dir
-from orchestrator.jobs import TRAINER_STATE, latest_checkpoint
+from orchestrator.jobs.directory import latest_checkpoint
 from orchestrator.train.engine import Engine
-from orchestrator.train.model_input import ModelInput
+from orchestrator.components.model_input import ModelInput
 
 log = logging.getLogger(__name__)
-LATEST = "latest"
 
 
 class CheckpointError(UserError):
@@ -119,12 +118,12 @@ def _cause(error: Exception | None, directory: Path) -> str:
 
 
 def _write_pointer(directory: Path, name: str) -> None:
-    tmp = directory / f".{LATEST}.tmp"
+    tmp = directory / f".{LATEST_POINTER}.tmp"
     with open(tmp, "w") as handle:
         handle.write(name + "\n")
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, directory / LATEST)
+    os.replace(tmp, directory / LATEST_POINTER)
     fsync_dir(directory)
 
 

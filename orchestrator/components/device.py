@@ -8,7 +8,7 @@ import socket
 import torch
 
 from orchestrator.errors import UserError
-from orchestrator.spec import JobSpec
+from orchestrator.specs.job import JobSpec
 
 
 def check_node_devices(spec: JobSpec, device: str) -> None:

@@ -11,6 +11,8 @@ raise `SpecError`, whose message names the YAML path and line and suggests the n
 from __future__ import annotations
 
 from launch.deepspeed import DEFAULT_BUCKET_SIZE
+from launch.torchrun import check_host_port
+from model.sizes import DIT_PRESETS
 from orchestrator.errors import UserError
 
 import difflib
@@ -25,16 +27,26 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 SPEC_VERSION = 1
 
-# (depth, hidden_size, num_heads) of the DiT sizes of Peebles & Xie (2023), Table 1.
-DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
-DIT_PRESETS = {
-    f"DiT-{size}/{patch}": {"depth": d, "hidden_size": h, "num_heads": n, "patch_size": patch}
-    for size, (d, h, n) in DIT_SIZES.items()
-    for patch in (2, 4, 8)
-}
 
 # Short names accepted for a field, rewritten to the field's own name before validation.
 ALIASES = {("train", "lr"): "learning_rate"}
+
+
+
+def precision_refusal(strategy: str, mixed_precision: str) -> str | None:
+    """Why a strategy cannot train in a precision, or None: fp16's loss scaling is the DDP engine's alone here
+    (the spec refuses it, and the FSDP and ZeRO engines once more for callers that skip the spec)."""
+    if mixed_precision == "fp16" and strategy != "ddp":
+        return f"resources.strategy {strategy} trains in bf16 or fp32 here; fp16 (loss scaling) is supported with ddp only, use bf16"
+    return None
+
+
+def device_precision_refusal(device: str, mixed_precision: str) -> str | None:
+    """Why a device cannot train in a precision, or None: fp16 needs a GPU (checked by the plan where the device
+    is known there, and by the rank on its node where it is `auto` on a Slurm node)."""
+    if mixed_precision == "fp16" and device == "cpu":
+        return "train.mixed_precision fp16 needs a GPU; on CPU use bf16 (or no)"
+    return None
 
 
 class SpecError(UserError):
@@ -443,9 +455,7 @@ class ResourcesSpec(Section):
         if self.nodes > 1 and self.launcher not in ("slurm", "deepspeed") and not self.rdzv_endpoint:
             raise ValueError(f"{self.nodes} nodes need resources.rdzv_endpoint: HOST:PORT of node 0, where the ranks meet (e.g. node0.cluster:29400)")
         if self.rdzv_endpoint is not None:
-            host, _, port = self.rdzv_endpoint.rpartition(":")
-            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-                raise ValueError(f"rdzv_endpoint must read HOST:PORT (e.g. node0.cluster:29400), got {self.rdzv_endpoint!r}")
+            check_host_port("rdzv_endpoint", self.rdzv_endpoint)
         return self
 
     @property
@@ -492,8 +502,9 @@ class JobSpec(Section):
             )
         if self.sample.steps > self.diffusion.num_train_timesteps:
             raise ValueError(f"sample.steps {self.sample.steps} exceeds diffusion.num_train_timesteps {self.diffusion.num_train_timesteps}")
-        if self.resources.strategy != "ddp" and self.train.mixed_precision == "fp16":
-            raise ValueError(f"resources.strategy {self.resources.strategy} trains in bf16 or fp32 here; fp16 (loss scaling) is supported with ddp only, use bf16")
+        refusal = precision_refusal(self.resources.strategy, self.train.mixed_precision)
+        if refusal:
+            raise ValueError(refusal)
         if m.condition == "text" and not self.data.has_text:
             raise ValueError(
                 f"model.condition: text needs precomputed text embeddings, which data.source {self.data.source} does not carry; "

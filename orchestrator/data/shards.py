@@ -47,8 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.imagefolder import DataError
-from orchestrator.shardformat import (
+from orchestrator.data.imagefolder import DataError
+from orchestrator.data.shardformat import (
     INDEX_FILE,
     LABEL_MEMBER,
     LATENT_MEMBER,
@@ -60,7 +60,7 @@ from orchestrator.shardformat import (
 if TYPE_CHECKING:
     import torch
 
-    from orchestrator.train.data import DataPosition
+    from orchestrator.data.loader import DataPosition
 
 log = logging.getLogger(__name__)
 
@@ -595,7 +595,7 @@ class ShardStream:
         import torch
         from torch.utils.data import DataLoader, IterableDataset
 
-        from orchestrator.train.data import DataPosition
+        from orchestrator.data.loader import DataPosition
 
         if micro_batch < 1 or shuffle_buffer < 1 or num_workers < 0 or not 0 <= rank < world_size:
             raise ValueError(

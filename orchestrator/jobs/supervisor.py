@@ -5,7 +5,7 @@ vanished run is noticed), starts exactly the planned command in its own process 
 stop signals to the ranks (which checkpoint and leave), and records how the run ended.
 
 It runs in the foreground of `orch submit` / `orch resume` (with a progress bar), or detached as
-`python -m orchestrator.supervisor JOB_DIR` for `--detach`.
+`python -m orchestrator.jobs.supervisor JOB_DIR` for `--detach`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.jobs import EXIT_PREEMPTED, JobDir, JobError, JobRecord, JobState
-from orchestrator.plan import Plan
+from orchestrator.jobs.directory import EXIT_PREEMPTED, JobDir, JobError, JobRecord, JobState
+from orchestrator.jobs.plan import Plan
 
 POLL_S = 0.5
 FORWARDED = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGUSR1: signal.SIGUSR1, signal.SIGHUP: signal.SIGTERM}
@@ -256,7 +256,7 @@ def _kill_group(pgid: int, signum: int) -> None:
 
 
 def main() -> int:
-    """Detached entry point: python -m orchestrator.supervisor JOB_DIR."""
+    """Detached entry point: python -m orchestrator.jobs.supervisor JOB_DIR."""
     job = JobDir(sys.argv[1])
     try:
         record = run(job, progress=False)

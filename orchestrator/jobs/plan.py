@@ -23,8 +23,10 @@ from launch import LaunchCommand
 from launch.accelerate import accelerate_command
 from launch.local import local_command
 from launch.torchrun import torchrun_command
-from orchestrator.imagefolder import DataError, scan_image_folder
-from orchestrator.spec import JobSpec
+from orchestrator.components.deepspeed_config import DeepSpeedConfigError, deepspeed_config_of
+from orchestrator.components.model_input import classes_to_build
+from orchestrator.data.imagefolder import DataError, scan_image_folder
+from orchestrator.specs.job import JobSpec, device_precision_refusal
 
 
 class PlanError(UserError):
@@ -52,7 +54,7 @@ class Plan:
     compute: str  # precision, TF32 and torch.compile as they will apply on this device
     command: LaunchCommand  # what `orch submit` runs here, on node 0
     node_commands: tuple[LaunchCommand, ...] = ()  # every node's command (node 0's is `command`); `orch join` runs the others
-    estimate: tuple[str, ...] = ()  # parameters and memory per rank, computed (orchestrator/estimate.py)
+    estimate: tuple[str, ...] = ()  # parameters and memory per rank, computed (orchestrator/jobs/estimate.py)
     strategy_lines: tuple[str, ...] = ()  # the strategy's settings as they will apply (e.g. the DeepSpeed config's essentials)
     sbatch_script: str | None = None  # launcher slurm: the script `command` (sbatch) submits, written into the job directory
     launch_files: tuple[tuple[str, str], ...] = ()  # (path, text) the command reads, written before it runs (hostfile, sbatch script)
@@ -140,7 +142,7 @@ def visible_gpu_count(root: Path = Path("/")) -> int | None:
 
 def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.executable) -> Plan:
     """Decide device, launcher, batch split and the command line, and note what stops it running here."""
-    from orchestrator.train.tracking import check_tracking_reachable, resolve_tracking_uri
+    from orchestrator.tracking import check_tracking_reachable, resolve_tracking_uri
 
     problems = []
     resources = spec.resources
@@ -156,8 +158,9 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
         visible = visible_gpu_count() if device == "cuda" else None
         if visible and resources.processes > visible:  # every rank of this node takes a GPU of its own
             problems.append(f"resources.processes {resources.processes} ranks per node, one per GPU, but this node shows {visible} GPU(s); set gpus_per_node (or processes) to at most {visible}")
-    if spec.train.mixed_precision == "fp16" and device == "cpu":
-        problems.append("train.mixed_precision fp16 needs a GPU; on CPU use bf16 (or no)")
+    refusal = device_precision_refusal(device, spec.train.mixed_precision)
+    if refusal:
+        problems.append(refusal)
     try:
         check_data(spec)
     except PlanError as err:
@@ -167,7 +170,7 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
         _need_deepspeed(f"resources.strategy {resources.strategy}", "strategy: ddp", problems)
         try:
             deepspeed_lines = describe_deepspeed(spec, deepspeed_config_of(spec, device))
-        except PlanError as err:
+        except DeepSpeedConfigError as err:
             problems.append(str(err))
     if spec.model.init_from and not Path(spec.model.init_from).is_file():
         problems.append(f"model.init_from {spec.model.init_from} does not exist")
@@ -234,29 +237,6 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
         problems=tuple(problems),
         cpus_per_task=cpus_per_task,
     )
-
-
-def deepspeed_config_of(spec: JobSpec, device: str) -> dict:
-    """The DeepSpeed config a ZeRO job trains with (the spec's, with resources.deepspeed.config_file laid over it);
-    PlanError for a user file that cannot be read or contradicts the spec."""
-    from launch.deepspeed import deepspeed_config, read_user_config
-
-    r, ds = spec.resources, spec.resources.deepspeed
-    user_config = None
-    if ds.config_file:
-        try:
-            user_config = read_user_config(ds.config_file)
-        except ValueError as err:
-            raise PlanError(f"resources.deepspeed.config_file: {err}") from None
-    try:
-        return deepspeed_config(
-            int(r.strategy[-1]), spec.train.mixed_precision, spec.micro_batch_size, spec.train.grad_accum_steps, r.world_size,
-            spec.train.grad_clip, offload_optimizer=ds.offload_optimizer, offload_params=ds.offload_params,
-            pin_memory=device == "cuda", reduce_bucket_size=ds.reduce_bucket_size, allgather_bucket_size=ds.allgather_bucket_size,
-            overlap_comm=ds.overlap_comm, user_config=user_config,
-        )
-    except ValueError as err:
-        raise PlanError(f"resources.deepspeed.config_file {ds.config_file}: {err}" if user_config else f"resources.deepspeed: {err}") from None
 
 
 def describe_deepspeed(spec: JobSpec, config: dict) -> list[str]:
@@ -365,20 +345,22 @@ def _slurm_command(
     set (the worker then finds them on the node); none for cpu, or auto without gpus_per_node."""
     import shutil
 
-    from launch.slurm import sbatch_job
+    from launch.slurm import NodeStep, SlurmAllocation, sbatch_job
 
     resources, slurm = spec.resources, spec.resources.slurm
     wants_gpus = device == "cuda" or (device == "auto" and resources.gpus_per_node is not None)
     if shutil.which("sbatch") is None:
         problems.append("launcher slurm needs sbatch on the PATH: run orch on a Slurm login node (or use launcher torchrun)")
     try:
+        allocation = SlurmAllocation(
+            nodes=resources.nodes, gpus_per_node=resources.processes if wants_gpus else 0, processes_per_node=resources.processes,
+            cpus_per_task=cpus_per_task, mem=slurm.mem, partition=slurm.partition, account=slurm.account, qos=slurm.qos,
+            constraint=slurm.constraint, time_limit=slurm.time, signal_seconds=slurm.signal_seconds, requeue=slurm.requeue,
+        )
+        step = NodeStep(python=python, entry=entry, setup=slurm.setup, threads=threads)
         job = sbatch_job(
             job_name=job_path.name, script_path=str(job_path / "slurm" / "job.sbatch"), logs_dir=str(job_path / "logs"),
-            python=python, entry=entry, nodes=resources.nodes, gpus_per_node=resources.processes if wants_gpus else 0,
-            processes_per_node=resources.processes, cpus_per_task=cpus_per_task, mem=slurm.mem, partition=slurm.partition,
-            account=slurm.account, qos=slurm.qos, constraint=slurm.constraint, time_limit=slurm.time,
-            signal_seconds=slurm.signal_seconds, requeue=slurm.requeue, sbatch_extra=slurm.sbatch_extra, setup=slurm.setup,
-            threads=threads, workdir=str(job_path),
+            allocation=allocation, step=step, sbatch_extra=slurm.sbatch_extra, workdir=str(job_path),
         )
     except ValueError as err:  # values Slurm would reject or misread, named by the adapter
         raise PlanError(f"resources.slurm: {err}") from None
@@ -387,7 +369,7 @@ def _slurm_command(
 
 def model_estimate(spec: JobSpec, world_size: int) -> list[str]:
     """`orch plan`'s lines on the network's size and its memory per rank (a computed lower bound, not a measurement)."""
-    from orchestrator import estimate
+    from orchestrator.jobs import estimate
 
     m = spec.model
     shape = _input_shape(spec)
@@ -426,30 +408,30 @@ def model_estimate(spec: JobSpec, world_size: int) -> list[str]:
 def _input_shape(spec: JobSpec) -> tuple[int, int, int, int | None] | None:
     """(channels, side, classes, text width) of the network's input, or None where the data is not here to say."""
     if spec.data.latent:
-        from orchestrator.train.shards import ShardError, open_shards
+        from orchestrator.data.shards import ShardError, open_shards
 
         try:
             index = open_shards(spec.data.path).index
         except (ShardError, ValueError):
             return None
         channels, size, _ = index.latent_shape
-        return channels, size, spec.model.num_classes or index.num_classes or 1, index.text_dim
-    classes = spec.model.num_classes
-    if classes is None and spec.data.source == "digits":
-        classes = 10
-    if classes is None:
+        return channels, size, classes_to_build(spec, index.num_classes), index.text_dim
+    data_classes = None
+    if spec.model.num_classes is None and spec.data.source == "digits":
+        data_classes = 10
+    elif spec.model.num_classes is None:
         try:
-            classes = len(scan_image_folder(Path(spec.data.path)).classes)
+            data_classes = len(scan_image_folder(Path(spec.data.path)).classes)
         except DataError:
             return None
-    return spec.data.num_channels, spec.data.resolution, classes, None
+    return spec.data.num_channels, spec.data.resolution, classes_to_build(spec, data_classes), None
 
 
 def check_data(spec: JobSpec) -> None:
     """The data the spec names exists and is usable (for prepared latents: reading index.json only)."""
     if spec.data.latent:
-        from orchestrator.train.model_input import latent_problems
-        from orchestrator.train.shards import ShardError, check_dataset, open_shards
+        from orchestrator.components.model_input import latent_problems
+        from orchestrator.data.shards import ShardError, check_dataset, open_shards
 
         try:
             shards = open_shards(spec.data.path)  # a prepared folder, or shard paths / a brace pattern beside their index.json

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from orchestrator.spec import Section, SpecError, _parse_override, _set_path, load_yaml_with_lines, validate_tree
+from orchestrator.specs.job import Section, SpecError, _parse_override, _set_path, load_yaml_with_lines, validate_tree
 
 PREPARE_VERSION = 1
 TABLE_FORMATS = (".jsonl", ".csv", ".parquet")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from orchestrator.errors import UserError
@@ -27,6 +29,16 @@ def load_vae(name: str, device: str | torch.device = "cpu", dtype: torch.dtype =
             "(it lands in the Hugging Face cache), or name a local folder saved with AutoencoderKL.save_pretrained"
         ) from None
     return vae.to(device).eval().requires_grad_(False)
+
+
+def require_local_folder(name: str, field_name: str) -> None:
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
+        raise ModelLoadError(f"{field_name} {name} looks like a local path but is not a folder; fix the path or give a Hugging Face model name")
+
+
+def first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
 
 
 @torch.no_grad()

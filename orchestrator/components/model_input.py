@@ -13,10 +13,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from orchestrator.shardformat import DatasetIndex
-from orchestrator.spec import JobSpec
+from orchestrator.data.shardformat import DatasetIndex
+from orchestrator.layout import MODEL_INPUT_FILE
+from orchestrator.specs.job import JobSpec
 
-FILE = "model_input.json"
 
 
 @dataclass(frozen=True)
@@ -50,19 +50,25 @@ class ModelInput:
         return (self.latent.image_channels, self.latent.image_resolution, self.latent.image_resolution)
 
     def write(self, folder: Path) -> Path:
-        path = Path(folder) / FILE
+        path = Path(folder) / MODEL_INPUT_FILE
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
         return path
 
     @classmethod
     def read(cls, folder: Path) -> ModelInput | None:
         """The record in `folder`, or None where there is none (checkpoints written before it existed)."""
-        path = Path(folder) / FILE
+        path = Path(folder) / MODEL_INPUT_FILE
         if not path.is_file():
             return None
         raw = json.loads(path.read_text())
         latent = raw.pop("latent", None)
         return cls(**raw, latent=LatentSpace(**latent) if latent else None)
+
+
+def classes_to_build(spec: JobSpec, data_classes: int | None) -> int:
+    """The number of classes a network is built with: model.num_classes where the spec sets it, else the data's
+    (class folders, digits' 10, the shards' labels), else 1 (a model without labels still builds a table)."""
+    return spec.model.num_classes or data_classes or 1
 
 
 def pixel_input(spec: JobSpec, num_classes: int) -> ModelInput:
@@ -77,7 +83,7 @@ def latent_input(spec: JobSpec, index: DatasetIndex) -> ModelInput:
     return ModelInput(
         channels=channels,
         size=height,
-        num_classes=spec.model.num_classes or index.num_classes or 1,
+        num_classes=classes_to_build(spec, index.num_classes),
         text_dim=index.text_dim if text else None,
         text_tokens=index.max_text_tokens if text else None,
         text_encoder=index.text_encoder if text else None,

@@ -1,0 +1,61 @@
+"""The job's MLflow run, opened on global rank 0: parameters, spec and tags on the first attempt, reopened on resume."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+from pathlib import Path
+
+from orchestrator.jobs.directory import JobDir
+from orchestrator.specs.job import JobSpec
+from orchestrator.tracking import NullTracker, Tracker, default_artifact_location
+from orchestrator.train.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+def start_tracker(spec: JobSpec, job: JobDir, engine: Engine, uri: str | None, resumed: bool) -> Tracker:
+    """MLflow on global rank 0 (one run per job, reopened on resume); a no-op elsewhere or if it fails."""
+    if not engine.is_main or uri is None:
+        return NullTracker()
+    from orchestrator.tracking import MlflowTracker
+
+    record = job.read()
+    tags = {
+        "orch.job_id": job.id,
+        "orch.git_commit": _git_commit(),
+        "orch.host": socket.gethostname(),
+        "orch.launcher": record.launcher,
+        "orch.world_size": str(engine.world_size),
+        "orch.attempt": str(record.attempts),
+    }
+    if record.slurm_job_id is not None:
+        tags.update({"orch.slurm_job_id": record.slurm_job_id, "orch.slurm_restarts": str(record.restarts)})
+    try:
+        tracker = MlflowTracker.start(
+            uri, spec.tracking.experiment, run_name=job.id, run_id=record.mlflow_run_id,
+            artifact_location=default_artifact_location(job.root) if uri.startswith("sqlite:") else None, tags=tags,
+        )
+    except Exception as err:  # tracking never stops training
+        log.warning("MLflow unavailable at %s (%s): training goes on without tracking", uri, err)
+        return NullTracker()
+    if record.mlflow_run_id is None:
+        tracker.log_params(spec.flat())
+        tracker.log_text(spec.to_yaml(), "spec.yaml")
+    elif resumed:
+        tracker.log_text(spec.to_yaml(), f"spec.attempt-{record.attempts}.yaml")
+    tracker.set_tags(tags)
+    job.update(mlflow_run_id=tracker.run_id, mlflow_uri=uri)
+    return tracker
+
+
+def _git_commit() -> str:
+    """The commit of the orch checkout that runs this job, or 'unknown'."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
