@@ -2,7 +2,7 @@
 VENV := .venv
 STAMP := $(VENV)/.orch-setup-done
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test lint bench
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup.sh
@@ -12,9 +12,13 @@ $(STAMP): pyproject.toml scripts/setup.sh
 demo: $(STAMP)
 	$(VENV)/bin/orch submit jobs/dit_digits.yaml
 
-test: $(STAMP)
+test: $(STAMP) lint
 	bash scripts/install_test_services.sh
 	$(VENV)/bin/python -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/cli_latency.py

@@ -46,14 +46,19 @@ def timed(args: list[str]) -> float:
 
 
 def main() -> None:
-    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(
+        f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         job_id = fake_root(Path(tmp))
         for args in (["--help"], ["--root", tmp, "list"], ["--root", tmp, "status", job_id]):
             median = timed(args)
             heavy = heavy_modules_loaded(args)
             verdict = "ok" if median < 0.5 and not heavy else "TOO SLOW" if median >= 0.5 else "HEAVY IMPORT"
-            print(f"orch {' '.join(a for a in args if a != tmp and a != '--root'):<40} median {median * 1000:6.0f} ms over {RUNS} runs; heavy imports: {heavy or 'none'}  [{verdict}]")
+            print(
+                f"orch {' '.join(a for a in args if a != tmp and a != '--root'):<40} median {median * 1000:6.0f} ms "
+                f"over {RUNS} runs; heavy imports: {heavy or 'none'}  [{verdict}]"
+            )
 
 
 if __name__ == "__main__":

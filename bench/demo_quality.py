@@ -24,10 +24,10 @@ from sklearn.svm import SVC
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.diffusion import make_noise_scheduler, sample  # noqa: E402
-from orchestrator.jobs.directory import JobDir  # noqa: E402
-from orchestrator.specs.job import spec_from_dict  # noqa: E402
 from orchestrator.components.model import build_model  # noqa: E402
 from orchestrator.components.model_input import pixel_input  # noqa: E402
+from orchestrator.jobs.directory import JobDir  # noqa: E402
+from orchestrator.specs.job import spec_from_dict  # noqa: E402
 
 
 def digit_classifier() -> tuple[SVC, float]:
@@ -53,16 +53,34 @@ def main() -> None:
     model.eval()
     classifier, real_accuracy = digit_classifier()
     print(f"job {job.id}, {checkpoint.name}; classifier accuracy on held-out real digits: {real_accuracy:.1%}")
-    scheduler = make_noise_scheduler(spec.diffusion.num_train_timesteps, spec.diffusion.beta_schedule, spec.diffusion.beta_start, spec.diffusion.beta_end)
+    scheduler = make_noise_scheduler(
+        spec.diffusion.num_train_timesteps,
+        spec.diffusion.beta_schedule,
+        spec.diffusion.beta_start,
+        spec.diffusion.beta_end,
+    )
     labels = torch.arange(10).repeat_interleave(args.per_class)
     for sampler, steps, guidance in (("ddpm", 1000, 1.0), ("ddim", 50, 1.0), ("ddim", 50, 2.0), ("ddim", 50, 4.0)):
         start = time.perf_counter()
-        images = sample(model, labels, (1, 8, 8), scheduler, sampler=sampler, num_steps=steps, guidance_scale=guidance,
-                        null_label=10, generator=torch.Generator().manual_seed(0), clip_denoised=True)
+        images = sample(
+            model,
+            labels,
+            (1, 8, 8),
+            scheduler,
+            sampler=sampler,
+            num_steps=steps,
+            guidance_scale=guidance,
+            null_label=10,
+            generator=torch.Generator().manual_seed(0),
+            clip_denoised=True,
+        )
         seconds = time.perf_counter() - start
         pixels = ((images.clamp(-1, 1) + 1) / 2).reshape(len(labels), -1).numpy()
         accuracy = float(np.mean(classifier.predict(pixels) == labels.numpy()))
-        print(f"{sampler}-{steps:<5} guidance {guidance:>3}: {accuracy:6.1%} recognised as the requested digit ({len(labels)} samples, {seconds:.1f} s)")
+        print(
+            f"{sampler}-{steps:<5} guidance {guidance:>3}: {accuracy:6.1%} recognised as the requested digit "
+            f"({len(labels)} samples, {seconds:.1f} s)"
+        )
 
 
 if __name__ == "__main__":

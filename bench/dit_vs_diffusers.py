@@ -39,7 +39,6 @@ LATENT = (4, 32, 32)
 NUM_CLASSES = 1000
 
 
-
 def make_step(forward, model: torch.nn.Module, batch: int):
     """A closure running one training step (forward, loss, backward, AdamW) and returning its seconds."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
@@ -75,27 +74,44 @@ def main() -> None:
     parser.add_argument("--models", default="DiT-S/2,DiT-B/2")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
-    print(f"machine: {platform.node()}, {cpu_name()}, {THREADS} cores ({torch.get_num_threads()} torch threads), "
-          f"torch {torch.__version__}, diffusers {diffusers.__version__}, Python {platform.python_version()}")
-    print(f"setting: fp32 CPU training step (forward, MSE, backward, AdamW), latents {LATENT[1]}x{LATENT[2]}x{LATENT[0]}, "
-          f"{NUM_CLASSES} classes, learned sigma; median of {args.steps} steps after 1 warm-up, the two models alternating")
+    print(
+        f"machine: {platform.node()}, {cpu_name()}, {THREADS} cores ({torch.get_num_threads()} torch threads), "
+        f"torch {torch.__version__}, diffusers {diffusers.__version__}, Python {platform.python_version()}"
+    )
+    print(
+        "setting: fp32 CPU training step (forward, MSE, backward, AdamW), latents "
+        f"{LATENT[1]}x{LATENT[2]}x{LATENT[0]}, "
+        f"{NUM_CLASSES} classes, learned sigma; median of {args.steps} steps after 1 warm-up, the two models "
+        "alternating"
+    )
     for name in args.models.split(","):
         batch = BATCH.get(name, 4)
         torch.manual_seed(0)
-        ours = DiT_models[name](input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES, learn_sigma=True).train()
+        ours = DiT_models[name](
+            input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES, learn_sigma=True
+        ).train()
         theirs = to_diffusers(ours).train()
-        steps = {"orch DiT": make_step(ours_forward, ours, batch), "diffusers DiTTransformer2DModel": make_step(diffusers_forward, theirs, batch)}
+        steps = {
+            "orch DiT": make_step(ours_forward, ours, batch),
+            "diffusers DiTTransformer2DModel": make_step(diffusers_forward, theirs, batch),
+        }
         times: dict[str, list[float]] = {label: [] for label in steps}
         for i in range(args.steps + 1):
             for label, step in steps.items():
                 seconds = step()
                 if i > 0:
                     times[label].append(seconds)
-        params = {"orch DiT": sum(p.numel() for p in ours.parameters()), "diffusers DiTTransformer2DModel": sum(p.numel() for p in theirs.parameters())}
+        params = {
+            "orch DiT": sum(p.numel() for p in ours.parameters()),
+            "diffusers DiTTransformer2DModel": sum(p.numel() for p in theirs.parameters()),
+        }
         rates = {label: batch / statistics.median(values) for label, values in times.items()}
         print(f"\n{name}, batch {batch}")
         for label, rate in rates.items():
-            print(f"  {label:32s} {params[label] / 1e6:6.1f} M params  {statistics.median(times[label]):6.2f} s/step  {rate:6.2f} samples/s")
+            print(
+                f"  {label:32s} {params[label] / 1e6:6.1f} M params  {statistics.median(times[label]):6.2f} s/step  "
+                f"{rate:6.2f} samples/s"
+            )
         ratio = rates["orch DiT"] / rates["diffusers DiTTransformer2DModel"]
         print(f"  orch / diffusers throughput: {ratio:.2f}x")
         del ours, theirs, steps

@@ -51,9 +51,18 @@ def main() -> None:
     model = model.to(device)
     device_ema = EMA(model, decay=0.9999).to(device)  # where the trainer keeps it now
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{args.model}: {trainable:,} trainable parameters; {name}; torch {torch.__version__}; median of {args.repeats} updates")
-    for label, ema, moved in (("EMA on the host (before)", host_ema, 4 * trainable if device.type == "cuda" else 0), ("EMA on the device (now)", device_ema, 0)):
-        print(f"  {label:26s} {seconds_per_update(model, ema, args.repeats, device) * 1e3:8.1f} ms per update, {moved / 1e9:.2f} GB device-to-host per update")
+    print(
+        f"{args.model}: {trainable:,} trainable parameters; {name}; torch {torch.__version__}; median of "
+        f"{args.repeats} updates"
+    )
+    for label, ema, moved in (
+        ("EMA on the host (before)", host_ema, 4 * trainable if device.type == "cuda" else 0),
+        ("EMA on the device (now)", device_ema, 0),
+    ):
+        print(
+            f"  {label:26s} {seconds_per_update(model, ema, args.repeats, device) * 1e3:8.1f} ms per update, "
+            f"{moved / 1e9:.2f} GB device-to-host per update"
+        )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu_jobs import (  # noqa: E402
-    REPO, gpu_description, job_log, job_state, kill_job, make_latent_dataset, orch, the_job, wait_for, write_spec,
+    REPO,
+    gpu_description,
+    job_log,
+    job_state,
+    kill_job,
+    make_latent_dataset,
+    orch,
+    the_job,
+    wait_for,
+    write_spec,
 )
 
 STEPS, EVERY, KILL_AT, WIDTH = 300, 100, 100, 256  # on a GPU; main() scales them down for a CPU rehearsal
@@ -63,15 +72,22 @@ def case_spec(case: Case, shards: Path, device: str, processes: int) -> dict:
         "model": {"patch_size": 4, "hidden_size": WIDTH, "depth": 4, "num_heads": 4},
         "data": {"source": "webdataset", "path": str(shards), "resolution": 64, "num_workers": 1, "shuffle_buffer": 64},
         "train": {
-            "steps": STEPS, "global_batch_size": 32 * processes, "learning_rate": 3e-4, "warmup_steps": 10,
-            "mixed_precision": case.precision, "seed": 11,
+            "steps": STEPS,
+            "global_batch_size": 32 * processes,
+            "learning_rate": 3e-4,
+            "warmup_steps": 10,
+            "mixed_precision": case.precision,
+            "seed": 11,
         },
         "ema": {"decay": 0.999},
         "checkpoint": {"every": EVERY, "keep": 5},
         "sample": {"every": EVERY, "sampler": "ddpm", "steps": EVERY, "per_class": 4, "classes": [0, 1, 2, 3]},
         "tracking": {"enabled": False, "log_every": 25},
         "resources": {
-            "device": device, "strategy": case.strategy, "processes": processes, "threads_per_process": 2,
+            "device": device,
+            "strategy": case.strategy,
+            "processes": processes,
+            "threads_per_process": 2,
             "deterministic": case.deterministic,
         },
     }
@@ -92,9 +108,16 @@ def bitwise_equal(a: Path, b: Path) -> bool:
 
 
 def run_case(case: Case, shards: Path, work: Path, device: str, processes: int) -> dict:
-    """Submit, kill after the checkpoint at KILL_AT, resume, finish; check what a user relies on. A row of the report."""
+    """Submit, kill after the checkpoint at KILL_AT, resume, finish; check what a user relies on. A row of the
+    report."""
     began = time.perf_counter()
-    row = {"case": case.name, "strategy": case.strategy, "precision": case.precision, "world": processes, "failures": []}
+    row = {
+        "case": case.name,
+        "strategy": case.strategy,
+        "precision": case.precision,
+        "world": processes,
+        "failures": [],
+    }
     spec = write_spec(work / f"{case.name}.yaml", case_spec(case, shards, device, processes))
     try:
         root = work / case.name
@@ -102,20 +125,39 @@ def run_case(case: Case, shards: Path, work: Path, device: str, processes: int) 
         if submitted.returncode != 0:
             raise RuntimeError(f"submit exited {submitted.returncode}: {submitted.stderr.strip()[-800:]}")
         job = the_job(root)
-        wait_for(lambda: (job_state(job).get("checkpoint_step") or 0) >= KILL_AT or job_state(job)["state"] in ("failed", "succeeded"),
-                 timeout=600, what=f"{case.name}: its checkpoint at step {KILL_AT}")
+        wait_for(
+            lambda: (
+                (job_state(job).get("checkpoint_step") or 0) >= KILL_AT
+                or job_state(job)["state"] in ("failed", "succeeded")
+            ),
+            timeout=600,
+            what=f"{case.name}: its checkpoint at step {KILL_AT}",
+        )
         kill_job(job)
         record = job_state(job)
         row["killed_at"] = record["checkpoint_step"]
         if record["state"] != "running" or record["step"] >= STEPS:
             row["failures"].append(f"not killed while running (state {record['state']}, step {record['step']})")
-        wait_for(lambda: '"failed"' in orch("status", job.name, "--json", root=root).stdout, timeout=60, what="the job to show as failed")
+        wait_for(
+            lambda: '"failed"' in orch("status", job.name, "--json", root=root).stdout,
+            timeout=60,
+            what="the job to show as failed",
+        )
         resumed = orch("resume", job.name, root=root)
         record = job_state(job)
-        if resumed.returncode != 0 or record["state"] != "succeeded" or record["step"] != STEPS or record["attempts"] != 2:
-            row["failures"].append(f"resume: exit {resumed.returncode}, state {record['state']} at step {record['step']}, "
-                                   f"{record['attempts']} attempts; {resumed.stderr.strip()[-300:]}")
-        expected = [f"samples-{step:07d}.png" for step in range(EVERY, STEPS + 1, EVERY)] + [f"progression-{STEPS:07d}.png"]
+        if (
+            resumed.returncode != 0
+            or record["state"] != "succeeded"
+            or record["step"] != STEPS
+            or record["attempts"] != 2
+        ):
+            row["failures"].append(
+                f"resume: exit {resumed.returncode}, state {record['state']} at step {record['step']}, "
+                f"{record['attempts']} attempts; {resumed.stderr.strip()[-300:]}"
+            )
+        expected = [f"samples-{step:07d}.png" for step in range(EVERY, STEPS + 1, EVERY)] + [
+            f"progression-{STEPS:07d}.png"
+        ]
         missing = [name for name in expected if not (job / "samples" / name).is_file()]
         if missing:
             row["failures"].append(f"grids missing: {missing}")
@@ -124,7 +166,9 @@ def run_case(case: Case, shards: Path, work: Path, device: str, processes: int) 
         if not all(t.isfinite().all() for t in final.values()):
             row["failures"].append("non-finite weights in the last checkpoint")
         if "drawing the sample grid" in job_log(job):
-            row["failures"].append("a grid failed: " + re.findall(r".*drawing the sample grid.*", job_log(job))[0][-200:])
+            row["failures"].append(
+                "a grid failed: " + re.findall(r".*drawing the sample grid.*", job_log(job))[0][-200:]
+            )
         row["last_loss"] = record.get("loss")
         if case.compare:
             reference_root = work / f"{case.name}-uninterrupted"
@@ -148,14 +192,16 @@ def run_case(case: Case, shards: Path, work: Path, device: str, processes: int) 
 
 def acceptance_table(rows: list[dict]) -> list[str]:
     lines = [
-        "| case | strategy | precision | ranks | killed after checkpoint | resumed to | grids | bitwise vs uninterrupted | result | wall |",
+        "| case | strategy | precision | ranks | killed after checkpoint | resumed to | grids | bitwise vs "
+        "uninterrupted | result | wall |",
         "|---|---|---|---:|---:|---:|---:|---|---|---:|",
     ]
     for r in rows:
         bitwise = {True: "yes", False: "no", None: "-"}[r.get("bitwise")]
         result = "ok" if not r["failures"] else "FAILED: " + "; ".join(r["failures"]).replace("|", "/")[:400]
         lines.append(
-            f"| {r['case']} | {r['strategy']} | {r['precision']} | {r['world']} | {r.get('killed_at', '-')} | {STEPS if not r['failures'] else '-'} "
+            f"| {r['case']} | {r['strategy']} | {r['precision']} | {r['world']} | {r.get('killed_at', '-')} | "
+            f"{STEPS if not r['failures'] else '-'} "
             f"| {r.get('grids', '-')} | {bitwise} | {result} | {r['wall_s']:.0f} s |"
         )
     return lines
@@ -168,14 +214,22 @@ def main() -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="the report (default bench/results/gpu-<device>.md)")
     parser.add_argument("--work", type=Path, default=None, help="where data and jobs go (default: a temporary folder)")
-    parser.add_argument("--budget-s", type=float, default=420, help="seconds for the whole script; throughput rows past it are skipped")
-    parser.add_argument("--throughput", default="DiT-B/2:bf16,DiT-XL/2:bf16,DiT-B/2:bf16+deterministic,DiT-B/2:reference,DiT-XL/2:bf16+compile,"
-                                                  "DiT-B/2:bf16+compile,DiT-XL/2:reference",
-                        help="MODEL:SETTING rows of the trainer throughput, in order of priority ('' for none)")
+    parser.add_argument(
+        "--budget-s", type=float, default=420, help="seconds for the whole script; throughput rows past it are skipped"
+    )
+    parser.add_argument(
+        "--throughput",
+        default="DiT-B/2:bf16,DiT-XL/2:bf16,DiT-B/2:bf16+deterministic,DiT-B/2:reference,DiT-XL/2:bf16+compile,"
+        "DiT-B/2:bf16+compile,DiT-XL/2:reference",
+        help="MODEL:SETTING rows of the trainer throughput, in order of priority ('' for none)",
+    )
     args = parser.parse_args()
     began = time.perf_counter()
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_acceptance: no CUDA GPU is visible to torch; run with --device cpu for a rehearsal on the CPU", file=sys.stderr)
+        print(
+            "gpu_acceptance: no CUDA GPU is visible to torch; run with --device cpu for a rehearsal on the CPU",
+            file=sys.stderr,
+        )
         return 2
     if args.device == "cpu":  # a rehearsal of the script's code paths on 2 cores: a tenth of the work
         global STEPS, EVERY, KILL_AT, WIDTH
@@ -192,7 +246,11 @@ def main() -> int:
         rows = list(pool.map(lambda case: run_case(case, shards, work, args.device, processes), cases))
     faults_s = time.perf_counter() - began - prepared_s
     for row in rows:
-        print(f"{row['case']}: {'ok' if not row['failures'] else 'FAILED ' + '; '.join(row['failures'])} ({row['wall_s']:.0f} s)", flush=True)
+        print(
+            f"{row['case']}: {'ok' if not row['failures'] else 'FAILED ' + '; '.join(row['failures'])} "
+            f"({row['wall_s']:.0f} s)",
+            flush=True,
+        )
         if row["failures"]:
             print(row["log"], flush=True)
 
@@ -205,14 +263,18 @@ def main() -> int:
         shards_rows = []
         for preset, setting in wanted:
             if time.perf_counter() - began > args.budget_s:
-                shards_rows.append({"model": preset, "setting": setting, "error": "skipped: time budget spent", "wall_s": 0.0})
+                shards_rows.append(
+                    {"model": preset, "setting": setting, "error": "skipped: time budget spent", "wall_s": 0.0}
+                )
                 continue
             batch, steps = (32, 60) if args.device == "cuda" else (4, 9)
             shards_rows.append(gpu_throughput.measure(preset, setting, batch, steps, shards, work, args.device))
             print(gpu_throughput.table(shards_rows[-1:], batch, device_name)[-1], flush=True)
         throughput_lines = [
-            f"Trainer throughput (bench/gpu_throughput.py rows, run by this script with {left:.0f} s of its budget left): `orch submit` "
-            f"of the paper's 256 px job (4x32x32 latents, 1000 classes, learned sigma, hybrid loss), batch {32 if args.device == 'cuda' else 4} "
+            f"Trainer throughput (bench/gpu_throughput.py rows, run by this script with {left:.0f} s of its budget "
+            "left): `orch submit` "
+            "of the paper's 256 px job (4x32x32 latents, 1000 classes, learned sigma, hybrid loss), batch "
+            f"{32 if args.device == 'cuda' else 4} "
             f"per GPU, AdamW + EMA on the GPU + clipping, the trainer's last logged window.",
             "",
             *gpu_throughput.table(shards_rows, 32, device_name),
@@ -222,10 +284,13 @@ def main() -> int:
     report = [
         f"# GPU acceptance on {device_name}",
         "",
-        f"{versions}; `bash bench/gpu_acceptance.sh`, {time.strftime('%Y-%m-%d')}, {time.perf_counter() - began:.0f} s in all "
-        f"(prepare {prepared_s:.0f} s, fault jobs side by side {faults_s:.0f} s). {len(rows) - len(failed)} of {len(rows)} fault cases passed.",
+        f"{versions}; `bash bench/gpu_acceptance.sh`, {time.strftime('%Y-%m-%d')}, {time.perf_counter() - began:.0f} s "
+        "in all "
+        f"(prepare {prepared_s:.0f} s, fault jobs side by side {faults_s:.0f} s). {len(rows) - len(failed)} of "
+        f"{len(rows)} fault cases passed.",
         "",
-        f"Fault jobs: a DiT (width {WIDTH}, depth 4, patch 4) on 4x32x32 latents, {STEPS} steps, grids (DDPM-{EVERY}, 16 images) and "
+        f"Fault jobs: a DiT (width {WIDTH}, depth 4, patch 4) on 4x32x32 latents, {STEPS} steps, grids (DDPM-{EVERY}, "
+        "16 images) and "
         f"checkpoints every {EVERY}, SIGKILLed after the checkpoint at step {KILL_AT}, then `orch resume`.",
         "",
         *acceptance_table(rows),
@@ -233,7 +298,10 @@ def main() -> int:
         *throughput_lines,
         "",
     ]
-    out = args.out or REPO / "bench" / "results" / f"gpu-{re.sub(r'[^A-Za-z0-9]+', '-', device_name).strip('-').lower()}.md"
+    out = (
+        args.out
+        or REPO / "bench" / "results" / f"gpu-{re.sub(r'[^A-Za-z0-9]+', '-', device_name).strip('-').lower()}.md"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(report))
     print("\n".join(report))

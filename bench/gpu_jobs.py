@@ -15,7 +15,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-LATENT_SIDE = 32  # 64 px images through a VAE that halves once: 4 x 32 x 32 latents, the DiT paper's 256 px latent shape
+LATENT_SIDE = (
+    32  # 64 px images through a VAE that halves once: 4 x 32 x 32 latents, the DiT paper's 256 px latent shape
+)
 CLASSES = 10
 
 
@@ -28,7 +30,11 @@ def environment() -> dict[str, str]:
 def orch(*args: str, root: Path, timeout: float = 900) -> subprocess.CompletedProcess:
     """Run `orch ARGS` (as `python -m orchestrator.cli`, which needs no installed script) against a job root."""
     return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "--root", str(root), *args], capture_output=True, text=True, timeout=timeout, env=environment(),
+        [sys.executable, "-m", "orchestrator.cli", "--root", str(root), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment(),
     )
 
 
@@ -72,19 +78,28 @@ def wait_for(predicate, timeout: float, what: str):
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-METRICS_LINE = re.compile(r"step (\d+): loss ([-\d.naif]+), ([\d.]+) samples/s, ([\d.]+) s/step, peak memory ([\d.]+) GB")
+METRICS_LINE = re.compile(
+    r"step (\d+): loss ([-\d.naif]+), ([\d.]+) samples/s, ([\d.]+) s/step, peak memory ([\d.]+) GB"
+)
 
 
 def logged_windows(job: Path) -> list[dict]:
     """The metric windows rank 0 logged: step, loss, samples/s, s/step and peak memory (GB) of each."""
     return [
-        {"step": int(m[1]), "loss": float(m[2]), "samples_per_sec": float(m[3]), "step_s": float(m[4]), "peak_gb": float(m[5])}
+        {
+            "step": int(m[1]),
+            "loss": float(m[2]),
+            "samples_per_sec": float(m[3]),
+            "step_s": float(m[4]),
+            "peak_gb": float(m[5]),
+        }
         for m in METRICS_LINE.finditer(job_log(job))
     ]
 
 
 def make_latent_dataset(work: Path, device: str, images_per_class: int = 40) -> Path:
-    """`orch prepare` of synthetic 64 px images in CLASSES class folders through a tiny random AutoencoderKL: 4 x 32 x 32 latents."""
+    """`orch prepare` of synthetic 64 px images in CLASSES class folders through a tiny random AutoencoderKL: 4 x 32 x
+    32 latents."""
     import numpy as np
     import torch
     from diffusers import AutoencoderKL
@@ -95,19 +110,27 @@ def make_latent_dataset(work: Path, device: str, images_per_class: int = 40) -> 
         return shards
     torch.manual_seed(0)
     AutoencoderKL(
-        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=2 * LATENT_SIDE,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=2 * LATENT_SIDE,
     ).save_pretrained(work / "vae")
     rng = np.random.default_rng(0)
     for label in range(CLASSES):
         folder = work / "images" / f"class{label}"
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(images_per_class):
-            coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)  # smooth colour fields, a little different per class
+            coarse = rng.integers(
+                0, 256, (8, 8, 3), dtype=np.uint8
+            )  # smooth colour fields, a little different per class
             coarse[..., label % 3] //= 2
             Image.fromarray(coarse).resize((2 * LATENT_SIDE, 2 * LATENT_SIDE), Image.BILINEAR).save(folder / f"{i}.png")
     spec = {
-        "kind": "prepare", "version": 1,
+        "kind": "prepare",
+        "version": 1,
         "input": {"source": "image_folder", "path": str(work / "images")},
         "image": {"resolution": 2 * LATENT_SIDE},
         "vae": {"name": str(work / "vae")},
@@ -126,4 +149,7 @@ def gpu_description() -> tuple[str, str]:
 
     if not torch.cuda.is_available():
         return "CPU (no GPU)", f"torch {torch.__version__}"
-    return torch.cuda.get_device_name(), f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s) visible"
+    return (
+        torch.cuda.get_device_name(),
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s) visible",
+    )

@@ -38,11 +38,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpu_jobs import LATENT_SIDE, gpu_description, logged_windows, make_latent_dataset, orch, the_job, write_spec  # noqa: E402
+from gpu_jobs import (  # noqa: E402
+    LATENT_SIDE,
+    gpu_description,
+    logged_windows,
+    make_latent_dataset,
+    orch,
+    the_job,
+    write_spec,
+)
 
 NUM_CLASSES = 1000
 SETTINGS = ("reference", "bf16", "bf16+compile")  # the default rows; "bf16+deterministic" on request
-PEAK_BF16_TFLOPS = {"A100": 312, "H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989}  # dense tensor-core peaks (datasheets)
+PEAK_BF16_TFLOPS = {
+    "A100": 312,
+    "H100 PCIe": 756,
+    "H100 NVL": 835,
+    "H100": 989,
+    "H200": 989,
+}  # dense tensor-core peaks (datasheets)
 
 
 def peak_bf16_flops(device_name: str) -> float | None:
@@ -70,17 +84,31 @@ def job_spec(preset: str, setting: str, batch: int, steps: int, shards: Path, de
         "name": f"throughput-{preset.replace('/', '-')}-{setting.replace('+', '-')}",
         "model": {"preset": preset, "num_classes": NUM_CLASSES, "learn_sigma": True},
         "diffusion": {"loss": "hybrid"},
-        "data": {"source": "webdataset", "path": str(shards), "resolution": 2 * LATENT_SIDE, "num_workers": 2, "shuffle_buffer": 64},
+        "data": {
+            "source": "webdataset",
+            "path": str(shards),
+            "resolution": 2 * LATENT_SIDE,
+            "num_workers": 2,
+            "shuffle_buffer": 64,
+        },
         "train": {
-            "steps": steps, "global_batch_size": batch, "learning_rate": 1e-4, "warmup_steps": 0, "grad_clip": 1.0,
-            "mixed_precision": "no" if setting == "reference" else "bf16", "seed": 0,
+            "steps": steps,
+            "global_batch_size": batch,
+            "learning_rate": 1e-4,
+            "warmup_steps": 0,
+            "grad_clip": 1.0,
+            "mixed_precision": "no" if setting == "reference" else "bf16",
+            "seed": 0,
         },
         "ema": {"decay": 0.9999},
         "checkpoint": {"every": 10 * steps, "keep": 1},  # written once, at the end (outside the timed windows)
         "sample": {"every": 10 * steps, "sampler": "ddpm", "steps": 2, "per_class": 1, "classes": [0]},
         "tracking": {"enabled": False, "log_every": max(1, steps // 3)},
         "resources": {
-            "device": device, "tf32": True, "compile": setting.endswith("+compile"), "deterministic": setting.endswith("+deterministic"),
+            "device": device,
+            "tf32": True,
+            "compile": setting.endswith("+compile"),
+            "deterministic": setting.endswith("+deterministic"),
             "threads_per_process": 4,
         },
     }
@@ -97,7 +125,11 @@ def measure(preset: str, setting: str, batch: int, steps: int, shards: Path, wor
     windows = logged_windows(job) if job else []
     if result.returncode != 0 or len(windows) < 3:
         tail = (result.stdout + result.stderr)[-1500:]
-        row["error"] = "out of memory" if "OutOfMemoryError" in tail or "out of memory" in tail else f"exit {result.returncode}: {tail.strip().splitlines()[-1:]}"
+        row["error"] = (
+            "out of memory"
+            if "OutOfMemoryError" in tail or "out of memory" in tail
+            else f"exit {result.returncode}: {tail.strip().splitlines()[-1:]}"
+        )
         return row
     last = windows[-1]
     row.update(samples_per_sec=last["samples_per_sec"], step_s=last["step_s"], peak_gb=last["peak_gb"])
@@ -107,23 +139,37 @@ def measure(preset: str, setting: str, batch: int, steps: int, shards: Path, wor
 def table(rows: list[dict], batch: int, device_name: str) -> list[str]:
     """The markdown table of the rows, with TFLOPS and MFU against the device's bf16 peak."""
     peak = peak_bf16_flops(device_name)
-    lines = ["| model | setting | s/step | samples/s | TFLOPS | MFU | peak memory | wall (job) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | setting | s/step | samples/s | TFLOPS | MFU | peak memory | wall (job) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['model']} | {row['setting']} | {row['error']} | | | | | {row.get('wall_s', 0):.0f} s |")
+            lines.append(
+                f"| {row['model']} | {row['setting']} | {row['error']} | | | | | {row.get('wall_s', 0):.0f} s |"
+            )
             continue
         achieved = model_flops_per_image(row["model"]) * row["samples_per_sec"]
         mfu = f"{achieved / peak:.1%}" if peak else "n/a"
         if peak and row["setting"] == "reference":
             mfu += f" ({achieved / (peak / 2):.1%} of TF32 peak)"
         lines.append(
-            f"| {row['model']} | {row['setting']} | {row['step_s']:.4f} | {row['samples_per_sec']:.1f} | {achieved / 1e12:.1f} | {mfu} | "
+            f"| {row['model']} | {row['setting']} | {row['step_s']:.4f} | {row['samples_per_sec']:.1f} | "
+            f"{achieved / 1e12:.1f} | {mfu} | "
             f"{row['peak_gb']:.1f} GB | {row['wall_s']:.0f} s |"
         )
     return lines
 
 
-def run(models: list[str], settings: list[str], batch: int, steps: int, work: Path, device: str, budget_s: float | None = None) -> list[str]:
+def run(
+    models: list[str],
+    settings: list[str],
+    batch: int,
+    steps: int,
+    work: Path,
+    device: str,
+    budget_s: float | None = None,
+) -> list[str]:
     """Measure every (model, setting) in order, skipping what no longer fits the time budget; the report's lines."""
     device_name, versions = gpu_description()
     shards = make_latent_dataset(work, device)
@@ -151,13 +197,27 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     parser.add_argument("--models", default="DiT-B/2,DiT-XL/2" if cuda else "DiT-S/8")
     parser.add_argument("--settings", default=",".join(SETTINGS) if cuda else "reference,bf16")
-    parser.add_argument("--batch", type=int, default=32 if cuda else 4, help="images per step (default 32, the paper's per-GPU batch)")
+    parser.add_argument(
+        "--batch", type=int, default=32 if cuda else 4, help="images per step (default 32, the paper's per-GPU batch)"
+    )
     parser.add_argument("--steps", type=int, default=60 if cuda else 9)
-    parser.add_argument("--work", type=Path, default=None, help="where the dataset and jobs go (default: a temporary folder)")
-    parser.add_argument("--budget-s", type=float, default=None, help="skip the remaining rows once this many seconds are spent")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="where the dataset and jobs go (default: a temporary folder)"
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=None, help="skip the remaining rows once this many seconds are spent"
+    )
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="orch-throughput-"))
-    lines = run(args.models.split(","), args.settings.split(","), args.batch, args.steps, work, "cuda" if cuda else "cpu", args.budget_s)
+    lines = run(
+        args.models.split(","),
+        args.settings.split(","),
+        args.batch,
+        args.steps,
+        work,
+        "cuda" if cuda else "cpu",
+        args.budget_s,
+    )
     print("\n".join(lines))
 
 

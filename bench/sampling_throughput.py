@@ -36,7 +36,6 @@ LATENT = (4, 32, 32)
 NUM_CLASSES = 1000
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=8)
@@ -45,8 +44,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="timed batches (after a 2-step warm-up)")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
-    print(f"machine: {platform.node()}, {cpu_name()}, {THREADS} cores ({torch.get_num_threads()} torch threads), "
-          f"torch {torch.__version__}, Python {platform.python_version()}")
+    print(
+        f"machine: {platform.node()}, {cpu_name()}, {THREADS} cores ({torch.get_num_threads()} torch threads), "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )
     torch.manual_seed(0)
     model = DiT_S_2(input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES, learn_sigma=True).eval()
     scheduler = make_noise_scheduler(1000, "linear")
@@ -55,17 +56,31 @@ def main() -> None:
     def run(steps: int, seed: int) -> float:
         noise, _ = initial_noise(seed, args.batch, LATENT)  # (B, 4, 32, 32)
         start = time.perf_counter()
-        sample(model, labels, LATENT, scheduler, sampler="ddim", num_steps=steps, guidance_scale=args.guidance,
-               null_label=NUM_CLASSES, noise=noise, clip_denoised=False)  # latents: no clipping
+        sample(
+            model,
+            labels,
+            LATENT,
+            scheduler,
+            sampler="ddim",
+            num_steps=steps,
+            guidance_scale=args.guidance,
+            null_label=NUM_CLASSES,
+            noise=noise,
+            clip_denoised=False,
+        )  # latents: no clipping
         return time.perf_counter() - start
 
     run(2, seed=99)  # warm-up
     times = [run(args.steps, seed) for seed in range(args.rounds)]
     seconds = statistics.median(times)
     forwards = args.steps * args.batch * (2 if args.guidance != 1 else 1)
-    print(f"DiT-S/2 ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params), latents {LATENT[1]}x{LATENT[2]}x{LATENT[0]} (no VAE decode), fp32, batch {args.batch}, "
-          f"DDIM-{args.steps}, guidance {args.guidance:g}: {seconds:.1f} s per batch, {args.batch / seconds:.3f} images/s, "
-          f"{forwards / seconds:.1f} image-forwards/s ({args.rounds} round(s))")
+    print(
+        f"DiT-S/2 ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params), latents "
+        f"{LATENT[1]}x{LATENT[2]}x{LATENT[0]} (no VAE decode), fp32, batch {args.batch}, "
+        f"DDIM-{args.steps}, guidance {args.guidance:g}: {seconds:.1f} s per batch, {args.batch / seconds:.3f} "
+        "images/s, "
+        f"{forwards / seconds:.1f} image-forwards/s ({args.rounds} round(s))"
+    )
 
 
 if __name__ == "__main__":

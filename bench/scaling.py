@@ -1,4 +1,5 @@
-"""Expected scaling of DiT-XL/2 training (256 px: 32x32x4 latents) over 1-32 nodes of 8x A100 80GB, for DDP, ZeRO-2 and ZeRO-3 in bf16.
+"""Expected scaling of DiT-XL/2 training (256 px: 32x32x4 latents) over 1-32 nodes of 8x A100 80GB, for DDP, ZeRO-2 and
+ZeRO-3 in bf16.
 
     .venv/bin/python bench/scaling.py [--markdown] [--micro-batch 32 | --global-batch 256] [--mfu 0.4]
 
@@ -85,16 +86,35 @@ EMA_GATHER_PAYLOADS = {"ddp": 0, "zero2": 2, "zero3": 1, "fsdp": 1}
 
 
 def overlap_phases(params: int, strategy: str) -> dict[str, int]:
-    """Collective payload bytes of one step by the pass they can hide behind: forward, backward, or none (after backward)."""
+    """Collective payload bytes of one step by the pass they can hide behind: forward, backward, or none (after
+    backward)."""
     grads = params * GRAD_BYTES[strategy]
     weights = params * PARAM_BYTES[strategy]
     phases = {
-        "ddp": {"forward": 0, "backward": 2 * grads, "after": 0},  # all-reduce of gradient buckets as backward produces them
-        "zero2": {"forward": 0, "backward": grads, "after": weights},  # reduce-scatter in backward; all-gather after the optimizer step
-        "zero3": {"forward": weights, "backward": weights + grads, "after": 0},  # prefetched gathers; reduce-scatter in backward
-        "fsdp": {"forward": weights, "backward": weights + grads, "after": 0},  # the same schedule (FSDP2 prefetches the next block)
+        "ddp": {
+            "forward": 0,
+            "backward": 2 * grads,
+            "after": 0,
+        },  # all-reduce of gradient buckets as backward produces them
+        "zero2": {
+            "forward": 0,
+            "backward": grads,
+            "after": weights,
+        },  # reduce-scatter in backward; all-gather after the optimizer step
+        "zero3": {
+            "forward": weights,
+            "backward": weights + grads,
+            "after": 0,
+        },  # prefetched gathers; reduce-scatter in backward
+        "fsdp": {
+            "forward": weights,
+            "backward": weights + grads,
+            "after": 0,
+        },  # the same schedule (FSDP2 prefetches the next block)
     }[strategy]
-    assert sum(phases.values()) == collective_payload_bytes_per_step(params, strategy, GRAD_BYTES[strategy], PARAM_BYTES[strategy])
+    assert sum(phases.values()) == collective_payload_bytes_per_step(
+        params, strategy, GRAD_BYTES[strategy], PARAM_BYTES[strategy]
+    )
     return phases
 
 
@@ -116,7 +136,9 @@ def rows(micro_batch: int | None, global_batch: int | None, mfu: float, checkpoi
     trainable = dit_parameter_count(**DIT_XL_2, num_classes=NUM_CLASSES, learn_sigma=True, include_frozen=False)
     total = dit_parameter_count(**DIT_XL_2, num_classes=NUM_CLASSES, learn_sigma=True)
     flops_per_image = training_flops_per_image(dit_forward_macs(**DIT_XL_2, learn_sigma=True), checkpointing)
-    activation_bytes = dit_activation_bytes_per_sample(DIT_XL_2["depth"], TOKENS, DIT_XL_2["hidden_size"], NUM_HEADS, "bf16", checkpointing)
+    activation_bytes = dit_activation_bytes_per_sample(
+        DIT_XL_2["depth"], TOKENS, DIT_XL_2["hidden_size"], NUM_HEADS, "bf16", checkpointing
+    )
     out = []
     for nodes in NODES:
         gpus = nodes * GPUS_PER_NODE
@@ -135,27 +157,39 @@ def rows(micro_batch: int | None, global_batch: int | None, mfu: float, checkpoi
             phases_s = {phase: collective_seconds(payload, nodes) for phase, payload in phases.items()}
             comm_s = sum(phases_s.values())
             forward_s, backward_s = compute_s / 3, 2 * compute_s / 3  # backward = 2x forward
-            overlapped_step_s = max(forward_s, phases_s["forward"]) + max(backward_s, phases_s["backward"]) + phases_s["after"]
+            overlapped_step_s = (
+                max(forward_s, phases_s["forward"]) + max(backward_s, phases_s["backward"]) + phases_s["after"]
+            )
             memory = memory_per_gpu(
-                trainable, strategy, "bf16", gpus, batch, activation_bytes, frozen_params=total - trainable,
+                trainable,
+                strategy,
+                "bf16",
+                gpus,
+                batch,
+                activation_bytes,
+                frozen_params=total - trainable,
                 ema_sharded=False,  # orch keeps the EMA of the full weights on every rank, under every strategy
             )
-            out.append({
-                "nodes": nodes,
-                "gpus": gpus,
-                "strategy": strategy,
-                "micro_batch": batch,
-                "ring_sent_bytes": comm_bytes_per_step(trainable, strategy, gpus, GRAD_BYTES[strategy], PARAM_BYTES[strategy])
-                + (gpus - 1) / gpus * ema_payload,
-                "nvlink_sent_bytes": nvlink_bytes,
-                "nic_sent_bytes": nic_bytes,
-                "compute_s": compute_s,
-                "comm_s": comm_s,
-                "efficiency_no_overlap": compute_s / (compute_s + comm_s),
-                "efficiency_full_overlap": compute_s / overlapped_step_s,
-                "images_per_s_no_overlap": gpus * batch / (compute_s + comm_s),
-                "memory_bytes": memory["total_bytes"],
-            })
+            out.append(
+                {
+                    "nodes": nodes,
+                    "gpus": gpus,
+                    "strategy": strategy,
+                    "micro_batch": batch,
+                    "ring_sent_bytes": comm_bytes_per_step(
+                        trainable, strategy, gpus, GRAD_BYTES[strategy], PARAM_BYTES[strategy]
+                    )
+                    + (gpus - 1) / gpus * ema_payload,
+                    "nvlink_sent_bytes": nvlink_bytes,
+                    "nic_sent_bytes": nic_bytes,
+                    "compute_s": compute_s,
+                    "comm_s": comm_s,
+                    "efficiency_no_overlap": compute_s / (compute_s + comm_s),
+                    "efficiency_full_overlap": compute_s / overlapped_step_s,
+                    "images_per_s_no_overlap": gpus * batch / (compute_s + comm_s),
+                    "memory_bytes": memory["total_bytes"],
+                }
+            )
     return out
 
 
@@ -164,61 +198,105 @@ def assumptions(micro_batch: int | None, global_batch: int | None, mfu: float, c
     total = dit_parameter_count(**DIT_XL_2, num_classes=NUM_CLASSES, learn_sigma=True)
     macs = dit_forward_macs(**DIT_XL_2, learn_sigma=True)
     flops = training_flops_per_image(macs, checkpointing)
-    batch = (f"micro batch {micro_batch} per GPU (global {micro_batch * GPUS_PER_NODE} per node, the DiT paper's batch 256 on one 8-GPU node; "
-             f"weak scaling: the global batch grows with the nodes)") if global_batch is None else \
-            f"global batch {global_batch} fixed (strong scaling): the micro batch per GPU shrinks with the nodes"
+    batch = (
+        (
+            f"micro batch {micro_batch} per GPU (global {micro_batch * GPUS_PER_NODE} per node, the DiT paper's batch "
+            "256 on one 8-GPU node; "
+            f"weak scaling: the global batch grows with the nodes)"
+        )
+        if global_batch is None
+        else f"global batch {global_batch} fixed (strong scaling): the micro batch per GPU shrinks with the nodes"
+    )
     return [
-        f"Model: DiT-XL/2, 32x32x4 latents (256 px), 1000 classes, learned sigma: {total:,} parameters ({trainable:,} trainable; "
-        f"the sin-cos pos_embed is frozen); forward {macs / 1e9:.1f} G multiply-adds = {2 * macs / 1e9:.1f} GFLOPs per image "
-        f"(DiT paper Table 4: 118.6 'Gflops'); training {'4x (activation checkpointing)' if checkpointing else '3x'} forward = {flops / 1e9:.0f} GFLOPs per image.",
-        f"Compute: {mfu:.0%} MFU of the A100's {PEAK_BF16_FLOPS / 1e12:.0f} TFLOPS dense bf16 = {mfu * PEAK_BF16_FLOPS / flops:.0f} images/s per GPU "
-        f"(fast-DiT measured ~108 images/s on one A100 with fp16 and checkpointing, ~25 % MFU; lower MFU makes scaling look better).",
+        f"Model: DiT-XL/2, 32x32x4 latents (256 px), 1000 classes, learned sigma: {total:,} parameters ({trainable:,} "
+        "trainable; "
+        f"the sin-cos pos_embed is frozen); forward {macs / 1e9:.1f} G multiply-adds = {2 * macs / 1e9:.1f} GFLOPs per "
+        "image "
+        f"(DiT paper Table 4: 118.6 'Gflops'); training {'4x (activation checkpointing)' if checkpointing else '3x'} "
+        f"forward = {flops / 1e9:.0f} GFLOPs per image.",
+        f"Compute: {mfu:.0%} MFU of the A100's {PEAK_BF16_FLOPS / 1e12:.0f} TFLOPS dense bf16 = "
+        f"{mfu * PEAK_BF16_FLOPS / flops:.0f} images/s per GPU "
+        "(fast-DiT measured ~108 images/s on one A100 with fp16 and checkpointing, ~25 % MFU; lower MFU makes "
+        "scaling look better).",
         f"Batch: {batch}.",
-        f"Network: NVLink {NVLINK_BYTES_PER_S / 1e9:.0f} GB/s per GPU each way (600 GB/s bidirectional), InfiniBand 8x 200 Gb/s per node "
-        f"= {NIC_BYTES_PER_S * GPUS_PER_NODE / 1e9:.0f} GB/s each way, one NIC per GPU; both at {LINK_EFFICIENCY:.0%} efficiency. "
+        f"Network: NVLink {NVLINK_BYTES_PER_S / 1e9:.0f} GB/s per GPU each way (600 GB/s bidirectional), InfiniBand 8x "
+        "200 Gb/s per node "
+        f"= {NIC_BYTES_PER_S * GPUS_PER_NODE / 1e9:.0f} GB/s each way, one NIC per GPU; both at {LINK_EFFICIENCY:.0%} "
+        "efficiency. "
         "Collectives hierarchical (NVLink ring in the node, then a ring across nodes per rail), phases added.",
-        "Traffic per step (ZeRO paper Sec. 7): DDP all-reduces the grads (2x model); ZeRO-2 reduce-scatters grads and all-gathers "
-        "weights (2x model); ZeRO-3 gathers weights twice and reduce-scatters grads (3x model). DDP's grads are fp32 (torch autocast keeps "
-        "fp32 grads; a bf16 compression hook would halve DDP's traffic); DeepSpeed communicates in bf16; FSDP (FSDP2 in orch) "
-        "follows ZeRO-3's schedule with bf16 weight gathers and fp32 gradient reduce-scatters. No gradient accumulation.",
-        "EMA: orch keeps it of the full fp32 weights on the GPU, so under ZeRO and FSDP every update gathers them after the optimizer "
-        "step, not overlapped: ZeRO-2 by an all-reduce of each rank's fragment over zeros (2x the fp32 model), ZeRO-3 and FSDP by an "
-        "all-gather (1x); counted here with ema.update_every 1 (k divides it by k). It runs as one collective per parameter tensor "
-        "(about 290 for XL/2), whose latency is not modelled; a sharded EMA (each rank averaging its own shard) would remove it.",
-        "Efficiency = T_compute / T_step. 'No overlap': T_step = T_compute + T_comm. 'Full overlap': collectives hide behind the pass they "
-        "belong to (forward = 1/3, backward = 2/3 of T_compute): DDP's all-reduce and ZeRO-2's reduce-scatter behind backward, ZeRO-2's weight "
+        "Traffic per step (ZeRO paper Sec. 7): DDP all-reduces the grads (2x model); ZeRO-2 reduce-scatters grads and "
+        "all-gathers "
+        "weights (2x model); ZeRO-3 gathers weights twice and reduce-scatters grads (3x model). DDP's grads are fp32 "
+        "(torch autocast keeps "
+        "fp32 grads; a bf16 compression hook would halve DDP's traffic); DeepSpeed communicates in bf16; FSDP (FSDP2 "
+        "in orch) "
+        "follows ZeRO-3's schedule with bf16 weight gathers and fp32 gradient reduce-scatters. No gradient "
+        "accumulation.",
+        "EMA: orch keeps it of the full fp32 weights on the GPU, so under ZeRO and FSDP every update gathers them "
+        "after the optimizer "
+        "step, not overlapped: ZeRO-2 by an all-reduce of each rank's fragment over zeros (2x the fp32 model), ZeRO-3 "
+        "and FSDP by an "
+        "all-gather (1x); counted here with ema.update_every 1 (k divides it by k). It runs as one collective per "
+        "parameter tensor "
+        "(about 290 for XL/2), whose latency is not modelled; a sharded EMA (each rank averaging its own shard) would "
+        "remove it.",
+        "Efficiency = T_compute / T_step. 'No overlap': T_step = T_compute + T_comm. 'Full overlap': collectives hide "
+        "behind the pass they "
+        "belong to (forward = 1/3, backward = 2/3 of T_compute): DDP's all-reduce and ZeRO-2's reduce-scatter behind "
+        "backward, ZeRO-2's weight "
         "all-gather after the optimizer step (not hidden), ZeRO-3's gathers prefetched in forward and backward. "
         "Not modelled: collective latency, stragglers, optimizer step, data loading, congestion.",
-        "Memory per GPU (estimate.memory_per_gpu): weights, grads, fp32 master + AdamW states, a fp32 EMA (full on every rank, as orch keeps it "
-        f"under every strategy; a sharded EMA would save 2.5 GB under ZeRO-3 and FSDP), activations {'with' if checkpointing else 'without'} checkpointing and with flash/SDPA attention (Korthikanti et al. "
-        "2022, eq. 1, adapted to DiT blocks); without the CUDA context, buckets, ZeRO-3's gathered layers, autocast's weight copies and "
-        f"fragmentation: a lower bound (fast-DiT measured 27.5 GB where the same formula gives 17.1 GB). An A100 80GB holds {GPU_MEMORY_BYTES / GB:.1f} GB.",
+        "Memory per GPU (estimate.memory_per_gpu): weights, grads, fp32 master + AdamW states, a fp32 EMA (full on "
+        "every rank, as orch keeps it "
+        "under every strategy; a sharded EMA would save 2.5 GB under ZeRO-3 and FSDP), activations "
+        f"{'with' if checkpointing else 'without'} checkpointing and with flash/SDPA attention (Korthikanti et al. "
+        "2022, eq. 1, adapted to DiT blocks); without the CUDA context, buckets, ZeRO-3's gathered layers, autocast's "
+        "weight copies and "
+        "fragmentation: a lower bound (fast-DiT measured 27.5 GB where the same formula gives 17.1 GB). An A100 80GB "
+        f"holds {GPU_MEMORY_BYTES / GB:.1f} GB.",
     ]
 
 
 def print_text(table: list[dict], notes: list[str]) -> None:
     print("Expected scaling of DiT-XL/2 (256 px) training, bf16, on 8x A100 80GB nodes: computed, not measured.")
-    print("Sent per GPU per step: over a flat ring (estimate.comm_bytes_per_step), and hierarchically over NVLink and over the GPU's InfiniBand NIC.\n")
-    print(f"{'nodes':>5} {'GPUs':>5} {'strategy':>8} {'batch/GPU':>9} {'ring sent':>10} {'NVLink sent':>12} {'IB sent':>9} {'compute':>9} {'comm':>9} "
-          f"{'eff. no overlap':>16} {'eff. full overlap':>18} {'img/s no overlap':>17} {'memory/GPU':>11}")
+    print(
+        "Sent per GPU per step: over a flat ring (estimate.comm_bytes_per_step), and hierarchically over NVLink and "
+        "over the GPU's InfiniBand NIC.\n"
+    )
+    print(
+        f"{'nodes':>5} {'GPUs':>5} {'strategy':>8} {'batch/GPU':>9} {'ring sent':>10} {'NVLink sent':>12} "
+        f"{'IB sent':>9} {'compute':>9} {'comm':>9} "
+        f"{'eff. no overlap':>16} {'eff. full overlap':>18} {'img/s no overlap':>17} {'memory/GPU':>11}"
+    )
     for r in table:
-        print(f"{r['nodes']:>5} {r['gpus']:>5} {r['strategy']:>8} {r['micro_batch']:>9} {r['ring_sent_bytes'] / GB:>7.2f} GB {r['nvlink_sent_bytes'] / GB:>9.2f} GB "
-              f"{r['nic_sent_bytes'] / GB:>6.2f} GB {r['compute_s'] * 1e3:>6.0f} ms {r['comm_s'] * 1e3:>6.1f} ms "
-              f"{r['efficiency_no_overlap']:>16.1%} {r['efficiency_full_overlap']:>18.1%} {r['images_per_s_no_overlap']:>17,.0f} {r['memory_bytes'] / GB:>8.1f} GB")
+        print(
+            f"{r['nodes']:>5} {r['gpus']:>5} {r['strategy']:>8} {r['micro_batch']:>9} "
+            f"{r['ring_sent_bytes'] / GB:>7.2f} GB {r['nvlink_sent_bytes'] / GB:>9.2f} GB "
+            f"{r['nic_sent_bytes'] / GB:>6.2f} GB {r['compute_s'] * 1e3:>6.0f} ms {r['comm_s'] * 1e3:>6.1f} ms "
+            f"{r['efficiency_no_overlap']:>16.1%} {r['efficiency_full_overlap']:>18.1%} "
+            f"{r['images_per_s_no_overlap']:>17,.0f} {r['memory_bytes'] / GB:>8.1f} GB"
+        )
     print("\nAssumptions:")
     for note in notes:
         print(f"- {note}")
 
 
 def print_markdown(table: list[dict], notes: list[str]) -> None:
-    print("| nodes (GPUs) | strategy | batch per GPU | sent per GPU per step: ring / NVLink / InfiniBand | compute | communication | "
-          "efficiency, no overlap | efficiency, full overlap | images/s, no overlap | memory per GPU |")
+    print(
+        "| nodes (GPUs) | strategy | batch per GPU | sent per GPU per step: ring / NVLink / InfiniBand | compute | "
+        "communication | "
+        "efficiency, no overlap | efficiency, full overlap | images/s, no overlap | memory per GPU |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['nodes']} ({r['gpus']}) | {r['strategy']} | {r['micro_batch']} | "
-              f"{r['ring_sent_bytes'] / GB:.2f} / {r['nvlink_sent_bytes'] / GB:.2f} / {r['nic_sent_bytes'] / GB:.2f} GB | "
-              f"{r['compute_s'] * 1e3:.0f} ms | {r['comm_s'] * 1e3:.1f} ms | {r['efficiency_no_overlap']:.1%} | {r['efficiency_full_overlap']:.1%} | "
-              f"{r['images_per_s_no_overlap']:,.0f} | {r['memory_bytes'] / GB:.1f} GB |")
+        print(
+            f"| {r['nodes']} ({r['gpus']}) | {r['strategy']} | {r['micro_batch']} | "
+            f"{r['ring_sent_bytes'] / GB:.2f} / {r['nvlink_sent_bytes'] / GB:.2f} / {r['nic_sent_bytes'] / GB:.2f} GB "
+            "| "
+            f"{r['compute_s'] * 1e3:.0f} ms | {r['comm_s'] * 1e3:.1f} ms | {r['efficiency_no_overlap']:.1%} | "
+            f"{r['efficiency_full_overlap']:.1%} | "
+            f"{r['images_per_s_no_overlap']:,.0f} | {r['memory_bytes'] / GB:.1f} GB |"
+        )
     print("\nComputed by `bench/scaling.py`, not measured (GB = 10^9 bytes). Assumptions:\n")
     for note in notes:
         print(f"- {note}")
@@ -230,9 +308,17 @@ def main() -> None:
     batch = parser.add_mutually_exclusive_group()
     batch.add_argument("--micro-batch", type=int, default=32, help="images per GPU per step (weak scaling; default 32)")
     batch.add_argument("--global-batch", type=int, default=None, help="images per step over all GPUs (strong scaling)")
-    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation of the A100's bf16 peak (default 0.4)")
-    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing: 4x forward compute, block inputs kept")
-    parser.add_argument("--write-readme", action="store_true", help="write the Markdown table into README.md between the scaling markers")
+    parser.add_argument(
+        "--mfu", type=float, default=0.4, help="model FLOPs utilisation of the A100's bf16 peak (default 0.4)"
+    )
+    parser.add_argument(
+        "--checkpointing", action="store_true", help="activation checkpointing: 4x forward compute, block inputs kept"
+    )
+    parser.add_argument(
+        "--write-readme",
+        action="store_true",
+        help="write the Markdown table into README.md between the scaling markers",
+    )
     args = parser.parse_args()
     micro_batch = None if args.global_batch is not None else args.micro_batch
     table = rows(micro_batch, args.global_batch, args.mfu, args.checkpointing)
@@ -252,7 +338,9 @@ def main() -> None:
     text = readme.read_text()
     if start not in text or end not in text:
         raise SystemExit(f"{readme} has no {start.strip()} ... {end} markers")
-    readme.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: start + markdown.getvalue() + end, text, flags=re.S))
+    readme.write_text(
+        re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: start + markdown.getvalue() + end, text, flags=re.S)
+    )
     print(f"scaling table written into {readme}")
 
 

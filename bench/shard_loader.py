@@ -27,8 +27,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
 
-from orchestrator.data.shardformat import SHARD_PATTERN, DatasetIndex, ShardRecord  # noqa: E402
 from orchestrator.data.loader import DataPosition  # noqa: E402
+from orchestrator.data.shardformat import SHARD_PATTERN, DatasetIndex, ShardRecord  # noqa: E402
 from orchestrator.data.shards import ShardStream  # noqa: E402
 
 LATENT = (4, 32, 32)  # SD VAE latents of 256x256 images
@@ -50,11 +50,26 @@ def write_shards(folder: Path, samples: int, shard_size: int) -> None:
         with wds.TarWriter(str(folder / name), mtime=0) as sink:  # as orch prepare writes (no per-member PAX header)
             for number in range(first, first + count):
                 moments = np.stack([rng.standard_normal(LATENT), 0.1 + rng.random(LATENT)]).astype(np.float16)
-                sink.write({"__key__": f"{number:09d}", "latent.npy": moments, "cls": number % 1000, "json": {"source": f"{number}.jpg", "flipped": False}})
+                sink.write(
+                    {
+                        "__key__": f"{number:09d}",
+                        "latent.npy": moments,
+                        "cls": number % 1000,
+                        "json": {"source": f"{number}.jpg", "flipped": False},
+                    }
+                )
         records.append(ShardRecord(name=name, num_samples=count))
     DatasetIndex(
-        num_samples=samples, shards=records, latent_shape=list(LATENT), latent_dtype="float16", scaling_factor=0.18215,
-        vae="stabilityai/sd-vae-ft-mse", resolution=256, source="bench", flip=False, num_classes=1000,
+        num_samples=samples,
+        shards=records,
+        latent_shape=list(LATENT),
+        latent_dtype="float16",
+        scaling_factor=0.18215,
+        vae="stabilityai/sd-vae-ft-mse",
+        resolution=256,
+        source="bench",
+        flip=False,
+        num_classes=1000,
     ).write(folder)
 
 
@@ -79,7 +94,9 @@ def resume_latency(folder: Path, workers: int, batch: int) -> tuple[float, float
         with ShardStream(folder, micro_batch=batch, num_workers=workers, seed=0) as probe:
             middle = int(probe.batches_in_epoch(0) * fraction)
         start = time.perf_counter()
-        with ShardStream(folder, micro_batch=batch, num_workers=workers, seed=0, start=DataPosition(0, middle)) as stream:
+        with ShardStream(
+            folder, micro_batch=batch, num_workers=workers, seed=0, start=DataPosition(0, middle)
+        ) as stream:
             next(stream)
             times.append(time.perf_counter() - start)
     return times[0], times[1]
@@ -116,14 +133,23 @@ def main() -> None:
     parser.add_argument("--dit-steps", type=int, default=2)
     args = parser.parse_args()
 
-    print(f"machine: {platform.processor() or platform.machine()}, {THREADS} CPU cores, torch {torch.__version__}, webdataset {wds.__version__}, Python {platform.python_version()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {THREADS} CPU cores, torch {torch.__version__}, "
+        f"webdataset {wds.__version__}, Python {platform.python_version()}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         start = time.perf_counter()
         write_shards(folder, args.samples, args.shard_size)
         size = sum(p.stat().st_size for p in folder.glob("*.tar")) / 2**20
-        print(f"data: {args.samples} samples of {LATENT} fp16 (mean, std) in shards of {args.shard_size} ({size:.0f} MiB, written in {time.perf_counter() - start:.1f} s)")
-        print(f"\nShardStream, 1 rank, micro batch {args.batch}, shuffle buffer 1000, {args.epochs} epochs (page cache warm):")
+        print(
+            f"data: {args.samples} samples of {LATENT} fp16 (mean, std) in shards of {args.shard_size} ({size:.0f} "
+            f"MiB, written in {time.perf_counter() - start:.1f} s)"
+        )
+        print(
+            f"\nShardStream, 1 rank, micro batch {args.batch}, shuffle buffer 1000, {args.epochs} epochs (page cache "
+            "warm):"
+        )
         print(f"  {'workers':>7}  {'first batch':>11}  {'samples/s':>9}  {'resume: epoch start':>19}  {'mid-epoch':>9}")
         for workers in (0, 1, 2):
             first, rate, _ = loader_rate(folder, workers, args.batch, args.epochs)
@@ -132,13 +158,22 @@ def main() -> None:
 
     print("\nconsumers of one rank:")
     rate = dit_b2_rate(args.dit_steps)
-    print(f"  DiT-B/2 (input 32, 4 channels, 1000 classes) training on this CPU, fp32, batch 8, {THREADS} threads: {rate:.1f} samples/s")
+    print(
+        f"  DiT-B/2 (input 32, 4 channels, 1000 classes) training on this CPU, fp32, batch 8, {THREADS} threads: "
+        f"{rate:.1f} samples/s"
+    )
     xl2_node = 8 * A100_XL2_SAMPLES_PER_S
     b2_node = xl2_node * GFLOPS["DiT-XL/2"] / GFLOPS["DiT-B/2"]
     print(f"  8x A100, DiT-XL/2: {xl2_node:.0f} samples/s per node = {xl2_node / 8:.0f} per rank")
-    print("      (fast-DiT README: 0.84 steps/s at global batch 128 on one A100 with fp16, gradient checkpointing, pre-extracted latents)")
+    print(
+        "      (fast-DiT README: 0.84 steps/s at global batch 128 on one A100 with fp16, gradient checkpointing, "
+        "pre-extracted latents)"
+    )
     print(f"  8x A100, DiT-B/2:  ~{b2_node:.0f} samples/s per node = ~{b2_node / 8:.0f} per rank")
-    print(f"      (an estimate: the XL/2 figure scaled by forward Gflops {GFLOPS['DiT-XL/2']} / {GFLOPS['DiT-B/2']}, DiT paper Table 4)")
+    print(
+        f"      (an estimate: the XL/2 figure scaled by forward Gflops {GFLOPS['DiT-XL/2']} / {GFLOPS['DiT-B/2']}, DiT "
+        "paper Table 4)"
+    )
 
 
 if __name__ == "__main__":

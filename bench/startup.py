@@ -25,10 +25,27 @@ def time_to_first_step(processes: int) -> float:
     with tempfile.TemporaryDirectory() as root:
         start = time.perf_counter()
         subprocess.run(
-            [ORCH, "--root", root, "submit", str(REPO / "jobs" / "dit_digits.yaml"), "--detach",
-             "--set", "train.steps=3", "--set", "tracking.log_every=1", "--set", f"resources.processes={processes}",
-             "--set", "sample.sampler=ddim", "--set", "sample.steps=5"],
-            check=True, capture_output=True, env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+            [
+                ORCH,
+                "--root",
+                root,
+                "submit",
+                str(REPO / "jobs" / "dit_digits.yaml"),
+                "--detach",
+                "--set",
+                "train.steps=3",
+                "--set",
+                "tracking.log_every=1",
+                "--set",
+                f"resources.processes={processes}",
+                "--set",
+                "sample.sampler=ddim",
+                "--set",
+                "sample.steps=5",
+            ],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "MLFLOW_TRACKING_URI": ""},
         )
         job = next(p for p in Path(root).iterdir() if (p / "state.json").exists())
         while json.loads((job / "state.json").read_text())["step"] < 1:

@@ -32,7 +32,9 @@ def accelerate_command(
             f"got {num_processes} processes for {num_machines} machines"
         )
     if not 0 <= machine_rank < num_machines:
-        raise ValueError(f"machine_rank must be in [0, {num_machines}) for {num_machines} machine(s), got {machine_rank}")
+        raise ValueError(
+            f"machine_rank must be in [0, {num_machines}) for {num_machines} machine(s), got {machine_rank}"
+        )
     if main_process_port is not None and not 1 <= main_process_port <= 65535:
         raise ValueError(f"main_process_port must be in 1..65535, got {main_process_port}")
 
@@ -52,7 +54,8 @@ def accelerate_command(
         if main_process_ip is None or main_process_port is None:
             raise ValueError(
                 f"a {num_machines}-machine accelerate launch needs main_process_ip and main_process_port "
-                f"(the address of machine 0); got main_process_ip={main_process_ip!r}, main_process_port={main_process_port!r}"
+                f"(the address of machine 0); got main_process_ip={main_process_ip!r}, "
+                f"main_process_port={main_process_port!r}"
             )
         argv += ["--machine_rank", str(machine_rank), "--main_process_ip", main_process_ip]
         argv += ["--main_process_port", str(main_process_port)]

@@ -57,8 +57,13 @@ def deepspeed_config(
         raise ValueError(f"ZeRO stage must be one of {ZERO_STAGES}, got {stage}")
     if mixed_precision not in ("no", "bf16"):
         raise ValueError(f"the DeepSpeed engine trains in fp32 (no) or bf16, got mixed_precision {mixed_precision!r}")
-    for name, value in (("micro_batch_size", micro_batch_size), ("grad_accum_steps", grad_accum_steps), ("world_size", world_size),
-                        ("reduce_bucket_size", reduce_bucket_size), ("allgather_bucket_size", allgather_bucket_size)):
+    for name, value in (
+        ("micro_batch_size", micro_batch_size),
+        ("grad_accum_steps", grad_accum_steps),
+        ("world_size", world_size),
+        ("reduce_bucket_size", reduce_bucket_size),
+        ("allgather_bucket_size", allgather_bucket_size),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if offload_params and stage != 3:
@@ -84,7 +89,8 @@ def deepspeed_config(
         "zero_optimization": zero,
         "bf16": {"enabled": mixed_precision == "bf16"},
         "fp16": {"enabled": False},
-        "zero_allow_untested_optimizer": True,  # torch's AdamW (DeepSpeed's would compile cpu_adam); CPU Adam with offload
+        # torch's AdamW (DeepSpeed's would compile cpu_adam); CPU Adam with offload
+        "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 62,
         "wall_clock_breakdown": False,
     }
@@ -94,7 +100,11 @@ def deepspeed_config(
 def offloaded(config: Mapping) -> list[str]:
     """What a DeepSpeed config keeps in CPU memory: "optimizer" and/or "weights"."""
     zero = config.get("zero_optimization", {})
-    return [what for what, key in (("optimizer", "offload_optimizer"), ("weights", "offload_param")) if zero.get(key, {}).get("device", "none") != "none"]
+    return [
+        what
+        for what, key in (("optimizer", "offload_optimizer"), ("weights", "offload_param"))
+        if zero.get(key, {}).get("device", "none") != "none"
+    ]
 
 
 def read_user_config(path: str | Path) -> dict:
@@ -121,7 +131,10 @@ def lay_over(ours: Mapping, theirs: Mapping) -> dict:
             continue
         expected = _get(ours, path)
         if value != expected:  # 1 and 1.0 are the same value
-            problems.append(f"{'.'.join(path)} is {value!r} but the spec gives {expected!r} ({owner}); set it in the spec, or write \"auto\"")
+            problems.append(
+                f"{'.'.join(path)} is {value!r} but the spec gives {expected!r} ({owner}); set it in the spec, or "
+                'write "auto"'
+            )
     if problems:
         raise ValueError("; ".join(problems))
     merged = copy.deepcopy(dict(ours))
@@ -182,7 +195,18 @@ def deepspeed_command(
         check_positive("ssh_port", ssh_port)
     if not master_addr:
         raise ValueError("master_addr is empty; pass the host name or address of node 0")
-    argv = [python, "-u", "-m", "deepspeed.launcher.runner", "--hostfile", hostfile, "--master_addr", master_addr, "--master_port", str(master_port)]
+    argv = [
+        python,
+        "-u",
+        "-m",
+        "deepspeed.launcher.runner",
+        "--hostfile",
+        hostfile,
+        "--master_addr",
+        master_addr,
+        "--master_port",
+        str(master_port),
+    ]
     if ssh_port is not None:
         argv += ["--ssh_port", str(ssh_port)]
     argv += ["--no_local_rank", "--module", *entry[1:]]

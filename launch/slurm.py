@@ -1,6 +1,7 @@
 """Slurm: an sbatch script that runs one torchrun per node through srun, survives time limits and requeues.
 
-`sbatch_job(...)` is a pure function from plain values (a SlurmAllocation, a NodeStep) to the script's text and the `sbatch` command
+`sbatch_job(...)` is a pure function from plain values (a SlurmAllocation, a NodeStep) to the script's text and the
+`sbatch` command
 that submits it; nothing here runs Slurm. The script it writes:
 
 - asks for N nodes with one task per node (the task is torchrun, which starts the ranks of its node);
@@ -99,11 +100,26 @@ fi
 
 # #SBATCH options this module writes itself, with the argument of sbatch_job that sets each.
 MANAGED_OPTIONS = {
-    "job-name": "job_name", "nodes": "nodes", "ntasks": "nodes", "ntasks-per-node": "nodes",
-    "gpus-per-node": "gpus_per_node", "gpus": "gpus_per_node", "gres": "gpus_per_node",
-    "cpus-per-task": "cpus_per_task", "mem": "mem", "partition": "partition", "account": "account", "qos": "qos",
-    "constraint": "constraint", "time": "time_limit", "signal": "signal_seconds", "requeue": "requeue",
-    "no-requeue": "requeue", "open-mode": "logs_dir", "output": "logs_dir", "error": "logs_dir",
+    "job-name": "job_name",
+    "nodes": "nodes",
+    "ntasks": "nodes",
+    "ntasks-per-node": "nodes",
+    "gpus-per-node": "gpus_per_node",
+    "gpus": "gpus_per_node",
+    "gres": "gpus_per_node",
+    "cpus-per-task": "cpus_per_task",
+    "mem": "mem",
+    "partition": "partition",
+    "account": "account",
+    "qos": "qos",
+    "constraint": "constraint",
+    "time": "time_limit",
+    "signal": "signal_seconds",
+    "requeue": "requeue",
+    "no-requeue": "requeue",
+    "open-mode": "logs_dir",
+    "output": "logs_dir",
+    "error": "logs_dir",
     "chdir": "workdir",
 }
 
@@ -162,13 +178,16 @@ class SlurmAllocation:
         check_at_least("processes_per_node", self.processes_per_node, 1)
         if self.gpus_per_node and self.processes_per_node != self.gpus_per_node:
             raise ValueError(
-                f"processes_per_node ({self.processes_per_node}) must equal gpus_per_node ({self.gpus_per_node}): one rank per GPU; "
+                f"processes_per_node ({self.processes_per_node}) must equal gpus_per_node ({self.gpus_per_node}): one "
+                "rank per GPU; "
                 "leave processes_per_node unset on GPU nodes"
             )
         if self.cpus_per_task is not None:
             check_at_least("cpus_per_task", self.cpus_per_task, 1)
         if self.mem is not None:
-            check_sbatch_value("mem", self.mem, _MEMORY, "Slurm's format: megabytes, or a size with a K, M, G or T suffix, e.g. 256G")
+            check_sbatch_value(
+                "mem", self.mem, _MEMORY, "Slurm's format: megabytes, or a size with a K, M, G or T suffix, e.g. 256G"
+            )
         for name, value in (("partition", self.partition), ("account", self.account), ("qos", self.qos)):
             if value is not None:
                 check_sbatch_value(name, value, _LIST, "names separated by commas, no spaces")
@@ -177,11 +196,14 @@ class SlurmAllocation:
         time_text = self.time_text
         check_at_least("signal_seconds", self.signal_seconds, 1)
         if self.signal_seconds > MAX_SIGNAL_SECONDS:
-            raise ValueError(f"signal_seconds must be at most {MAX_SIGNAL_SECONDS} (Slurm's limit), got {self.signal_seconds}")
+            raise ValueError(
+                f"signal_seconds must be at most {MAX_SIGNAL_SECONDS} (Slurm's limit), got {self.signal_seconds}"
+            )
         if time_text is not None and self.signal_seconds >= time_limit_seconds(time_text):
             raise ValueError(
                 f"signal_seconds ({self.signal_seconds}) must be shorter than time_limit ({time_text} = "
-                f"{time_limit_seconds(time_text)} s), or the warning comes as soon as the job starts; lower signal_seconds"
+                f"{time_limit_seconds(time_text)} s), or the warning comes as soon as the job starts; lower "
+                "signal_seconds"
             )
 
     @property
@@ -255,13 +277,20 @@ def sbatch_job(
     extra_lines = [check_sbatch_extra(option) for option in sbatch_extra]
     for option in extra_lines:
         if a.mem is not None and option.split("=", 1)[0] in ("--mem-per-cpu", "--mem-per-gpu"):
-            raise ValueError(f"sbatch_extra entry {option!r} and mem ({a.mem}) both set the memory; sbatch takes only one of them")
+            raise ValueError(
+                f"sbatch_extra entry {option!r} and mem ({a.mem}) both set the memory; sbatch takes only one of them"
+            )
     setup_lines = list(step.setup)
 
     if step.step_command is None:
         command = torchrun_command(
-            step.python, step.entry, nproc_per_node=a.processes_per_node, nnodes=a.nodes,
-            rdzv_endpoint=_ENDPOINT_TOKEN, rdzv_id=_JOB_ID_TOKEN, threads=step.threads,
+            step.python,
+            step.entry,
+            nproc_per_node=a.processes_per_node,
+            nnodes=a.nodes,
+            rdzv_endpoint=_ENDPOINT_TOKEN,
+            rdzv_id=_JOB_ID_TOKEN,
+            threads=step.threads,
         )
         step_argv, exports = command.argv, {**command.env, **(step.env or {})}
     else:
@@ -278,8 +307,14 @@ def sbatch_job(
         sbatch_lines.append(f"--cpus-per-task={a.cpus_per_task}")
     if a.mem is not None:
         sbatch_lines.append(f"--mem={a.mem}")
-    for option, value in (("partition", a.partition), ("account", a.account), ("qos", a.qos),
-                          ("constraint", a.constraint), ("time", time_text), ("chdir", workdir)):
+    for option, value in (
+        ("partition", a.partition),
+        ("account", a.account),
+        ("qos", a.qos),
+        ("constraint", a.constraint),
+        ("time", time_text),
+        ("chdir", workdir),
+    ):
         if value is not None:
             sbatch_lines.append(f"--{option}={value}")
     sbatch_lines += [f"--output={log_file}", f"--error={log_file}", "--open-mode=append"]
@@ -296,11 +331,17 @@ def sbatch_job(
     srun_argv.append("--kill-on-bad-exit=1")  # one node failing ends the step on every node
     step_words = [_SHELL_EXPANSIONS.get(word) or shlex.quote(word) for word in step_argv]
 
-    lines = ["#!/bin/bash", f"# Generated by orch (launch/slurm.py) for job {job_name}; submitted as: {shlex.join(submit)}"]
+    lines = [
+        "#!/bin/bash",
+        f"# Generated by orch (launch/slurm.py) for job {job_name}; submitted as: {shlex.join(submit)}",
+    ]
     lines += [f"#SBATCH {line}" for line in sbatch_lines]
     lines.append("")
     if setup_lines:
-        lines += ["# Set-up from the spec; a failing line stops the job here, not later in a confusing launch.", "set -e"]
+        lines += [
+            "# Set-up from the spec; a failing line stops the job here, not later in a confusing launch.",
+            "set -e",
+        ]
         lines += [*setup_lines, "set +e", ""]
     lines += RESTART_COUNT.splitlines()
     if step.step_command is None:

@@ -30,7 +30,8 @@ DIFFUSERS_NORM_EPS = 1e-6  # the official DiT's LayerNorm eps; diffusers' defaul
 
 
 def to_diffusers(model: DiT) -> DiTTransformer2DModel:
-    """A DiTTransformer2DModel with `model`'s weights (copies), on its device and dtype, in `model`'s train/eval mode."""
+    """A DiTTransformer2DModel with `model`'s weights (copies), on its device and dtype, in `model`'s train/eval
+    mode."""
     _check_official_layout(model)
     hidden_size = model.pos_embed.shape[-1]
     with torch.device("meta"):
@@ -79,10 +80,17 @@ def from_diffusers(transformer: DiTTransformer2DModel, class_dropout_prob: float
     if strict:
         for i in range(1, depth):
             prefix, first = f"transformer_blocks.{i}.norm1.emb.", "transformer_blocks.0.norm1.emb."
-            drifted = [name for name in state if name.startswith(prefix) and not torch.equal(state[name], state[first + name[len(prefix):]])]
+            drifted = [
+                name
+                for name in state
+                if name.startswith(prefix) and not torch.equal(state[name], state[first + name[len(prefix) :]])
+            ]
             if drifted:
-                raise ValueError(f"block {i}'s copy of the timestep/label embedders differs from block 0's ({drifted[0]}, ...); "
-                                 "the official layout has one copy: pass strict=False to keep block 0's, the one diffusers' final layer uses")
+                raise ValueError(
+                    f"block {i}'s copy of the timestep/label embedders differs from block 0's ({drifted[0]}, ...); "
+                    "the official layout has one copy: pass strict=False to keep block 0's, the one diffusers' final "
+                    "layer uses"
+                )
 
     with torch.device("meta"):
         model = DiT(
@@ -100,7 +108,9 @@ def from_diffusers(transformer: DiTTransformer2DModel, class_dropout_prob: float
     ours = official_state_dict(state, depth, has_null_class=class_dropout_prob > 0)
     reference = state["pos_embed.proj.weight"]
     pos_embed = get_2d_sincos_pos_embed(model.pos_embed.shape[-1], model.x_embedder.grid_size)  # (T, D)
-    ours["pos_embed"] = torch.from_numpy(pos_embed).float().unsqueeze(0).to(reference.device, reference.dtype)  # (1, T, D)
+    ours["pos_embed"] = (
+        torch.from_numpy(pos_embed).float().unsqueeze(0).to(reference.device, reference.dtype)
+    )  # (1, T, D)
     ours = {name: tensor.detach().clone() for name, tensor in ours.items()}
     model.load_state_dict(ours, strict=True, assign=True)
     return model.eval()
@@ -120,17 +130,29 @@ def diffusers_state_dict(model: DiT) -> dict[str, torch.Tensor]:
         "norm1.emb.timestep_embedder.linear_2.bias": ours["t_embedder.mlp.2.bias"],
         "norm1.emb.class_embedder.embedding_table.weight": table,
     }
-    state = {"pos_embed.proj.weight": ours["x_embedder.proj.weight"], "pos_embed.proj.bias": ours["x_embedder.proj.bias"]}
+    state = {
+        "pos_embed.proj.weight": ours["x_embedder.proj.weight"],
+        "pos_embed.proj.bias": ours["x_embedder.proj.bias"],
+    }
     for i in range(len(model.blocks)):
         src, dst = f"blocks.{i}.", f"transformer_blocks.{i}."
         state.update({dst + name: tensor for name, tensor in embedders.items()})
-        state[dst + "norm1.linear.weight"] = ours[src + "adaLN_modulation.1.weight"]  # same chunk order, see the module docstring
+        state[dst + "norm1.linear.weight"] = ours[
+            src + "adaLN_modulation.1.weight"
+        ]  # same chunk order, see the module docstring
         state[dst + "norm1.linear.bias"] = ours[src + "adaLN_modulation.1.bias"]
         q_w, k_w, v_w = ours[src + "attn.qkv.weight"].chunk(3, dim=0)  # 3 x (D, D)
         q_b, k_b, v_b = ours[src + "attn.qkv.bias"].chunk(3, dim=0)  # 3 x (D,)
-        state.update({dst + "attn1.to_q.weight": q_w, dst + "attn1.to_q.bias": q_b,
-                      dst + "attn1.to_k.weight": k_w, dst + "attn1.to_k.bias": k_b,
-                      dst + "attn1.to_v.weight": v_w, dst + "attn1.to_v.bias": v_b})
+        state.update(
+            {
+                dst + "attn1.to_q.weight": q_w,
+                dst + "attn1.to_q.bias": q_b,
+                dst + "attn1.to_k.weight": k_w,
+                dst + "attn1.to_k.bias": k_b,
+                dst + "attn1.to_v.weight": v_w,
+                dst + "attn1.to_v.bias": v_b,
+            }
+        )
         state[dst + "attn1.to_out.0.weight"] = ours[src + "attn.proj.weight"]
         state[dst + "attn1.to_out.0.bias"] = ours[src + "attn.proj.bias"]
         state[dst + "ff.net.0.proj.weight"] = ours[src + "mlp.fc1.weight"]
@@ -144,8 +166,11 @@ def diffusers_state_dict(model: DiT) -> dict[str, torch.Tensor]:
     return state
 
 
-def official_state_dict(state: dict[str, torch.Tensor], depth: int, has_null_class: bool = True) -> dict[str, torch.Tensor]:
-    """A diffusers DiT state dict under the official names, without pos_embed (diffusers does not save it); embedders from block 0."""
+def official_state_dict(
+    state: dict[str, torch.Tensor], depth: int, has_null_class: bool = True
+) -> dict[str, torch.Tensor]:
+    """A diffusers DiT state dict under the official names, without pos_embed (diffusers does not save it); embedders
+    from block 0."""
     emb = "transformer_blocks.0.norm1.emb."
     table = state[emb + "class_embedder.embedding_table.weight"]  # (K + 1, D)
     ours = {
@@ -159,7 +184,9 @@ def official_state_dict(state: dict[str, torch.Tensor], depth: int, has_null_cla
     }
     for i in range(depth):
         src, dst = f"transformer_blocks.{i}.", f"blocks.{i}."
-        ours[dst + "attn.qkv.weight"] = torch.cat([state[src + f"attn1.to_{n}.weight"] for n in "qkv"], dim=0)  # (3D, D)
+        ours[dst + "attn.qkv.weight"] = torch.cat(
+            [state[src + f"attn1.to_{n}.weight"] for n in "qkv"], dim=0
+        )  # (3D, D)
         ours[dst + "attn.qkv.bias"] = torch.cat([state[src + f"attn1.to_{n}.bias"] for n in "qkv"], dim=0)  # (3D,)
         ours[dst + "attn.proj.weight"] = state[src + "attn1.to_out.0.weight"]
         ours[dst + "attn.proj.bias"] = state[src + "attn1.to_out.0.bias"]
@@ -178,13 +205,26 @@ def official_state_dict(state: dict[str, torch.Tensor], depth: int, has_null_cla
 
 def _check_official_layout(model: DiT) -> None:
     """Raise ValueError unless `model` has the architecture diffusers' DiTTransformer2DModel implements."""
-    variant = {"conditioning": model.conditioning, "condition": model.condition, "ffn": model.ffn, "pos_embed": model.pos_embed_type}
-    problems = [f"{name}={value!r}" for name, value in variant.items()
-                if value != {"conditioning": "adaln_zero", "condition": "class", "ffn": "mlp", "pos_embed": "sincos"}[name]]
+    variant = {
+        "conditioning": model.conditioning,
+        "condition": model.condition,
+        "ffn": model.ffn,
+        "pos_embed": model.pos_embed_type,
+    }
+    problems = [
+        f"{name}={value!r}"
+        for name, value in variant.items()
+        if value != {"conditioning": "adaln_zero", "condition": "class", "ffn": "mlp", "pos_embed": "sincos"}[name]
+    ]
     if model.conditioning == "adaln":  # the same architecture; only the initialisation differs
         problems.remove("conditioning='adaln'")
     hidden_size = model.pos_embed.shape[-1]
     if model.blocks[0].mlp.fc1.out_features != 4 * hidden_size:
-        problems.append(f"mlp_ratio={model.blocks[0].mlp.fc1.out_features / hidden_size:g} (diffusers' feed-forward is 4x wide)")
+        problems.append(
+            f"mlp_ratio={model.blocks[0].mlp.fc1.out_features / hidden_size:g} (diffusers' feed-forward is 4x wide)"
+        )
     if problems:
-        raise ValueError(f"only the official DiT layout (adaln_zero, class, mlp, sincos, mlp_ratio 4) converts to diffusers; this model has {', '.join(problems)}")
+        raise ValueError(
+            "only the official DiT layout (adaln_zero, class, mlp, sincos, mlp_ratio 4) converts to diffusers; this "
+            f"model has {', '.join(problems)}"
+        )

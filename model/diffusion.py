@@ -89,9 +89,15 @@ def diffusion_loss(
     x_t = noise_scheduler.add_noise(x0, noise, t)  # (N, C, H, W)
     out = model(x_t, t, y)  # (N, C or 2C, H, W)
     if out.shape[1] not in (c, 2 * c):
-        raise ValueError(f"the model returned {out.shape[1]} channels for {c}-channel inputs; expected {c} or {2 * c} (learned sigma)")
+        raise ValueError(
+            f"the model returned {out.shape[1]} channels for {c}-channel inputs; expected {c} or {2 * c} (learned "
+            "sigma)"
+        )
     if vlb_weight > 0 and out.shape[1] != 2 * c:
-        raise ValueError(f"the hybrid loss needs a learned-sigma model: {2 * c} output channels (prediction, then v), got {out.shape[1]}")
+        raise ValueError(
+            f"the hybrid loss needs a learned-sigma model: {2 * c} output channels (prediction, then v), got "
+            f"{out.shape[1]}"
+        )
     prediction = out[:, :c].float()  # (N, C, H, W)
 
     prediction_type = noise_scheduler.config.prediction_type
@@ -105,8 +111,11 @@ def diffusion_loss(
         raise ValueError(f"unknown prediction_type {prediction_type!r} (valid: {', '.join(PREDICTION_TYPES)})")
     loss = F.mse_loss(prediction, target.float())
     if vlb_weight > 0:
-        # The stop-gradient on the prediction leaves L_vlb to train the variance alone (Nichol & Dhariwal 2021, Sec. 3.1).
-        vlb = variational_bound(prediction.detach(), out[:, c:], x0, x_t, t, noise_scheduler)  # (N,), bits per dimension
+        # The stop-gradient on the prediction leaves L_vlb to train the variance alone (Nichol & Dhariwal 2021, Sec.
+        # 3.1).
+        vlb = variational_bound(
+            prediction.detach(), out[:, c:], x0, x_t, t, noise_scheduler
+        )  # (N,), bits per dimension
         loss = loss + vlb_weight * num_train_timesteps * vlb.mean()
     return loss
 
@@ -119,7 +128,8 @@ def hybrid_loss(
     generator: torch.Generator | None = None,
     vlb_weight: float = 1e-3,
 ) -> torch.Tensor:
-    """Improved DDPM's L_hybrid = L_simple + lambda * L_vlb for a learned-sigma model (Nichol & Dhariwal 2021, Sec. 3.1).
+    """Improved DDPM's L_hybrid = L_simple + lambda * L_vlb for a learned-sigma model (Nichol & Dhariwal 2021, Sec.
+    3.1).
 
     The model returns 2C channels: its prediction (trained by L_simple, as in diffusion_loss) then v,
     whose (v + 1) / 2 interpolates the log variance from log beta-tilde_t to log beta_t (Eq. 15, with
@@ -129,7 +139,10 @@ def hybrid_loss(
     diffusion_loss draws them, so with the same generator the two differ by the vlb term alone.
     """
     if vlb_weight <= 0:
-        raise ValueError(f"hybrid_loss needs vlb_weight > 0 (the paper's lambda is 0.001), got {vlb_weight}; use diffusion_loss for L_simple alone")
+        raise ValueError(
+            f"hybrid_loss needs vlb_weight > 0 (the paper's lambda is 0.001), got {vlb_weight}; use diffusion_loss for "
+            "L_simple alone"
+        )
     return diffusion_loss(model, x0, y, noise_scheduler, generator=generator, vlb_weight=vlb_weight)
 
 
@@ -148,7 +161,8 @@ def variational_bound(
     t: torch.Tensor,
     noise_scheduler: DDPMScheduler,
 ) -> torch.Tensor:
-    """The per-sample term L_t of the variational bound (N,), in bits per dimension (Nichol & Dhariwal 2021, Eqs. 4-6 and 15).
+    """The per-sample term L_t of the variational bound (N,), in bits per dimension (Nichol & Dhariwal 2021, Eqs. 4-6
+    and 15).
 
     prediction (N, C, H, W) follows the scheduler's prediction_type and gives the model mean (Ho et al.
     2020, Eq. 11, through the x0 it implies); v (N, C, H, W) gives the model variance
@@ -171,11 +185,14 @@ def variational_bound(
 
 def normal_kl(mean1: torch.Tensor, log_var1: torch.Tensor, mean2: torch.Tensor, log_var2: torch.Tensor) -> torch.Tensor:
     """KL(N(mean1, exp(log_var1)) || N(mean2, exp(log_var2))) of diagonal Gaussians, elementwise, in nats."""
-    return 0.5 * (log_var2 - log_var1 + torch.exp(log_var1 - log_var2) + (mean1 - mean2) ** 2 * torch.exp(-log_var2) - 1.0)
+    return 0.5 * (
+        log_var2 - log_var1 + torch.exp(log_var1 - log_var2) + (mean1 - mean2) ** 2 * torch.exp(-log_var2) - 1.0
+    )
 
 
 def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
-    """log P(x) elementwise, in nats, of 8-bit data scaled to [-1, 1] under N(mean, exp(2 log_scale)) (Ho et al. 2020, Eq. 13).
+    """log P(x) elementwise, in nats, of 8-bit data scaled to [-1, 1] under N(mean, exp(2 log_scale)) (Ho et al. 2020,
+    Eq. 13).
 
     Each of the 256 levels owns a bin of width 2/255 around it; the outermost bins reach -inf and +inf.
     Probabilities of inner bins are differences of log-CDFs taken in the lower tail, where they do not
@@ -196,7 +213,8 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
 
 
 def _posterior_terms(noise_scheduler: DDPMScheduler, t: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Coefficients of q(x_{t-1} | x_t, x_0) and the variance bounds at timesteps t (N,), each (N, 1, 1, 1) float32 on t's device.
+    """Coefficients of q(x_{t-1} | x_t, x_0) and the variance bounds at timesteps t (N,), each (N, 1, 1, 1) float32 on
+    t's device.
 
     Built in float64 from alpha_bar, with beta_t = 1 - alpha_bar_t / alpha_bar_{t-1} as diffusers'
     samplers do, so that strided and full schedules agree. beta-tilde_0 = 0, so its log is clipped to
@@ -208,7 +226,8 @@ def _posterior_terms(noise_scheduler: DDPMScheduler, t: torch.Tensor) -> dict[st
 
 
 def _posterior_table(noise_scheduler: DDPMScheduler, device: torch.device) -> dict[str, torch.Tensor]:
-    """The per-timestep coefficients of _posterior_terms, (T,) float32 each on `device`, computed once per scheduler and device."""
+    """The per-timestep coefficients of _posterior_terms, (T,) float32 each on `device`, computed once per scheduler and
+    device."""
     cache = noise_scheduler.__dict__.setdefault("_orch_posterior_tables", {})
     if device not in cache:
         alpha_bar = noise_scheduler.alphas_cumprod.detach().cpu().double()  # (T,)
@@ -226,7 +245,9 @@ def _posterior_table(noise_scheduler: DDPMScheduler, device: torch.device) -> di
     return cache[device]
 
 
-def _predict_x0(prediction: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor | float, prediction_type: str) -> torch.Tensor:
+def _predict_x0(
+    prediction: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor | float, prediction_type: str
+) -> torch.Tensor:
     """The x0 that a prediction of the given type implies for x_t at noise level alpha_bar."""
     if prediction_type == "epsilon":
         return (x_t - (1 - alpha_bar) ** 0.5 * prediction) / alpha_bar**0.5
@@ -283,7 +304,18 @@ def sample(
     `generator` (its device must be labels' device) or from `noise`, fixed initial noise of shape (N, C, H, W).
     """
     return _reverse_process(
-        model, labels, image_shape, noise_scheduler, sampler, num_steps, guidance_scale, null_label, generator, noise, progress, clip_denoised
+        model,
+        labels,
+        image_shape,
+        noise_scheduler,
+        sampler,
+        num_steps,
+        guidance_scale,
+        null_label,
+        generator,
+        noise,
+        progress,
+        clip_denoised,
     )
 
 
@@ -303,7 +335,8 @@ def sample_progression(
     clip_denoised: bool = False,
     num_frames: int = 8,
 ) -> torch.Tensor:
-    """A denoising progression strip: each sample's x0 prediction at num_frames evenly spaced steps, (N, K, C, H, W) in [-1, 1].
+    """A denoising progression strip: each sample's x0 prediction at num_frames evenly spaced steps, (N, K, C, H, W) in
+    [-1, 1].
 
     Runs exactly as `sample` with the same arguments (same randomness, same result) and records, at
     steps round(linspace(0, S - 1, K)) of its S steps, the x0 that the (guided) prediction implies,
@@ -316,7 +349,9 @@ def sample_progression(
     def record(i: int, t: torch.Tensor, x: torch.Tensor, prediction: torch.Tensor, total: int) -> None:
         if i == 0:
             if not 2 <= num_frames <= total:
-                raise ValueError(f"num_frames must be between 2 and the number of sampler steps ({total}), got {num_frames}")
+                raise ValueError(
+                    f"num_frames must be between 2 and the number of sampler steps ({total}), got {num_frames}"
+                )
             state["at"] = torch.linspace(0, total - 1, num_frames).round().long().tolist()
         if i in state["at"][:-1]:
             alpha_bar = noise_scheduler.alphas_cumprod[int(t)].item()
@@ -324,7 +359,18 @@ def sample_progression(
             frames.append(x0_hat.clamp(-1, 1))
 
     images = _reverse_process(
-        model, labels, image_shape, noise_scheduler, sampler, num_steps, guidance_scale, null_label, generator, noise, progress, clip_denoised,
+        model,
+        labels,
+        image_shape,
+        noise_scheduler,
+        sampler,
+        num_steps,
+        guidance_scale,
+        null_label,
+        generator,
+        noise,
+        progress,
+        clip_denoised,
         on_prediction=record,
     )  # (N, C, H, W)
     return torch.stack([*frames, images], dim=1)  # (N, K, C, H, W)
@@ -352,7 +398,9 @@ def _reverse_process(
         n = next(iter(labels.values())).shape[0]
         device = next(iter(labels.values())).device
     elif labels.ndim != 1:
-        raise ValueError(f"labels must be a 1-D tensor of class indices (or a text condition dict), got shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be a 1-D tensor of class indices (or a text condition dict), got shape {tuple(labels.shape)}"
+        )
     else:
         n, device = labels.shape[0], labels.device
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
@@ -361,14 +409,18 @@ def _reverse_process(
         raise ValueError(f"num_steps must be between 1 and num_train_timesteps={num_train_timesteps}, got {num_steps}")
     guided = guidance_scale != 1
     if guided and null_label is None:
-        raise ValueError(f"guidance_scale={guidance_scale} needs null_label (the null class index, usually num_classes)")
+        raise ValueError(
+            f"guidance_scale={guidance_scale} needs null_label (the null class index, usually num_classes)"
+        )
 
     c = image_shape[0]
     shape = (n, *image_shape)
     if noise is None:
         x = torch.randn(shape, generator=generator, device=device)  # (N, C, H, W)
     elif tuple(noise.shape) != shape:
-        raise ValueError(f"noise has shape {tuple(noise.shape)}; {n} labels of images {tuple(image_shape)} need {shape}")
+        raise ValueError(
+            f"noise has shape {tuple(noise.shape)}; {n} labels of images {tuple(image_shape)} need {shape}"
+        )
     else:
         x = noise.to(device=device, dtype=torch.float32)  # (N, C, H, W)
 
@@ -376,7 +428,9 @@ def _reverse_process(
     step_kwargs = {"generator": generator} if sampler == "ddpm" else {"eta": 0.0} if sampler == "ddim" else {}
 
     if guided and isinstance(labels, Mapping):
-        labels = {k: torch.cat([v, v]) for k, v in labels.items()}  # (2N, ...): the model puts its null caption in the second half
+        labels = {
+            k: torch.cat([v, v]) for k, v in labels.items()
+        }  # (2N, ...): the model puts its null caption in the second half
     elif guided:
         labels = torch.cat([labels, torch.full_like(labels, null_label)])  # (2N,)
     timesteps = scheduler.timesteps
@@ -389,12 +443,17 @@ def _reverse_process(
         else:
             out = model(x_in, t_in, labels)  # (N, C_out, H, W)
         if out.shape[1] not in (c, 2 * c):
-            raise ValueError(f"the model returned {out.shape[1]} channels for {c}-channel images; expected {c} or {2 * c} (learned sigma)")
+            raise ValueError(
+                f"the model returned {out.shape[1]} channels for {c}-channel images; expected {c} or {2 * c} (learned "
+                "sigma)"
+            )
         prediction = out[:n, :c].to(x.dtype)  # (N, C, H, W)
         model_output = prediction  # (N, C, H, W); learned sigma dropped unless DDPM uses it
         if sampler == "ddpm" and out.shape[1] == 2 * c:
             if scheduler.config.variance_type != "learned_range":  # known from the first output: no step taken yet
-                scheduler = _sampler_scheduler(noise_scheduler, sampler, num_steps, device, clip_denoised, learned_variance=True)
+                scheduler = _sampler_scheduler(
+                    noise_scheduler, sampler, num_steps, device, clip_denoised, learned_variance=True
+                )
             v = out[:n, c:].to(x.dtype).clamp(-1, 1)  # (N, C, H, W)
             model_output = torch.cat([prediction, v], dim=1)  # (N, 2C, H, W)
         if on_prediction is not None:
@@ -406,7 +465,12 @@ def _reverse_process(
 
 
 def _sampler_scheduler(
-    noise_scheduler: DDPMScheduler, sampler: str, num_steps: int, device: torch.device, clip_denoised: bool, learned_variance: bool = False
+    noise_scheduler: DDPMScheduler,
+    sampler: str,
+    num_steps: int,
+    device: torch.device,
+    clip_denoised: bool,
+    learned_variance: bool = False,
 ) -> SchedulerMixin:
     """The reverse-step scheduler of `sampler` on the noise scheduler's betas, its num_steps timesteps set on device."""
     config = noise_scheduler.config
@@ -420,8 +484,15 @@ def _sampler_scheduler(
         # (an RGB assumption); we hand it the prediction alone. Spacing as the other samplers (its
         # own default is `linspace`); thresholding with sample_max_value = 1 is a clip to [-1, 1].
         scheduler = DPMSolverMultistepScheduler.from_config(
-            config, algorithm_type="dpmsolver++", solver_order=2, thresholding=clip_denoised, sample_max_value=1.0,
-            variance_type=None, timestep_spacing=config.timestep_spacing, final_sigmas_type="zero", lower_order_final=True,
+            config,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            thresholding=clip_denoised,
+            sample_max_value=1.0,
+            variance_type=None,
+            timestep_spacing=config.timestep_spacing,
+            final_sigmas_type="zero",
+            lower_order_final=True,
         )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_NUMPY_COPY_WARNING, category=DeprecationWarning)

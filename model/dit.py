@@ -59,7 +59,8 @@ BLOCK_LISTS = ("blocks", "down_blocks", "mid_blocks", "up_blocks")  # DiT's and 
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a DiT or U-Net (the units run_block may recompute, FSDP shards and compile_blocks compiles)."""
+    """The repeated blocks of a DiT or U-Net (the units run_block may recompute, FSDP shards and compile_blocks
+    compiles)."""
     return [block for name in BLOCK_LISTS for block in getattr(model, name, ())]
 
 
@@ -155,7 +156,8 @@ class LabelEmbedder(nn.Module):
 
 
 class TextEmbedder(nn.Module):
-    """Project precomputed text-encoder embeddings to D-dim condition tokens; in training, drop captions to a learned null caption.
+    """Project precomputed text-encoder embeddings to D-dim condition tokens; in training, drop captions to a learned
+    null caption.
 
     Input `y`: a pooled sentence embedding (N, text_dim) (one token), a token sequence (N, L, text_dim)
     with L <= max_tokens, or a dict with "tokens" (N, L, text_dim) and/or "pooled" (N, text_dim), and
@@ -174,11 +176,15 @@ class TextEmbedder(nn.Module):
         self.null_embedding = nn.Parameter(torch.zeros(1, hidden_size)) if dropout_prob > 0 else None
 
     def parse(self, y: Condition) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Check y and return token embeddings (N, L, text_dim), a bool mask (N, L), and the pooled input (N, text_dim) or None."""
+        """Check y and return token embeddings (N, L, text_dim), a bool mask (N, L), and the pooled input (N, text_dim)
+        or None."""
         if isinstance(y, Mapping):
             unknown = set(y) - set(TEXT_KEYS)
             if unknown or not ({"tokens", "pooled"} & set(y)):
-                raise ValueError(f"text condition dict has keys {sorted(y)}; valid keys are {', '.join(TEXT_KEYS)} with 'tokens' or 'pooled' present")
+                raise ValueError(
+                    f"text condition dict has keys {sorted(y)}; valid keys are {', '.join(TEXT_KEYS)} with 'tokens' or "
+                    "'pooled' present"
+                )
             tokens, mask, pooled = y.get("tokens"), y.get("mask"), y.get("pooled")
         elif isinstance(y, torch.Tensor) and y.ndim == 2:
             tokens, mask, pooled = None, None, y
@@ -186,7 +192,10 @@ class TextEmbedder(nn.Module):
             tokens, mask, pooled = y, None, None
         else:
             got = f"a tensor of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ValueError(f"text condition must be a float tensor (N, {self.text_dim}) or (N, L, {self.text_dim}), or a dict with keys {', '.join(TEXT_KEYS)}; got {got}")
+            raise ValueError(
+                f"text condition must be a float tensor (N, {self.text_dim}) or (N, L, {self.text_dim}), or a dict "
+                f"with keys {', '.join(TEXT_KEYS)}; got {got}"
+            )
         if pooled is not None and (pooled.ndim != 2 or pooled.shape[-1] != self.text_dim):
             raise ValueError(f"pooled text embedding has shape {tuple(pooled.shape)}; expected (N, {self.text_dim})")
         if tokens is None:
@@ -194,11 +203,16 @@ class TextEmbedder(nn.Module):
             if mask is not None:
                 raise ValueError("a text 'mask' needs 'tokens'")
         if tokens.ndim != 3 or tokens.shape[-1] != self.text_dim or not 1 <= tokens.shape[1] <= self.max_tokens:
-            raise ValueError(f"text tokens have shape {tuple(tokens.shape)}; expected (N, L, {self.text_dim}) with 1 <= L <= text_tokens={self.max_tokens}")
+            raise ValueError(
+                f"text tokens have shape {tuple(tokens.shape)}; expected (N, L, {self.text_dim}) with 1 <= L <= "
+                f"text_tokens={self.max_tokens}"
+            )
         if mask is None:
             mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)  # (N, L)
         elif tuple(mask.shape) != tuple(tokens.shape[:2]):
-            raise ValueError(f"text mask has shape {tuple(mask.shape)}; expected {tuple(tokens.shape[:2])}, one entry per token")
+            raise ValueError(
+                f"text mask has shape {tuple(mask.shape)}; expected {tuple(tokens.shape[:2])}, one entry per token"
+            )
         return tokens, mask.bool(), pooled
 
     def forward(
@@ -223,7 +237,9 @@ class TextEmbedder(nn.Module):
                 drop = force_drop_ids.to(tokens.device) == 1  # (N,)
             first = torch.arange(length, device=tokens.device) == 0  # (L,)
             null = self.null_embedding.to(tokens.dtype)  # (1, D)
-            null_tokens = torch.where(first[:, None], null, torch.zeros_like(null))  # (L, D): the null token, then padding
+            null_tokens = torch.where(
+                first[:, None], null, torch.zeros_like(null)
+            )  # (L, D): the null token, then padding
             tokens = torch.where(drop[:, None, None], null_tokens, tokens)  # (N, L, D)
             mask = torch.where(drop[:, None], first, mask)  # (N, L)
             pooled = torch.where(drop[:, None], null, pooled)  # (N, D)
@@ -256,7 +272,9 @@ class Attention(nn.Module):
         n, t, d = x.shape
         qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, self.head_dim)  # (N, T, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, H, T, Dh)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask(mask))  # (N, H, T, Dh), softmax(q k^T / sqrt(Dh)) v
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=_key_mask(mask)
+        )  # (N, H, T, Dh), softmax(q k^T / sqrt(Dh)) v
         x = x.transpose(1, 2).reshape(n, t, d)  # (N, T, D)
         return self.proj(x)  # (N, T, D)
 
@@ -310,7 +328,9 @@ class ConvMlp(nn.Module):
         super().__init__()
         self.grid_size = grid_size
         self.fc1 = nn.Linear(in_features, hidden_features, bias=True)
-        self.dwconv = nn.Conv2d(hidden_features, hidden_features, kernel_size=3, padding=1, groups=hidden_features, bias=True)
+        self.dwconv = nn.Conv2d(
+            hidden_features, hidden_features, kernel_size=3, padding=1, groups=hidden_features, bias=True
+        )
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden_features, in_features, bias=True)
 
@@ -344,7 +364,9 @@ def make_ffn(ffn: str, hidden_size: int, mlp_ratio: float, grid_size: int | None
 class DiTBlock(nn.Module):
     """Transformer block whose norms are modulated, and whose branches are gated, by the condition (adaLN-Zero)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, ffn: str = "mlp", grid_size: int | None = None):
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, ffn: str = "mlp", grid_size: int | None = None
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads=num_heads)
@@ -363,7 +385,9 @@ class DiTBlock(nn.Module):
 class CrossAttentionBlock(nn.Module):
     """Pre-norm transformer block: self-attention, cross-attention to the condition tokens, feed-forward."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, ffn: str = "mlp", grid_size: int | None = None):
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, ffn: str = "mlp", grid_size: int | None = None
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=True, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads=num_heads)
@@ -382,7 +406,9 @@ class CrossAttentionBlock(nn.Module):
 class InContextBlock(nn.Module):
     """Plain pre-norm transformer block over condition tokens followed by patch tokens."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, ffn: str = "mlp", grid_size: int | None = None):
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, ffn: str = "mlp", grid_size: int | None = None
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=True, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads=num_heads)
@@ -468,7 +494,17 @@ class DiT(nn.Module):
         text_tokens: int = 77,
     ):
         super().__init__()
-        _check_sizes(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, class_dropout_prob, num_classes)
+        _check_sizes(
+            input_size,
+            patch_size,
+            in_channels,
+            hidden_size,
+            depth,
+            num_heads,
+            mlp_ratio,
+            class_dropout_prob,
+            num_classes,
+        )
         _check_variant(conditioning, condition, ffn, pos_embed, text_dim, text_tokens)
         self.input_size = input_size
         self.patch_size = patch_size
@@ -493,12 +529,26 @@ class DiT(nn.Module):
         else:
             self.y_embedder = None
         # Sin-cos: fixed, a frozen Parameter (not a buffer) so state dicts match the published ones. Learned: trainable.
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=pos_embed == "learned")
-        block_class = {"adaln_zero": DiTBlock, "adaln": DiTBlock, "cross_attention": CrossAttentionBlock, "in_context": InContextBlock}[conditioning]
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=pos_embed == "learned"
+        )
+        block_class = {
+            "adaln_zero": DiTBlock,
+            "adaln": DiTBlock,
+            "cross_attention": CrossAttentionBlock,
+            "in_context": InContextBlock,
+        }[conditioning]
         grid_size = self.x_embedder.grid_size
         self.activation_checkpointing = False  # recompute each block in backward (run_block); set by the trainer
-        self.blocks = nn.ModuleList([block_class(hidden_size, num_heads, mlp_ratio=mlp_ratio, ffn=ffn, grid_size=grid_size) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, modulated=conditioning != "in_context")
+        self.blocks = nn.ModuleList(
+            [
+                block_class(hidden_size, num_heads, mlp_ratio=mlp_ratio, ffn=ffn, grid_size=grid_size)
+                for _ in range(depth)
+            ]
+        )
+        self.final_layer = FinalLayer(
+            hidden_size, patch_size, self.out_channels, modulated=conditioning != "in_context"
+        )
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -559,19 +609,25 @@ class DiT(nn.Module):
     def embed_condition(
         self, y: Condition, n: int, force_drop_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Condition tokens (N, L, D), their key mask (N, L) or None (all real), and the pooled condition (N, D) or None."""
+        """Condition tokens (N, L, D), their key mask (N, L) or None (all real), and the pooled condition (N, D) or
+        None."""
         if self.condition == "none":
             return self.pos_embed.new_zeros(n, 0, self.pos_embed.shape[-1]), None, None  # (N, 0, D)
         if force_drop_ids is not None and not self.has_null_condition:
             raise ValueError("force_drop_ids needs a null condition, which this DiT lacks (class_dropout_prob=0)")
         if y is None:
-            raise ValueError(f"DiT(condition={self.condition!r}) needs y: " + ("labels (N,)" if self.condition == "class" else "text embeddings"))
+            raise ValueError(
+                f"DiT(condition={self.condition!r}) needs y: "
+                + ("labels (N,)" if self.condition == "class" else "text embeddings")
+            )
         if self.condition == "class":
             pooled = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
             return pooled.unsqueeze(1), None, pooled  # (N, 1, D), None, (N, D)
         return self.y_embedder(y, self.training, force_drop_ids)  # (N, L, D), (N, L), (N, D)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Condition = None, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: Condition = None, force_drop_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Predict from noisy inputs x (N, C, H, W), timesteps t (N,) and condition y the output (N, C_out, H, W).
 
         y: labels (N,) for condition="class", text embeddings (see TextEmbedder) for "text", ignored for
@@ -579,10 +635,14 @@ class DiT(nn.Module):
         """
         expected = (self.in_channels, self.input_size, self.input_size)
         if tuple(x.shape[1:]) != expected:
-            raise ValueError(f"DiT input has shape {tuple(x.shape)}; this model takes (N, {', '.join(map(str, expected))})")
+            raise ValueError(
+                f"DiT input has shape {tuple(x.shape)}; this model takes (N, {', '.join(map(str, expected))})"
+            )
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / p ** 2
         t = self.t_embedder(t)  # (N, D)
-        tokens, mask, pooled = self.embed_condition(y, x.shape[0], force_drop_ids)  # (N, L, D), (N, L) or None, (N, D) or None
+        tokens, mask, pooled = self.embed_condition(
+            y, x.shape[0], force_drop_ids
+        )  # (N, L, D), (N, L) or None, (N, D) or None
         c = t if pooled is None else t + pooled  # (N, D)
         if self.conditioning in ("adaln_zero", "adaln"):
             for block in self.blocks:
@@ -616,7 +676,9 @@ class DiT(nn.Module):
         if condition == "none":
             raise ValueError("classifier-free guidance needs a condition; this DiT has condition='none'")
         if x.shape[0] % 2:
-            raise ValueError(f"forward_with_cfg needs an even batch (conditional half, then unconditional half), got {x.shape[0]}")
+            raise ValueError(
+                f"forward_with_cfg needs an even batch (conditional half, then unconditional half), got {x.shape[0]}"
+            )
         half = x[: x.shape[0] // 2]  # (N/2, C, H, W)
         combined = torch.cat([half, half], dim=0)  # (N, C, H, W)
         if condition == "text":
@@ -632,18 +694,32 @@ class DiT(nn.Module):
         return torch.cat([guided_half, guided_half], dim=0)  # (N, C_out, H, W)
 
 
-def _check_sizes(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, class_dropout_prob, num_classes) -> None:
+def _check_sizes(
+    input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, class_dropout_prob, num_classes
+) -> None:
     """Raise ValueError for a DiT shape that cannot be built."""
-    for name, value in (("input_size", input_size), ("patch_size", patch_size), ("in_channels", in_channels),
-                        ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads), ("num_classes", num_classes)):
+    for name, value in (
+        ("input_size", input_size),
+        ("patch_size", patch_size),
+        ("in_channels", in_channels),
+        ("hidden_size", hidden_size),
+        ("depth", depth),
+        ("num_heads", num_heads),
+        ("num_classes", num_classes),
+    ):
         if value < 1:
             raise ValueError(f"DiT {name} must be a positive integer, got {value}")
     if input_size % patch_size:
-        raise ValueError(f"DiT input_size {input_size} is not divisible by patch_size {patch_size}; pick a patch size that divides it")
+        raise ValueError(
+            f"DiT input_size {input_size} is not divisible by patch_size {patch_size}; pick a patch size that divides "
+            "it"
+        )
     if hidden_size % num_heads:
         raise ValueError(f"DiT hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
     if hidden_size % 4:
-        raise ValueError(f"DiT hidden_size {hidden_size} must be a multiple of 4 (the 2-D sin-cos position embedding needs it)")
+        raise ValueError(
+            f"DiT hidden_size {hidden_size} must be a multiple of 4 (the 2-D sin-cos position embedding needs it)"
+        )
     if mlp_ratio <= 0:
         raise ValueError(f"DiT mlp_ratio must be positive, got {mlp_ratio}")
     if not 0 <= class_dropout_prob < 1:
@@ -652,13 +728,20 @@ def _check_sizes(input_size, patch_size, in_channels, hidden_size, depth, num_he
 
 def _check_variant(conditioning, condition, ffn, pos_embed, text_dim, text_tokens) -> None:
     """Raise ValueError for an unknown variant name or a combination that cannot be built."""
-    for name, value, valid in (("conditioning", conditioning, CONDITIONINGS), ("condition", condition, CONDITIONS),
-                               ("ffn", ffn, FFNS), ("pos_embed", pos_embed, POS_EMBEDS)):
+    for name, value, valid in (
+        ("conditioning", conditioning, CONDITIONINGS),
+        ("condition", condition, CONDITIONS),
+        ("ffn", ffn, FFNS),
+        ("pos_embed", pos_embed, POS_EMBEDS),
+    ):
         if value not in valid:
             raise ValueError(f"DiT {name} {value!r} is unknown (valid: {', '.join(valid)})")
     if condition == "text":
         if text_dim is None or text_dim < 1:
-            raise ValueError(f"DiT condition='text' needs text_dim, the width of the text embeddings (a positive integer), got {text_dim}")
+            raise ValueError(
+                "DiT condition='text' needs text_dim, the width of the text embeddings (a positive integer), got "
+                f"{text_dim}"
+            )
         if text_tokens < 1:
             raise ValueError(f"DiT text_tokens must be a positive integer, got {text_tokens}")
     elif text_dim is not None:
@@ -675,7 +758,9 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
     """Fixed position embedding (grid_size ** 2, embed_dim) of a square grid, tokens in row-major order."""
     if embed_dim % 4:
         raise ValueError(f"embed_dim must be a multiple of 4 for a 2-D sin-cos embedding, got {embed_dim}")
-    rows, cols = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32), indexing="ij")
+    rows, cols = np.meshgrid(
+        np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32), indexing="ij"
+    )
     emb_cols = get_1d_sincos_pos_embed(embed_dim // 2, cols.reshape(-1))  # (T, D/2)
     emb_rows = get_1d_sincos_pos_embed(embed_dim // 2, rows.reshape(-1))  # (T, D/2)
     return np.concatenate([emb_cols, emb_rows], axis=1)  # (T, D)
@@ -744,8 +829,16 @@ def DiT_S_8(**kwargs) -> DiT:
 
 
 DiT_models = {
-    "DiT-XL/2": DiT_XL_2, "DiT-XL/4": DiT_XL_4, "DiT-XL/8": DiT_XL_8,
-    "DiT-L/2": DiT_L_2, "DiT-L/4": DiT_L_4, "DiT-L/8": DiT_L_8,
-    "DiT-B/2": DiT_B_2, "DiT-B/4": DiT_B_4, "DiT-B/8": DiT_B_8,
-    "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-S/8": DiT_S_8,
+    "DiT-XL/2": DiT_XL_2,
+    "DiT-XL/4": DiT_XL_4,
+    "DiT-XL/8": DiT_XL_8,
+    "DiT-L/2": DiT_L_2,
+    "DiT-L/4": DiT_L_4,
+    "DiT-L/8": DiT_L_8,
+    "DiT-B/2": DiT_B_2,
+    "DiT-B/4": DiT_B_4,
+    "DiT-B/8": DiT_B_8,
+    "DiT-S/2": DiT_S_2,
+    "DiT-S/4": DiT_S_4,
+    "DiT-S/8": DiT_S_8,
 }

@@ -32,7 +32,8 @@ class EMA:
         self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
 
     def to(self, device: torch.device | str) -> EMA:
-        """Place the shadow on `device`: the training device, so that updates and sample grids never cross to the host."""
+        """Place the shadow on `device`: the training device, so that updates and sample grids never cross to the
+        host."""
         self.module.to(device)
         return self
 
@@ -47,14 +48,19 @@ class EMA:
         self.update_from(dict(model.named_parameters()), dict(model.named_buffers()), step)
 
     @torch.no_grad()
-    def update_from(self, parameters: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor], step: int) -> None:
+    def update_from(
+        self, parameters: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor], step: int
+    ) -> None:
         """update() from named tensors rather than a module: e.g. the full weights gathered from ZeRO or FSDP shards."""
         if step % self.update_every:
             return
         shadow_params = dict(self.module.named_parameters())
         if shadow_params.keys() != parameters.keys():
             missing, extra = shadow_params.keys() - parameters.keys(), parameters.keys() - shadow_params.keys()
-            raise ValueError(f"EMA.update got a model with other parameters (missing: {sorted(missing)[:5]}, extra: {sorted(extra)[:5]}); pass the unwrapped model the EMA was made from")
+            raise ValueError(
+                f"EMA.update got a model with other parameters (missing: {sorted(missing)[:5]}, extra: "
+                f"{sorted(extra)[:5]}); pass the unwrapped model the EMA was made from"
+            )
         shadows = list(shadow_params.values())
         sources = [_like(parameters[name].detach(), shadow) for name, shadow in shadow_params.items()]
         torch._foreach_lerp_(shadows, sources, 1 - self.decay_at(self.num_updates))

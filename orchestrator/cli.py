@@ -20,7 +20,13 @@ from orchestrator.errors import UserError
 from orchestrator.jobs.directory import ACTIVE_STATES, JobDir, JobError, JobState, find_job, list_jobs, resolve_root
 
 USER_ERROR = 2
-set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a spec field (repeatable); beats the YAML file.")
+set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY.PATH=VALUE",
+    help="Override a spec field (repeatable); beats the YAML file.",
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 
@@ -43,7 +49,12 @@ def _fail(message: str):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--root", envvar="ORCH_ROOT", type=click.Path(file_okay=False), help="Folder of job directories [env ORCH_ROOT; default ./runs].")
+@click.option(
+    "--root",
+    envvar="ORCH_ROOT",
+    type=click.Path(file_okay=False),
+    help="Folder of job directories [env ORCH_ROOT; default ./runs].",
+)
 @click.pass_context
 def cli(ctx: click.Context, root: str | None) -> None:
     """orch: train diffusion models from declarative job specs.
@@ -73,10 +84,15 @@ def validate(spec_file: str, overrides: tuple[str, ...]) -> None:
         from orchestrator.specs.prepare import load_prepare_spec
 
         prepare_spec = load_prepare_spec(spec_file, overrides)
-        click.echo(f"{spec_file}: valid — prepare {prepare_spec.input.source} {prepare_spec.input.path} -> {prepare_spec.output.path}")
+        click.echo(
+            f"{spec_file}: valid — prepare {prepare_spec.input.source} {prepare_spec.input.path} -> "
+            f"{prepare_spec.output.path}"
+        )
         return
     spec = load_spec(spec_file, overrides)
-    click.echo(f"{spec_file}: valid — job {spec.name!r}, {spec.train.steps} steps, {spec.model.arch} on {spec.data.source}")
+    click.echo(
+        f"{spec_file}: valid — job {spec.name!r}, {spec.train.steps} steps, {spec.model.arch} on {spec.data.source}"
+    )
     try:
         check_data(spec)
     except PlanError as err:
@@ -171,20 +187,30 @@ def keep_user_files(job: JobDir, spec) -> None:
 def resume(root: Path, job_ref: str | None, overrides: tuple[str, ...], allow_spec_change: bool, detach: bool) -> None:
     """Continue a job (default: the newest unfinished one) from its newest checkpoint."""
     from orchestrator.jobs.plan import make_plan, require_runnable
-    from orchestrator.specs.job import parse_spec, spec_changes
     from orchestrator.jobs.supervisor import write_plan
+    from orchestrator.specs.job import parse_spec, spec_changes
 
     job = find_job(root, job_ref, unfinished=True)
     record = job.status()
     if record.state in ACTIVE_STATES:
-        raise JobError(f"job {job.id} is {record.state.value} (supervisor pid {record.supervisor_pid}); `orch cancel {job.id}` stops it first")
+        raise JobError(
+            f"job {job.id} is {record.state.value} (supervisor pid {record.supervisor_pid}); `orch cancel {job.id}` "
+            "stops it first"
+        )
     current = parse_spec(job.spec_file.read_text(), source=str(job.spec_file))
     spec = parse_spec(job.spec_file.read_text(), source=str(job.spec_file), overrides=overrides)
     changes = spec_changes(current, spec)
     if changes and not allow_spec_change:
-        raise JobError(f"the overrides change job {job.id}'s spec:\n  " + "\n  ".join(changes) + "\nadd --allow-spec-change to resume with them")
+        raise JobError(
+            f"the overrides change job {job.id}'s spec:\n  "
+            + "\n  ".join(changes)
+            + "\nadd --allow-spec-change to resume with them"
+        )
     if record.state == JobState.SUCCEEDED and record.step >= spec.train.steps:
-        raise JobError(f"job {job.id} already finished its {record.step} steps; to train on: orch resume {job.id} --set train.steps=N --allow-spec-change")
+        raise JobError(
+            f"job {job.id} already finished its {record.step} steps; to train on: orch resume {job.id} --set "
+            "train.steps=N --allow-spec-change"
+        )
     the_plan = make_plan(spec, job.path, job.root)
     require_runnable(the_plan)
     if changes:
@@ -201,7 +227,12 @@ def resume(root: Path, job_ref: str | None, overrides: tuple[str, ...], allow_sp
 
 @cli.command()
 @click.argument("job_ref")
-@click.option("--node-rank", type=int, required=True, help="This machine's node number, 1..nodes-1 (node 0 runs `orch submit` / `orch resume`).")
+@click.option(
+    "--node-rank",
+    type=int,
+    required=True,
+    help="This machine's node number, 1..nodes-1 (node 0 runs `orch submit` / `orch resume`).",
+)
 @click.pass_obj
 @user_errors
 def join(root: Path, job_ref: str, node_rank: int) -> None:
@@ -230,7 +261,10 @@ def _start(job: JobDir, detach: bool) -> None:
     with open(job.logs_dir / "supervisor.log", "ab") as log:
         subprocess.Popen(
             [sys.executable, "-m", "orchestrator.jobs.supervisor", str(job.path)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     deadline = time.time() + 30
     while time.time() < deadline and not job.is_locked() and job.read().state == JobState.QUEUED:
@@ -241,7 +275,6 @@ def _start(job: JobDir, detach: bool) -> None:
 def _submit_to_slurm(job: JobDir, plan: dict) -> None:
     """Write the job's sbatch script and submit it; Slurm runs (and requeues) it from here on."""
     from orchestrator.jobs import slurm_queue as slurm
-
     from orchestrator.jobs.supervisor import write_launch_files
 
     write_launch_files(plan)  # the sbatch script
@@ -257,7 +290,9 @@ def _submit_to_slurm(job: JobDir, plan: dict) -> None:
 
 def _print_outcome(record) -> None:
     colour = {"succeeded": "green", "preempted": "yellow"}.get(record.state.value, "red")
-    click.secho(f"{record.id}: {record.state.value} — {record.message}", fg=colour, err=record.state != JobState.SUCCEEDED)
+    click.secho(
+        f"{record.id}: {record.state.value} — {record.message}", fg=colour, err=record.state != JobState.SUCCEEDED
+    )
     if record.mlflow_run_id:
         click.echo(f"MLflow run {record.mlflow_run_id} at {record.mlflow_uri}  (`orch ui` to browse)")
 
@@ -283,7 +318,11 @@ def cancel(root: Path, job_ref: str, wait: bool, timeout: float) -> None:
 
         if record.state == JobState.QUEUED:  # not started: nothing to checkpoint
             slurm.cancel(record.slurm_job_id)
-            job.transition(JobState.CANCELLED, ended_at=time.time(), message=f"cancelled before it started (Slurm job {record.slurm_job_id})")
+            job.transition(
+                JobState.CANCELLED,
+                ended_at=time.time(),
+                message=f"cancelled before it started (Slurm job {record.slurm_job_id})",
+            )
         else:
             slurm.signal_tasks(record.slurm_job_id, "TERM")  # the ranks checkpoint and stop; no requeue
     elif record.supervisor_pid and job.is_locked():
@@ -323,19 +362,31 @@ def prepare(spec_file: str, overrides: tuple[str, ...]) -> None:
 @cli.command()
 @click.argument("ref", metavar="JOB_OR_CHECKPOINT")
 @click.option("--num", default=8, show_default=True, help="Images per class (or in all, without classes).")
-@click.option("--class", "classes", multiple=True, type=int, help="Class to draw (repeatable) [default: the grid's classes].")
+@click.option(
+    "--class", "classes", multiple=True, type=int, help="Class to draw (repeatable) [default: the grid's classes]."
+)
 @click.option("--prompt", "prompts", multiple=True, help="Caption to draw (repeatable; text-conditioned models).")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpm_solver++"]), help="[default: the spec's sample.sampler]")
+@click.option(
+    "--sampler", type=click.Choice(["ddpm", "ddim", "dpm_solver++"]), help="[default: the spec's sample.sampler]"
+)
 @click.option("--steps", type=int, help="Denoising steps [default: the spec's sample.steps].")
 @click.option("--guidance", type=float, help="Classifier-free guidance scale [default: the spec's].")
 @click.option("--seed", default=0, show_default=True, help="The same seed gives the same images.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Folder for one PNG per image and grid.png.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Folder for one PNG per image and grid.png.",
+)
 @click.option("--no-ema", is_flag=True, help="Use the raw weights instead of the EMA weights.")
 @click.option("--progression", is_flag=True, help="Also save progression.png: the x0 prediction across the timesteps.")
 @click.option("--batch-size", default=64, show_default=True)
 @click.pass_obj
 @user_errors
-def sample(root: Path, ref, num, classes, prompts, sampler, steps, guidance, seed, out_dir, no_ema, progression, batch_size) -> None:
+def sample(
+    root: Path, ref, num, classes, prompts, sampler, steps, guidance, seed, out_dir, no_ema, progression, batch_size
+) -> None:
     """Draw images from a job's newest checkpoint (or a checkpoint directory), EMA weights by default."""
     from rich.progress import Progress
 
@@ -344,9 +395,15 @@ def sample(root: Path, ref, num, classes, prompts, sampler, steps, guidance, see
     spec, checkpoint = resolve_checkpoint(ref, root)  # before torch is imported: a wrong name is answered at once
     condition = spec.model.condition
     if prompts and condition != "text":
-        raise UserError(f"--prompt needs a text-conditioned model; this one is conditioned on {condition}{': use --class' if condition == 'class' else ''}")
+        raise UserError(
+            "--prompt needs a text-conditioned model; this one is conditioned on "
+            f"{condition}{': use --class' if condition == 'class' else ''}"
+        )
     if classes and condition != "class":
-        raise UserError(f"--class needs a class-conditional model; this one is conditioned on {condition}{': use --prompt' if condition == 'text' else ''}")
+        raise UserError(
+            "--class needs a class-conditional model; this one is conditioned on "
+            f"{condition}{': use --prompt' if condition == 'text' else ''}"
+        )
     if condition == "text" and not prompts:
         raise UserError("this model is text-conditioned: give the captions to draw with --prompt (repeatable)")
     from orchestrator.trained import sampling
@@ -356,7 +413,11 @@ def sample(root: Path, ref, num, classes, prompts, sampler, steps, guidance, see
     text = None
     if condition == "text":
         text = sampling.encode_prompts(model_input, [p for p in prompts for _ in range(num)])
-        labels, tags, rows = [0] * (len(prompts) * num), [f"prompt{j}" for j in range(len(prompts)) for _ in range(num)], len(prompts)
+        labels, tags, rows = (
+            [0] * (len(prompts) * num),
+            [f"prompt{j}" for j in range(len(prompts)) for _ in range(num)],
+            len(prompts),
+        )
     else:
         grid_classes = list(classes) or list(spec.sample.classes or range(min(10, sampling.num_classes_of(model))))
         labels, tags, rows = [c for c in grid_classes for _ in range(num)], None, len(grid_classes)
@@ -365,17 +426,36 @@ def sample(root: Path, ref, num, classes, prompts, sampler, steps, guidance, see
     with Progress(transient=True) as bar:
         task = bar.add_task(f"{sampler}-{steps}", total=None)
         images = sampling.sample_images(
-            model, spec, labels, sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
-            progress=lambda done, total: bar.update(task, completed=done, total=total), model_input=model_input, text=text,
+            model,
+            spec,
+            labels,
+            sampler=sampler,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            batch_size=batch_size,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            model_input=model_input,
+            text=text,
         )
     sampling.write_outputs(images, labels, Path(out_dir), rows=rows, tags=tags)
     if text is not None:
         (Path(out_dir) / "prompts.txt").write_text("".join(f"prompt{j}: {p}\n" for j, p in enumerate(prompts)))
-    click.echo(f"{len(labels)} images from {checkpoint} ({'raw' if no_ema else 'EMA'} weights, {sampler}-{steps}, guidance {guidance}, seed {seed}) -> {out_dir}")
+    click.echo(
+        f"{len(labels)} images from {checkpoint} ({'raw' if no_ema else 'EMA'} weights, {sampler}-{steps}, guidance "
+        f"{guidance}, seed {seed}) -> {out_dir}"
+    )
     if progression:
         first = list(range(0, len(labels), num))  # the first image of every row
         strip = sampling.progression_strip(
-            model, spec, [labels[i] for i in first], sampler=sampler, steps=steps, guidance=guidance, seed=seed, model_input=model_input,
+            model,
+            spec,
+            [labels[i] for i in first],
+            sampler=sampler,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            model_input=model_input,
             text=None if text is None else {k: v[first] for k, v in text.items()},
         )
         strip.save(Path(out_dir) / "progression.png")
@@ -384,7 +464,9 @@ def sample(root: Path, ref, num, classes, prompts, sampler, steps, guidance, see
 
 @cli.command()
 @click.argument("ref", metavar="JOB_OR_CHECKPOINT")
-@click.option("--format", "fmt", type=click.Choice(["safetensors", "diffusers"]), default="safetensors", show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["safetensors", "diffusers"]), default="safetensors", show_default=True
+)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
 @click.option("--no-ema", is_flag=True, help="Export the raw weights instead of the EMA weights.")
 @click.pass_obj
@@ -403,7 +485,14 @@ def export(root: Path, ref, fmt, out_dir, no_ema) -> None:
 
 # ---- looking at jobs -----------------------------------------------------------------------
 
-STATE_COLOURS = {"queued": "cyan", "running": "blue", "succeeded": "green", "failed": "red", "cancelled": "magenta", "preempted": "yellow"}
+STATE_COLOURS = {
+    "queued": "cyan",
+    "running": "blue",
+    "succeeded": "green",
+    "failed": "red",
+    "cancelled": "magenta",
+    "preempted": "yellow",
+}
 
 
 def _facts(job: JobDir) -> dict:
@@ -434,7 +523,9 @@ def list_(root: Path, as_json: bool) -> None:
         table.add_column(column)
     for f in facts:
         table.add_row(
-            f["id"], f"[{STATE_COLOURS[f['state']]}]{f['state']}[/]", f"{f['step']}/{f['total_steps']}",
+            f["id"],
+            f"[{STATE_COLOURS[f['state']]}]{f['state']}[/]",
+            f"{f['step']}/{f['total_steps']}",
             f"{f['loss']:.4f}" if f["loss"] is not None else "-",
             f"step {f['checkpoint_step']}" if f["checkpoint_step"] is not None else "-",
             time.strftime("%m-%d %H:%M", time.localtime(f["started_at"])) if f["started_at"] else "-",
@@ -501,7 +592,21 @@ def ui(root: Path, port: int, uri: str | None) -> None:
 
     store = resolve_tracking_uri(uri, root.resolve())
     click.echo(f"MLflow UI for {store} at http://127.0.0.1:{port}  (Ctrl-C stops it)")
-    os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port)])
+    os.execvp(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            store,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+    )
 
 
 def main() -> None:

@@ -16,7 +16,8 @@ def fsync_dir(folder: Path) -> None:
 
 
 def write_atomic(path: Path, data: str | bytes, tmp: Path | None = None) -> None:
-    """Write to a temporary file (default: hidden, per process, beside `path`), fsync, rename over `path`, fsync its folder."""
+    """Write to a temporary file (default: hidden, per process, beside `path`), fsync, rename over `path`, fsync its
+    folder."""
     path = Path(path)
     tmp = tmp or path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -52,16 +52,16 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from webdataset.tariterators import base_plus_ext
 
-from orchestrator.data import shardformat
-from orchestrator.errors import UserError
-from orchestrator.files import fsync_dir, write_atomic
-from orchestrator.data.imagefolder import IMAGE_EXTENSIONS
-from orchestrator.specs.prepare import ImageSpec, InputSpec, PrepareSpec, VaeSpec, load_prepare_spec
 from orchestrator.components import vae as vae_loader
-from orchestrator.data.loader import center_crop
 from orchestrator.components.device import use_tf32
 from orchestrator.components.text import encode_texts, load_text_encoder
 from orchestrator.components.vae import require_local_folder
+from orchestrator.data import shardformat
+from orchestrator.data.imagefolder import IMAGE_EXTENSIONS
+from orchestrator.data.loader import center_crop
+from orchestrator.errors import UserError
+from orchestrator.files import fsync_dir, write_atomic
+from orchestrator.specs.prepare import ImageSpec, InputSpec, PrepareSpec, VaeSpec, load_prepare_spec
 
 log = logging.getLogger("orchestrator.prepare")
 
@@ -75,8 +75,6 @@ EXIT_USER_ERROR = 2
 
 class PrepareError(UserError):
     """Inputs, models or an output folder that `orch prepare` cannot use; the message names the fix."""
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,8 +126,11 @@ def _scan_image_folder(spec: InputSpec, root: Path) -> Inputs:
     if not root.is_dir():
         raise PrepareError(f"input.path {root} is not a folder (input.source image_folder)")
     files = [
-        p.relative_to(root) for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        p.relative_to(root)
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
     ]
     if not files:
         raise PrepareError(f"input.path {root} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -145,7 +146,9 @@ def _scan_image_folder(spec: InputSpec, root: Path) -> Inputs:
     captions = _folder_captions(root, files)
     items = [
         InputItem(
-            source=rel.as_posix(), location=str(root / rel), label=labels[rel.parts[0]] if class_names else None,
+            source=rel.as_posix(),
+            location=str(root / rel),
+            label=labels[rel.parts[0]] if class_names else None,
             caption=captions.get(rel.as_posix()),
         )
         for rel in files
@@ -166,10 +169,18 @@ def _folder_captions(root: Path, files: list[Path]) -> dict[str, str]:
                 row = json.loads(line)
                 captions[Path(row["file"]).as_posix()] = str(row["caption"])
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise PrepareError(f"{table} line {number} is not a JSON object with \"file\" and \"caption\"; fix or remove it") from None
+                raise PrepareError(
+                    f'{table} line {number} is not a JSON object with "file" and "caption"; fix or remove it'
+                ) from None
         unknown = set(captions) - {rel.as_posix() for rel in files}
         if unknown:
-            log.warning("%s names %d file(s) that are not images in %s (e.g. %s); their captions are unused", table, len(unknown), root, min(unknown))
+            log.warning(
+                "%s names %d file(s) that are not images in %s (e.g. %s); their captions are unused",
+                table,
+                len(unknown),
+                root,
+                min(unknown),
+            )
     for rel in files:
         beside = (root / rel).with_suffix(".txt")
         if rel.as_posix() not in captions and beside.is_file():
@@ -183,12 +194,21 @@ def _scan_table(spec: InputSpec, path: Path) -> Inputs:
         raise PrepareError(f"table {path} has no rows")
     columns = list(rows[0])
     if spec.url_column not in columns:
-        raise PrepareError(f"table {path} has no column {spec.url_column!r} (columns: {', '.join(map(str, columns))}); name the URL column with input.url_column")
+        raise PrepareError(
+            f"table {path} has no column {spec.url_column!r} (columns: {', '.join(map(str, columns))}); name the URL "
+            "column with input.url_column"
+        )
     has_captions = spec.caption_column in columns
-    labels, class_names = _table_labels([row.get(spec.label_column) for row in rows], path) if spec.label_column in columns else ([None] * len(rows), None)
+    labels, class_names = (
+        _table_labels([row.get(spec.label_column) for row in rows], path)
+        if spec.label_column in columns
+        else ([None] * len(rows), None)
+    )
     items = [
         InputItem(
-            source=str(row[spec.url_column] or ""), location=str(row[spec.url_column] or "") or None, label=label,
+            source=str(row[spec.url_column] or ""),
+            location=str(row[spec.url_column] or "") or None,
+            label=label,
             caption=_text(row.get(spec.caption_column)) if has_captions else None,
         )
         for row, label in zip(rows, labels)
@@ -223,8 +243,12 @@ def _table_labels(values: list, path: Path) -> tuple[list[int], list[str] | None
     """Integer labels as they are; names as indices into their sorted list."""
     if any(v is None or v == "" for v in values):
         row = next(i for i, v in enumerate(values) if v is None or v == "")
-        raise PrepareError(f"table {path} row {row + 1} has no label while others do; give every row one, or drop the column")
-    if all(isinstance(v, int) and not isinstance(v, bool) or isinstance(v, str) and v.strip().isdigit() for v in values):
+        raise PrepareError(
+            f"table {path} row {row + 1} has no label while others do; give every row one, or drop the column"
+        )
+    if all(
+        isinstance(v, int) and not isinstance(v, bool) or isinstance(v, str) and v.strip().isdigit() for v in values
+    ):
         return [int(v) for v in values], None
     names = sorted({str(v) for v in values})
     return [names.index(str(v)) for v in values], names
@@ -254,18 +278,27 @@ def _scan_webdataset(spec: InputSpec, path: Path) -> Inputs:
                     image = next((members[e] for e in WEBDATASET_IMAGE_EXTENSIONS if e in members), None)
                     label = members.get("cls")
                     caption = members.get("txt")
-                    items.append(InputItem(
-                        source=f"{tar_path.name}:{key}", location=str(tar_path) if image else None,
-                        label=_read_label(tar, label, tar_path, key) if label else None,
-                        caption=tar.extractfile(caption).read().decode("utf-8", "replace").strip() if caption else None,
-                        span=(image.offset_data, image.size) if image else None,
-                    ))
+                    items.append(
+                        InputItem(
+                            source=f"{tar_path.name}:{key}",
+                            location=str(tar_path) if image else None,
+                            label=_read_label(tar, label, tar_path, key) if label else None,
+                            caption=tar.extractfile(caption).read().decode("utf-8", "replace").strip()
+                            if caption
+                            else None,
+                            span=(image.offset_data, image.size) if image else None,
+                        )
+                    )
         except tarfile.ReadError as err:
-            raise PrepareError(f"{tar_path} is not an uncompressed tar ({err}); webdataset inputs are read from plain .tar shards") from None
+            raise PrepareError(
+                f"{tar_path} is not an uncompressed tar ({err}); webdataset inputs are read from plain .tar shards"
+            ) from None
     with_labels = sum(item.label is not None for item in items)
     if 0 < with_labels < len(items):
         missing = next(item for item in items if item.label is None)
-        raise PrepareError(f"sample {missing.source} has no cls while {with_labels} others do; give every sample one, or none")
+        raise PrepareError(
+            f"sample {missing.source} has no cls while {with_labels} others do; give every sample one, or none"
+        )
     has_captions = any(item.caption is not None for item in items)
     num_classes = max(item.label for item in items) + 1 if with_labels else None
     return Inputs(items, None, num_classes, has_captions, f"webdataset:{path}")
@@ -304,10 +337,14 @@ def load_pixels(item: InputItem, image: ImageSpec, input_spec: InputSpec) -> np.
             with Image.open(io.BytesIO(data)) as opened:
                 opened.load()
                 picture = ImageOps.exif_transpose(opened).convert("RGB")  # phone photos keep their rotation in EXIF
-        except Exception as err:  # PIL's decoders raise a zoo of types on corrupt data (OSError, SyntaxError, struct.error, ...)
+        except (
+            Exception
+        ) as err:  # PIL's decoders raise a zoo of types on corrupt data (OSError, SyntaxError, struct.error, ...)
             raise _Skipped("unreadable", f"{type(err).__name__}: {err}") from None
         if min(picture.size) < image.resolution and not image.upscale_small:
-            raise _Skipped("too_small", f"{picture.size[0]}x{picture.size[1]} is below {image.resolution} px on the short side")
+            raise _Skipped(
+                "too_small", f"{picture.size[0]}x{picture.size[1]} is below {image.resolution} px on the short side"
+            )
         return np.asarray(center_crop(picture, image.resolution), dtype=np.uint8)  # (H, W, 3)
     except _Skipped as skipped:
         return skipped.skip
@@ -315,7 +352,10 @@ def load_pixels(item: InputItem, image: ImageSpec, input_spec: InputSpec) -> np.
 
 def _read_bytes(item: InputItem, input_spec: InputSpec) -> bytes:
     if item.location is None:
-        raise _Skipped("download_failed" if input_spec.source == "table" else "unreadable", "no image (empty URL or no image member)")
+        raise _Skipped(
+            "download_failed" if input_spec.source == "table" else "unreadable",
+            "no image (empty URL or no image member)",
+        )
     if input_spec.source == "table":
         return _download(item.location, input_spec.download_timeout, input_spec.download_retries)
     try:
@@ -387,10 +427,14 @@ def load_encoders(spec: PrepareSpec, device: str, captions: bool) -> Encoders:
     if resolution % factor:
         raise PrepareError(
             f"image.resolution {resolution} is not a multiple of the VAE's downsampling factor {factor} "
-            f"({spec.vae.name} halves {len(vae.config.block_out_channels) - 1} times); use e.g. {max(factor, resolution // factor * factor)}"
+            f"({spec.vae.name} halves {len(vae.config.block_out_channels) - 1} times); use e.g. "
+            f"{max(factor, resolution // factor * factor)}"
         )
     encoders = Encoders(
-        vae=vae, dtype=dtype, device=device, scaling_factor=float(vae.config.scaling_factor),
+        vae=vae,
+        dtype=dtype,
+        device=device,
+        scaling_factor=float(vae.config.scaling_factor),
         latent_shape=[vae.config.latent_channels, resolution // factor, resolution // factor],
     )
     if captions and spec.text.enabled:
@@ -400,7 +444,9 @@ def load_encoders(spec: PrepareSpec, device: str, captions: bool) -> Encoders:
 
 def load_vae(vae_spec: VaeSpec, device: str, dtype: torch.dtype) -> torch.nn.Module:
     require_local_folder(vae_spec.name, "vae.name")
-    return vae_loader.load_vae(vae_spec.name, device, dtype, subfolder=vae_spec.subfolder)  # the one loader training and sampling decode with
+    return vae_loader.load_vae(
+        vae_spec.name, device, dtype, subfolder=vae_spec.subfolder
+    )  # the one loader training and sampling decode with
 
 
 @torch.inference_mode()
@@ -447,8 +493,13 @@ def claim_output(out: Path, spec: PrepareSpec, inputs: Inputs, rank: int) -> Non
         raise PrepareError(f"cannot create output.path {out}: {err.strerror}") from None
     path = out / MANIFEST_FILE
     if not path.exists():
-        if (out / shardformat.INDEX_FILE).exists() or any(out.glob("shard-*.tar")):  # every rank claims before it writes a shard
-            raise PrepareError(f"{out} holds shards that this preparation did not write ({MANIFEST_FILE} is missing); use a new output.path")
+        if (out / shardformat.INDEX_FILE).exists() or any(
+            out.glob("shard-*.tar")
+        ):  # every rank claims before it writes a shard
+            raise PrepareError(
+                f"{out} holds shards that this preparation did not write ({MANIFEST_FILE} is missing); use a new "
+                "output.path"
+            )
         tmp = out / f".{MANIFEST_FILE}.{rank}.tmp"  # each rank its own temporary: they may all arrive at once
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
         os.replace(tmp, path)
@@ -456,12 +507,20 @@ def claim_output(out: Path, spec: PrepareSpec, inputs: Inputs, rank: int) -> Non
     found = json.loads(path.read_text())
     if found != manifest:
         before, after = _flat(found.get("spec", {})), _flat(manifest["spec"])
-        changes = [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+        changes = [
+            f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+            for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key)
+        ]
         if found.get("inputs_digest") != manifest["inputs_digest"]:
-            changes.append(f"the input list ({found.get('num_inputs')} -> {manifest['num_inputs']} inputs, or their order, labels or captions)")
+            changes.append(
+                f"the input list ({found.get('num_inputs')} -> {manifest['num_inputs']} inputs, or their order, labels "
+                "or captions)"
+            )
         raise PrepareError(
             f"{out} holds a preparation started with other settings ({'; '.join(changes)}); "
-            "continue it with the original spec and inputs, or use a new output.path (or delete the folder) to start over"
+            "continue it with the original spec and inputs, or use a new output.path (or delete the folder) to start "
+            "over"
         )
 
 
@@ -472,7 +531,9 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def write_index_if_complete(out: Path, num_shards: int, spec: PrepareSpec, inputs: Inputs, encoders: Encoders) -> Path | None:
+def write_index_if_complete(
+    out: Path, num_shards: int, spec: PrepareSpec, inputs: Inputs, encoders: Encoders
+) -> Path | None:
     """Write index.json when every shard's record exists (else None); any rank may call it, any number of times."""
     with open(out / ".index.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two ranks finishing together would otherwise share index.json.tmp
@@ -484,26 +545,47 @@ def write_index_if_complete(out: Path, num_shards: int, spec: PrepareSpec, input
             records.append(json.loads(path.read_text()))
         for record in records:
             if record["num_samples"] and not (out / record["shard"]).exists():
-                raise PrepareError(f"{out / record['shard']} is missing though its record exists; delete {record_path(out, record['index']).name} and run again")
+                raise PrepareError(
+                    f"{out / record['shard']} is missing though its record exists; delete "
+                    f"{record_path(out, record['index']).name} and run again"
+                )
         skipped = Counter()
         for record in records:
             skipped.update(record["skipped"])
         index = shardformat.DatasetIndex(
             num_samples=sum(r["num_samples"] for r in records),
             shards=[  # empty shards are left out
-                shardformat.ShardRecord(r["shard"], r["num_samples"], bytes=(out / r["shard"]).stat().st_size) for r in records if r["num_samples"]
+                shardformat.ShardRecord(r["shard"], r["num_samples"], bytes=(out / r["shard"]).stat().st_size)
+                for r in records
+                if r["num_samples"]
             ],
-            latent_shape=encoders.latent_shape, latent_dtype="float16", scaling_factor=encoders.scaling_factor,
-            vae=spec.vae.name, resolution=spec.image.resolution, source=inputs.description, flip=spec.image.flip,
-            num_classes=inputs.num_classes, class_names=inputs.class_names,
+            latent_shape=encoders.latent_shape,
+            latent_dtype="float16",
+            scaling_factor=encoders.scaling_factor,
+            vae=spec.vae.name,
+            resolution=spec.image.resolution,
+            source=inputs.description,
+            flip=spec.image.flip,
+            num_classes=inputs.num_classes,
+            class_names=inputs.class_names,
             text_encoder=spec.text.encoder if encoders.text is not None else None,
-            text_dim=encoders.text_dim, max_text_tokens=encoders.max_text_tokens,
+            text_dim=encoders.text_dim,
+            max_text_tokens=encoders.max_text_tokens,
             skipped={reason: skipped[reason] for reason in SKIP_REASONS if skipped[reason]},
         )
         return index.write(out)
 
 
-def _write_shard(out: Path, k: int, indices: range, inputs: Inputs, spec: PrepareSpec, encoders: Encoders, pool: ThreadPoolExecutor, advance) -> dict:
+def _write_shard(
+    out: Path,
+    k: int,
+    indices: range,
+    inputs: Inputs,
+    spec: PrepareSpec,
+    encoders: Encoders,
+    pool: ThreadPoolExecutor,
+    advance,
+) -> dict:
     """Encode one shard's inputs into shard-k.tar (atomically) and its record shard-k.json; returns the record."""
     items = [(i, inputs.items[i]) for i in indices]
     batch = spec.resources.batch_size
@@ -536,14 +618,20 @@ def _write_shard(out: Path, k: int, indices: range, inputs: Inputs, spec: Prepar
     os.replace(_tmp(tar_path), tar_path)
     fsync_dir(out)
     record = {
-        "shard": tar_path.name, "index": k, "inputs": [indices.start, indices.stop], "num_samples": num_samples,
-        "skipped": dict(Counter(s["reason"] for s in skips)), "skips": skips,
+        "shard": tar_path.name,
+        "index": k,
+        "inputs": [indices.start, indices.stop],
+        "num_samples": num_samples,
+        "skipped": dict(Counter(s["reason"] for s in skips)),
+        "skips": skips,
     }
     write_atomic(record_path(out, k), json.dumps(record, indent=2) + "\n", tmp=_tmp(record_path(out, k)))
     return record
 
 
-def _encode_and_write(writer: wds.TarWriter, kept: list[tuple[int, InputItem, np.ndarray]], spec: PrepareSpec, encoders: Encoders) -> int:
+def _encode_and_write(
+    writer: wds.TarWriter, kept: list[tuple[int, InputItem, np.ndarray]], spec: PrepareSpec, encoders: Encoders
+) -> int:
     pixels = np.stack([p for _, _, p in kept])  # (N, H, W, 3)
     flip = spec.image.flip
     if flip:
@@ -587,7 +675,9 @@ class PrepareResult:
     index: Path | None = None  # index.json, when this call completed the dataset
 
 
-def prepare(spec: PrepareSpec, rank: int = 0, world_size: int = 1, local_rank: int = 0, progress: bool = False) -> PrepareResult:
+def prepare(
+    spec: PrepareSpec, rank: int = 0, world_size: int = 1, local_rank: int = 0, progress: bool = False
+) -> PrepareResult:
     """Encode this rank's unfinished shards; write index.json if that completes the dataset."""
     if not 0 <= rank < world_size:
         raise PrepareError(f"RANK {rank} is not in 0..{world_size - 1} (WORLD_SIZE {world_size})")
@@ -605,7 +695,16 @@ def prepare(spec: PrepareSpec, rank: int = 0, world_size: int = 1, local_rank: i
             leftover.unlink(missing_ok=True)
     result = PrepareResult(device=device, shards_done_before=[k for k in mine if record_path(out, k).exists()])
     todo = [k for k in mine if k not in result.shards_done_before]
-    log.info("rank %d/%d: %d inputs in %d shards; %d of mine to do (%d done before) on %s", rank, world_size, len(inputs.items), len(ranges), len(todo), len(result.shards_done_before), device)
+    log.info(
+        "rank %d/%d: %d inputs in %d shards; %d of mine to do (%d done before) on %s",
+        rank,
+        world_size,
+        len(inputs.items),
+        len(ranges),
+        len(todo),
+        len(result.shards_done_before),
+        device,
+    )
 
     skipped = Counter()
     bar = _progress_bar() if progress else nullcontext()
@@ -627,7 +726,9 @@ def prepare(spec: PrepareSpec, rank: int = 0, world_size: int = 1, local_rank: i
 def _progress_bar():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("inputs"), TimeRemainingColumn())
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("inputs"), TimeRemainingColumn()
+    )
 
 
 def rank_from_environment() -> tuple[int, int, int]:
@@ -640,14 +741,24 @@ def rank_from_environment() -> tuple[int, int, int]:
 
 
 def run_local(spec_file: str | Path, overrides: list[str] | tuple[str, ...] = (), processes: int = 1) -> int:
-    """What `orch prepare` runs: one rank in this process, or `processes` rank processes on this machine; the exit code."""
+    """What `orch prepare` runs: one rank in this process, or `processes` rank processes on this machine; the exit
+    code."""
     if processes == 1:
         return main([str(spec_file), *[f"--set={o}" for o in overrides]])
     command = [sys.executable, "-m", "orchestrator.prepare", str(spec_file), *[f"--set={o}" for o in overrides]]
     # Ranks sharing the CPU cores each get their share of threads: oversubscribed, they run many times slower.
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, len(os.sched_getaffinity(0)) // processes))
     ranks = [
-        subprocess.Popen(command, env={**os.environ, "RANK": str(r), "WORLD_SIZE": str(processes), "LOCAL_RANK": str(r), "OMP_NUM_THREADS": threads})
+        subprocess.Popen(
+            command,
+            env={
+                **os.environ,
+                "RANK": str(r),
+                "WORLD_SIZE": str(processes),
+                "LOCAL_RANK": str(r),
+                "OMP_NUM_THREADS": threads,
+            },
+        )
         for r in range(processes)
     ]
     try:
@@ -658,13 +769,26 @@ def run_local(spec_file: str | Path, overrides: list[str] | tuple[str, ...] = ()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.prepare", description="Encode images (and captions) into latent shards; one rank of `orch prepare`.")
+    parser = argparse.ArgumentParser(
+        prog="python -m orchestrator.prepare",
+        description="Encode images (and captions) into latent shards; one rank of `orch prepare`.",
+    )
     parser.add_argument("spec", help="the prepare spec (YAML, kind: prepare)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a spec field (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a spec field (repeatable)",
+    )
     args = parser.parse_args(argv)
     rank, world_size, local_rank = rank_from_environment()
     logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format=f"%(asctime)s [prepare rank {rank}] %(levelname)s: %(message)s", datefmt="%H:%M:%S",
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s [prepare rank {rank}] %(levelname)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
     try:
         spec = load_prepare_spec(args.spec, args.overrides)
@@ -677,8 +801,17 @@ def main(argv: list[str] | None = None) -> int:
     skipped = ", ".join(f"{reason} {n}" for reason, n in result.skipped.items()) or "none"
     log.info(
         "rank %d/%d: %d shard(s) written (%d done before), %d samples, skipped: %s, %.1f s on %s%s",
-        rank, world_size, len(result.shards_written), len(result.shards_done_before), result.samples, skipped, result.seconds, result.device,
-        f"; dataset complete: {result.index}" if result.index else "; index.json follows once every rank's shards are done (the last rank writes it)",
+        rank,
+        world_size,
+        len(result.shards_written),
+        len(result.shards_done_before),
+        result.samples,
+        skipped,
+        result.seconds,
+        result.device,
+        f"; dataset complete: {result.index}"
+        if result.index
+        else "; index.json follows once every rank's shards are done (the last rank writes it)",
     )
     return 0
 

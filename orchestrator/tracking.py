@@ -7,7 +7,8 @@ How MlflowTracker survives a slow or dead server: every call puts one item on a 
 1,000 items) and returns at once; ONE background thread sends the items in order. A failed item is retried
 with backoff (0.5 s doubling to 5 s) for as long as the server has been unreachable for less than
 `retry_for` seconds (default 120 s): an outage shorter than that loses nothing but what overflowed the
-queue, also when it spans the end of a job (close(outlast_outage=True) waits out the rest of it). Past that bound each item is tried once and dropped, so whatever is logged after the server comes
+queue, also when it spans the end of a job (close(outlast_outage=True) waits out the rest of it). Past that bound each
+item is tried once and dropped, so whatever is logged after the server comes
 back is sent at once. Requests MLflow refuses outright (a 4xx, e.g. a changed param value) are dropped
 at once. Every drop is counted (`dropped`) and warned about.
 """
@@ -115,8 +116,9 @@ Item = tuple[str, Callable[[], object]]
 class MlflowTracker:
     """A Tracker logging to one MLflow run through a bounded queue and one sending thread (see the module docstring)."""
 
-    def __init__(self, client: MlflowClient, run_id: str, uri: str, queue_size: int = QUEUE_SIZE,
-                 retry_for: float = RETRY_FOR_S):
+    def __init__(
+        self, client: MlflowClient, run_id: str, uri: str, queue_size: int = QUEUE_SIZE, retry_for: float = RETRY_FOR_S
+    ):
         """Wire an already started run to its sending thread; use MlflowTracker.start() to get one."""
         self.run_id: str | None = run_id
         self.uri = uri
@@ -146,7 +148,8 @@ class MlflowTracker:
         queue_size: int = QUEUE_SIZE,
         retry_for: float = RETRY_FOR_S,
     ) -> MlflowTracker:
-        """Get or create `experiment`, resume `run_id` (back to RUNNING) or create a run; raise TrackingError if that fails."""
+        """Get or create `experiment`, resume `run_id` (back to RUNNING) or create a run; raise TrackingError if that
+        fails."""
         for name, value in MLFLOW_CLIENT_ENV.items():
             os.environ.setdefault(name, value)
         from mlflow import MlflowClient
@@ -214,7 +217,8 @@ class MlflowTracker:
         self._enqueue(f"text file {artifact_file}", partial(self._client.log_text, self.run_id, text, artifact_file))
 
     def close(self, status: str = "FINISHED", timeout: float = 30.0, outlast_outage: bool = False) -> None:
-        """Send the queue within 80% of `timeout`, mark the run `status` in the rest, and return by `timeout` regardless.
+        """Send the queue within 80% of `timeout`, mark the run `status` in the rest, and return by `timeout`
+        regardless.
 
         outlast_outage: if the server is away when close() is called, keep retrying until the outage has
         lasted retry_for, then take `timeout` as usual: an outage shorter than retry_for loses nothing even
@@ -231,8 +235,11 @@ class MlflowTracker:
         if outlast_outage and away_since is not None:
             outage_left = max(0.0, away_since + self._retry_for - now)
             logger.warning(
-                "MLflow server at %s is still unreachable; waiting up to %.0f s more for it before ending the run (%d item(s) unsent)",
-                self.uri, outage_left + timeout, self._queue.qsize() + 1,
+                "MLflow server at %s is still unreachable; waiting up to %.0f s more for it before ending the run (%d "
+                "item(s) unsent)",
+                self.uri,
+                outage_left + timeout,
+                self._queue.qsize() + 1,
             )
         self._final_status = status
         self._flush_deadline = now + outage_left + CLOSE_FLUSH_SHARE * timeout
@@ -240,9 +247,15 @@ class MlflowTracker:
         self._close_requested.set()
         self._sender.join(timeout=max(0.0, self._close_deadline - time.monotonic()))
         if self._sender.is_alive():
-            logger.warning("MLflow run %s: close() gave up after %.0f s; the run may still show RUNNING", self.run_id, outage_left + timeout)
+            logger.warning(
+                "MLflow run %s: close() gave up after %.0f s; the run may still show RUNNING",
+                self.run_id,
+                outage_left + timeout,
+            )
         if self.dropped:
-            logger.warning("MLflow run %s: %d logged item(s) were never sent to %s", self.run_id, self.dropped, self.uri)
+            logger.warning(
+                "MLflow run %s: %d logged item(s) were never sent to %s", self.run_id, self.dropped, self.uri
+            )
 
     def _enqueue(self, what: str, send: Callable[[], object]) -> None:
         """Put one item on the queue without waiting; drop it (counted) if the queue is full."""
@@ -255,7 +268,8 @@ class MlflowTracker:
             self._count_drop(what, f"the queue of {self._queue.maxsize} unsent items is full")
 
     def _send_until_closed(self) -> None:
-        """The sending thread: send items in order until close() was asked for and the queue is empty, then end the run."""
+        """The sending thread: send items in order until close() was asked for and the queue is empty, then end the
+        run."""
         while not (self._close_requested.is_set() and self._queue.empty()):
             try:
                 what, send = self._queue.get(timeout=0.1)
@@ -301,8 +315,11 @@ class MlflowTracker:
         if self._unreachable_since is None:
             self._unreachable_since = time.monotonic()
             logger.warning(
-                "MLflow server at %s is unreachable (%s); training goes on and unsent items are retried for up to %.0f s",
-                self.uri, first_line(error), self._retry_for,
+                "MLflow server at %s is unreachable (%s); training goes on and unsent items are retried for up to "
+                "%.0f s",
+                self.uri,
+                first_line(error),
+                self._retry_for,
             )
 
     def _note_reachable(self) -> None:
@@ -322,7 +339,8 @@ class MlflowTracker:
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    """The id of experiment `name`, created (with `artifact_location` when given) or restored from deletion as needed."""
+    """The id of experiment `name`, created (with `artifact_location` when given) or restored from deletion as
+    needed."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
@@ -351,7 +369,7 @@ def is_refusal(error: Exception) -> bool:
 
 def chunks(items: list, size: int) -> list[list]:
     """`items` cut into consecutive lists of at most `size`."""
-    return [items[start:start + size] for start in range(0, len(items), size)]
+    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 def first_line(error: Exception, limit: int = 300) -> str:
@@ -376,7 +394,8 @@ def resolve_tracking_uri(spec_uri: str | None, root: Path) -> str:
 
 
 def check_tracking_reachable(uri: str, timeout: float = 5.0) -> str | None:
-    """None if the tracking URI looks usable, else one line naming the URI, the problem and the fix (imports no mlflow)."""
+    """None if the tracking URI looks usable, else one line naming the URI, the problem and the fix (imports no
+    mlflow)."""
     scheme = urllib.parse.urlparse(uri).scheme
     if scheme in ("http", "https"):
         return check_http_server(uri, timeout)
@@ -399,7 +418,8 @@ def check_http_server(uri: str, timeout: float) -> str | None:
         reason = getattr(error, "reason", error)
         return (
             f"MLflow tracking server {uri} is not reachable ({reason}); start it "
-            "(e.g. `mlflow server --host 127.0.0.1 --port 5000`) or set tracking.uri / MLFLOW_TRACKING_URI to a running one"
+            "(e.g. `mlflow server --host 127.0.0.1 --port 5000`) or set tracking.uri / MLFLOW_TRACKING_URI to a "
+            "running one"
         )
     if status != 200:
         return (
@@ -411,12 +431,15 @@ def check_http_server(uri: str, timeout: float) -> str | None:
 
 def check_sqlite_store(uri: str) -> str | None:
     """None if the SQLite database (or its folder) can be written, else why not."""
-    path_part = uri[len("sqlite://"):].split("?")[0]  # "//abs/x.db", "/relative.db", or "" for in-memory
+    path_part = uri[len("sqlite://") :].split("?")[0]  # "//abs/x.db", "/relative.db", or "" for in-memory
     if path_part in ("", "/", "/:memory:"):
         return None
     database = Path(path_part[1:]).absolute()
     if database.exists() and not os.access(database, os.W_OK):
-        return f"MLflow store {uri}: the database {database} is not writable; fix its permissions or use another tracking.uri"
+        return (
+            f"MLflow store {uri}: the database {database} is not writable; "
+            "fix its permissions or use another tracking.uri"
+        )
     return check_writable_folder(database.parent, uri)
 
 

@@ -30,8 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     job = JobDir(args[0])
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, force=True,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        level=logging.INFO,
+        stream=sys.stderr,
+        force=True,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file save messages drown ours
     spec = spec_from_dict(yaml.safe_load(job.spec_file.read_text()), source=str(job.spec_file))
@@ -64,7 +67,9 @@ def resolve_device(planned: str) -> str:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    log.info("device auto resolved on %s: %s (%d GPU(s) visible)", socket.gethostname(), device, torch.cuda.device_count())
+    log.info(
+        "device auto resolved on %s: %s (%d GPU(s) visible)", socket.gethostname(), device, torch.cuda.device_count()
+    )
     return device
 
 
@@ -91,11 +96,21 @@ def _record_slurm_start(job: JobDir, restarts: int, plan: dict) -> None:
     previous = job.read()
     if previous.state == JobState.RUNNING:  # the previous run was killed before it could record its end
         job.transition(JobState.FAILED, ended_at=time.time(), message="the previous Slurm run ended unrecorded")
-    log.info("Slurm job %s, run %d (restarts after the first: %d)", os.environ.get("SLURM_JOB_ID"), restarts + 1, restarts)
+    log.info(
+        "Slurm job %s, run %d (restarts after the first: %d)", os.environ.get("SLURM_JOB_ID"), restarts + 1, restarts
+    )
     job.transition(
-        JobState.RUNNING, started_at=time.time(), ended_at=None, exit_code=None, message="", stop_reason=None,
+        JobState.RUNNING,
+        started_at=time.time(),
+        ended_at=None,
+        exit_code=None,
+        message="",
+        stop_reason=None,
         cancel_requested=previous.cancel_requested if previous.state == JobState.QUEUED else False,
-        attempts=previous.attempts + 1, restarts=restarts, launcher="slurm", world_size=plan["world_size"],
+        attempts=previous.attempts + 1,
+        restarts=restarts,
+        launcher="slurm",
+        world_size=plan["world_size"],
     )
 
 

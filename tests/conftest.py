@@ -6,7 +6,16 @@ pytest_plugins = ["tests.mlflow_server"]
 
 # Variables that would silently change what a test's processes do (a leaked RANK/WORLD_SIZE
 # halves what a reader sees; a leaked tracking URI sends test runs to someone's server).
-LEAKY_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI", "ORCH_ROOT")
+LEAKY_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "MLFLOW_TRACKING_URI",
+    "ORCH_ROOT",
+)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -23,7 +23,14 @@ def tiny_spec(tmp_path: Path, name: str = "tiny", **sections) -> Path:
         "model": {"patch_size": 4, "hidden_size": 32, "depth": 2, "num_heads": 2},
         "diffusion": {"num_train_timesteps": 100, "beta_schedule": "squaredcos_cap_v2"},
         "data": {"source": "digits", "resolution": 8},
-        "train": {"steps": 6, "global_batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 2, "lr_schedule": "cosine", "seed": 7},
+        "train": {
+            "steps": 6,
+            "global_batch_size": 32,
+            "learning_rate": 1e-3,
+            "warmup_steps": 2,
+            "lr_schedule": "cosine",
+            "seed": 7,
+        },
         "ema": {"decay": 0.99, "warmup_power": 0.75},
         "checkpoint": {"every": 3, "keep": 2},
         "sample": {"every": 3, "sampler": "ddim", "steps": 5, "per_class": 2, "classes": [0, 1, 2]},
@@ -40,10 +47,16 @@ def tiny_spec(tmp_path: Path, name: str = "tiny", **sections) -> Path:
     return path
 
 
-def orch(*args: str, root: Path, timeout: float = 300, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+def orch(
+    *args: str, root: Path, timeout: float = 300, check: bool = False, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run the installed `orch` command against a job root."""
     result = subprocess.run(
-        [ORCH, "--root", str(root), *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+        [ORCH, "--root", str(root), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
     if check and result.returncode != 0:
         raise AssertionError(f"orch {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
@@ -53,8 +66,12 @@ def orch(*args: str, root: Path, timeout: float = 300, check: bool = False, env:
 def start_orch(*args: str, root: Path, env: dict | None = None) -> subprocess.Popen:
     """Start `orch` in the background (as a user's terminal would run it in the foreground)."""
     return subprocess.Popen(
-        [ORCH, "--root", str(root), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, **(env or {})}, start_new_session=True,
+        [ORCH, "--root", str(root), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
     )
 
 
@@ -109,7 +126,9 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-def kill_after_checkpoint_then_resume(tmp_path: Path, spec: Path, overrides: list[str], kill_at: int, total: int, before_resume=None):
+def kill_after_checkpoint_then_resume(
+    tmp_path: Path, spec: Path, overrides: list[str], kill_at: int, total: int, before_resume=None
+):
     """Run `spec` uninterrupted, and again SIGKILLed after its checkpoint at `kill_at` and resumed to `total`
     (calling `before_resume(job)` first, if given); assert both end with bitwise-equal model and EMA weights;
     return the resumed job and `orch resume`'s result."""
@@ -119,9 +138,15 @@ def kill_after_checkpoint_then_resume(tmp_path: Path, spec: Path, overrides: lis
 
     assert orch("submit", str(spec), *overrides, "--detach", root=root).returncode == 0
     job = only_job(root)
-    wait_for(lambda: state(job).get("checkpoint_step") == kill_at, timeout=300, what=f"the checkpoint at step {kill_at}")
+    wait_for(
+        lambda: state(job).get("checkpoint_step") == kill_at, timeout=300, what=f"the checkpoint at step {kill_at}"
+    )
     kill_job_processes(job)
-    wait_for(lambda: orch("status", job.name, "--json", root=root).stdout.count('"failed"'), timeout=30, what="the job to show as failed")
+    wait_for(
+        lambda: orch("status", job.name, "--json", root=root).stdout.count('"failed"'),
+        timeout=30,
+        what="the job to show as failed",
+    )
     assert state(job)["step"] < total, "the job finished before it could be killed; the test proves nothing"
     assert "vanished" in state(job)["message"]
     if before_resume is not None:

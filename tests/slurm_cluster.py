@@ -33,7 +33,9 @@ from tests import helpers
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 30.0
-ACTIVE_STATES = "PENDING,RUNNING,SUSPENDED,COMPLETING,CONFIGURING,REQUEUED,REQUEUE_HOLD,REQUEUE_FED,RESIZING,SIGNALING,STAGE_OUT"
+ACTIVE_STATES = (
+    "PENDING,RUNNING,SUSPENDED,COMPLETING,CONFIGURING,REQUEUED,REQUEUE_HOLD,REQUEUE_FED,RESIZING,SIGNALING,STAGE_OUT"
+)
 
 SLURM_CONF = """\
 ClusterName=orchtest
@@ -113,15 +115,24 @@ class SlurmCluster:
         self.root.chmod(0o755)  # munged refuses a socket folder that others cannot enter
         for folder in ("state", "spool", "log"):
             (self.root / folder).mkdir(exist_ok=True)
-        self.conf.write_text(SLURM_CONF.format(root=self.root, cpus=self.cpus, ctld_port=free_port(), slurmd_port=free_port()))
+        self.conf.write_text(
+            SLURM_CONF.format(root=self.root, cpus=self.cpus, ctld_port=free_port(), slurmd_port=free_port())
+        )
         key = self.root / "munge.key"
         if not key.exists():
             self.run("mungekey", "--create", f"--keyfile={key}")
         # Foreground daemons (-F, -D) in their own sessions: this object holds their pids and their
         # exit status, and a failed start shows at once instead of as a stale pid file.
-        self.spawn("munged", "munged", "-F", f"--socket={self.root}/munge.socket", f"--key-file={key}",
-                   f"--log-file={self.root}/log/munged.log", f"--pid-file={self.root}/munged.pid",
-                   f"--seed-file={self.root}/munged.seed")
+        self.spawn(
+            "munged",
+            "munged",
+            "-F",
+            f"--socket={self.root}/munge.socket",
+            f"--key-file={key}",
+            f"--log-file={self.root}/log/munged.log",
+            f"--pid-file={self.root}/munged.pid",
+            f"--seed-file={self.root}/munged.seed",
+        )
         self.wait_for(lambda: (self.root / "munge.socket").exists(), "munged's socket", START_TIMEOUT_S)
         self.spawn("slurmctld", "slurmctld", "-D", "-i")  # -i: ignore state left by an earlier run
         self.spawn("slurmd", "slurmd", "-D", "-N", "localhost")

@@ -38,7 +38,8 @@ StrictModes no
 
 SSH_WRAPPER = """\
 #!/bin/sh
-exec /usr/bin/ssh -i {root}/client_key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR "$@"
+exec /usr/bin/ssh -i {root}/client_key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \\
+    -o BatchMode=yes -o LogLevel=ERROR "$@"
 """
 
 
@@ -58,13 +59,21 @@ class SshServer:
         return {"PATH": f"{self.root / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     def start(self) -> None:
-        missing = [tool for tool in ("/usr/sbin/sshd", "/usr/bin/ssh", "/usr/bin/ssh-keygen") if not Path(tool).exists()]
+        missing = [
+            tool for tool in ("/usr/sbin/sshd", "/usr/bin/ssh", "/usr/bin/ssh-keygen") if not Path(tool).exists()
+        ]
         if shutil.which("pdsh") is None:
             missing.append("pdsh")
         if missing:
-            raise SshUnavailable(f"{', '.join(missing)} missing (scripts/install_test_services.sh installs openssh-server and pdsh)")
+            raise SshUnavailable(
+                f"{', '.join(missing)} missing (scripts/install_test_services.sh installs openssh-server and pdsh)"
+            )
         for key in ("host_key", "client_key"):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.root / key)], check=True, capture_output=True)
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.root / key)],
+                check=True,
+                capture_output=True,
+            )
         shutil.copyfile(self.root / "client_key.pub", self.root / "authorized_keys")
         (self.root / "sshd_config").write_text(SSHD_CONFIG.format(port=self.port, root=self.root))
         (self.root / "bin").mkdir()
@@ -74,7 +83,9 @@ class SshServer:
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation folder
         self.process = subprocess.Popen(
             ["/usr/sbin/sshd", "-D", "-f", str(self.root / "sshd_config"), "-E", str(self.root / "sshd.log")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -86,7 +97,12 @@ class SshServer:
         raise SshUnavailable(f"no ssh login to 127.0.0.1:{self.port} within {START_TIMEOUT_S:.0f} s: {self._log()}")
 
     def reaches(self, host: str) -> bool:
-        done = subprocess.run([str(self.root / "bin" / "ssh"), "-p", str(self.port), host, "true"], capture_output=True, timeout=10, check=False)
+        done = subprocess.run(
+            [str(self.root / "bin" / "ssh"), "-p", str(self.port), host, "true"],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
         return done.returncode == 0
 
     def stop(self) -> None:

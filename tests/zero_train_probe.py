@@ -1,4 +1,5 @@
-"""Train a tiny DiT on random 8x8 inputs through ZeroEngine, as the Trainer's loop does; for tests/integration/test_zero.py.
+"""Train a tiny DiT on random 8x8 inputs through ZeroEngine, as the Trainer's loop does; for
+tests/integration/test_zero.py.
 
     torchrun --standalone --nproc_per_node 2 tests/zero_train_probe.py --stage 3 --precision bf16 \
         --steps 6 --save-at 3 --out OUT [--resume OUT/step-3]  [--ema-reference]
@@ -37,7 +38,16 @@ MICRO_BATCH, NUM_CLASSES = 4, 10
 
 
 def tiny_dit() -> DiT:
-    return DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=NUM_CLASSES, learn_sigma=False)
+    return DiT(
+        input_size=8,
+        patch_size=2,
+        in_channels=1,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=NUM_CLASSES,
+        learn_sigma=False,
+    )
 
 
 def seed_of(*parts: int) -> int:
@@ -45,7 +55,8 @@ def seed_of(*parts: int) -> int:
 
 
 def batch(seed: int, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Micro batch `index` of a step (rank * accum + micro): 'images' (B, 1, 8, 8), a fixed pattern per class, and labels (B,)."""
+    """Micro batch `index` of a step (rank * accum + micro): 'images' (B, 1, 8, 8), a fixed pattern per class, and
+    labels (B,)."""
     g = torch.Generator().manual_seed(seed_of(seed, step, index, 1))
     labels = torch.randint(0, NUM_CLASSES, (MICRO_BATCH,), generator=g)
     patterns = torch.linspace(-1, 1, NUM_CLASSES)[:, None, None, None] * torch.ones(1, 1, 8, 8)
@@ -66,7 +77,12 @@ def main() -> int:
     p.add_argument("--accum", type=int, default=2)
     p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")))
     p.add_argument("--resume", type=Path)
-    p.add_argument("--reshard", choices=["universal", "weights"], default="universal", help="how --resume crosses a world-size change")
+    p.add_argument(
+        "--reshard",
+        choices=["universal", "weights"],
+        default="universal",
+        help="how --resume crosses a world-size change",
+    )
     p.add_argument("--ema-decay", type=float, default=0.9)
     p.add_argument("--ema-reference", action="store_true")
     p.add_argument("--seed", type=int, default=5)
@@ -102,9 +118,16 @@ def main() -> int:
         scheduler.load_state_dict(saved["lr_scheduler"])
         for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr  # what the optimizer state restores at the same world size, and nothing does on another
-        ema.load_state_dict({"weights": load_file(str(args.resume / "ema.safetensors")), "num_updates": saved["ema_num_updates"]})
+        ema.load_state_dict(
+            {"weights": load_file(str(args.resume / "ema.safetensors")), "num_updates": saved["ema_num_updates"]}
+        )
         if reference is not None:
-            reference.load_state_dict({"weights": load_file(str(args.resume / "ema_reference.safetensors")), "num_updates": saved["ema_num_updates"]})
+            reference.load_state_dict(
+                {
+                    "weights": load_file(str(args.resume / "ema_reference.safetensors")),
+                    "num_updates": saved["ema_num_updates"],
+                }
+            )
 
     losses, norms, lrs, agree = {}, {}, {}, True
     evals = {step: eval_loss(engine, model, noise_scheduler, args.seed)}
@@ -151,8 +174,16 @@ def main() -> int:
         if reference is not None:
             save_file(reference.module.state_dict(), str(args.out / "ema_reference.safetensors"))
         result = {
-            "losses": losses, "eval_losses": evals, "grad_norms": norms, "lrs": lrs, "ranks_agree": agree, "init_exact": init_exact, "world_size": engine.world_size,
-            "prepare_s": prepare_s, "first_step_s": first_step_s, "total_s": time.perf_counter() - started,
+            "losses": losses,
+            "eval_losses": evals,
+            "grad_norms": norms,
+            "lrs": lrs,
+            "ranks_agree": agree,
+            "init_exact": init_exact,
+            "world_size": engine.world_size,
+            "prepare_s": prepare_s,
+            "first_step_s": first_step_s,
+            "total_s": time.perf_counter() - started,
             "module_dtype": str(next(engine.unwrap(model).parameters()).dtype),
         }
         (args.out / "result.json").write_text(json.dumps(result, indent=1))
@@ -162,7 +193,8 @@ def main() -> int:
 
 @torch.no_grad()
 def eval_loss(engine, model, noise_scheduler, seed: int) -> float:
-    """The loss on a fixed batch with fixed timesteps and noise, in eval mode (every rank runs it: a collective under ZeRO-3)."""
+    """The loss on a fixed batch with fixed timesteps and noise, in eval mode (every rank runs it: a collective under
+    ZeRO-3)."""
     model.eval()
     x, y = batch(seed, -1, 0)
     generator = torch.Generator().manual_seed(seed)

@@ -24,10 +24,21 @@ def deepspeed_config_of(spec: JobSpec, device: str) -> dict:
             raise DeepSpeedConfigError(f"resources.deepspeed.config_file: {err}") from None
     try:
         return deepspeed_config(
-            int(r.strategy[-1]), spec.train.mixed_precision, spec.micro_batch_size, spec.train.grad_accum_steps, r.world_size,
-            spec.train.grad_clip, offload_optimizer=ds.offload_optimizer, offload_params=ds.offload_params,
-            pin_memory=device == "cuda", reduce_bucket_size=ds.reduce_bucket_size, allgather_bucket_size=ds.allgather_bucket_size,
-            overlap_comm=ds.overlap_comm, user_config=user_config,
+            int(r.strategy[-1]),
+            spec.train.mixed_precision,
+            spec.micro_batch_size,
+            spec.train.grad_accum_steps,
+            r.world_size,
+            spec.train.grad_clip,
+            offload_optimizer=ds.offload_optimizer,
+            offload_params=ds.offload_params,
+            pin_memory=device == "cuda",
+            reduce_bucket_size=ds.reduce_bucket_size,
+            allgather_bucket_size=ds.allgather_bucket_size,
+            overlap_comm=ds.overlap_comm,
+            user_config=user_config,
         )
     except ValueError as err:
-        raise DeepSpeedConfigError(f"resources.deepspeed.config_file {ds.config_file}: {err}" if user_config else f"resources.deepspeed: {err}") from None
+        raise DeepSpeedConfigError(
+            f"resources.deepspeed.config_file {ds.config_file}: {err}" if user_config else f"resources.deepspeed: {err}"
+        ) from None

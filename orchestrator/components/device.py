@@ -12,12 +12,16 @@ from orchestrator.specs.job import JobSpec
 
 
 def check_node_devices(spec: JobSpec, device: str) -> None:
-    """UserError, naming this node, if it cannot run its share of the job: fewer GPUs than ranks per node, or no bf16."""
+    """UserError, naming this node, if it cannot run its share of the job: fewer GPUs than ranks per node, or no
+    bf16."""
     if device != "cuda":
         return
     host = socket.gethostname()
     if not torch.cuda.is_available():
-        raise UserError(f"node {host} has no usable CUDA GPU, and the job runs on device cuda (torch {torch.__version__}, CUDA build {torch.version.cuda})")
+        raise UserError(
+            f"node {host} has no usable CUDA GPU, and the job runs on device cuda (torch {torch.__version__}, CUDA "
+            f"build {torch.version.cuda})"
+        )
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", spec.resources.processes))
     visible = torch.cuda.device_count()
     if ranks_here > visible:
@@ -26,7 +30,10 @@ def check_node_devices(spec: JobSpec, device: str) -> None:
             f"set resources.gpus_per_node (or processes) to at most {visible}, or check CUDA_VISIBLE_DEVICES"
         )
     if spec.train.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"node {host}'s GPU ({torch.cuda.get_device_name()}) has no bf16; use train.mixed_precision fp16 (strategy ddp) or no")
+        raise UserError(
+            f"node {host}'s GPU ({torch.cuda.get_device_name()}) has no bf16; use train.mixed_precision fp16 (strategy "
+            "ddp) or no"
+        )
 
 
 def set_determinism(deterministic: bool, device: str) -> None:

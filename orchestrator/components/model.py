@@ -54,4 +54,6 @@ def build_model(spec: JobSpec, model_input: ModelInput) -> torch.nn.Module:
 def make_diffusion(spec: JobSpec):
     """The forward process of a spec (a diffusers DDPMScheduler)."""
     d = spec.diffusion
-    return make_noise_scheduler(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end, prediction_type=d.prediction)
+    return make_noise_scheduler(
+        d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end, prediction_type=d.prediction
+    )

@@ -18,7 +18,6 @@ from orchestrator.layout import MODEL_INPUT_FILE
 from orchestrator.specs.job import JobSpec
 
 
-
 @dataclass(frozen=True)
 class LatentSpace:
     vae: str  # name or path of the diffusers AutoencoderKL that encoded the data (and decodes samples)
@@ -87,7 +86,9 @@ def latent_input(spec: JobSpec, index: DatasetIndex) -> ModelInput:
         text_dim=index.text_dim if text else None,
         text_tokens=index.max_text_tokens if text else None,
         text_encoder=index.text_encoder if text else None,
-        latent=LatentSpace(vae=index.vae, scaling_factor=index.scaling_factor, image_channels=3, image_resolution=index.resolution),
+        latent=LatentSpace(
+            vae=index.vae, scaling_factor=index.scaling_factor, image_channels=3, image_resolution=index.resolution
+        ),
     )
 
 
@@ -98,17 +99,28 @@ def latent_problems(spec: JobSpec, index: DatasetIndex) -> list[str]:
     if height != width:
         problems.append(f"the latents are {height}x{width}; the models take square inputs")
     if index.resolution != spec.data.resolution:
-        problems.append(f"data.resolution is {spec.data.resolution} but the shards hold {index.resolution}-px images encoded to {height}x{width}; set data.resolution: {index.resolution}")
+        problems.append(
+            f"data.resolution is {spec.data.resolution} but the shards hold {index.resolution}-px images encoded to "
+            f"{height}x{width}; set data.resolution: {index.resolution}"
+        )
     if m.arch == "dit" and height % m.patch_size:
         problems.append(f"model.patch_size {m.patch_size} does not divide the latents' side {height}")
     if m.arch == "unet" and height % 2 ** sum(m.unet.down_sample):
-        problems.append(f"the latents' side {height} cannot be halved {sum(m.unet.down_sample)} times (model.unet.down_sample)")
+        problems.append(
+            f"the latents' side {height} cannot be halved {sum(m.unet.down_sample)} times (model.unet.down_sample)"
+        )
     if m.condition == "class" and not index.num_classes:
-        problems.append("model.condition is class but the shards have no labels; prepare from class sub-folders or a label column, or use condition: text / none")
+        problems.append(
+            "model.condition is class but the shards have no labels; prepare from class sub-folders or a label column, "
+            "or use condition: text / none"
+        )
     if m.condition == "class" and m.num_classes is not None and index.num_classes and m.num_classes < index.num_classes:
         problems.append(f"model.num_classes is {m.num_classes} but the shards have {index.num_classes} classes")
     if m.condition == "text" and not index.text_dim:
-        problems.append("model.condition is text but the shards hold no caption embeddings; prepare with captions (and a text encoder)")
+        problems.append(
+            "model.condition is text but the shards hold no caption embeddings; prepare with captions (and a text "
+            "encoder)"
+        )
     if m.condition == "text" and m.arch != "dit":
         problems.append("model.condition: text needs arch: dit (the U-Net takes class labels)")
     return problems

@@ -26,7 +26,12 @@ class SamplerSettings:
 
     @classmethod
     def of(
-        cls, spec: JobSpec, model_input: ModelInput, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
+        cls,
+        spec: JobSpec,
+        model_input: ModelInput,
+        sampler: str | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
         null_label: int | None = None,
     ) -> SamplerSettings:
         """spec.sample's settings, with the given ones (not None) over them, for a network on model_input (whose
@@ -45,6 +50,11 @@ class SamplerSettings:
     def reverse_process_args(self) -> dict[str, Any]:
         """The keyword arguments of model.diffusion.sample and sample_progression these settings fill."""
         return dict(
-            sampler=self.sampler, num_steps=self.steps, guidance_scale=self.guidance_scale, null_label=self.null_label,
-            image_shape=self.image_shape, clip_denoised=self.clip_denoised, noise_scheduler=self.noise_scheduler,
+            sampler=self.sampler,
+            num_steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            null_label=self.null_label,
+            image_shape=self.image_shape,
+            clip_denoised=self.clip_denoised,
+            noise_scheduler=self.noise_scheduler,
         )

@@ -39,12 +39,17 @@ def load_text_encoder(text_spec: TextSpec, device: str) -> tuple[object, int, in
 @torch.inference_mode()
 def encode_texts(model, captions: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per caption: pooled (D,) and per-token (L, D_tok) float16 embeddings, without padding."""
-    outputs = model.encode(captions, output_value=None, convert_to_numpy=False, batch_size=len(captions), show_progress_bar=False)
+    outputs = model.encode(
+        captions, output_value=None, convert_to_numpy=False, batch_size=len(captions), show_progress_bar=False
+    )
     if "token_embeddings" in outputs[0]:
         tokens = [o["token_embeddings"][o["attention_mask"].bool()] for o in outputs]  # (L_i, D) each
     else:
         tokens = _clip_token_embeddings(model, outputs)
-    return [(o["sentence_embedding"].float().cpu().numpy().astype(np.float16), t.float().cpu().numpy().astype(np.float16)) for o, t in zip(outputs, tokens)]
+    return [
+        (o["sentence_embedding"].float().cpu().numpy().astype(np.float16), t.float().cpu().numpy().astype(np.float16))
+        for o, t in zip(outputs, tokens)
+    ]
 
 
 def _clip_token_embeddings(model, outputs: list[dict]) -> list[torch.Tensor]:

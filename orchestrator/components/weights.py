@@ -36,10 +36,18 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     unexpected = sorted(set(state) - set(expected))
     misshaped = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
     if missing or unexpected or misshaped:
+
         def listing(name: str, keys: list[str]) -> str:
             return f"{len(keys)} {name} ({', '.join(keys[:10])}{', ...' if len(keys) > 10 else ''})" if keys else ""
 
-        parts = [p for p in (listing("missing", missing), listing("unexpected", unexpected),
-                             listing("of another shape", misshaped)) if p]
+        parts = [
+            p
+            for p in (
+                listing("missing", missing),
+                listing("unexpected", unexpected),
+                listing("of another shape", misshaped),
+            )
+            if p
+        ]
         raise WeightsMismatch(f"{path} does not fit the model the spec builds: keys " + "; ".join(parts))
     model.load_state_dict(state)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from orchestrator.errors import UserError
-
 from dataclasses import dataclass
 from pathlib import Path
+
+from orchestrator.errors import UserError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -35,6 +35,9 @@ def scan_image_folder(root: Path) -> ImageFolderIndex:
     for label, class_dir in enumerate(class_dirs):
         files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not files:
-            raise DataError(f"class folder {class_dir} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); remove it or add images")
+            raise DataError(
+                f"class folder {class_dir} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); remove it or add "
+                "images"
+            )
         items.extend((path, label) for path in files)
     return ImageFolderIndex(classes=tuple(p.name for p in class_dirs), items=tuple(items))

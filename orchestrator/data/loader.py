@@ -44,7 +44,9 @@ class DigitsDataset(Dataset):
         digits = load_digits()
         images = torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
         if resolution != 8:
-            images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+            images = F.interpolate(
+                images, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False
+            )
         self.images = images.clamp(0, 1) * 2 - 1  # (N, 1, R, R) in [-1, 1]
         self.labels = torch.from_numpy(digits.target).long()
         self.classes = tuple(str(d) for d in range(10))
@@ -113,7 +115,16 @@ class EpochBatches:
     start at the beginning of an epoch.
     """
 
-    def __init__(self, num_samples: int, micro_batch: int, rank: int, world_size: int, seed: int, hflip: bool, start: DataPosition):
+    def __init__(
+        self,
+        num_samples: int,
+        micro_batch: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        hflip: bool,
+        start: DataPosition,
+    ):
         self.num_samples = num_samples
         self.micro_batch = micro_batch
         self.rank = rank
@@ -132,7 +143,11 @@ class EpochBatches:
         """The batches of this rank in one epoch."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(self.num_samples, generator=generator)
-        flips = torch.rand(self.num_samples, generator=generator) < 0.5 if self.hflip else torch.zeros(self.num_samples, dtype=torch.bool)
+        flips = (
+            torch.rand(self.num_samples, generator=generator) < 0.5
+            if self.hflip
+            else torch.zeros(self.num_samples, dtype=torch.bool)
+        )
         used = self.batches_per_epoch * self.micro_batch * self.world_size
         mine = order[:used][self.rank :: self.world_size]  # rank-strided, as DistributedSampler does
         keys = [(int(i), bool(flips[i])) for i in mine]

@@ -43,7 +43,9 @@ INFO_MEMBER = "json"
 class ShardRecord:
     name: str  # file name of the .tar, relative to the dataset folder
     num_samples: int
-    bytes: int | None = None  # the .tar's size when written: a truncated or replaced shard is caught by a stat, before training
+    bytes: int | None = (
+        None  # the .tar's size when written: a truncated or replaced shard is caught by a stat, before training
+    )
 
 
 @dataclass(frozen=True)
@@ -77,13 +79,20 @@ class DatasetIndex:
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ValueError(f"{folder} has no {INDEX_FILE}: it is not a prepared dataset (run `orch prepare` first, or it is still running)") from None
+            raise ValueError(
+                f"{folder} has no {INDEX_FILE}: it is not a prepared dataset (run `orch prepare` first, or it is still "
+                "running)"
+            ) from None
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}); the dataset is damaged, run `orch prepare` again") from None
+            raise ValueError(
+                f"{path} is not valid JSON ({err}); the dataset is damaged, run `orch prepare` again"
+            ) from None
         if not isinstance(raw, dict) or raw.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path} is not a version-{FORMAT_VERSION} dataset index of orch")
         try:
             raw["shards"] = [ShardRecord(**s) for s in raw["shards"]]
             return cls(**raw)
         except (TypeError, KeyError) as err:
-            raise ValueError(f"{path} lacks or has unknown fields ({err}); the dataset is damaged, run `orch prepare` again") from None
+            raise ValueError(
+                f"{path} lacks or has unknown fields ({err}); the dataset is damaged, run `orch prepare` again"
+            ) from None

@@ -114,7 +114,10 @@ def open_shards(source: str | Path | Sequence[str | Path], index: str | Path | N
     for url in urls:
         name = url.rstrip("/").rsplit("/", 1)[-1]
         if name not in counts_by_name:
-            raise ShardError(f"shard {url} is not listed in {folder / INDEX_FILE}; give the index.json of the dataset it belongs to (index=...)")
+            raise ShardError(
+                f"shard {url} is not listed in {folder / INDEX_FILE}; give the index.json of the dataset it belongs to "
+                "(index=...)"
+            )
         counts.append(counts_by_name[name])
     if len(set(urls)) != len(urls):
         raise ShardError(f"the shard list {source!r} names some shards twice")
@@ -137,7 +140,9 @@ def _index_folder(index: str | Path) -> Path:
 def _folder_of(url: str) -> Path:
     path = url.removeprefix("file:")
     if "://" in path or path.startswith("pipe:"):
-        raise ShardError(f"cannot find the index.json of remote shards such as {url}: copy it locally and pass index=PATH")
+        raise ShardError(
+            f"cannot find the index.json of remote shards such as {url}: copy it locally and pass index=PATH"
+        )
     return Path(path).parent
 
 
@@ -182,20 +187,26 @@ class EpochPlan:
         return _round_robin(self.kept[rank], self.batches)
 
 
-def plan_epoch(counts: Sequence[int], epoch: int, *, seed: int, world_size: int, num_workers: int, micro_batch: int) -> EpochPlan:
+def plan_epoch(
+    counts: Sequence[int], epoch: int, *, seed: int, world_size: int, num_workers: int, micro_batch: int
+) -> EpochPlan:
     """The layout of one epoch (see the module docstring); ShardError if a worker gets no shard or a rank no batch."""
     readers = max(1, num_workers)  # num_workers 0: one reader, inside the training process
     if len(counts) < world_size * readers:
         raise ShardError(
             f"{len(counts)} shard(s) cannot feed {world_size} rank(s) x {readers} DataLoader worker(s): every worker "
-            f"needs a shard of its own each epoch. Prepare more, smaller shards (a smaller shard size in `orch prepare`) "
+            "needs a shard of its own each epoch. Prepare more, smaller shards (a smaller shard size in `orch "
+            "prepare`) "
             f"or lower data.num_workers to at most {max(1, len(counts) // world_size)}"
         )
     order = list(range(len(counts)))
     random.Random(derive_seed(seed, "shards", epoch)).shuffle(order)
     # Dealt by hand, as wds.split_by_node / split_by_worker would: those read this process's rank and worker
     # from torch, but every process needs every rank's share to count the batches all ranks can fill.
-    shards = tuple(tuple(tuple(order[rank::world_size][worker::readers]) for worker in range(readers)) for rank in range(world_size))
+    shards = tuple(
+        tuple(tuple(order[rank::world_size][worker::readers]) for worker in range(readers))
+        for rank in range(world_size)
+    )
     samples = tuple(tuple(sum(counts[j] for j in mine) for mine in per_rank) for per_rank in shards)
     fillable = [sum(n // micro_batch for n in per_rank) for per_rank in samples]
     batches = min(fillable)
@@ -244,7 +255,9 @@ def buffer_shuffle(items: Sequence[Any], size: int, rng: random.Random) -> list[
     return out + buffer
 
 
-def worker_sample_order(plan: EpochPlan, counts: Sequence[int], rank: int, worker: int, seed: int, shuffle_buffer: int) -> list[tuple[int, int]]:
+def worker_sample_order(
+    plan: EpochPlan, counts: Sequence[int], rank: int, worker: int, seed: int, shuffle_buffer: int
+) -> list[tuple[int, int]]:
     """(shard, index in shard) of every sample the worker yields in the plan's epoch, in order."""
     stream = [(j, i) for j in plan.shards[rank][worker] for i in range(counts[j])]
     rng = random.Random(derive_seed(seed, "buffer", plan.epoch, rank, worker))
@@ -266,7 +279,8 @@ def check_dataset(
     micro_batch_size: int | None = None,
     condition: str | None = None,
 ) -> list[str]:
-    """Problems that keep a prepared dataset from feeding a model of (expected_channels, expected_size^2) latents; [] if none.
+    """Problems that keep a prepared dataset from feeding a model of (expected_channels, expected_size^2) latents; [] if
+    none.
 
     Reads index.json and looks for the shard files, nothing more. With world_size / num_workers /
     micro_batch_size / condition ("class", "text" or "none") it also checks that the shards can be
@@ -291,7 +305,8 @@ def check_dataset(
         if (height, width) != (expected_size, expected_size):
             problems.append(
                 f"the latents in {folder} are {height}x{width} but the model expects {expected_size}x{expected_size}: "
-                f"set the input size to {height}, or prepare the images at another resolution (these were {index.resolution} px)"
+                f"set the input size to {height}, or prepare the images at another resolution (these were "
+                f"{index.resolution} px)"
             )
     if index.latent_dtype not in ("float16", "float32"):
         problems.append(f"{folder / INDEX_FILE}: latent_dtype {index.latent_dtype!r} is not float16 or float32")
@@ -299,31 +314,52 @@ def check_dataset(
         problems.append(f"{folder} holds no shards (index.json lists none); run `orch prepare` on inputs with images")
     listed = sum(shard.num_samples for shard in index.shards)
     if listed != index.num_samples:
-        problems.append(f"{folder / INDEX_FILE} says {index.num_samples} samples but its shards add up to {listed}: it is damaged, run `orch prepare` again")
+        problems.append(
+            f"{folder / INDEX_FILE} says {index.num_samples} samples but its shards add up to {listed}: it is damaged, "
+            "run `orch prepare` again"
+        )
     missing = [shard.name for shard in index.shards if not (folder / shard.name).is_file()]
     resized = [
         f"{shard.name} ({(folder / shard.name).stat().st_size} bytes, written as {shard.bytes})"
         for shard in index.shards
-        if shard.bytes is not None and (folder / shard.name).is_file() and (folder / shard.name).stat().st_size != shard.bytes
+        if shard.bytes is not None
+        and (folder / shard.name).is_file()
+        and (folder / shard.name).stat().st_size != shard.bytes
     ]
     if resized:
         more = " ..." if len(resized) > 3 else ""
-        problems.append(f"{len(resized)} shard(s) in {folder} are truncated or were replaced since `orch prepare` wrote them: {', '.join(resized[:3])}{more}; run `orch prepare` again")
+        problems.append(
+            f"{len(resized)} shard(s) in {folder} are truncated or were replaced since `orch prepare` wrote them: "
+            f"{', '.join(resized[:3])}{more}; run `orch prepare` again"
+        )
     if missing:
         more = " ..." if len(missing) > 5 else ""
-        problems.append(f"{len(missing)} shard(s) listed in {folder / INDEX_FILE} are missing: {', '.join(missing[:5])}{more}")
+        problems.append(
+            f"{len(missing)} shard(s) listed in {folder / INDEX_FILE} are missing: {', '.join(missing[:5])}{more}"
+        )
     if condition == "class" and not index.num_classes:
-        problems.append(f"the model is class-conditional but {folder} has no class labels (its inputs had no classes): use model.condition none, or prepare labelled inputs")
+        problems.append(
+            f"the model is class-conditional but {folder} has no class labels (its inputs had no classes): use "
+            "model.condition none, or prepare labelled inputs"
+        )
     if condition == "text" and not index.text_dim:
-        problems.append(f"the model is text-conditional but {folder} has no text embeddings: prepare the data with captions and a text encoder")
+        problems.append(
+            f"the model is text-conditional but {folder} has no text embeddings: prepare the data with captions and a "
+            "text encoder"
+        )
     readers = max(1, num_workers)
     if index.shards and len(index.shards) < world_size * readers:
         problems.append(
-            f"{len(index.shards)} shard(s) cannot feed {world_size} rank(s) x {readers} DataLoader worker(s) (every worker needs a shard): "
-            f"prepare more, smaller shards or lower data.num_workers to at most {max(1, len(index.shards) // world_size)}"
+            f"{len(index.shards)} shard(s) cannot feed {world_size} rank(s) x {readers} DataLoader worker(s) (every "
+            "worker needs a shard): "
+            "prepare more, smaller shards or lower data.num_workers to at most "
+            f"{max(1, len(index.shards) // world_size)}"
         )
     if micro_batch_size and listed < micro_batch_size * world_size:
-        problems.append(f"{folder} holds {listed} samples, fewer than one micro batch ({micro_batch_size}) on each of {world_size} rank(s)")
+        problems.append(
+            f"{folder} holds {listed} samples, fewer than one micro batch ({micro_batch_size}) on each of {world_size} "
+            "rank(s)"
+        )
     return problems
 
 
@@ -362,14 +398,21 @@ class LatentBatch:
         return self._map(lambda t: t.pin_memory())
 
     def _map(self, f) -> LatentBatch:
-        fields = {name: getattr(self, name) for name in ("latents", "labels", "text_pooled", "text_tokens", "text_mask", "has_text")}
-        return LatentBatch(keys=self.keys, **{name: None if value is None else f(value) for name, value in fields.items()})
+        fields = {
+            name: getattr(self, name)
+            for name in ("latents", "labels", "text_pooled", "text_tokens", "text_mask", "has_text")
+        }
+        return LatentBatch(
+            keys=self.keys, **{name: None if value is None else f(value) for name, value in fields.items()}
+        )
 
 
 def decode_sample(raw: dict[str, Any], url: str, index: DatasetIndex, seed: int, epoch: int) -> dict[str, Any]:
-    """One raw webdataset sample (member bytes) -> latent (C, h, w) float32, label and text; ShardError naming shard and sample."""
+    """One raw webdataset sample (member bytes) -> latent (C, h, w) float32, label and text; ShardError naming shard and
+    sample."""
     import numpy as np
     import torch
+
     # webdataset's decoders by extension: .npy (numpy refuses pickles), cls
     from webdataset.autodecode import basichandlers
 
@@ -377,7 +420,9 @@ def decode_sample(raw: dict[str, Any], url: str, index: DatasetIndex, seed: int,
     where = f"shard {url}, sample {key}"
     if LATENT_MEMBER not in raw:
         members = ", ".join(sorted(k for k in raw if not k.startswith("__")))
-        raise ShardError(f"{where} has no {LATENT_MEMBER} (members: {members}); the shard is damaged, run `orch prepare` again")
+        raise ShardError(
+            f"{where} has no {LATENT_MEMBER} (members: {members}); the shard is damaged, run `orch prepare` again"
+        )
     try:
         moments = basichandlers(LATENT_MEMBER, raw[LATENT_MEMBER])  # (2, C, h, w) float16: mean and std
     except Exception as err:  # numpy's errors for a damaged .npy vary (ValueError, EOFError, ...)
@@ -385,7 +430,8 @@ def decode_sample(raw: dict[str, Any], url: str, index: DatasetIndex, seed: int,
     expected = (2, *index.latent_shape)
     if moments.shape != expected or moments.dtype.kind != "f":
         raise ShardError(
-            f"{where}: {LATENT_MEMBER} is {moments.dtype} {tuple(moments.shape)}, but index.json says {index.latent_dtype} {expected} (mean and std)"
+            f"{where}: {LATENT_MEMBER} is {moments.dtype} {tuple(moments.shape)}, but index.json says "
+            f"{index.latent_dtype} {expected} (mean and std)"
         )
     mean, std = torch.from_numpy(moments.astype(np.float32))  # (C, h, w) each
     generator = torch.Generator().manual_seed(derive_seed(seed, "noise", epoch, key))
@@ -394,7 +440,9 @@ def decode_sample(raw: dict[str, Any], url: str, index: DatasetIndex, seed: int,
 
     if index.num_classes:
         if LABEL_MEMBER not in raw:
-            raise ShardError(f"{where} has no class label ({LABEL_MEMBER}) although index.json lists {index.num_classes} classes")
+            raise ShardError(
+                f"{where} has no class label ({LABEL_MEMBER}) although index.json lists {index.num_classes} classes"
+            )
         try:
             label = basichandlers(LABEL_MEMBER, raw[LABEL_MEMBER])
         except ValueError:
@@ -411,9 +459,15 @@ def decode_sample(raw: dict[str, Any], url: str, index: DatasetIndex, seed: int,
             pooled = basichandlers(TEXT_POOLED_MEMBER, raw[TEXT_POOLED_MEMBER])  # (D,)
             tokens = basichandlers(TEXT_TOKENS_MEMBER, raw[TEXT_TOKENS_MEMBER])  # (L, D)
             limit = index.max_text_tokens or tokens.shape[0]
-            if pooled.shape != (index.text_dim,) or tokens.ndim != 2 or tokens.shape[1] != index.text_dim or not 1 <= tokens.shape[0] <= limit:
+            if (
+                pooled.shape != (index.text_dim,)
+                or tokens.ndim != 2
+                or tokens.shape[1] != index.text_dim
+                or not 1 <= tokens.shape[0] <= limit
+            ):
                 raise ShardError(
-                    f"{where}: text embeddings of shape {tuple(pooled.shape)} and {tuple(tokens.shape)}; index.json says "
+                    f"{where}: text embeddings of shape {tuple(pooled.shape)} and {tuple(tokens.shape)}; index.json "
+                    "says "
                     f"({index.text_dim},) and (L <= {index.max_text_tokens}, {index.text_dim})"
                 )
             sample["text"] = (torch.from_numpy(pooled.astype(np.float32)), torch.from_numpy(tokens.astype(np.float32)))
@@ -454,7 +508,8 @@ def read_shard(url: str, expected: int) -> Iterator[dict[str, Any]]:
         for raw in wds.tarfile_samples([{"url": url}]):  # raises on a damaged tar (handler: reraise)
             if count == expected:
                 raise ShardError(
-                    f"shard {url} holds more samples than the {expected} its index.json lists (at sample {raw['__key__']}): "
+                    f"shard {url} holds more samples than the {expected} its index.json lists (at sample "
+                    f"{raw['__key__']}): "
                     "the shard and the index disagree, run `orch prepare` again"
                 )
             last = raw["__key__"]
@@ -463,10 +518,13 @@ def read_shard(url: str, expected: int) -> Iterator[dict[str, Any]]:
     except ShardError:
         raise
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
-        reason = str(err.args[0]).split(" @ ")[0] if err.args else type(err).__name__  # webdataset appends " @ <file object>"
+        reason = (
+            str(err.args[0]).split(" @ ")[0] if err.args else type(err).__name__
+        )  # webdataset appends " @ <file object>"
         after = f"after sample {last}" if last is not None else "before its first sample"
         raise ShardError(
-            f"shard {url} is damaged or unreadable {after} (sample {count + 1} of {expected}): {reason}; run `orch prepare` again"
+            f"shard {url} is damaged or unreadable {after} (sample {count + 1} of {expected}): {reason}; run `orch "
+            "prepare` again"
         ) from None
     if count < expected:
         raise ShardError(
@@ -492,7 +550,14 @@ class StreamConfig:
     shuffle_buffer: int
 
     def plan(self, epoch: int) -> EpochPlan:
-        return plan_epoch(self.shards.counts, epoch, seed=self.seed, world_size=self.world_size, num_workers=self.num_workers, micro_batch=self.micro_batch)
+        return plan_epoch(
+            self.shards.counts,
+            epoch,
+            seed=self.seed,
+            world_size=self.world_size,
+            num_workers=self.num_workers,
+            micro_batch=self.micro_batch,
+        )
 
 
 @dataclass(frozen=True)
@@ -503,8 +568,11 @@ class _Failure:
     message: str
 
 
-def worker_batches(config: StreamConfig, epoch: int, rank: int, worker: int, first: int) -> Iterator[tuple[tuple[int, int, int], Any]]:
-    """Batches first, first + 1, ... of one worker in one epoch, each as ((epoch, worker, k), LatentBatch or _Failure)."""
+def worker_batches(
+    config: StreamConfig, epoch: int, rank: int, worker: int, first: int
+) -> Iterator[tuple[tuple[int, int, int], Any]]:
+    """Batches first, first + 1, ... of one worker in one epoch, each as ((epoch, worker, k), LatentBatch or
+    _Failure)."""
     k = first
     try:
         plan = config.plan(epoch)
@@ -524,14 +592,18 @@ def worker_batches(config: StreamConfig, epoch: int, rank: int, worker: int, fir
                     pending[(j, i)] = raw
                 while done < len(wanted) and wanted[done] in pending:
                     item = wanted[done]
-                    samples.append(decode_sample(pending.pop(item), urls[item[0]], config.shards.index, config.seed, epoch))
+                    samples.append(
+                        decode_sample(pending.pop(item), urls[item[0]], config.shards.index, config.seed, epoch)
+                    )
                     done += 1
                     if len(samples) == size:
                         yield (epoch, worker, k), collate(samples, config.shards.index)
                         k, samples = k + 1, []
                 if done == len(wanted):
                     break
-        assert done == len(wanted) and not samples, f"worker {worker} of rank {rank} made {done} of {len(wanted)} samples in epoch {epoch}"
+        assert done == len(wanted) and not samples, (
+            f"worker {worker} of rank {rank} made {done} of {len(wanted)} samples in epoch {epoch}"
+        )
     except ShardError as err:
         yield (epoch, worker, k), _Failure(str(err))
 
@@ -599,7 +671,8 @@ class ShardStream:
 
         if micro_batch < 1 or shuffle_buffer < 1 or num_workers < 0 or not 0 <= rank < world_size:
             raise ValueError(
-                f"bad stream settings: micro_batch={micro_batch}, shuffle_buffer={shuffle_buffer}, num_workers={num_workers}, rank={rank} of {world_size}"
+                f"bad stream settings: micro_batch={micro_batch}, shuffle_buffer={shuffle_buffer}, "
+                f"num_workers={num_workers}, rank={rank} of {world_size}"
             )
         shards = source if isinstance(source, ShardSet) else open_shards(source, index)
         self.config = StreamConfig(shards, seed, world_size, num_workers, micro_batch, shuffle_buffer)
@@ -610,7 +683,11 @@ class ShardStream:
         if start.batch >= plan.batches:
             log.warning(
                 "data position (epoch %d, batch %d) is past the %d batches of that epoch with these settings (another "
-                "world size or worker count?): starting at epoch %d instead", start.epoch, start.batch, plan.batches, start.epoch + 1,
+                "world size or worker count?): starting at epoch %d instead",
+                start.epoch,
+                start.batch,
+                plan.batches,
+                start.epoch + 1,
             )
             start = DataPosition(start.epoch + 1, 0)
         self.position: DataPosition = start
@@ -669,8 +746,12 @@ class ShardStream:
         self._plan = plan = self.config.plan(epoch)
         if plan.dropped(self.rank):
             log.info(
-                "epoch %d: %d micro batches on every rank; rank %d drops %d more it could fill, so that all ranks step together",
-                epoch, plan.batches, self.rank, plan.dropped(self.rank),
+                "epoch %d: %d micro batches on every rank; rank %d drops %d more it could fill, so that all ranks "
+                "step together",
+                epoch,
+                plan.batches,
+                self.rank,
+                plan.dropped(self.rank),
             )
         if self._loader is None:
             source = worker_batches(self.config, epoch, self.rank, 0, first)
@@ -689,9 +770,13 @@ class ShardStream:
                     raise ShardError(payload.message)
                 assert tag_epoch == epoch, f"a worker sent a batch of epoch {tag_epoch} in epoch {epoch}"
                 early[(tag_worker, tag_k)] = payload
-                assert len(early) <= 2 * max(1, self.config.num_workers), f"{len(early)} batches wait for batch {k} of worker {worker}: not round robin"
+                assert len(early) <= 2 * max(1, self.config.num_workers), (
+                    f"{len(early)} batches wait for batch {k} of worker {worker}: not round robin"
+                )
             yield early.pop((worker, k))
-        assert not early and next(source, None) is None, f"epoch {epoch} of rank {self.rank} has more batches than its plan"
+        assert not early and next(source, None) is None, (
+            f"epoch {epoch} of rank {self.rank} has more batches than its plan"
+        )
 
     def close(self) -> None:
         """Stop the DataLoader workers (also done when the stream is garbage collected)."""

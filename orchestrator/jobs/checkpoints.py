@@ -15,7 +15,6 @@ from orchestrator.layout import EMA_FILE, JOB_STATE_FILE, MODEL_FILE, SPEC_FILE
 from orchestrator.specs.job import JobSpec, spec_from_dict
 
 
-
 class CheckpointNotFound(UserError):
     """No usable checkpoint where the user pointed (no job, no complete checkpoint, or a file missing)."""
 
@@ -27,7 +26,9 @@ def resolve_checkpoint(ref: str, root: Path) -> tuple[JobSpec, Path]:
     if path.is_dir() and not (path / JOB_STATE_FILE).is_file():
         return _read_spec(_checkpoint_dir(path)), path.resolve()
     if not path.exists() and "/" in ref:
-        raise CheckpointNotFound(f"{ref} does not exist; give a job id (`orch list` shows them), a job directory or a checkpoint directory")
+        raise CheckpointNotFound(
+            f"{ref} does not exist; give a job id (`orch list` shows them), a job directory or a checkpoint directory"
+        )
     job = find_job(root, ref)
     checkpoint = job.latest_checkpoint()
     if checkpoint is None:
@@ -38,12 +39,18 @@ def resolve_checkpoint(ref: str, root: Path) -> tuple[JobSpec, Path]:
 def _checkpoint_dir(path: Path) -> Path:
     """`path` if it is a usable checkpoint directory, else CheckpointNotFound saying what it lacks."""
     if path.name.endswith(".tmp"):
-        raise CheckpointNotFound(f"{path} is a checkpoint whose writing never finished; use the job, or a complete step-N directory beside it")
+        raise CheckpointNotFound(
+            f"{path} is a checkpoint whose writing never finished; use the job, or a complete step-N directory beside "
+            "it"
+        )
     if path.name == "checkpoints":
-        raise CheckpointNotFound(f"{path} is a job's checkpoints folder; give the job ({path.parent}) or one of its step-N directories")
+        raise CheckpointNotFound(
+            f"{path} is a job's checkpoints folder; give the job ({path.parent}) or one of its step-N directories"
+        )
     if not (path / SPEC_FILE).is_file() or not any((path / name).is_file() for name in (EMA_FILE, MODEL_FILE)):
         raise CheckpointNotFound(
-            f"{path} is neither a job directory (no {JOB_STATE_FILE}) nor a checkpoint directory ({SPEC_FILE} with {EMA_FILE} "
+            f"{path} is neither a job directory (no {JOB_STATE_FILE}) nor a checkpoint directory ({SPEC_FILE} with "
+            f"{EMA_FILE} "
             f"or {MODEL_FILE}); give a job id, a job directory or a runs/<job>/checkpoints/step-N directory"
         )
     return path
@@ -52,8 +59,10 @@ def _checkpoint_dir(path: Path) -> Path:
 def _no_checkpoint_message(job: JobDir) -> str:
     record = job.status()
     return (
-        f"job {job.id} has no complete checkpoint yet ({record.state.value} at step {record.step}); one is written every "
-        f"checkpoint.every steps, at the end and on preemption: wait for it, or `orch resume {job.id}` if the job stopped"
+        f"job {job.id} has no complete checkpoint yet ({record.state.value} at step {record.step}); one is written "
+        "every "
+        f"checkpoint.every steps, at the end and on preemption: wait for it, or `orch resume {job.id}` if the job "
+        "stopped"
     )
 
 
@@ -62,7 +71,9 @@ def _read_spec(checkpoint: Path) -> JobSpec:
     try:
         raw = yaml.safe_load(spec_file.read_text())
     except OSError as err:
-        raise CheckpointNotFound(f"{checkpoint} has no readable {SPEC_FILE} ({err.strerror}); it is not a checkpoint of orch") from None
+        raise CheckpointNotFound(
+            f"{checkpoint} has no readable {SPEC_FILE} ({err.strerror}); it is not a checkpoint of orch"
+        ) from None
     if not isinstance(raw, dict):
         raise CheckpointNotFound(f"{spec_file} is not a spec (a YAML mapping); the checkpoint is damaged")
     return spec_from_dict(raw, source=str(spec_file))
@@ -78,6 +89,11 @@ def weights_file(checkpoint: Path, ema: bool = True) -> Path:
     path = checkpoint / name
     if not path.is_file():
         other = MODEL_FILE if ema else EMA_FILE
-        hint = f"; its {'raw' if ema else 'EMA'} weights ({other}) are there: {'pass --no-ema' if ema else 'leave out --no-ema'}" if (checkpoint / other).is_file() else ""
+        hint = (
+            f"; its {'raw' if ema else 'EMA'} weights ({other}) are there: "
+            f"{'pass --no-ema' if ema else 'leave out --no-ema'}"
+            if (checkpoint / other).is_file()
+            else ""
+        )
         raise CheckpointNotFound(f"{checkpoint} has no {name} ({'EMA' if ema else 'raw'} weights){hint}")
     return path

@@ -14,10 +14,6 @@ No torch here: `orch list` and `orch status` read job directories in millisecond
 
 from __future__ import annotations
 
-from orchestrator.files import write_atomic
-from orchestrator.errors import UserError
-from orchestrator.layout import JOB_STATE_FILE, LATEST_POINTER, PLAN_FILE, SPEC_FILE, TRAINER_STATE
-
 import dataclasses
 import fcntl
 import json
@@ -29,6 +25,10 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Iterator
+
+from orchestrator.errors import UserError
+from orchestrator.files import write_atomic
+from orchestrator.layout import JOB_STATE_FILE, LATEST_POINTER, PLAN_FILE, SPEC_FILE, TRAINER_STATE
 
 DEFAULT_ROOT = "runs"
 EXIT_PREEMPTED = 75  # a rank stopped on a signal after writing its checkpoint
@@ -167,7 +167,10 @@ class JobDir:
             probe.write_text("")
             probe.unlink()
         except OSError as err:
-            raise JobError(f"cannot write the job root {root}: {err.strerror}; pass --root DIR or set ORCH_ROOT to a writable folder") from None
+            raise JobError(
+                f"cannot write the job root {root}: {err.strerror}; pass --root DIR or set ORCH_ROOT to a writable "
+                "folder"
+            ) from None
         job = cls(root / job_id)
         job.path.mkdir()
         job.logs_dir.mkdir()
@@ -207,7 +210,9 @@ class JobDir:
         with self._locked():
             record = self.read()
             if new is not None:
-                assert new in TRANSITIONS[record.state], f"job {self.id}: {record.state.value} -> {new.value} is not a valid transition"
+                assert new in TRANSITIONS[record.state], (
+                    f"job {self.id}: {record.state.value} -> {new.value} is not a valid transition"
+                )
                 record.state = new
             for key, value in fields.items():
                 assert hasattr(record, key), f"JobRecord has no field {key}"
@@ -227,7 +232,11 @@ class JobDir:
             return self._slurm_status(record)
         if record.state == JobState.QUEUED and time.time() - record.created_at < NEVER_STARTED_AFTER_S:
             return record  # its supervisor may still be starting
-        why = "its processes vanished (killed, or the machine restarted)" if record.state == JobState.RUNNING else "it never started"
+        why = (
+            "its processes vanished (killed, or the machine restarted)"
+            if record.state == JobState.RUNNING
+            else "it never started"
+        )
         with self._locked():
             current = self.read()
             if current.state in ACTIVE_STATES and not self.is_locked():
@@ -249,7 +258,8 @@ class JobDir:
                 current.state = JobState.FAILED
                 current.ended_at = time.time()
                 current.message = (
-                    f"Slurm job {current.slurm_job_id} ended without recording an outcome (see logs/slurm-{current.slurm_job_id}.out); "
+                    f"Slurm job {current.slurm_job_id} ended without recording an outcome (see "
+                    f"logs/slurm-{current.slurm_job_id}.out); "
                     f"`orch resume {self.id}` continues from the newest checkpoint"
                 )
                 self._save(current)
@@ -341,7 +351,7 @@ def latest_checkpoint(directory: Path) -> Path | None:
         candidate = directory / pointer.read_text().strip()
         if (candidate / TRAINER_STATE).is_file():
             return candidate
-    complete = sorted(p for p in directory.glob("step-*") if not p.name.endswith(".tmp") and (p / TRAINER_STATE).is_file())
+    complete = sorted(
+        p for p in directory.glob("step-*") if not p.name.endswith(".tmp") and (p / TRAINER_STATE).is_file()
+    )
     return complete[-1] if complete else None
-
-

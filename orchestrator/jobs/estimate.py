@@ -121,7 +121,9 @@ def dit_parameter_count(
         block = attention + feed_forward + 2 * 2 * D  # + two affine LayerNorms
         final = 2 * D + _linear(D, patch_size * patch_size * C_out)  # affine LayerNorm + output, no adaLN
     else:
-        raise ValueError(f"unknown conditioning {conditioning!r} (valid: adaln_zero, adaln, cross_attention, in_context)")
+        raise ValueError(
+            f"unknown conditioning {conditioning!r} (valid: adaln_zero, adaln, cross_attention, in_context)"
+        )
 
     return patch_embed + t_embed + y_embed + positions + depth * block + final
 
@@ -157,7 +159,8 @@ def dit_forward_macs(
 
 
 def training_flops_per_image(forward_macs: int, checkpointing: bool = False) -> int:
-    """FLOPs of one image's training step: forward + backward = 3 x forward (backward computes grads of inputs and weights, 2 x forward); 4 x with activation checkpointing (the forward runs twice)."""
+    """FLOPs of one image's training step: forward + backward = 3 x forward (backward computes grads of inputs and
+    weights, 2 x forward); 4 x with activation checkpointing (the forward runs twice)."""
     passes = 4 if checkpointing else 3
     return passes * 2 * forward_macs  # 2 FLOPs per multiply-accumulate
 
@@ -279,13 +282,16 @@ def memory_per_gpu(
     if offload not in OFFLOADS:
         raise ValueError(f"unknown offload {offload!r} (valid: {', '.join(map(str, OFFLOADS))})")
     if offload is not None and not strategy.startswith("zero"):
-        raise ValueError(f"offload is a DeepSpeed ZeRO option; strategy {strategy!r} has none (use zero1, zero2 or zero3)")
+        raise ValueError(
+            f"offload is a DeepSpeed ZeRO option; strategy {strategy!r} has none (use zero1, zero2 or zero3)"
+        )
     if offload == "optimizer+params" and strategy != "zero3":
         raise ValueError("offloading parameters needs zero3 (DeepSpeed offload_param); use offload='optimizer'")
 
     per_param = bytes_per_param(strategy, precision, optimizer)
     totals = {
-        "weights": (params + frozen_params) * per_param["weights"],  # frozen weights are stored (and sharded) like the rest
+        "weights": (params + frozen_params)
+        * per_param["weights"],  # frozen weights are stored (and sharded) like the rest
         "grads": params * per_param["grads"],
         "master_weights": params * per_param["master_weights"],
         "optimizer_states": params * per_param["optimizer_states"],
@@ -293,7 +299,11 @@ def memory_per_gpu(
     sharded = set(SHARDED[strategy])
     on_gpu = {kind: math.ceil(total / world_size) if kind in sharded else total for kind, total in totals.items()}
 
-    offloaded_kinds = {None: (), "optimizer": ("master_weights", "optimizer_states"), "optimizer+params": ("master_weights", "optimizer_states", "weights")}[offload]
+    offloaded_kinds = {
+        None: (),
+        "optimizer": ("master_weights", "optimizer_states"),
+        "optimizer+params": ("master_weights", "optimizer_states", "weights"),
+    }[offload]
     cpu_offloaded = sum(on_gpu[kind] for kind in offloaded_kinds)
     for kind in offloaded_kinds:
         on_gpu[kind] = 0
@@ -344,7 +354,12 @@ def collective_payload_bytes_per_step(
 
 
 def comm_bytes_per_step(
-    params: int, strategy: str, world_size: int, grad_bytes: int = 2, param_bytes: int | None = None, grad_accum_steps: int = 1
+    params: int,
+    strategy: str,
+    world_size: int,
+    grad_bytes: int = 2,
+    param_bytes: int | None = None,
+    grad_accum_steps: int = 1,
 ) -> int:
     """Bytes each GPU sends per optimizer step with ring collectives (it receives as many).
 

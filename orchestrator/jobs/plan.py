@@ -11,8 +11,6 @@ and the threads per rank from the allocation (computed on the node), never from 
 
 from __future__ import annotations
 
-from orchestrator.errors import UserError
-
 import os
 import re
 import sys
@@ -26,6 +24,7 @@ from launch.torchrun import torchrun_command
 from orchestrator.components.deepspeed_config import DeepSpeedConfigError, deepspeed_config_of
 from orchestrator.components.model_input import classes_to_build
 from orchestrator.data.imagefolder import DataError, scan_image_folder
+from orchestrator.errors import UserError
 from orchestrator.specs.job import JobSpec, device_precision_refusal
 
 
@@ -53,14 +52,24 @@ class Plan:
     tracking_uri: str | None
     compute: str  # precision, TF32 and torch.compile as they will apply on this device
     command: LaunchCommand  # what `orch submit` runs here, on node 0
-    node_commands: tuple[LaunchCommand, ...] = ()  # every node's command (node 0's is `command`); `orch join` runs the others
+    node_commands: tuple[
+        LaunchCommand, ...
+    ] = ()  # every node's command (node 0's is `command`); `orch join` runs the others
     estimate: tuple[str, ...] = ()  # parameters and memory per rank, computed (orchestrator/jobs/estimate.py)
-    strategy_lines: tuple[str, ...] = ()  # the strategy's settings as they will apply (e.g. the DeepSpeed config's essentials)
-    sbatch_script: str | None = None  # launcher slurm: the script `command` (sbatch) submits, written into the job directory
-    launch_files: tuple[tuple[str, str], ...] = ()  # (path, text) the command reads, written before it runs (hostfile, sbatch script)
+    strategy_lines: tuple[
+        str, ...
+    ] = ()  # the strategy's settings as they will apply (e.g. the DeepSpeed config's essentials)
+    sbatch_script: str | None = (
+        None  # launcher slurm: the script `command` (sbatch) submits, written into the job directory
+    )
+    launch_files: tuple[
+        tuple[str, str], ...
+    ] = ()  # (path, text) the command reads, written before it runs (hostfile, sbatch script)
     hosts: tuple[str, ...] = ()  # launcher deepspeed: the hosts it starts over ssh, node 0 first
     problems: tuple[str, ...] = ()
-    cpus_per_task: int | None = None  # launcher slurm: the CPUs asked for each node's task (its ranks and their loaders)
+    cpus_per_task: int | None = (
+        None  # launcher slurm: the CPUs asked for each node's task (its ranks and their loaders)
+    )
 
     def describe(self) -> list[str]:
         """Human-readable lines, as `orch plan` prints them."""
@@ -68,32 +77,51 @@ class Plan:
         if self.threads_per_process is not None:
             threads = f"{self.threads_per_process} per process"
         else:  # launcher slurm: the sbatch script and the worker compute it from the allocation
-            threads = (f"{max(1, (self.cpus_per_task or 1) // self.processes_per_node)} per process on the compute node "
-                       f"(the allocation's {self.cpus_per_task} CPUs per node / {self.processes_per_node} rank(s))")
+            threads = (
+                f"{max(1, (self.cpus_per_task or 1) // self.processes_per_node)} per process on the compute node "
+                f"(the allocation's {self.cpus_per_task} CPUs per node / {self.processes_per_node} rank(s))"
+            )
         return [
             f"launcher        {self.launcher} on {device}, strategy {self.strategy}",
-            f"world size      {self.world_size} ({self.processes_per_node} process(es) x {self.world_size // self.processes_per_node} node(s))",
-            f"batch           {self.global_batch_size} global = {self.micro_batch_size} per rank x {self.world_size} rank(s) x {self.grad_accum_steps} accumulation step(s)",
+            f"world size      {self.world_size} ({self.processes_per_node} process(es) x "
+            f"{self.world_size // self.processes_per_node} node(s))",
+            f"batch           {self.global_batch_size} global = {self.micro_batch_size} per rank x {self.world_size} "
+            f"rank(s) x {self.grad_accum_steps} accumulation step(s)",
             f"threads         {threads}",
             f"compute         {self.compute}",
             *self.strategy_lines,
             *self.estimate,
             f"tracking        {self.tracking_uri or 'off'}",
             *(
-                [f"command         {self.command.shell()}", *(f"  | {line}" for line in _sbatch_essentials(self.sbatch_script))]
-                if self.sbatch_script else
-                [f"command         {self.command.shell()}"] if len(self.node_commands) < 2 and not self.hosts else
-                [f"command         {self.command.shell()}  (orch submit runs it on node 0)",
-                 *(f"node {n:<10} {host}: {self.processes_per_node} rank(s), started over ssh by DeepSpeed's runner" for n, host in enumerate(self.hosts))]
-                if self.hosts else
-                [f"node {n:<10} {c.shell()}{'  (orch submit runs it)' if n == 0 else f'  (orch join JOB --node-rank {n} runs it)'}" for n, c in enumerate(self.node_commands)]
+                [
+                    f"command         {self.command.shell()}",
+                    *(f"  | {line}" for line in _sbatch_essentials(self.sbatch_script)),
+                ]
+                if self.sbatch_script
+                else [f"command         {self.command.shell()}"]
+                if len(self.node_commands) < 2 and not self.hosts
+                else [
+                    f"command         {self.command.shell()}  (orch submit runs it on node 0)",
+                    *(
+                        f"node {n:<10} {host}: {self.processes_per_node} rank(s), started over ssh by DeepSpeed's "
+                        "runner"
+                        for n, host in enumerate(self.hosts)
+                    ),
+                ]
+                if self.hosts
+                else [
+                    f"node {n:<10} {c.shell()}  "
+                    + ("(orch submit runs it)" if n == 0 else f"(orch join JOB --node-rank {n} runs it)")
+                    for n, c in enumerate(self.node_commands)
+                ]
             ),
             *(f"problem         {problem}" for problem in self.problems),
         ]
 
 
 def _sbatch_essentials(script: str) -> list[str]:
-    """The lines of an sbatch script `orch plan` shows: the #SBATCH options and the srun step (with its continuation line)."""
+    """The lines of an sbatch script `orch plan` shows: the #SBATCH options and the srun step (with its continuation
+    line)."""
     lines = script.splitlines()
     shown = []
     for i, line in enumerate(lines):
@@ -131,7 +159,11 @@ def visible_gpu_count(root: Path = Path("/")) -> int | None:
         return 0
     try:
         gpus = root / "proc" / "driver" / "nvidia" / "gpus"
-        count = len(list(gpus.iterdir())) if gpus.is_dir() else len([n for n in (root / "dev").glob("nvidia[0-9]*") if re.fullmatch(r"nvidia\d+", n.name)])
+        count = (
+            len(list(gpus.iterdir()))
+            if gpus.is_dir()
+            else len([n for n in (root / "dev").glob("nvidia[0-9]*") if re.fullmatch(r"nvidia\d+", n.name)])
+        )
     except OSError:
         return None
     chosen = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -154,10 +186,16 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
         if device == "cuda" and not gpu_visible():
             problems.append("resources.device is cuda but no NVIDIA GPU is visible here; use device: cpu (or auto)")
         if resources.gpus_per_node is not None and device != "cuda":
-            problems.append(f"resources.gpus_per_node {resources.gpus_per_node} needs CUDA, and no NVIDIA GPU is visible here; on CPU set processes instead")
+            problems.append(
+                f"resources.gpus_per_node {resources.gpus_per_node} needs CUDA, and no NVIDIA GPU is visible here; on "
+                "CPU set processes instead"
+            )
         visible = visible_gpu_count() if device == "cuda" else None
         if visible and resources.processes > visible:  # every rank of this node takes a GPU of its own
-            problems.append(f"resources.processes {resources.processes} ranks per node, one per GPU, but this node shows {visible} GPU(s); set gpus_per_node (or processes) to at most {visible}")
+            problems.append(
+                f"resources.processes {resources.processes} ranks per node, one per GPU, but this node shows {visible} "
+                f"GPU(s); set gpus_per_node (or processes) to at most {visible}"
+            )
     refusal = device_precision_refusal(device, spec.train.mixed_precision)
     if refusal:
         problems.append(refusal)
@@ -193,8 +231,14 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
     elif launcher == "torchrun":
         node_commands = tuple(
             torchrun_command(
-                python, entry, nproc_per_node=resources.processes, nnodes=resources.nodes, node_rank=node,
-                rdzv_endpoint=resources.rdzv_endpoint, rdzv_id=job_path.name if resources.rdzv_endpoint else None, threads=threads,
+                python,
+                entry,
+                nproc_per_node=resources.processes,
+                nnodes=resources.nodes,
+                node_rank=node,
+                rdzv_endpoint=resources.rdzv_endpoint,
+                rdzv_id=job_path.name if resources.rdzv_endpoint else None,
+                threads=threads,
             )
             for node in range(resources.nodes)
         )
@@ -206,7 +250,9 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
     elif launcher == "deepspeed":
         command, launch_files, hosts = _deepspeed_command(spec, job_path, python, entry, threads, problems)
     else:
-        command = accelerate_command(python, entry, num_processes=resources.processes, cpu=device == "cpu", threads=threads)
+        command = accelerate_command(
+            python, entry, num_processes=resources.processes, cpu=device == "cpu", threads=threads
+        )
 
     tracking_uri = None
     if spec.tracking.enabled:
@@ -250,8 +296,10 @@ def describe_deepspeed(spec: JobSpec, config: dict) -> list[str]:
         buckets += f", all-gather bucket {zero['allgather_bucket_size']:,}"
     overlap = zero.get("overlap_comm")
     lines = [
-        f"deepspeed       ZeRO-{zero.get('stage')}, offload {' + '.join(offloaded) if offloaded else 'none'}, {buckets} elements, "
-        f"overlap_comm {'default' if overlap is None else overlap}, activation checkpointing {'on' if spec.resources.activation_checkpointing else 'off'}"
+        f"deepspeed       ZeRO-{zero.get('stage')}, offload {' + '.join(offloaded) if offloaded else 'none'}, "
+        f"{buckets} elements, "
+        f"overlap_comm {'default' if overlap is None else overlap}, activation checkpointing "
+        f"{'on' if spec.resources.activation_checkpointing else 'off'}"
     ]
     if spec.resources.deepspeed.config_file:
         lines.append(f"deepspeed json  {spec.resources.deepspeed.config_file} laid over orch's config")
@@ -260,9 +308,13 @@ def describe_deepspeed(spec: JobSpec, config: dict) -> list[str]:
 
 def compute_description(spec: JobSpec, device: str) -> str:
     """`orch plan`'s line on the arithmetic: autocast precision, fp32 matmuls (TF32 on CUDA) and torch.compile."""
-    precision = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling"}[spec.train.mixed_precision]
+    precision = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling"}[
+        spec.train.mixed_precision
+    ]
     on_gpu = "TF32" if spec.resources.tf32 else "strict fp32"
-    matmuls = on_gpu if device == "cuda" else f"{on_gpu} on a GPU node, fp32 on a CPU node" if device == "auto" else "fp32"
+    matmuls = (
+        on_gpu if device == "cuda" else f"{on_gpu} on a GPU node, fp32 on a CPU node" if device == "auto" else "fp32"
+    )
     return f"{precision}, fp32 matmuls in {matmuls}, torch.compile {'per block' if spec.resources.compile else 'off'}"
 
 
@@ -271,7 +323,11 @@ def strategy_description(spec: JobSpec) -> list[str]:
     r = spec.resources
     checkpointing = f"activation checkpointing {'on' if r.activation_checkpointing else 'off'}"
     if r.strategy == "fsdp":
-        return [f"fsdp            FSDP2, one shard unit per block, {'bf16 weights, fp32 grad reduction' if spec.train.mixed_precision == 'bf16' else 'fp32'}, {checkpointing}"]
+        return [
+            "fsdp            FSDP2, one shard unit per block, "
+            f"{'bf16 weights, fp32 grad reduction' if spec.train.mixed_precision == 'bf16' else 'fp32'}, "
+            f"{checkpointing}"
+        ]
     if r.world_size == 1 and not r.activation_checkpointing:
         return []
     return [f"ddp             bucket {r.ddp.bucket_mb} MiB, {checkpointing}"]
@@ -282,7 +338,9 @@ def _need_deepspeed(what: str, alternative: str, problems: list[str]) -> None:
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
-        problems.append(f"{what} needs DeepSpeed, which is not installed: bash scripts/setup.sh installs it (or use {alternative})")
+        problems.append(
+            f"{what} needs DeepSpeed, which is not installed: bash scripts/setup.sh installs it (or use {alternative})"
+        )
 
 
 def _deepspeed_command(spec: JobSpec, job_path: Path, python: str, entry, threads: int, problems: list[str]):
@@ -303,14 +361,18 @@ def _deepspeed_command(spec: JobSpec, job_path: Path, python: str, entry, thread
             listed = {}
         if listed and (len(listed) != r.nodes or set(listed.values()) != {r.processes}):
             problems.append(
-                f"resources.hostfile lists {len(listed)} host(s) with {sorted(set(listed.values()))} slot(s) but the spec has "
+                f"resources.hostfile lists {len(listed)} host(s) with {sorted(set(listed.values()))} slot(s) but the "
+                "spec has "
                 f"nodes {r.nodes} x processes {r.processes}; make them agree (the batch split follows the spec)"
             )
         hosts = list(listed) or hosts
     if not hosts:
         hosts = ["localhost"]  # one node: DeepSpeed's runner starts the ranks here, without ssh
     if len(hosts) > 1 and shutil.which("pdsh") is None:
-        problems.append("launcher deepspeed starts the other hosts with pdsh over ssh, and pdsh is not on the PATH (apt-get install pdsh)")
+        problems.append(
+            "launcher deepspeed starts the other hosts with pdsh over ssh, and pdsh is not on the PATH (apt-get "
+            "install pdsh)"
+        )
     if r.rdzv_endpoint:
         master_addr, _, port = r.rdzv_endpoint.rpartition(":")
         master_port = int(port)
@@ -322,11 +384,20 @@ def _deepspeed_command(spec: JobSpec, job_path: Path, python: str, entry, thread
             master_addr, master_port = "127.0.0.1", probe.getsockname()[1]
     folder = job_path / "deepspeed"
     command = deepspeed_command(
-        python, entry, hostfile=str(folder / "hostfile"), env_file=str(folder / "env"), master_addr=master_addr,
-        master_port=master_port, ssh_port=r.ssh_port, threads=threads,
+        python,
+        entry,
+        hostfile=str(folder / "hostfile"),
+        env_file=str(folder / "env"),
+        master_addr=master_addr,
+        master_port=master_port,
+        ssh_port=r.ssh_port,
+        threads=threads,
     )
     passed_on = {name: value for name, value in command.env.items() if name != "DS_ENV_FILE"}
-    files = ((str(folder / "hostfile"), hostfile_text(hosts, r.processes)), (str(folder / "env"), env_file_text(passed_on)))
+    files = (
+        (str(folder / "hostfile"), hostfile_text(hosts, r.processes)),
+        (str(folder / "env"), env_file_text(passed_on)),
+    )
     return command, files, tuple(hosts) if len(hosts) > 1 else ()
 
 
@@ -337,7 +408,14 @@ def slurm_cpus_per_task(spec: JobSpec) -> int:
 
 
 def _slurm_command(
-    spec: JobSpec, job_path: Path, python: str, entry, device: str, threads: int | None, cpus_per_task: int, problems: list[str],
+    spec: JobSpec,
+    job_path: Path,
+    python: str,
+    entry,
+    device: str,
+    threads: int | None,
+    cpus_per_task: int,
+    problems: list[str],
 ) -> tuple[LaunchCommand, str]:
     """The sbatch command and script of a Slurm job (torchrun on each node, requeue, time-limit warning).
 
@@ -350,17 +428,33 @@ def _slurm_command(
     resources, slurm = spec.resources, spec.resources.slurm
     wants_gpus = device == "cuda" or (device == "auto" and resources.gpus_per_node is not None)
     if shutil.which("sbatch") is None:
-        problems.append("launcher slurm needs sbatch on the PATH: run orch on a Slurm login node (or use launcher torchrun)")
+        problems.append(
+            "launcher slurm needs sbatch on the PATH: run orch on a Slurm login node (or use launcher torchrun)"
+        )
     try:
         allocation = SlurmAllocation(
-            nodes=resources.nodes, gpus_per_node=resources.processes if wants_gpus else 0, processes_per_node=resources.processes,
-            cpus_per_task=cpus_per_task, mem=slurm.mem, partition=slurm.partition, account=slurm.account, qos=slurm.qos,
-            constraint=slurm.constraint, time_limit=slurm.time, signal_seconds=slurm.signal_seconds, requeue=slurm.requeue,
+            nodes=resources.nodes,
+            gpus_per_node=resources.processes if wants_gpus else 0,
+            processes_per_node=resources.processes,
+            cpus_per_task=cpus_per_task,
+            mem=slurm.mem,
+            partition=slurm.partition,
+            account=slurm.account,
+            qos=slurm.qos,
+            constraint=slurm.constraint,
+            time_limit=slurm.time,
+            signal_seconds=slurm.signal_seconds,
+            requeue=slurm.requeue,
         )
         step = NodeStep(python=python, entry=entry, setup=slurm.setup, threads=threads)
         job = sbatch_job(
-            job_name=job_path.name, script_path=str(job_path / "slurm" / "job.sbatch"), logs_dir=str(job_path / "logs"),
-            allocation=allocation, step=step, sbatch_extra=slurm.sbatch_extra, workdir=str(job_path),
+            job_name=job_path.name,
+            script_path=str(job_path / "slurm" / "job.sbatch"),
+            logs_dir=str(job_path / "logs"),
+            allocation=allocation,
+            step=step,
+            sbatch_extra=slurm.sbatch_extra,
+            workdir=str(job_path),
         )
     except ValueError as err:  # values Slurm would reject or misread, named by the adapter
         raise PlanError(f"resources.slurm: {err}") from None
@@ -377,29 +471,57 @@ def model_estimate(spec: JobSpec, world_size: int) -> list[str]:
         return []  # the U-Net has no closed form here, and a latent job needs its prepared data to know its input
     channels, size, classes, text_dim = shape
     count = dict(
-        depth=m.depth, hidden_size=m.hidden_size, patch_size=m.patch_size, in_channels=channels, input_size=size, num_classes=classes,
-        learn_sigma=m.learn_sigma, mlp_ratio=m.mlp_ratio, class_dropout_prob=m.class_dropout, conditioning=m.conditioning,
-        condition=m.condition, ffn=m.ffn, pos_embed=m.pos_embed, text_dim=text_dim,
+        depth=m.depth,
+        hidden_size=m.hidden_size,
+        patch_size=m.patch_size,
+        in_channels=channels,
+        input_size=size,
+        num_classes=classes,
+        learn_sigma=m.learn_sigma,
+        mlp_ratio=m.mlp_ratio,
+        class_dropout_prob=m.class_dropout,
+        conditioning=m.conditioning,
+        condition=m.condition,
+        ffn=m.ffn,
+        pos_embed=m.pos_embed,
+        text_dim=text_dim,
     )
-    total, trainable = estimate.dit_parameter_count(**count), estimate.dit_parameter_count(**count, include_frozen=False)
+    total, trainable = (
+        estimate.dit_parameter_count(**count),
+        estimate.dit_parameter_count(**count, include_frozen=False),
+    )
     tokens = (size // m.patch_size) ** 2
     r = spec.resources
     activations = estimate.dit_activation_bytes_per_sample(
-        m.depth, tokens, m.hidden_size, m.num_heads, spec.train.mixed_precision, checkpointing=r.activation_checkpointing,
+        m.depth,
+        tokens,
+        m.hidden_size,
+        m.num_heads,
+        spec.train.mixed_precision,
+        checkpointing=r.activation_checkpointing,
     )
     offload = None
     if r.strategy.startswith("zero") and r.deepspeed.offload_optimizer:
         offload = "optimizer+params" if r.deepspeed.offload_params else "optimizer"
     memory = estimate.memory_per_gpu(
-        trainable, r.strategy, spec.train.mixed_precision, world_size, spec.micro_batch_size, activations, frozen_params=total - trainable,
-        offload=offload, ema_sharded=False,  # the EMA is kept of the full weights on every rank (orchestrator/train/zero.py)
+        trainable,
+        r.strategy,
+        spec.train.mixed_precision,
+        world_size,
+        spec.micro_batch_size,
+        activations,
+        frozen_params=total - trainable,
+        offload=offload,
+        ema_sharded=False,  # the EMA is kept of the full weights on every rank (orchestrator/train/zero.py)
     )
     gb = 1e9
     offloaded = f"; {memory['cpu_offloaded_bytes'] / gb:.2f} GB offloaded to CPU memory" if offload else ""
     return [
         f"parameters      {total:,} ({trainable:,} trainable), input {channels}x{size}x{size}, {tokens} tokens",
-        f"memory/rank     ~{memory['total_bytes'] / gb:.2f} GB ({r.strategy}, {spec.train.mixed_precision}): weights {memory['weights_bytes'] / gb:.2f}, "
-        f"grads {memory['grads_bytes'] / gb:.2f}, AdamW {memory['optimizer_states_bytes'] / gb:.2f}, EMA {memory['ema_bytes'] / gb:.2f}, "
+        f"memory/rank     ~{memory['total_bytes'] / gb:.2f} GB ({r.strategy}, {spec.train.mixed_precision}): weights "
+        f"{memory['weights_bytes'] / gb:.2f}, "
+        f"grads {memory['grads_bytes'] / gb:.2f}, AdamW {memory['optimizer_states_bytes'] / gb:.2f}, EMA "
+        f"{memory['ema_bytes'] / gb:.2f}, "
         f"activations {memory['activations_bytes'] / gb:.2f} (micro batch {spec.micro_batch_size}"
         f"{', checkpointed' if r.activation_checkpointing else ''}){offloaded}; a lower bound, plan for ~1.5x",
     ]
@@ -434,13 +556,19 @@ def check_data(spec: JobSpec) -> None:
         from orchestrator.data.shards import ShardError, check_dataset, open_shards
 
         try:
-            shards = open_shards(spec.data.path)  # a prepared folder, or shard paths / a brace pattern beside their index.json
+            shards = open_shards(
+                spec.data.path
+            )  # a prepared folder, or shard paths / a brace pattern beside their index.json
         except (ShardError, ValueError) as err:
             raise PlanError(str(err)) from None
         index = shards.index
         channels, size, _ = index.latent_shape
         problems = latent_problems(spec, index) + check_dataset(
-            Path(shards.index_path).parent, channels, size, world_size=spec.resources.world_size, num_workers=spec.data.num_workers,
+            Path(shards.index_path).parent,
+            channels,
+            size,
+            world_size=spec.resources.world_size,
+            num_workers=spec.data.num_workers,
             micro_batch_size=spec.micro_batch_size,
         )
         if problems:
@@ -451,4 +579,7 @@ def check_data(spec: JobSpec) -> None:
         except DataError as err:
             raise PlanError(str(err)) from None
         if spec.model.num_classes is not None and spec.model.num_classes < len(index.classes):
-            raise PlanError(f"model.num_classes is {spec.model.num_classes} but {spec.data.path} has {len(index.classes)} class folders")
+            raise PlanError(
+                f"model.num_classes is {spec.model.num_classes} but {spec.data.path} has {len(index.classes)} class "
+                "folders"
+            )

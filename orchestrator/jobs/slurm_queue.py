@@ -13,7 +13,19 @@ import subprocess
 from orchestrator.errors import UserError
 
 # squeue's states of a job that is waiting for or holding its allocation (anything else: it has ended).
-ALIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "SUSPENDED", "STAGE_OUT"}
+ALIVE = {
+    "PENDING",
+    "CONFIGURING",
+    "RUNNING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+    "SIGNALING",
+    "SUSPENDED",
+    "STAGE_OUT",
+}
 
 
 class SlurmError(UserError):

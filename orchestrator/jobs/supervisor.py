@@ -23,7 +23,12 @@ from orchestrator.jobs.directory import EXIT_PREEMPTED, JobDir, JobError, JobRec
 from orchestrator.jobs.plan import Plan
 
 POLL_S = 0.5
-FORWARDED = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGUSR1: signal.SIGUSR1, signal.SIGHUP: signal.SIGTERM}
+FORWARDED = {
+    signal.SIGINT: signal.SIGINT,
+    signal.SIGTERM: signal.SIGTERM,
+    signal.SIGUSR1: signal.SIGUSR1,
+    signal.SIGHUP: signal.SIGTERM,
+}
 
 
 def write_plan(job: JobDir, plan: Plan) -> None:
@@ -52,25 +57,43 @@ def run(job: JobDir, progress: bool) -> JobRecord:
     lock = job.try_lock_run()
     if lock is None:
         record = job.read()
-        raise JobError(f"job {job.id} is already running (supervisor pid {record.supervisor_pid}); `orch cancel {job.id}` stops it")
+        raise JobError(
+            f"job {job.id} is already running (supervisor pid {record.supervisor_pid}); `orch cancel {job.id}` stops it"
+        )
     try:
         plan = json.loads(job.plan_file.read_text())
         previous = job.read()
         if previous.state == JobState.RUNNING:  # we hold the lock, so that run is gone
             previous = job.transition(JobState.FAILED, ended_at=time.time(), message="its processes vanished")
         job.transition(
-            JobState.RUNNING, started_at=time.time(), ended_at=None, supervisor_pid=os.getpid(), launcher_pid=None,
-            exit_code=None, message="", stop_reason=None, cancel_requested=False, attempts=previous.attempts + 1,
-            launcher=plan["launcher"], world_size=plan["world_size"],
+            JobState.RUNNING,
+            started_at=time.time(),
+            ended_at=None,
+            supervisor_pid=os.getpid(),
+            launcher_pid=None,
+            exit_code=None,
+            message="",
+            stop_reason=None,
+            cancel_requested=False,
+            attempts=previous.attempts + 1,
+            launcher=plan["launcher"],
+            world_size=plan["world_size"],
         )
         write_launch_files(plan)
         clear_rank_registry(job)
         with open(job.log_file, "ab") as log:
-            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {previous.attempts + 1}: {' '.join(plan['command']['argv'])}\n".encode())
+            log.write(
+                f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {previous.attempts + 1}: "
+                f"{' '.join(plan['command']['argv'])}\n".encode()
+            )
             log.flush()
             process = subprocess.Popen(
-                plan["command"]["argv"], env={**os.environ, **plan["command"]["env"]},
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                plan["command"]["argv"],
+                env={**os.environ, **plan["command"]["env"]},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         job.update(launcher_pid=process.pid)
         forwarder = _SignalForwarder(process, _rank_finder(job, plan["launcher"], process))
@@ -88,17 +111,29 @@ def run_node(job: JobDir, node_rank: int) -> int:
     rendezvous); returns the launcher's exit code. Node 0's supervisor alone records the job's state."""
     plan = json.loads(job.plan_file.read_text())
     if plan["launcher"] == "deepspeed":
-        raise JobError(f"job {job.id} runs through launcher deepspeed, which starts every host itself over ssh: there is nothing to join")
+        raise JobError(
+            f"job {job.id} runs through launcher deepspeed, which starts every host itself over ssh: there is nothing "
+            "to join"
+        )
     commands = plan.get("node_commands") or [plan["command"]]
     if not 1 <= node_rank < len(commands):
-        raise JobError(f"job {job.id} runs on {len(commands)} node(s): --node-rank must be 1..{len(commands) - 1} (node 0 is `orch submit`/`orch resume`)")
+        raise JobError(
+            f"job {job.id} runs on {len(commands)} node(s): --node-rank must be 1..{len(commands) - 1} (node 0 is "
+            "`orch submit`/`orch resume`)"
+        )
     command = commands[node_rank]
     with open(job.logs_dir / f"node-{node_rank}.log", "ab") as log:
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} node {node_rank}: {' '.join(command['argv'])}\n".encode())
+        log.write(
+            f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} node {node_rank}: {' '.join(command['argv'])}\n".encode()
+        )
         log.flush()
         process = subprocess.Popen(
-            command["argv"], env={**os.environ, **command["env"]},
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            command["argv"],
+            env={**os.environ, **command["env"]},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     forwarder = _SignalForwarder(process, lambda: children_of(process.pid))
     try:
@@ -111,12 +146,24 @@ def _wait(job: JobDir, process: subprocess.Popen, progress: bool) -> None:
     if not progress:
         process.wait()
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} img/s"),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[speed]} img/s"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
     )
     record = job.read()
     with Progress(*columns, transient=False) as bar:
@@ -124,7 +171,9 @@ def _wait(job: JobDir, process: subprocess.Popen, progress: bool) -> None:
         while process.poll() is None:
             record = job.read()
             bar.update(
-                task, completed=record.step, total=record.total_steps or None,
+                task,
+                completed=record.step,
+                total=record.total_steps or None,
                 loss=f"{record.loss:.4f}" if record.loss is not None else "-",
                 speed=f"{record.samples_per_sec:.0f}" if record.samples_per_sec else "-",
             )
@@ -134,7 +183,8 @@ def _wait(job: JobDir, process: subprocess.Popen, progress: bool) -> None:
 
 
 def record_end(job: JobDir, returncode: int) -> JobRecord:
-    """The job's final state for a run that exited with `returncode`, from what rank 0 recorded (stop_reason, cancel)."""
+    """The job's final state for a run that exited with `returncode`, from what rank 0 recorded (stop_reason,
+    cancel)."""
     record = job.read()
     reason = record.stop_reason or ""
     checkpoint = f"checkpoint {Path(record.checkpoint).name}" if record.checkpoint else "no checkpoint yet"
@@ -181,7 +231,9 @@ class _SignalForwarder:
                     _kill(pid, signal.SIGKILL)
                 _kill_group(self.process.pid, signal.SIGKILL)
                 return
-            print("\ninterrupt: the job writes a checkpoint and stops (Ctrl-C again to kill it at once)", file=sys.stderr)
+            print(
+                "\ninterrupt: the job writes a checkpoint and stops (Ctrl-C again to kill it at once)", file=sys.stderr
+            )
         pids = self.rank_pids()
         if not pids and self.process.poll() is None:
             # No rank has started yet (the deepspeed runner is still connecting): its runner stops them all.

@@ -10,11 +10,6 @@ raise `SpecError`, whose message names the YAML path and line and suggests the n
 
 from __future__ import annotations
 
-from launch.deepspeed import DEFAULT_BUCKET_SIZE
-from launch.torchrun import check_host_port
-from model.sizes import DIT_PRESETS
-from orchestrator.errors import UserError
-
 import difflib
 import hashlib
 import json
@@ -25,6 +20,11 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from launch.deepspeed import DEFAULT_BUCKET_SIZE
+from launch.torchrun import check_host_port
+from model.sizes import DIT_PRESETS
+from orchestrator.errors import UserError
+
 SPEC_VERSION = 1
 
 
@@ -32,12 +32,14 @@ SPEC_VERSION = 1
 ALIASES = {("train", "lr"): "learning_rate"}
 
 
-
 def precision_refusal(strategy: str, mixed_precision: str) -> str | None:
     """Why a strategy cannot train in a precision, or None: fp16's loss scaling is the DDP engine's alone here
     (the spec refuses it, and the FSDP and ZeRO engines once more for callers that skip the spec)."""
     if mixed_precision == "fp16" and strategy != "ddp":
-        return f"resources.strategy {strategy} trains in bf16 or fp32 here; fp16 (loss scaling) is supported with ddp only, use bf16"
+        return (
+            f"resources.strategy {strategy} trains in bf16 or fp32 here; "
+            "fp16 (loss scaling) is supported with ddp only, use bf16"
+        )
     return None
 
 
@@ -82,9 +84,15 @@ class UNetSpec(Section):
     @model_validator(mode="after")
     def _consistent_levels(self) -> UNetSpec:
         if len(self.down_sample) != len(self.down_channels) - 1:
-            raise ValueError(f"down_sample has {len(self.down_sample)} entries; {len(self.down_channels)} down_channels need {len(self.down_channels) - 1}")
+            raise ValueError(
+                f"down_sample has {len(self.down_sample)} entries; {len(self.down_channels)} down_channels need "
+                f"{len(self.down_channels) - 1}"
+            )
         if len(self.mid_channels) < 2 or self.mid_channels[0] != self.down_channels[-1]:
-            raise ValueError(f"mid_channels {self.mid_channels} must have at least 2 entries and start with the last down channel {self.down_channels[-1]}")
+            raise ValueError(
+                f"mid_channels {self.mid_channels} must have at least 2 entries and start with the last down channel "
+                f"{self.down_channels[-1]}"
+            )
         bad = [c for c in self.down_channels + self.mid_channels if c % self.norm_groups]
         if bad:
             raise ValueError(f"channels {bad} are not divisible by norm_groups {self.norm_groups}")
@@ -93,23 +101,29 @@ class UNetSpec(Section):
 
 class ModelSpec(Section):
     arch: Literal["dit", "unet"] = "dit"
-    """Network family: `dit`, the Diffusion Transformer (Peebles & Xie 2023); `unet`, the DDPM U-Net (Ho et al. 2020), configured in model.unet."""
+    """Network family: `dit`, the Diffusion Transformer (Peebles & Xie 2023); `unet`, the DDPM U-Net (Ho et al. 2020),
+    configured in model.unet."""
     conditioning: Literal["adaln_zero", "adaln", "cross_attention", "in_context"] = "adaln_zero"
-    """DiT block conditioning: adaLN-Zero (the paper's best), adaLN (modulation not zero-initialised), cross-attention to condition tokens, or condition tokens in context."""
+    """DiT block conditioning: adaLN-Zero (the paper's best), adaLN (modulation not zero-initialised), cross-attention
+    to condition tokens, or condition tokens in context."""
     condition: Literal["class", "text", "none"] = "class"
-    """What the model is conditioned on: the class label (with a null class for guidance), a caption's precomputed text embeddings (with a learned null caption), or nothing."""
+    """What the model is conditioned on: the class label (with a null class for guidance), a caption's precomputed text
+    embeddings (with a learned null caption), or nothing."""
     ffn: Literal["mlp", "conv"] = "mlp"
-    """DiT feed-forward: `mlp`, or `conv` (1x1 expand, 3x3 depthwise conv over the patch grid, GELU, 1x1 project; LocalViT)."""
+    """DiT feed-forward: `mlp`, or `conv` (1x1 expand, 3x3 depthwise conv over the patch grid, GELU, 1x1 project;
+    LocalViT)."""
     pos_embed: Literal["sincos", "learned"] = "sincos"
     """DiT position embedding: fixed 2-D sin-cos, or learned (initialised from sin-cos)."""
     learn_sigma: bool = False
-    """Also predict the variance (twice the output channels), trained with diffusion.loss: hybrid (Nichol & Dhariwal 2021)."""
+    """Also predict the variance (twice the output channels), trained with diffusion.loss: hybrid (Nichol & Dhariwal
+    2021)."""
     init_from: str | None = None
     """Weights to start from (a .safetensors or a published DiT .pt in the official layout); keys must match exactly."""
     unet: UNetSpec = UNetSpec()
     """U-Net layout (arch: unet only)."""
     preset: str | None = None
-    """A named size of the DiT paper (`DiT-S/2`, `DiT-B/4`, `DiT-L/8`, `DiT-XL/2`, ...); sets depth, hidden_size, num_heads and patch_size."""
+    """A named size of the DiT paper (`DiT-S/2`, `DiT-B/4`, `DiT-L/8`, `DiT-XL/2`, ...); sets depth, hidden_size,
+    num_heads and patch_size."""
     patch_size: int = Field(2, ge=1)
     """Side of the square patches the image (or latent) is cut into; must divide data.resolution."""
     hidden_size: int = Field(384, ge=8)
@@ -121,7 +135,8 @@ class ModelSpec(Section):
     mlp_ratio: float = Field(4.0, gt=0)
     """Width of the feed-forward layer as a multiple of hidden_size."""
     class_dropout: float = Field(0.1, ge=0, lt=1)
-    """Probability of replacing a label by the null class in training (what classifier-free guidance needs; 0 turns guidance off)."""
+    """Probability of replacing a label by the null class in training (what classifier-free guidance needs; 0 turns
+    guidance off)."""
     num_classes: int | None = Field(None, ge=1)
     """Number of classes; empty means: as many as the data has."""
 
@@ -144,7 +159,9 @@ class ModelSpec(Section):
     @classmethod
     def _known_preset(cls, preset: str | None) -> str | None:
         if preset is not None and preset not in DIT_PRESETS:
-            raise ValueError(f"unknown preset {preset!r}{_did_you_mean(preset, DIT_PRESETS)} (valid: {', '.join(DIT_PRESETS)})")
+            raise ValueError(
+                f"unknown preset {preset!r}{_did_you_mean(preset, DIT_PRESETS)} (valid: {', '.join(DIT_PRESETS)})"
+            )
         return preset
 
     @model_validator(mode="after")
@@ -153,7 +170,18 @@ class ModelSpec(Section):
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         defaults = ModelSpec.model_fields
         if self.arch == "unet":
-            dit_fields = ("preset", "patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "conditioning", "ffn", "pos_embed", "learn_sigma")
+            dit_fields = (
+                "preset",
+                "patch_size",
+                "hidden_size",
+                "depth",
+                "num_heads",
+                "mlp_ratio",
+                "conditioning",
+                "ffn",
+                "pos_embed",
+                "learn_sigma",
+            )
             dit_only = [f for f in dit_fields if getattr(self, f) != defaults[f].default]
             if dit_only:
                 raise ValueError(f"{', '.join(dit_only)} configure a DiT; arch unet takes its layout from model.unet")
@@ -166,28 +194,38 @@ class DiffusionSpec(Section):
     num_train_timesteps: int = Field(1000, ge=2)
     """Number of noise levels T of the forward process."""
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
-    """Noise schedule: `linear` (Ho et al. 2020), `scaled_linear` (linear in sqrt(beta), Stable Diffusion's) or `squaredcos_cap_v2` (the cosine schedule of Nichol & Dhariwal 2021)."""
+    """Noise schedule: `linear` (Ho et al. 2020), `scaled_linear` (linear in sqrt(beta), Stable Diffusion's) or
+    `squaredcos_cap_v2` (the cosine schedule of Nichol & Dhariwal 2021)."""
     beta_start: float = Field(1e-4, gt=0, lt=1)
     """First beta of the linear schedule."""
     beta_end: float = Field(0.02, gt=0, lt=1)
     """Last beta of the linear schedule."""
     prediction: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
-    """What the network predicts: `epsilon` (the added noise), `sample` (the clean image x0) or `v_prediction` (Salimans & Ho 2022)."""
+    """What the network predicts: `epsilon` (the added noise), `sample` (the clean image x0) or `v_prediction` (Salimans
+    & Ho 2022)."""
     loss: Literal["mse", "hybrid"] = "mse"
-    """`mse` on the prediction, or `hybrid`: MSE plus 0.001 x the variational bound, which trains a learned variance (model.learn_sigma)."""
+    """`mse` on the prediction, or `hybrid`: MSE plus 0.001 x the variational bound, which trains a learned variance
+    (model.learn_sigma)."""
 
 
 class DataSpec(Section):
     source: Literal["digits", "image_folder", "webdataset"] = "digits"
-    """`digits`: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes). `image_folder`: one sub-folder of images per class. `webdataset`: VAE latents (and caption embeddings) in shards written by `orch prepare`; the model then works in latent space."""
+    """`digits`: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes). `image_folder`: one
+    sub-folder of images per class. `webdataset`: VAE latents (and caption embeddings) in shards written by `orch
+    prepare`; the model then works in latent space."""
     path: str | None = None
-    """Folder of an `image_folder` source; for `webdataset`, the folder `orch prepare` wrote (shards and index.json) or a brace pattern of some of its shards (`data/cats/shard-{000000..000099}.tar`). Relative paths are relative to the spec file."""
+    """Folder of an `image_folder` source; for `webdataset`, the folder `orch prepare` wrote (shards and index.json) or
+    a brace pattern of some of its shards (`data/cats/shard-{000000..000099}.tar`). Relative paths are relative to the
+    spec file."""
     resolution: int = Field(8, ge=2)
-    """Side of the square training images, in pixels (for `webdataset`: of the images that were encoded; the latents' side is what the model sees)."""
+    """Side of the square training images, in pixels (for `webdataset`: of the images that were encoded; the latents'
+    side is what the model sees)."""
     channels: Literal[1, 3] | None = None
-    """1 (grey) or 3 (RGB); empty means the source's own (digits: 1, image_folder: 3; webdataset: the latents' channels)."""
+    """1 (grey) or 3 (RGB); empty means the source's own (digits: 1, image_folder: 3; webdataset: the latents'
+    channels)."""
     hflip: bool = False
-    """Also train on horizontally flipped images (a deterministic flip per sample and epoch); for `webdataset`, flipped copies are made by `orch prepare`."""
+    """Also train on horizontally flipped images (a deterministic flip per sample and epoch); for `webdataset`, flipped
+    copies are made by `orch prepare`."""
     shuffle_buffer: int = Field(1000, ge=1)
     """`webdataset`: samples each DataLoader worker shuffles among (shards are also shuffled per epoch)."""
     num_workers: int = Field(0, ge=0)
@@ -196,7 +234,11 @@ class DataSpec(Section):
     @model_validator(mode="after")
     def _source_fields(self) -> DataSpec:
         if self.source in ("image_folder", "webdataset") and not self.path:
-            what = "a folder with one sub-folder per class" if self.source == "image_folder" else "the folder `orch prepare` wrote"
+            what = (
+                "a folder with one sub-folder per class"
+                if self.source == "image_folder"
+                else "the folder `orch prepare` wrote"
+            )
             raise ValueError(f"source {self.source} needs data.path ({what})")
         if self.source == "digits" and self.path:
             raise ValueError("source digits ships with scikit-learn and takes no data.path; remove it")
@@ -205,7 +247,10 @@ class DataSpec(Section):
         if self.source == "webdataset" and self.channels is not None:
             raise ValueError("source webdataset takes its channels from the latents; remove data.channels")
         if self.source == "webdataset" and self.hflip:
-            raise ValueError("latents cannot be flipped in training; let `orch prepare` add flipped copies (its image.flip) and remove data.hflip")
+            raise ValueError(
+                "latents cannot be flipped in training; let `orch prepare` add flipped copies (its image.flip) and "
+                "remove data.hflip"
+            )
         return self
 
     @property
@@ -215,7 +260,8 @@ class DataSpec(Section):
 
     @property
     def has_text(self) -> bool:
-        """Whether the source can carry caption embeddings (what model.condition: text trains on; `orch plan` checks the shards have them)."""
+        """Whether the source can carry caption embeddings (what model.condition: text trains on; `orch plan` checks the
+        shards have them)."""
         return self.source == "webdataset"
 
     @property
@@ -250,7 +296,8 @@ class TrainSpec(Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast precision: `no` (fp32), `bf16` (CPU or GPU), `fp16` (GPU only, with a gradient scaler)."""
     seed: int = 0
-    """Seed of weights, data order and noise; the same seed gives bitwise the same run on the same hardware and thread count: always on the CPU, on CUDA with resources.deterministic."""
+    """Seed of weights, data order and noise; the same seed gives bitwise the same run on the same hardware and thread
+    count: always on the CPU, on CUDA with resources.deterministic."""
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -278,7 +325,8 @@ class SampleSpec(Section):
     every: int = Field(1000, ge=1)
     """Draw a sample grid from the EMA weights every this many steps (and at the end)."""
     sampler: Literal["ddpm", "ddim", "dpm_solver++"] = "ddim"
-    """Reverse process: `ddpm` (ancestral, Ho et al.), `ddim` (deterministic, Song et al. 2021) or `dpm_solver++` (2nd order, Lu et al. 2022)."""
+    """Reverse process: `ddpm` (ancestral, Ho et al.), `ddim` (deterministic, Song et al. 2021) or `dpm_solver++` (2nd
+    order, Lu et al. 2022)."""
     steps: int = Field(50, ge=1)
     """Denoising steps of the sampler."""
     guidance_scale: float = Field(1.0, ge=1)
@@ -286,7 +334,8 @@ class SampleSpec(Section):
     classes: list[int] | None = None
     """Class of each grid row; empty means the first min(10, num_classes) classes."""
     text_rows: int = Field(4, ge=1)
-    """Text models: grid rows, one per caption of the dataset's first captioned samples (drawn from their stored embeddings)."""
+    """Text models: grid rows, one per caption of the dataset's first captioned samples (drawn from their stored
+    embeddings)."""
     per_class: int = Field(8, ge=1)
     """Images per grid row."""
     seed: int = 0
@@ -316,13 +365,20 @@ class SlurmSpec(Section):
     time: str | None = None
     """Time limit per run, Slurm's format (`1-00:00:00`, `12:00:00`, or minutes); empty is the partition's default."""
     signal_seconds: int = Field(300, ge=1, le=65535)
-    """Seconds before the time limit when Slurm warns the job (SIGUSR1): the ranks checkpoint and the job requeues itself."""
+    """Seconds before the time limit when Slurm warns the job (SIGUSR1): the ranks checkpoint and the job requeues
+    itself."""
     requeue: bool = True
-    """Requeue after a preemption, a node failure or the time-limit warning; the next run resumes from the newest checkpoint."""
+    """Requeue after a preemption, a node failure or the time-limit warning; the next run resumes from the newest
+    checkpoint."""
     cpus_per_task: int | None = Field(None, ge=1)
-    """CPUs for each node's task (its ranks and their DataLoader workers); empty asks for processes x (data.num_workers + 2): per rank one CPU per loader worker plus two for the rank itself (8 GPUs with 4 workers each: 48). Not capped: if the nodes have fewer CPUs, sbatch refuses the job and this must be set. The ranks' threads are these CPUs divided by the ranks (unless threads_per_process is set)."""
+    """CPUs for each node's task (its ranks and their DataLoader workers); empty asks for processes x (data.num_workers
+    + 2): per rank one CPU per loader worker plus two for the rank itself (8 GPUs with 4 workers each: 48). Not capped:
+    if the nodes have fewer CPUs, sbatch refuses the job and this must be set. The ranks' threads are these CPUs divided
+    by the ranks (unless threads_per_process is set)."""
     mem: str | None = None
-    """Memory per node (`sbatch --mem`), Slurm's format: megabytes, or a size with a K, M, G or T suffix (`256G`); `0` asks for all of each node's memory (some sites refuse it). Empty is the partition's default (often memory per CPU, so it grows with cpus_per_task)."""
+    """Memory per node (`sbatch --mem`), Slurm's format: megabytes, or a size with a K, M, G or T suffix (`256G`); `0`
+    asks for all of each node's memory (some sites refuse it). Empty is the partition's default (often memory per CPU,
+    so it grows with cpus_per_task)."""
     sbatch_extra: list[str] = []
     """More `#SBATCH` options, each starting with `--` (e.g. `--exclusive`, `--mail-type=END,FAIL`)."""
     setup: list[str] = []
@@ -341,23 +397,32 @@ class SlurmSpec(Section):
         if isinstance(value, int) and not isinstance(value, bool):
             value = str(value)  # YAML reads `mem: 0` or `mem: 64000` as a number
         if isinstance(value, str) and not re.fullmatch(r"\d+[KMGTkmgt]?", value):
-            raise ValueError(f"mem {value!r} is not a Slurm memory size; write megabytes (64000) or a size with a K, M, G or T suffix (256G)")
+            raise ValueError(
+                f"mem {value!r} is not a Slurm memory size; write megabytes (64000) or a size with a K, M, G or T "
+                "suffix (256G)"
+            )
         return value
 
 
 class DeepSpeedSpec(Section):
     offload_optimizer: bool = False
-    """ZeRO-Offload: the fp32 master weights and AdamW state live in CPU memory and DeepSpeed's CPU Adam steps them there (less GPU memory, a slower step)."""
+    """ZeRO-Offload: the fp32 master weights and AdamW state live in CPU memory and DeepSpeed's CPU Adam steps them
+    there (less GPU memory, a slower step)."""
     offload_params: bool = False
-    """ZeRO-3 only: the weight partitions live in CPU memory too and are fetched layer by layer (with offload_optimizer)."""
+    """ZeRO-3 only: the weight partitions live in CPU memory too and are fetched layer by layer (with
+    offload_optimizer)."""
     reduce_bucket_size: int = Field(DEFAULT_BUCKET_SIZE, ge=1)
-    """Elements per gradient reduce-scatter bucket (DeepSpeed's default); smaller saves memory, larger overlaps better."""
+    """Elements per gradient reduce-scatter bucket (DeepSpeed's default); smaller saves memory, larger overlaps
+    better."""
     allgather_bucket_size: int = Field(DEFAULT_BUCKET_SIZE, ge=1)
     """ZeRO-1/2: elements per all-gather bucket of the updated weights."""
     overlap_comm: bool | None = None
-    """Overlap gradient reduction with the backward pass (more memory for buckets); empty is DeepSpeed's default (on for ZeRO-3, off for 1/2)."""
+    """Overlap gradient reduction with the backward pass (more memory for buckets); empty is DeepSpeed's default (on for
+    ZeRO-3, off for 1/2)."""
     config_file: str | None = None
-    """A DeepSpeed JSON of your own, laid over the one orch builds (e.g. `zero_optimization` tuning, `comms_logger`); batch sizes, accumulation, clipping, precision and the optimizer come from the spec and may only repeat its values (or say "auto")."""
+    """A DeepSpeed JSON of your own, laid over the one orch builds (e.g. `zero_optimization` tuning, `comms_logger`);
+    batch sizes, accumulation, clipping, precision and the optimizer come from the spec and may only repeat its values
+    (or say "auto")."""
 
 
 class DdpSpec(Section):
@@ -367,11 +432,15 @@ class DdpSpec(Section):
 
 class ResourcesSpec(Section):
     launcher: Literal["auto", "local", "torchrun", "accelerate", "deepspeed", "slurm"] = "auto"
-    """How ranks are started: `local` (one plain process), `torchrun`, `accelerate`, `deepspeed` (DeepSpeed's launcher: every host of `hosts` / `hostfile` started over ssh from node 0), or `slurm` (an sbatch job of `nodes` nodes, torchrun on each); `auto` is local for 1 process on 1 node, torchrun otherwise."""
+    """How ranks are started: `local` (one plain process), `torchrun`, `accelerate`, `deepspeed` (DeepSpeed's launcher:
+    every host of `hosts` / `hostfile` started over ssh from node 0), or `slurm` (an sbatch job of `nodes` nodes,
+    torchrun on each); `auto` is local for 1 process on 1 node, torchrun otherwise."""
     hosts: list[str] = []
-    """launcher deepspeed: the nodes' host names, node 0 (where `orch submit` runs) first; sets `nodes`. Each needs passwordless ssh from node 0, pdsh on node 0, and the job root on a shared filesystem."""
+    """launcher deepspeed: the nodes' host names, node 0 (where `orch submit` runs) first; sets `nodes`. Each needs
+    passwordless ssh from node 0, pdsh on node 0, and the job root on a shared filesystem."""
     hostfile: str | None = None
-    """launcher deepspeed: a hostfile (`HOST slots=N` per line, DeepSpeed/MPI style) instead of `hosts`; its hosts and slots must match `nodes` and `processes`."""
+    """launcher deepspeed: a hostfile (`HOST slots=N` per line, DeepSpeed/MPI style) instead of `hosts`; its hosts and
+    slots must match `nodes` and `processes`."""
     ssh_port: int | None = Field(None, ge=1, le=65535)
     """launcher deepspeed: the ssh port of the hosts (empty: ssh's own default or ~/.ssh/config)."""
     slurm: SlurmSpec = SlurmSpec()
@@ -381,31 +450,49 @@ class ResourcesSpec(Section):
     processes: int = Field(1, ge=1)
     """Ranks per node: one per GPU (see gpus_per_node), or on CPU the DDP ranks over gloo."""
     nodes: int = Field(1, ge=1)
-    """Machines, each running `processes` ranks; node 0 runs `orch submit`, every other node `orch join JOB --node-rank N` (the job directory on a shared filesystem)."""
+    """Machines, each running `processes` ranks; node 0 runs `orch submit`, every other node `orch join JOB --node-rank
+    N` (the job directory on a shared filesystem)."""
     rdzv_endpoint: str | None = None
-    """HOST:PORT where the nodes' ranks meet (a free port on node 0): torchrun's c10d rendezvous, required when nodes > 1; for launcher deepspeed the master address (default: the first host, port 29500)."""
+    """HOST:PORT where the nodes' ranks meet (a free port on node 0): torchrun's c10d rendezvous, required when nodes >
+    1; for launcher deepspeed the master address (default: the first host, port 29500)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """`auto` uses CUDA when a GPU is visible, else the CPU. With launcher slurm it is decided on the compute node, never on the host that submits: `cuda` asks for one GPU per rank (`--gpus-per-node`); `auto` asks for GPUs only when gpus_per_node is set, and each node's worker then uses CUDA if its allocation holds a GPU, else the CPU; `cpu` asks for none."""
+    """`auto` uses CUDA when a GPU is visible, else the CPU. With launcher slurm it is decided on the compute node,
+    never on the host that submits: `cuda` asks for one GPU per rank (`--gpus-per-node`); `auto` asks for GPUs only when
+    gpus_per_node is set, and each node's worker then uses CUDA if its allocation holds a GPU, else the CPU; `cpu` asks
+    for none."""
     strategy: Literal["ddp", "fsdp", "zero1", "zero2", "zero3"] = "ddp"
-    """How the model is spread over the ranks: `ddp` (replicated, accelerate's DDP), `fsdp` (PyTorch FSDP2: weights, gradients and optimizer states sharded per block) or DeepSpeed ZeRO stage 1 (optimizer states sharded), 2 (and gradients), 3 (and weights); the EMA is kept of the full weights on every rank."""
+    """How the model is spread over the ranks: `ddp` (replicated, accelerate's DDP), `fsdp` (PyTorch FSDP2: weights,
+    gradients and optimizer states sharded per block) or DeepSpeed ZeRO stage 1 (optimizer states sharded), 2 (and
+    gradients), 3 (and weights); the EMA is kept of the full weights on every rank."""
     ddp: DdpSpec = DdpSpec()
     """Settings of strategy ddp."""
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     """Settings of the ZeRO strategies (zero1, zero2, zero3)."""
     activation_checkpointing: bool = False
-    """Recompute each transformer / U-Net block's activations in the backward pass instead of keeping them: about a third more compute for much less activation memory (any strategy)."""
+    """Recompute each transformer / U-Net block's activations in the backward pass instead of keeping them: about a
+    third more compute for much less activation memory (any strategy)."""
     compile: bool = False
-    """torch.compile each transformer / U-Net block (blocks of one shape share one compiled graph; DDP and FSDP keep overlapping their communication with the backward pass block by block). The first step takes longer while it compiles; the weights train within float rounding of eager. Not with strategy zero3 (its gather hooks run inside each block)."""
+    """torch.compile each transformer / U-Net block (blocks of one shape share one compiled graph; DDP and FSDP keep
+    overlapping their communication with the backward pass block by block). The first step takes longer while it
+    compiles; the weights train within float rounding of eager. Not with strategy zero3 (its gather hooks run inside
+    each block)."""
     tf32: bool = True
-    """On CUDA (Ampere and newer): fp32 matmuls and convolutions run on TF32 tensor cores, as the DiT reference training does; false for strict fp32. No effect on CPU."""
+    """On CUDA (Ampere and newer): fp32 matmuls and convolutions run on TF32 tensor cores, as the DiT reference training
+    does; false for strict fp32. No effect on CPU."""
     collective_timeout_s: int = Field(600, ge=10)
-    """Seconds a collective may wait for the other ranks (a stuck or vanished rank on another node) before the job fails, resumable, instead of hanging."""
+    """Seconds a collective may wait for the other ranks (a stuck or vanished rank on another node) before the job
+    fails, resumable, instead of hanging."""
     rank0_timeout_s: int = Field(3600, ge=10)
-    """Seconds the other ranks wait while rank 0 works alone (drawing a sample grid, converting a ZeRO checkpoint to another world size), outside NCCL's collective timeout; a DDPM-1000 grid of a large model can take minutes."""
+    """Seconds the other ranks wait while rank 0 works alone (drawing a sample grid, converting a ZeRO checkpoint to
+    another world size), outside NCCL's collective timeout; a DDPM-1000 grid of a large model can take minutes."""
     deterministic: bool = False
-    """On CUDA: deterministic algorithms only (torch.use_deterministic_algorithms, cuDNN deterministic and without autotuning, cuBLAS with a fixed workspace), so that a resumed run repeats the uninterrupted one bit for bit, as it always does on the CPU. Costs speed (measured in bench/results/); an op without a deterministic kernel stops the job with torch's error naming it."""
+    """On CUDA: deterministic algorithms only (torch.use_deterministic_algorithms, cuDNN deterministic and without
+    autotuning, cuBLAS with a fixed workspace), so that a resumed run repeats the uninterrupted one bit for bit, as it
+    always does on the CPU. Costs speed (measured in bench/results/); an op without a deterministic kernel stops the job
+    with torch's error naming it."""
     threads_per_process: int | None = Field(None, ge=1)
-    """CPU threads per rank (OMP_NUM_THREADS); empty means the machine's cores divided by the ranks (launcher slurm: the compute node's allocated CPUs, slurm.cpus_per_task, divided by its ranks)."""
+    """CPU threads per rank (OMP_NUM_THREADS); empty means the machine's cores divided by the ranks (launcher slurm: the
+    compute node's allocated CPUs, slurm.cpus_per_task, divided by its ranks)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -413,12 +500,17 @@ class ResourcesSpec(Section):
         if isinstance(raw, dict) and isinstance(raw.get("hosts"), list) and raw["hosts"]:
             hosts, nodes = raw["hosts"], raw.get("nodes")
             if nodes is not None and nodes != len(hosts):
-                raise ValueError(f"nodes {nodes} and hosts ({len(hosts)} listed) disagree: hosts sets the node count; set only hosts")
+                raise ValueError(
+                    f"nodes {nodes} and hosts ({len(hosts)} listed) disagree: hosts sets the node count; set only hosts"
+                )
             raw = {**raw, "nodes": len(hosts)}
         if isinstance(raw, dict) and raw.get("gpus_per_node") is not None:
             gpus, processes = raw["gpus_per_node"], raw.get("processes")
             if processes is not None and processes != gpus:
-                raise ValueError(f"gpus_per_node {gpus} and processes {processes} disagree: one rank runs per GPU; set only gpus_per_node")
+                raise ValueError(
+                    f"gpus_per_node {gpus} and processes {processes} disagree: one rank runs per GPU; set only "
+                    "gpus_per_node"
+                )
             if raw.get("device") == "cpu":
                 raise ValueError("gpus_per_node needs device cuda (or auto); on CPU set processes instead")
             raw = {**raw, "processes": gpus}
@@ -427,33 +519,65 @@ class ResourcesSpec(Section):
     @model_validator(mode="after")
     def _launcher_fits(self) -> ResourcesSpec:
         if self.launcher == "local" and self.processes > 1:
-            raise ValueError(f"launcher local starts one process; use torchrun or accelerate for processes={self.processes}")
+            raise ValueError(
+                f"launcher local starts one process; use torchrun or accelerate for processes={self.processes}"
+            )
         if self.strategy.startswith("zero") and self.launcher == "accelerate":
-            raise ValueError(f"strategy {self.strategy} starts through torchrun (or local, deepspeed, slurm): accelerate launch would switch DeepSpeed off on CPU")
+            raise ValueError(
+                f"strategy {self.strategy} starts through torchrun (or local, deepspeed, slurm): accelerate launch "
+                "would switch DeepSpeed off on CPU"
+            )
         if self.slurm != SlurmSpec() and self.launcher != "slurm":
             raise ValueError("resources.slurm configures launcher: slurm; set it, or remove the slurm section")
         if self.deepspeed != DeepSpeedSpec() and not self.strategy.startswith("zero"):
-            raise ValueError(f"resources.deepspeed configures the ZeRO strategies, not {self.strategy}; set strategy zero1, zero2 or zero3, or remove the deepspeed section")
+            raise ValueError(
+                f"resources.deepspeed configures the ZeRO strategies, not {self.strategy}; set strategy zero1, zero2 "
+                "or zero3, or remove the deepspeed section"
+            )
         if self.ddp != DdpSpec() and self.strategy != "ddp":
-            raise ValueError(f"resources.ddp configures strategy ddp, not {self.strategy}; remove the ddp section (bucket sizes of ZeRO are under resources.deepspeed)")
+            raise ValueError(
+                f"resources.ddp configures strategy ddp, not {self.strategy}; remove the ddp section (bucket sizes of "
+                "ZeRO are under resources.deepspeed)"
+            )
         if self.compile and self.strategy == "zero3":
-            raise ValueError("compile is not supported with strategy zero3: ZeRO-3's weight-gathering hooks inside every block break torch.compile's graphs (2 blocks gave 18 graphs and 29 breaks); use zero2 or fsdp, or compile: false")
+            raise ValueError(
+                "compile is not supported with strategy zero3: ZeRO-3's weight-gathering hooks inside every block "
+                "break torch.compile's graphs (2 blocks gave 18 graphs and 29 breaks); use zero2 or fsdp, or compile: "
+                "false"
+            )
         if self.deepspeed.offload_params and self.strategy != "zero3":
-            raise ValueError(f"deepspeed.offload_params needs strategy zero3 (only ZeRO-3 partitions the weights), not {self.strategy}")
+            raise ValueError(
+                "deepspeed.offload_params needs strategy zero3 (only ZeRO-3 partitions the weights), not "
+                f"{self.strategy}"
+            )
         if self.deepspeed.offload_params and not self.deepspeed.offload_optimizer:
-            raise ValueError("deepspeed.offload_params goes with deepspeed.offload_optimizer: true (weights in CPU memory and the optimizer on the GPU would ship every update across); set both")
+            raise ValueError(
+                "deepspeed.offload_params goes with deepspeed.offload_optimizer: true (weights in CPU memory and the "
+                "optimizer on the GPU would ship every update across); set both"
+            )
         if (self.hosts or self.hostfile or self.ssh_port) and self.launcher != "deepspeed":
-            raise ValueError("hosts, hostfile and ssh_port configure launcher: deepspeed (ssh-style multi-node); set it, or remove them")
+            raise ValueError(
+                "hosts, hostfile and ssh_port configure launcher: deepspeed (ssh-style multi-node); set it, or remove "
+                "them"
+            )
         if self.hosts and self.hostfile:
             raise ValueError("give the nodes either as hosts or as a hostfile, not both")
         if len(set(self.hosts)) != len(self.hosts):
             raise ValueError(f"hosts lists a host twice: {self.hosts}")
         if self.launcher == "deepspeed" and self.nodes > 1 and not (self.hosts or self.hostfile):
-            raise ValueError(f"launcher deepspeed on {self.nodes} nodes needs their names: resources.hosts (node 0 first) or resources.hostfile")
+            raise ValueError(
+                f"launcher deepspeed on {self.nodes} nodes needs their names: resources.hosts (node 0 first) or "
+                "resources.hostfile"
+            )
         if self.nodes > 1 and self.launcher not in ("auto", "torchrun", "deepspeed", "slurm"):
-            raise ValueError(f"launcher {self.launcher} runs on one node; multi-node jobs start through torchrun, deepspeed or slurm")
+            raise ValueError(
+                f"launcher {self.launcher} runs on one node; multi-node jobs start through torchrun, deepspeed or slurm"
+            )
         if self.nodes > 1 and self.launcher not in ("slurm", "deepspeed") and not self.rdzv_endpoint:
-            raise ValueError(f"{self.nodes} nodes need resources.rdzv_endpoint: HOST:PORT of node 0, where the ranks meet (e.g. node0.cluster:29400)")
+            raise ValueError(
+                f"{self.nodes} nodes need resources.rdzv_endpoint: HOST:PORT of node 0, where the ranks meet (e.g. "
+                "node0.cluster:29400)"
+            )
         if self.rdzv_endpoint is not None:
             check_host_port("rdzv_endpoint", self.rdzv_endpoint)
         return self
@@ -486,13 +610,24 @@ class JobSpec(Section):
         if m.arch == "dit" and not self.data.latent and self.data.resolution % m.patch_size:
             raise ValueError(f"model.patch_size {m.patch_size} does not divide data.resolution {self.data.resolution}")
         if m.arch == "unet" and not self.data.latent and self.data.resolution % 2 ** sum(m.unet.down_sample):
-            raise ValueError(f"data.resolution {self.data.resolution} cannot be halved {sum(m.unet.down_sample)} times (model.unet.down_sample)")
+            raise ValueError(
+                f"data.resolution {self.data.resolution} cannot be halved {sum(m.unet.down_sample)} times "
+                "(model.unet.down_sample)"
+            )
         if m.learn_sigma != (self.diffusion.loss == "hybrid"):
-            raise ValueError("model.learn_sigma and diffusion.loss: hybrid go together: the variational bound is what trains the variance")
+            raise ValueError(
+                "model.learn_sigma and diffusion.loss: hybrid go together: the variational bound is what trains the "
+                "variance"
+            )
         if m.learn_sigma and self.sample.sampler != "ddpm":
-            raise ValueError(f"sample.sampler {self.sample.sampler} cannot use a learned variance; use ddpm (or learn_sigma: false)")
+            raise ValueError(
+                f"sample.sampler {self.sample.sampler} cannot use a learned variance; use ddpm (or learn_sigma: false)"
+            )
         if m.learn_sigma and self.diffusion.prediction != "epsilon":
-            raise ValueError("a learned variance is trained with epsilon prediction (Nichol & Dhariwal 2021); set diffusion.prediction: epsilon")
+            raise ValueError(
+                "a learned variance is trained with epsilon prediction (Nichol & Dhariwal 2021); set "
+                "diffusion.prediction: epsilon"
+            )
         split = self.resources.world_size * self.train.grad_accum_steps
         if self.train.global_batch_size % split:
             raise ValueError(
@@ -501,17 +636,25 @@ class JobSpec(Section):
                 f"use a multiple of {split}"
             )
         if self.sample.steps > self.diffusion.num_train_timesteps:
-            raise ValueError(f"sample.steps {self.sample.steps} exceeds diffusion.num_train_timesteps {self.diffusion.num_train_timesteps}")
+            raise ValueError(
+                f"sample.steps {self.sample.steps} exceeds diffusion.num_train_timesteps "
+                f"{self.diffusion.num_train_timesteps}"
+            )
         refusal = precision_refusal(self.resources.strategy, self.train.mixed_precision)
         if refusal:
             raise ValueError(refusal)
         if m.condition == "text" and not self.data.has_text:
             raise ValueError(
-                f"model.condition: text needs precomputed text embeddings, which data.source {self.data.source} does not carry; "
-                "train on shards prepared with captions by `orch prepare` (data.source: webdataset), or use condition: class"
+                f"model.condition: text needs precomputed text embeddings, which data.source {self.data.source} does "
+                "not carry; "
+                "train on shards prepared with captions by `orch prepare` (data.source: webdataset), or use condition: "
+                "class"
             )
         if self.sample.guidance_scale != 1 and (m.class_dropout == 0 or m.condition == "none"):
-            raise ValueError("sample.guidance_scale > 1 needs a condition with a null class or caption: model.condition class or text and model.class_dropout > 0 (0.1 is usual)")
+            raise ValueError(
+                "sample.guidance_scale > 1 needs a condition with a null class or caption: model.condition class or "
+                "text and model.class_dropout > 0 (0.1 is usual)"
+            )
         return self
 
     @property
@@ -540,7 +683,8 @@ class JobSpec(Section):
 
 
 def spec_kind(path: str | Path) -> str:
-    """"prepare" for a spec of `orch prepare` (top-level `kind: prepare`), else "job"; an unreadable file counts as a job spec (load_spec says why)."""
+    """ "prepare" for a spec of `orch prepare` (top-level `kind: prepare`), else "job"; an unreadable file counts as a
+    job spec (load_spec says why)."""
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError):
@@ -570,9 +714,12 @@ def parse_spec(text: str, source: str = "<spec>", overrides=(), base_dir: Path |
         _set_path(raw, key_path, value, override)
         origins[key_path] = f"--set {override}"
     spec = validate_tree(JobSpec, raw, source, origins)
-    for key_path, value in (("data.path", spec.data.path), ("model.init_from", spec.model.init_from),
-                            ("resources.deepspeed.config_file", spec.resources.deepspeed.config_file),
-                            ("resources.hostfile", spec.resources.hostfile)):
+    for key_path, value in (
+        ("data.path", spec.data.path),
+        ("model.init_from", spec.model.init_from),
+        ("resources.deepspeed.config_file", spec.resources.deepspeed.config_file),
+        ("resources.hostfile", spec.resources.hostfile),
+    ):
         if base_dir is not None and value and not Path(value).is_absolute():
             spec = replace(spec, key_path, str((base_dir / value).resolve()))  # relative to the spec file
     return spec
@@ -593,7 +740,11 @@ def replace(spec: JobSpec, key_path: str, value: Any) -> JobSpec:
 def spec_changes(old: JobSpec, new: JobSpec) -> list[str]:
     """Lines `key: old -> new` for every field that differs."""
     before, after = old.flat(), new.flat()
-    return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+    return [
+        f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key)
+    ]
 
 
 def json_schema() -> dict[str, Any]:
@@ -615,7 +766,8 @@ def reference_markdown() -> str:
             if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
                 nested.append((field.annotation, f"{prefix}{name}"))
                 continue
-            rows.append(f"| `{prefix}{name}` | {_type_name(field.annotation)} | {_default_text(field)} | {field.description} |")
+            meaning = " ".join((field.description or "").split())  # a docstring that wraps over lines, as one
+            rows.append(f"| `{prefix}{name}` | {_type_name(field.annotation)} | {_default_text(field)} | {meaning} |")
         out.extend([f"**{title}**", "", *header, *rows, ""])
         for sub, path in nested:
             table(sub, f"{path}.", f"`{path}`")
@@ -638,7 +790,9 @@ def _default_text(field: Any) -> str:
     return "empty" if default is None else f"`{default!r}`" if default == "" else f"`{default}`"
 
 
-def load_yaml_with_lines(text: str, source: str, empty_hint: str = "it needs its sections") -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+def load_yaml_with_lines(
+    text: str, source: str, empty_hint: str = "it needs its sections"
+) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     """Parse YAML safely (no duplicate keys); return the data and the line of every mapping key, by key path."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -660,7 +814,9 @@ def load_yaml_with_lines(text: str, source: str, empty_hint: str = "it needs its
         for key_node, value_node in node.value:
             key = str(key_node.value)
             if key in seen:
-                raise SpecError(f"{source}: line {key_node.start_mark.line + 1}: key {'.'.join(prefix + (key,))} appears twice")
+                raise SpecError(
+                    f"{source}: line {key_node.start_mark.line + 1}: key {'.'.join(prefix + (key,))} appears twice"
+                )
             seen.add(key)
             lines[prefix + (key,)] = key_node.start_mark.line + 1
             walk(value_node, prefix + (key,))
@@ -706,7 +862,8 @@ def _set_path(raw: dict[str, Any], path: tuple[str, ...], value: Any, origin: st
 
 
 def validate_tree(root: type[BaseModel], raw: dict[str, Any], source: str, origins: dict[tuple[str, ...], str]):
-    """root.model_validate(raw), every problem turned into one line of a SpecError (origin, path, what is wrong, the near miss)."""
+    """root.model_validate(raw), every problem turned into one line of a SpecError (origin, path, what is wrong, the
+    near miss)."""
     try:
         return root.model_validate(raw)
     except ValidationError as err:

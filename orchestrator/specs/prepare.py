@@ -29,17 +29,22 @@ DEFAULT_TEXT_ENCODER = "sentence-transformers/clip-ViT-L-14"
 
 class InputSpec(Section):
     source: Literal["image_folder", "table", "webdataset"]
-    """`image_folder`: images in class sub-folders (or directly in the folder), captions in `captions.jsonl` ({"file": ..., "caption": ...}) or a `.txt` beside each image. `table`: a .jsonl, .csv or .parquet of `url, caption[, label]` rows whose images are downloaded. `webdataset`: .tar shards of jpg/png samples with optional cls and txt."""
+    """`image_folder`: images in class sub-folders (or directly in the folder), captions in `captions.jsonl` ({"file":
+    ..., "caption": ...}) or a `.txt` beside each image. `table`: a .jsonl, .csv or .parquet of `url, caption[, label]`
+    rows whose images are downloaded. `webdataset`: .tar shards of jpg/png samples with optional cls and txt."""
     path: str
-    """The folder, table file, or webdataset (a .tar or a folder of .tar shards); relative paths are relative to the spec file."""
+    """The folder, table file, or webdataset (a .tar or a folder of .tar shards); relative paths are relative to the
+    spec file."""
     classes: bool = True
-    """image_folder: the sub-folder names are the classes (label = index in their sorted list); false finds images in all sub-folders without labels."""
+    """image_folder: the sub-folder names are the classes (label = index in their sorted list); false finds images in
+    all sub-folders without labels."""
     url_column: str = "url"
     """table: the column holding each image's URL (http, https or file)."""
     caption_column: str = "caption"
     """table: the column holding captions (optional in the table)."""
     label_column: str = "label"
-    """table: the column holding labels (optional in the table): integers are kept, names become indices into their sorted list."""
+    """table: the column holding labels (optional in the table): integers are kept, names become indices into their
+    sorted list."""
     download_timeout: float = Field(10.0, gt=0)
     """table: seconds to wait for one image's server before giving up on that attempt."""
     download_retries: int = Field(1, ge=0)
@@ -50,7 +55,11 @@ class InputSpec(Section):
         if self.source == "table" and Path(self.path).suffix.lower() not in TABLE_FORMATS:
             raise ValueError(f"a table is read from {', '.join(TABLE_FORMATS)} files; {self.path} is none of them")
         table_only = ("url_column", "caption_column", "label_column", "download_timeout", "download_retries")
-        misplaced = [f for f in self.model_fields_set if (f in table_only and self.source != "table") or (f == "classes" and self.source != "image_folder")]
+        misplaced = [
+            f
+            for f in self.model_fields_set
+            if (f in table_only and self.source != "table") or (f == "classes" and self.source != "image_folder")
+        ]
         if misplaced:
             raise ValueError(f"{', '.join(sorted(misplaced))} do(es) not apply to source {self.source}; remove it")
         return self
@@ -58,7 +67,8 @@ class InputSpec(Section):
 
 class ImageSpec(Section):
     resolution: int = Field(256, ge=8)
-    """Side of the square images the VAE encodes (ADM centre crop); a multiple of the VAE's downsampling factor (8 for SD's VAE)."""
+    """Side of the square images the VAE encodes (ADM centre crop); a multiple of the VAE's downsampling factor (8 for
+    SD's VAE)."""
     flip: bool = False
     """Also encode a horizontally flipped copy of every image (key `...-flip`), doubling the samples."""
     upscale_small: bool = False
@@ -67,27 +77,34 @@ class ImageSpec(Section):
 
 class VaeSpec(Section):
     name: str = DEFAULT_VAE
-    """A diffusers AutoencoderKL: a Hugging Face name (`stabilityai/sd-vae-ft-mse`, `madebyollin/sdxl-vae-fp16-fix` for SDXL latents) or a local folder saved with save_pretrained. Offline, it must already be in the Hugging Face cache or on disk."""
+    """A diffusers AutoencoderKL: a Hugging Face name (`stabilityai/sd-vae-ft-mse`, `madebyollin/sdxl-vae-fp16-fix` for
+    SDXL latents) or a local folder saved with save_pretrained. Offline, it must already be in the Hugging Face cache or
+    on disk."""
     subfolder: str | None = None
     """Folder of the VAE inside a pipeline repository (`vae` for e.g. `stabilityai/stable-diffusion-2-1`)."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """Precision the VAE runs in; float16 needs a GPU (and a VAE that does not overflow in it, e.g. sdxl-vae-fp16-fix). Latents are stored as float16 either way."""
+    """Precision the VAE runs in; float16 needs a GPU (and a VAE that does not overflow in it, e.g. sdxl-vae-fp16-fix).
+    Latents are stored as float16 either way."""
 
 
 class TextSpec(Section):
     enabled: bool = True
-    """Encode captions when the inputs have them (the captions themselves are always kept as `txt`); an input without a caption gets neither, which the trainer reads as the null caption."""
+    """Encode captions when the inputs have them (the captions themselves are always kept as `txt`); an input without a
+    caption gets neither, which the trainer reads as the null caption."""
     encoder: str = DEFAULT_TEXT_ENCODER
     """A sentence-transformers model (Hugging Face name or local folder) giving the pooled and per-token embeddings."""
     max_tokens: int = Field(77, ge=1)
-    """Per-token embeddings are kept up to this many tokens (longer captions are truncated; shorter ones are not padded)."""
+    """Per-token embeddings are kept up to this many tokens (longer captions are truncated; shorter ones are not
+    padded)."""
 
 
 class OutputSpec(Section):
     path: str
-    """Folder of the prepared dataset (shards, their records, index.json); relative paths are relative to the spec file."""
+    """Folder of the prepared dataset (shards, their records, index.json); relative paths are relative to the spec
+    file."""
     shard_size: int = Field(1000, ge=1)
-    """Inputs per shard (a shard holds fewer samples when inputs are skipped, twice as many with flip). Changing it for a half-finished output is refused."""
+    """Inputs per shard (a shard holds fewer samples when inputs are skipped, twice as many with flip). Changing it for
+    a half-finished output is refused."""
 
 
 class PrepareResourcesSpec(Section):
@@ -149,7 +166,9 @@ def parse_prepare_spec(text: str, source: str = "<spec>", overrides=(), base_dir
     """Validate prepare spec text; see load_prepare_spec. Relative paths are made absolute against base_dir."""
     raw, lines = load_yaml_with_lines(text, source)
     if raw.get("kind") != "prepare":
-        raise SpecError(f"{source}: not a prepare spec: it needs `kind: prepare` at the top (job specs go to `orch submit`)")
+        raise SpecError(
+            f"{source}: not a prepare spec: it needs `kind: prepare` at the top (job specs go to `orch submit`)"
+        )
     origins = {key: f"line {line}" for key, line in lines.items()}
     for override in overrides:
         key_path, value = _parse_override(override)
@@ -165,11 +184,11 @@ def parse_prepare_spec(text: str, source: str = "<spec>", overrides=(), base_dir
             return path
         return str((base_dir / path).resolve())
 
-    return spec.model_copy(update={
-        "input": spec.input.model_copy(update={"path": local(spec.input.path, False)}),
-        "output": spec.output.model_copy(update={"path": local(spec.output.path, False)}),
-        "vae": spec.vae.model_copy(update={"name": local(spec.vae.name, True)}),
-        "text": spec.text.model_copy(update={"encoder": local(spec.text.encoder, True)}),
-    })
-
-
+    return spec.model_copy(
+        update={
+            "input": spec.input.model_copy(update={"path": local(spec.input.path, False)}),
+            "output": spec.output.model_copy(update={"path": local(spec.output.path, False)}),
+            "vae": spec.vae.model_copy(update={"name": local(spec.vae.name, True)}),
+            "text": spec.text.model_copy(update={"encoder": local(spec.text.encoder, True)}),
+        }
+    )

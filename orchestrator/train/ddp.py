@@ -14,14 +14,21 @@ from orchestrator.train.engine import Engine
 
 class DdpEngine(Engine):
     def __init__(
-        self, device: str, mixed_precision: str, expected_world_size: int, collective_timeout_s: int = 600, bucket_mb: int = 25,
+        self,
+        device: str,
+        mixed_precision: str,
+        expected_world_size: int,
+        collective_timeout_s: int = 600,
+        bucket_mb: int = 25,
         rank0_timeout_s: int = 3600,
     ):
         # cpu=True gives MULTI_CPU (DDP over gloo) under torchrun / accelerate launch, one CPU process alone.
         # The timeout turns a collective waiting on a stuck or vanished rank (another node) into an error, not a hang.
         timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))
         buckets = DistributedDataParallelKwargs(bucket_cap_mb=bucket_mb)
-        accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision, kwargs_handlers=[timeout, buckets])
+        accelerator = Accelerator(
+            cpu=device == "cpu", mixed_precision=mixed_precision, kwargs_handlers=[timeout, buckets]
+        )
         super().__init__(accelerator, expected_world_size, collective_timeout_s, rank0_timeout_s)
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
@@ -29,7 +36,8 @@ class DdpEngine(Engine):
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The network inside DDP's wrapper. Not accelerate's unwrap_model: on its first call it imports DeepSpeed
-        (and through it MLflow) whenever DeepSpeed is installed, about half a second of every rank's start (measured)."""
+        (and through it MLflow) whenever DeepSpeed is installed, about half a second of every rank's start (measured).
+        """
         return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
     def autocast(self):

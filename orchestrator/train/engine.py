@@ -43,12 +43,16 @@ class Engine(ABC):
         self._start_host_group(collective_timeout_s, rank0_timeout_s)
 
     # ------------------------------------------------------------------ what each engine does its own way
-    def make_optimizer(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> torch.optim.Optimizer:
+    def make_optimizer(
+        self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+    ) -> torch.optim.Optimizer:
         """The AdamW the model trains with (torch's, unless the engine needs its own)."""
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
     @abstractmethod
-    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    def prepare(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """The model and optimizer as this engine trains them (wrapped, sharded, moved to the device)."""
 
     @abstractmethod
@@ -78,7 +82,8 @@ class Engine(ABC):
 
     @abstractmethod
     def update_ema(self, ema, model: torch.nn.Module, step: int) -> None:
-        """Move the EMA (model.ema.EMA, on the training device) towards the full trained weights (every rank calls it)."""
+        """Move the EMA (model.ema.EMA, on the training device) towards the full trained weights (every rank calls
+        it)."""
 
     def load_full_state_dict(self, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
         """After `prepare`, set every weight from the full state dict the network was loaded with before it
@@ -109,8 +114,10 @@ class Engine(ABC):
         if self.world_size != expected_world_size:
             # Several launch commands silently start one process, or N that each see a world of 1.
             raise WorldSizeMismatch(
-                f"rank {self.rank} sees a world of {self.world_size} process(es) but the plan has {expected_world_size}; "
-                f"the launcher did not start the ranks together (distributed type {self.accelerator.distributed_type.value})"
+                f"rank {self.rank} sees a world of {self.world_size} process(es) but the plan has "
+                f"{expected_world_size}; "
+                "the launcher did not start the ranks together (distributed type "
+                f"{self.accelerator.distributed_type.value})"
             )
 
     @property
@@ -182,7 +189,10 @@ class Engine(ABC):
             work.wait()
             agreed = bool(tensor.item())
         tensor = torch.tensor([1.0 if flag else 0.0])
-        self._pending_flag = (dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.host_group, async_op=True), tensor)
+        self._pending_flag = (
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.host_group, async_op=True),
+            tensor,
+        )
         return agreed
 
     @contextmanager
@@ -194,7 +204,9 @@ class Engine(ABC):
         finally:
             if self.distributed:
                 try:
-                    dist.monitored_barrier(group=self._rank0_wait_group, timeout=timedelta(seconds=self.rank0_timeout_s))
+                    dist.monitored_barrier(
+                        group=self._rank0_wait_group, timeout=timedelta(seconds=self.rank0_timeout_s)
+                    )
                 except RuntimeError as err:
                     raise RuntimeError(
                         f"rank {self.rank} waited {self.rank0_timeout_s} s for rank 0 to finish {what} "
@@ -205,7 +217,9 @@ class Engine(ABC):
         self.accelerator.wait_for_everyone()
 
     def close(self) -> None:
-        if self._pending_flag is not None:  # the last step's agreement, still in flight: finish it before the group goes
+        if (
+            self._pending_flag is not None
+        ):  # the last step's agreement, still in flight: finish it before the group goes
             self._pending_flag[0].wait()
             self._pending_flag = None
         self.accelerator.end_training()

@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 
 from model.dit import blocks_of
-from orchestrator.layout import MODEL_FILE
 from orchestrator.errors import UserError
+from orchestrator.layout import MODEL_FILE
 from orchestrator.specs.job import precision_refusal
 from orchestrator.train.engine import Engine
 
@@ -45,7 +45,14 @@ log = logging.getLogger(__name__)
 
 
 class FsdpEngine(Engine):
-    def __init__(self, device: str, mixed_precision: str, expected_world_size: int, collective_timeout_s: int = 600, rank0_timeout_s: int = 3600):
+    def __init__(
+        self,
+        device: str,
+        mixed_precision: str,
+        expected_world_size: int,
+        collective_timeout_s: int = 600,
+        rank0_timeout_s: int = 3600,
+    ):
         refusal = precision_refusal("fsdp", mixed_precision)
         if refusal:
             raise UserError(refusal)
@@ -54,7 +61,12 @@ class FsdpEngine(Engine):
 
         timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))
         # mixed_precision "no": autocast and casting are ours (see above)
-        super().__init__(Accelerator(cpu=device == "cpu", mixed_precision="no", kwargs_handlers=[timeout]), expected_world_size, collective_timeout_s, rank0_timeout_s)
+        super().__init__(
+            Accelerator(cpu=device == "cpu", mixed_precision="no", kwargs_handlers=[timeout]),
+            expected_world_size,
+            collective_timeout_s,
+            rank0_timeout_s,
+        )
         self.mixed_precision = mixed_precision
         if not dist.is_initialized():  # one process without a launcher: FSDP still needs a (one-rank) process group
             import os
@@ -70,7 +82,11 @@ class FsdpEngine(Engine):
 
         model = model.to(self.device)
         names = {id(param): name for name, param in model.named_parameters()}
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.mixed_precision == "bf16" else MixedPrecisionPolicy()
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if self.mixed_precision == "bf16"
+            else MixedPrecisionPolicy()
+        )
         for block in blocks_of(model):  # one sharding unit per block, then the root
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
@@ -101,7 +117,9 @@ class FsdpEngine(Engine):
 
     def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None) -> torch.Tensor:
         """Clip (the norm over every rank's shards), step, zero the grads; the global grad norm before clipping."""
-        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm if max_norm else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.grad is not None], max_norm if max_norm else float("inf")
+        )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
@@ -118,7 +136,8 @@ class FsdpEngine(Engine):
         return full
 
     def update_ema(self, ema, model: torch.nn.Module, step: int) -> None:
-        """Move the EMA towards the gathered full fp32 weights, on the device; every rank calls it with the same step (a collective)."""
+        """Move the EMA towards the gathered full fp32 weights, on the device; every rank calls it with the same step (a
+        collective)."""
         if step % ema.update_every:
             return
         weights = self.full_state_dict(model, on_host=False)
@@ -128,7 +147,8 @@ class FsdpEngine(Engine):
 
     # ------------------------------------------------------------------ checkpoints
     def save_state(self, directory: str) -> None:
-        """Every rank's shards (weights, AdamW) by DCP, this rank's RNG states, and on rank 0 the consolidated weights."""
+        """Every rank's shards (weights, AdamW) by DCP, this rank's RNG states, and on rank 0 the consolidated
+        weights."""
         import torch.distributed.checkpoint as dcp
         from safetensors.torch import save_file
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -145,13 +165,16 @@ class FsdpEngine(Engine):
             save_file(weights, str(Path(directory) / MODEL_FILE))
 
     def load_state(self, directory: str) -> None:
-        """Restore what save_state wrote, on any number of ranks (DCP reshards); RNG states only on the same world size."""
+        """Restore what save_state wrote, on any number of ranks (DCP reshards); RNG states only on the same world
+        size."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         shards = Path(directory) / SHARDS
         if not shards.is_dir():
-            raise UserError(f"{directory} holds no FSDP checkpoint ({SHARDS}/ is missing): it was written by another strategy")
+            raise UserError(
+                f"{directory} holds no FSDP checkpoint ({SHARDS}/ is missing): it was written by another strategy"
+            )
         model, optimizer = self._prepared
         model_state, optimizer_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}

@@ -29,11 +29,15 @@ class GridMaker:
         self.spec, self.model_input, self.device = s, model_input, device
         self.condition_kind = spec.model.condition
         if self.condition_kind == "text":
-            captions, conditions = first_captions(spec.data.path, count=s.text_rows)  # R captions; text dict of (R, ...) tensors
+            captions, conditions = first_captions(
+                spec.data.path, count=s.text_rows
+            )  # R captions; text dict of (R, ...) tensors
             log.info("grid rows: %s", "; ".join(repr(c) for c in captions))
             self.rows = len(captions)
             self.conditions = {k: v.repeat_interleave(s.per_class, 0).to(device) for k, v in conditions.items()}
-            self.labels = torch.zeros(self.rows * s.per_class, dtype=torch.long, device=device)  # (N,) unused by a text model
+            self.labels = torch.zeros(
+                self.rows * s.per_class, dtype=torch.long, device=device
+            )  # (N,) unused by a text model
         else:
             classes = s.classes if s.classes is not None else list(range(min(10, model_input.num_classes)))
             self.rows = len(classes)
@@ -43,7 +47,9 @@ class GridMaker:
         self.noise = torch.randn((len(self.labels), *model_input.shape), generator=generator).to(device)  # (N, C, H, W)
         self.settings = SamplerSettings.of(spec, model_input)  # spec.sample's sampler, steps and guidance
         self._vae = None
-        if model_input.latent is not None:  # now, not at the first grid hours in: a VAE that cannot load stops the job at once
+        if (
+            model_input.latent is not None
+        ):  # now, not at the first grid hours in: a VAE that cannot load stops the job at once
             from orchestrator.components.vae import load_vae
 
             self._vae = load_vae(model_input.latent.vae, device)
@@ -72,8 +78,14 @@ class GridMaker:
         """The denoising progression strip: one row per class, the x0 prediction across the timesteps."""
         first = torch.arange(self.rows, device=self.labels.device) * self.spec.per_class  # first image of each row
         frames = min(frames, self.spec.steps)
-        conditions = self.conditions[first] if isinstance(self.conditions, torch.Tensor) else {k: v[first] for k, v in self.conditions.items()}
-        strip = sample_progression(ema_model, conditions, noise=self.noise[first], num_frames=frames, **self._settings())  # (R, K, C, H, W)
+        conditions = (
+            self.conditions[first]
+            if isinstance(self.conditions, torch.Tensor)
+            else {k: v[first] for k, v in self.conditions.items()}
+        )
+        strip = sample_progression(
+            ema_model, conditions, noise=self.noise[first], num_frames=frames, **self._settings()
+        )  # (R, K, C, H, W)
         return make_grid(self._to_images(strip.flatten(0, 1)), rows=self.rows)  # (R * K, C, H, W)
 
 

@@ -21,21 +21,21 @@ import torch
 from model.diffusion import diffusion_loss
 from model.dit import compile_blocks
 from model.ema import EMA
+from orchestrator.components.device import check_node_devices, set_determinism, use_tf32
+from orchestrator.components.model import build_model, make_diffusion
+from orchestrator.components.model_input import classes_to_build, latent_input, pixel_input
+from orchestrator.components.weights import load_weights, read_weights
+from orchestrator.data.loader import BatchStream, DataPosition, EpochBatches, build_dataset
 from orchestrator.jobs.directory import JobDir
 from orchestrator.specs.job import JobSpec
-from orchestrator.train.state import TrainerState, load_checkpoint, save_checkpoint
-from orchestrator.data.loader import BatchStream, DataPosition, EpochBatches, build_dataset
-from orchestrator.components.device import check_node_devices, set_determinism, use_tf32
+from orchestrator.tracking import NullTracker, Tracker
 from orchestrator.train.engine import Engine
-from orchestrator.train.strategy import make_engine
-from orchestrator.components.model_input import classes_to_build, latent_input, pixel_input
 from orchestrator.train.grids import GridMaker
 from orchestrator.train.run_tracking import start_tracker
 from orchestrator.train.schedule import lr_factor, step_seed
 from orchestrator.train.signals import StopRequest
-from orchestrator.components.model import build_model, make_diffusion
-from orchestrator.tracking import NullTracker, Tracker
-from orchestrator.components.weights import load_weights, read_weights
+from orchestrator.train.state import TrainerState, load_checkpoint, save_checkpoint
+from orchestrator.train.strategy import make_engine
 
 log = logging.getLogger(__name__)
 HYBRID_VLB_WEIGHT = 1e-3  # lambda of L_hybrid (Nichol & Dhariwal 2021, Sec. 3.1)
@@ -56,7 +56,13 @@ def train(spec: JobSpec, job: JobDir, device: str, tracking_uri: str | None) -> 
         use_tf32(spec.resources.tf32)
     set_determinism(spec.resources.deterministic, device)
     engine = make_engine(spec, device)
-    log.info("rank %d of %d on %s: node%d in the per-node metrics", engine.rank, engine.world_size, socket.gethostname(), engine.rank // spec.resources.processes)
+    log.info(
+        "rank %d of %d on %s: node%d in the per-node metrics",
+        engine.rank,
+        engine.world_size,
+        socket.gethostname(),
+        engine.rank // spec.resources.processes,
+    )
     trainer = None
     try:
         trainer = Trainer(spec, job, engine, stop)
@@ -81,7 +87,8 @@ def compiled_graphs() -> str:
     """What torch.compile has made so far in this process: graphs and graph breaks (dynamo's counters)."""
     from torch._dynamo.utils import counters
 
-    return f"{counters['stats']['unique_graphs']} graph(s) compiled, {sum(counters['graph_break'].values())} graph break(s)"
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    return f"{graphs} graph(s) compiled, {breaks} graph break(s)"
 
 
 class Trainer:
@@ -105,17 +112,25 @@ class Trainer:
         if spec.model.init_from and job.latest_checkpoint() is None:
             load_weights(model, Path(spec.model.init_from))
             log.info("initialised the model from %s", spec.model.init_from)
-        self.ema = EMA(model, decay=spec.ema.decay, warmup_power=spec.ema.warmup_power, update_every=spec.ema.update_every)
+        self.ema = EMA(
+            model, decay=spec.ema.decay, warmup_power=spec.ema.warmup_power, update_every=spec.ema.update_every
+        )
         model.activation_checkpointing = spec.resources.activation_checkpointing
-        if spec.resources.compile:  # before DDP/FSDP wrap the model (accelerate's dynamo_backend would not compile under DDP)
+        if (
+            spec.resources.compile
+        ):  # before DDP/FSDP wrap the model (accelerate's dynamo_backend would not compile under DDP)
             log.info("torch.compile: %d blocks (compiled at the first step)", compile_blocks(model))
-        optimizer = engine.make_optimizer(model.parameters(), lr=t.learning_rate, betas=t.adam_betas, eps=t.adam_eps, weight_decay=t.weight_decay)
+        optimizer = engine.make_optimizer(
+            model.parameters(), lr=t.learning_rate, betas=t.adam_betas, eps=t.adam_eps, weight_decay=t.weight_decay
+        )
         # Not prepared by accelerate: a prepared scheduler steps once per rank (accelerate#2926).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec))
         self.model, self.optimizer = engine.prepare(model, optimizer)
         self.ema.to(engine.device)  # where the model trains: updates and grids never cross to the host
         if spec.model.init_from and job.latest_checkpoint() is None:
-            engine.load_full_state_dict(self.model, read_weights(Path(spec.model.init_from)))  # DeepSpeed's fp32 master copy too
+            engine.load_full_state_dict(
+                self.model, read_weights(Path(spec.model.init_from))
+            )  # DeepSpeed's fp32 master copy too
         self.noise_scheduler = make_diffusion(spec)
         self.vlb_weight = HYBRID_VLB_WEIGHT if spec.diffusion.loss == "hybrid" else 0.0
 
@@ -129,11 +144,20 @@ class Trainer:
             from orchestrator.data.shards import ShardStream
 
             self.stream = ShardStream(
-                shards, micro_batch=spec.micro_batch_size, rank=engine.rank, world_size=engine.world_size, seed=t.seed,
-                num_workers=spec.data.num_workers, shuffle_buffer=spec.data.shuffle_buffer, start=position, pin_memory=pinned,
+                shards,
+                micro_batch=spec.micro_batch_size,
+                rank=engine.rank,
+                world_size=engine.world_size,
+                seed=t.seed,
+                num_workers=spec.data.num_workers,
+                shuffle_buffer=spec.data.shuffle_buffer,
+                start=position,
+                pin_memory=pinned,
             )
         else:
-            batches = EpochBatches(len(dataset), spec.micro_batch_size, engine.rank, engine.world_size, t.seed, spec.data.hflip, position)
+            batches = EpochBatches(
+                len(dataset), spec.micro_batch_size, engine.rank, engine.world_size, t.seed, spec.data.hflip, position
+            )
             self.stream = BatchStream(dataset, batches, spec.data.num_workers, t.seed, pin_memory=pinned)
         self.grid = GridMaker(spec, self.model_input, engine.device) if engine.is_main else None
         self.tracker: Tracker = NullTracker()
@@ -146,10 +170,20 @@ class Trainer:
             group["lr"] = lr  # the restored schedule's rate, also where an engine restored only the weights
         self.step, self.restored = state.step, state
         if state.world_size != self.engine.world_size:
-            log.warning("resuming a %d-rank checkpoint on %d ranks: training continues, but not bitwise as before", state.world_size, self.engine.world_size)
+            log.warning(
+                "resuming a %d-rank checkpoint on %d ranks: training continues, but not bitwise as before",
+                state.world_size,
+                self.engine.world_size,
+            )
         if state.spec_digest != self.spec.digest():
             log.warning("the spec changed since %s (resume was allowed to change it)", checkpoint.name)
-        log.info("resumed from %s (step %d, epoch %d, batch %d)", checkpoint.name, state.step, state.epoch, state.batch_in_epoch)
+        log.info(
+            "resumed from %s (step %d, epoch %d, batch %d)",
+            checkpoint.name,
+            state.step,
+            state.epoch,
+            state.batch_in_epoch,
+        )
 
     def run(self) -> Outcome:
         """Optimizer steps up to train.steps, with metrics, grids and checkpoints on the way."""
@@ -158,9 +192,20 @@ class Trainer:
         window_start, window_steps, paused, data_wait, skipped_steps = time.perf_counter(), 0, 0.0, 0.0, 0
         if engine.is_main:
             self.job.update(step=self.step, total_steps=t.steps)
-        log.info("training steps %d..%d: micro batch %d x %d rank(s) x %d accumulation", self.step, t.steps, spec.micro_batch_size, engine.world_size, t.grad_accum_steps)
+        log.info(
+            "training steps %d..%d: micro batch %d x %d rank(s) x %d accumulation",
+            self.step,
+            t.steps,
+            spec.micro_batch_size,
+            engine.world_size,
+            t.grad_accum_steps,
+        )
         report_compiled = spec.resources.compile
-        if self.resumed_from is not None and self.step % spec.sample.every == 0 and engine.any(engine.is_main and not self._grid_file("samples").exists()):
+        if (
+            self.resumed_from is not None
+            and self.step % spec.sample.every == 0
+            and engine.any(engine.is_main and not self._grid_file("samples").exists())
+        ):
             self._draw_grids(progression=False)  # the stop came between the checkpoint and its grid: draw the grid now
 
         while self.step < t.steps:
@@ -173,7 +218,9 @@ class Trainer:
                 last = micro == t.grad_accum_steps - 1
                 with nullcontext() if last else engine.no_sync(model):
                     with engine.autocast():
-                        loss = diffusion_loss(model, inputs, condition, self.noise_scheduler, vlb_weight=self.vlb_weight)
+                        loss = diffusion_loss(
+                            model, inputs, condition, self.noise_scheduler, vlb_weight=self.vlb_weight
+                        )
                     engine.backward(loss / t.grad_accum_steps)
                 loss_sum += loss.detach().float() / t.grad_accum_steps
             grad_norm = engine.step(model, self.optimizer, t.grad_clip)
@@ -182,17 +229,27 @@ class Trainer:
                 skipped_steps += 1
             else:  # the schedule and the EMA follow the updates that happened
                 self.scheduler.step()
-                engine.update_ema(self.ema, model, self.step)  # under ZeRO and FSDP the full weights are gathered for it
+                engine.update_ema(
+                    self.ema, model, self.step
+                )  # under ZeRO and FSDP the full weights are gathered for it
             window_steps += 1
             if report_compiled:  # the first step compiled the blocks
                 log.info("torch.compile: %s in %.1f s", compiled_graphs(), time.perf_counter() - window_start)
                 report_compiled = False
 
-            stopping = engine.any_since_last_step(self.stop.requested)  # a signal is acted on by every rank at the same step
+            stopping = engine.any_since_last_step(
+                self.stop.requested
+            )  # a signal is acted on by every rank at the same step
             done = self.step == t.steps
             if self.step % spec.tracking.log_every == 0 or done or stopping:
                 step_time = (time.perf_counter() - window_start - paused) / window_steps
-                self._log(engine.mean(loss_sum / window_steps).item(), float(grad_norm), step_time, data_wait / window_steps, skipped_steps)
+                self._log(
+                    engine.mean(loss_sum / window_steps).item(),
+                    float(grad_norm),
+                    step_time,
+                    data_wait / window_steps,
+                    skipped_steps,
+                )
                 loss_sum.zero_()
                 window_start, window_steps, paused, data_wait, skipped_steps = time.perf_counter(), 0, 0.0, 0.0, 0
 
@@ -207,7 +264,9 @@ class Trainer:
             if (checkpointing or sampling) and engine.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(engine.device)  # peak_memory_gb: the training steps', not the grid's
             if stopping:
-                return Outcome(finished=False, step=self.step, stop_signal=self.stop.signal_name or "a signal on another rank")
+                return Outcome(
+                    finished=False, step=self.step, stop_signal=self.stop.signal_name or "a signal on another rank"
+                )
         return Outcome(finished=True, step=self.step)
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]:
@@ -224,7 +283,8 @@ class Trainer:
     def _draw_grids(self, progression: bool) -> None:
         """The sample grid (and at the end the denoising progression) from the EMA, drawn by rank 0 in the training
         precision while the other ranks wait outside NCCL; saved under samples/ in the job directory and logged to
-        MLflow. A grid that fails (say, out of memory) is logged with its traceback and skipped: it never stops training."""
+        MLflow. A grid that fails (say, out of memory) is logged with its traceback and skipped: it never stops
+        training."""
         with self.engine.rank0_alone(f"the sample grid of step {self.step}"):
             if self.engine.is_main:
                 began = time.perf_counter()
@@ -253,8 +313,13 @@ class Trainer:
         in synchronous training every node steps at the pace of the slowest, and its data wait or
         memory is what tells the straggler (a slow filesystem, a rank near its memory limit) apart.
         """
-        per_rank = self.engine.gather_floats([self._peak_memory_bytes() / 1e9, data_wait])  # (world size, 2), rank-major
-        per_node = [per_rank[n : n + self.spec.resources.processes] for n in range(0, len(per_rank), self.spec.resources.processes)]
+        per_rank = self.engine.gather_floats(
+            [self._peak_memory_bytes() / 1e9, data_wait]
+        )  # (world size, 2), rank-major
+        per_node = [
+            per_rank[n : n + self.spec.resources.processes]
+            for n in range(0, len(per_rank), self.spec.resources.processes)
+        ]
         metrics = {
             "loss": loss,
             "lr": self.scheduler.get_last_lr()[0],
@@ -276,7 +341,12 @@ class Trainer:
             self.job.update(step=self.step, loss=loss, samples_per_sec=metrics["samples_per_sec"])
             log.info(
                 "step %d: loss %.4f, %.1f samples/s, %.4f s/step, peak memory %.2f GB, data wait %.4f s/step",
-                self.step, loss, metrics["samples_per_sec"], step_time, metrics["peak_memory_gb"], metrics["data_wait_s"],
+                self.step,
+                loss,
+                metrics["samples_per_sec"],
+                step_time,
+                metrics["peak_memory_gb"],
+                metrics["data_wait_s"],
             )
 
     def _peak_memory_bytes(self) -> float:
@@ -292,15 +362,23 @@ class Trainer:
         assert self.engine.same_on_all_ranks(ema_checksum), f"EMA weights differ across ranks at step {self.step}"
         position = self.stream.position
         state = TrainerState(
-            step=self.step, epoch=position.epoch, batch_in_epoch=position.batch, ema_num_updates=self.ema.num_updates,
-            world_size=self.engine.world_size, spec_digest=self.spec.digest(), lr_scheduler=self.scheduler.state_dict(),
+            step=self.step,
+            epoch=position.epoch,
+            batch_in_epoch=position.batch,
+            ema_num_updates=self.ema.num_updates,
+            world_size=self.engine.world_size,
+            spec_digest=self.spec.digest(),
+            lr_scheduler=self.scheduler.state_dict(),
         )
         path = save_checkpoint(
-            self.engine, self.job.checkpoints_dir, state, self.ema.module.state_dict(), self.spec.to_yaml(), self.spec.checkpoint.keep,
+            self.engine,
+            self.job.checkpoints_dir,
+            state,
+            self.ema.module.state_dict(),
+            self.spec.to_yaml(),
+            self.spec.checkpoint.keep,
             model_input=self.model_input,
         )
         if self.engine.is_main:
             self.job.update(checkpoint=str(path), checkpoint_step=self.step)
             log.info("checkpoint %s", path.name)
-
-

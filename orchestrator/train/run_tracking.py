@@ -34,8 +34,12 @@ def start_tracker(spec: JobSpec, job: JobDir, engine: Engine, uri: str | None, r
         tags.update({"orch.slurm_job_id": record.slurm_job_id, "orch.slurm_restarts": str(record.restarts)})
     try:
         tracker = MlflowTracker.start(
-            uri, spec.tracking.experiment, run_name=job.id, run_id=record.mlflow_run_id,
-            artifact_location=default_artifact_location(job.root) if uri.startswith("sqlite:") else None, tags=tags,
+            uri,
+            spec.tracking.experiment,
+            run_name=job.id,
+            run_id=record.mlflow_run_id,
+            artifact_location=default_artifact_location(job.root) if uri.startswith("sqlite:") else None,
+            tags=tags,
         )
     except Exception as err:  # tracking never stops training
         log.warning("MLflow unavailable at %s (%s): training goes on without tracking", uri, err)

@@ -16,8 +16,6 @@ crash or a full disk mid-write never leaves a half checkpoint where a complete o
 
 from __future__ import annotations
 
-from orchestrator.errors import UserError
-
 import json
 import logging
 import os
@@ -28,11 +26,12 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from orchestrator.layout import EMA_FILE, LATEST_POINTER, SPEC_FILE, TRAINER_STATE
+from orchestrator.components.model_input import ModelInput
+from orchestrator.errors import UserError
 from orchestrator.files import fsync_dir
 from orchestrator.jobs.directory import latest_checkpoint
+from orchestrator.layout import EMA_FILE, LATEST_POINTER, SPEC_FILE, TRAINER_STATE
 from orchestrator.train.engine import Engine
-from orchestrator.components.model_input import ModelInput
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,13 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(
-    engine: Engine, directory: Path, state: TrainerState, ema_weights: dict, spec_yaml: str, keep: int, model_input: ModelInput
+    engine: Engine,
+    directory: Path,
+    state: TrainerState,
+    ema_weights: dict,
+    spec_yaml: str,
+    keep: int,
+    model_input: ModelInput,
 ) -> Path:
     """Write checkpoint `step-N` (every rank calls this); returns its path or raises CheckpointError."""
     final = directory / checkpoint_name(state.step)
@@ -70,7 +75,9 @@ def save_checkpoint(
     try:
         engine.save_state(str(tmp))
         if engine.is_main:
-            save_file({name: tensor.detach().cpu().contiguous() for name, tensor in ema_weights.items()}, str(tmp / EMA_FILE))  # to the host only to be written
+            save_file(
+                {name: tensor.detach().cpu().contiguous() for name, tensor in ema_weights.items()}, str(tmp / EMA_FILE)
+            )  # to the host only to be written
             state.saved_at = time.time()
             (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=2))
             (tmp / SPEC_FILE).write_text(spec_yaml)
@@ -82,7 +89,9 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(directory)
         kept = f"the previous checkpoint {previous.name} is intact" if previous else "there is no earlier checkpoint"
-        raise CheckpointError(f"checkpoint {final.name} could not be written ({_cause(error, directory)}) in {directory}; {kept}")
+        raise CheckpointError(
+            f"checkpoint {final.name} could not be written ({_cause(error, directory)}) in {directory}; {kept}"
+        )
     if engine.is_main:
         _fsync_tree(tmp)
         if final.exists():
@@ -139,5 +148,3 @@ def _fsync_tree(root: Path) -> None:
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
     fsync_dir(root)
-
-

@@ -44,13 +44,15 @@ from pathlib import Path
 import torch
 
 from launch.deepspeed import offloaded
-from orchestrator.layout import MODEL_FILE
 from orchestrator.errors import UserError
+from orchestrator.layout import MODEL_FILE
 from orchestrator.specs.job import precision_refusal
 from orchestrator.train.engine import Engine
 
 MODEL_TAG = "pytorch_model"  # the sub-directory accelerate's save_state gives DeepSpeed's checkpoint (its MODEL_NAME)
-UNIVERSAL_TAG = "pytorch_model_universal"  # DeepSpeed's universal checkpoint, made from the shards for a world-size change
+UNIVERSAL_TAG = (
+    "pytorch_model_universal"  # DeepSpeed's universal checkpoint, made from the shards for a world-size change
+)
 log = logging.getLogger(__name__)
 
 
@@ -66,20 +68,30 @@ def extensions_dir() -> Path:
 
 
 def _single_process_environment() -> None:
-    """A rank started without a launcher (no LOCAL_RANK): a world of one on a free loopback port, as DeepSpeed needs one."""
+    """A rank started without a launcher (no LOCAL_RANK): a world of one on a free loopback port, as DeepSpeed needs
+    one."""
     if "LOCAL_RANK" in os.environ:
         return
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
 
 
 class ZeroEngine(Engine):
-    """accelerate + DeepSpeed ZeRO over gloo (CPU) or NCCL (CUDA): `Engine`'s methods (ranks, collectives from it) and a few more."""
+    """accelerate + DeepSpeed ZeRO over gloo (CPU) or NCCL (CUDA): `Engine`'s methods (ranks, collectives from it) and a
+    few more."""
 
     def __init__(
-        self, device: str, mixed_precision: str, expected_world_size: int, collective_timeout_s: int = 600, *, config: dict,
+        self,
+        device: str,
+        mixed_precision: str,
+        expected_world_size: int,
+        collective_timeout_s: int = 600,
+        *,
+        config: dict,
         rank0_timeout_s: int = 3600,
     ):
         """config: the DeepSpeed config (launch.deepspeed.deepspeed_config), batch split and stage included."""
@@ -94,7 +106,9 @@ class ZeroEngine(Engine):
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         # DeepSpeed steps the offloaded CPU Adam itself, past the LR scheduler's step counter; the schedule
         # still applies (it sets the groups' lr, which CPU Adam reads: tests/integration/test_strategy_settings.py).
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
+        warnings.filterwarnings(
+            "ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
+        )
         from accelerate import Accelerator, DeepSpeedPlugin
         from accelerate.utils import InitProcessGroupKwargs
 
@@ -108,7 +122,9 @@ class ZeroEngine(Engine):
         # The timeout turns a collective waiting on a stuck or vanished rank into an error, not a hang.
         backend = "gloo" if device == "cpu" else "nccl"
         accelerator = Accelerator(
-            deepspeed_plugin=plugin, mixed_precision=mixed_precision, gradient_accumulation_steps=self.grad_accum_steps,
+            deepspeed_plugin=plugin,
+            mixed_precision=mixed_precision,
+            gradient_accumulation_steps=self.grad_accum_steps,
             kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=collective_timeout_s))],
         )
         super().__init__(accelerator, expected_world_size, collective_timeout_s, rank0_timeout_s)
@@ -116,7 +132,9 @@ class ZeroEngine(Engine):
         self._boundary = True
 
     # ------------------------------------------------------------------ training
-    def make_optimizer(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> torch.optim.Optimizer:
+    def make_optimizer(
+        self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+    ) -> torch.optim.Optimizer:
         """torch's AdamW; with the optimizer offloaded, DeepSpeed's CPU Adam in AdamW mode (the same update,
         vectorised for the CPU; DeepSpeed refuses other optimizers there). Its op is compiled once (setup.sh)."""
         if not self.offload_optimizer:
@@ -130,7 +148,8 @@ class ZeroEngine(Engine):
         return self.accelerator.unwrap_model(model)
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        """(DeepSpeedEngine, accelerate's DeepSpeedOptimizerWrapper); under ZeRO-3 the module's parameters are partitioned."""
+        """(DeepSpeedEngine, accelerate's DeepSpeedOptimizerWrapper); under ZeRO-3 the module's parameters are
+        partitioned."""
         if self.ds is not None:
             raise RuntimeError("ZeroEngine.prepare was called twice; it holds one model")
         wrapped_model, wrapped_optimizer = self.accelerator.prepare(model, optimizer)
@@ -139,15 +158,19 @@ class ZeroEngine(Engine):
             offload_param = self.ds.zero_offload_param()
             log.info(
                 "DeepSpeed ZeRO-%d: optimizer %s%s%s, reduce bucket %d elements, overlap_comm %s, bf16 %s",
-                self.ds.zero_optimization_stage(), type(self.ds.optimizer.optimizer).__name__,
+                self.ds.zero_optimization_stage(),
+                type(self.ds.optimizer.optimizer).__name__,
                 " offloaded to CPU" if self.ds.zero_cpu_offload() else "",
                 ", weights offloaded to CPU" if offload_param is not None and offload_param.device == "cpu" else "",
-                self.ds.zero_reduce_bucket_size(), self.ds.zero_overlap_comm(), self.ds.bfloat16_enabled(),
+                self.ds.zero_reduce_bucket_size(),
+                self.ds.zero_overlap_comm(),
+                self.ds.bfloat16_enabled(),
             )
         return wrapped_model, wrapped_optimizer
 
     def autocast(self):
-        """torch.autocast to bf16 in bf16 mode (DeepSpeed does not autocast; fp32 tensors made in forward need casting)."""
+        """torch.autocast to bf16 in bf16 mode (DeepSpeed does not autocast; fp32 tensors made in forward need
+        casting)."""
         if self.mixed_precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
@@ -168,11 +191,14 @@ class ZeroEngine(Engine):
         self.ds.backward(loss, scale_wrt_gas=False)
 
     def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None) -> torch.Tensor:
-        """DeepSpeed's step after the boundary micro batch: reduce, clip (config), AdamW, zero grads; the global norm before
+        """DeepSpeed's step after the boundary micro batch: reduce, clip (config), AdamW, zero grads; the global norm
+        before
         clipping. max_norm must be the clipping the config was built with."""
         assert self.ds is not None, "ZeroEngine.step before prepare"
         if float(max_norm or 0) != float(self.config["gradient_clipping"] or 0):
-            raise ValueError(f"the DeepSpeed config clips at {self.config['gradient_clipping']}, the caller asked for {max_norm}")
+            raise ValueError(
+                f"the DeepSpeed config clips at {self.config['gradient_clipping']}, the caller asked for {max_norm}"
+            )
         self.ds.set_gradient_accumulation_boundary(True)
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
@@ -212,7 +238,8 @@ class ZeroEngine(Engine):
         return {name: full[name] for name, _ in module.named_parameters()}  # the module's order
 
     def load_full_state_dict(self, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-        """Set every weight from a full state dict, the fp32 master copy included (every rank calls it with the same weights).
+        """Set every weight from a full state dict, the fp32 master copy included (every rank calls it with the same
+        weights).
 
         After `prepare`: loading fp32 weights into the network before it would keep only their bf16
         rounding in bf16 mode (DeepSpeed builds its fp32 master from the bf16 module). This is how a job
@@ -230,7 +257,9 @@ class ZeroEngine(Engine):
         if self.stage == 3:
             import deepspeed
 
-            context = deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0)  # rank 0's copy is scattered
+            context = deepspeed.zero.GatheredParameters(
+                [p for _, p in params], modifier_rank=0
+            )  # rank 0's copy is scattered
         with torch.no_grad():
             with context:
                 for name, param in params:
@@ -243,7 +272,8 @@ class ZeroEngine(Engine):
                     buffer.copy_(weights[name])
 
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The consolidated fp32 state dict (parameters and persistent buffers) on every rank, for export and sampling (a collective)."""
+        """The consolidated fp32 state dict (parameters and persistent buffers) on every rank, for export and sampling
+        (a collective)."""
         module = self.unwrap(model)
         weights = self._full_fp32(module)
         names = set(module.state_dict().keys())
@@ -253,7 +283,8 @@ class ZeroEngine(Engine):
         return {name: weights[name] for name in module.state_dict()}
 
     def update_ema(self, ema, model: torch.nn.Module, step: int) -> None:
-        """Move the EMA (model.ema.EMA) towards the full fp32 weights; every rank calls it with the same step (a collective).
+        """Move the EMA (model.ema.EMA) towards the full fp32 weights; every rank calls it with the same step (a
+        collective).
 
         Decision: gather the full weights at each EMA update rather than keep the EMA sharded. The
         EMA then equals, bit for bit, an EMA of the consolidated fp32 weights on every rank, the trainer
@@ -320,13 +351,21 @@ class ZeroEngine(Engine):
             raise ValueError(f"reshard must be 'universal' or 'weights', got {reshard!r}")
         saved = saved_world_size(directory)
         if saved is None:
-            raise UserError(f"{directory} holds no DeepSpeed checkpoint ({MODEL_TAG}/ is missing): was it written by the DDP engine?")
+            raise UserError(
+                f"{directory} holds no DeepSpeed checkpoint ({MODEL_TAG}/ is missing): was it written by the DDP "
+                "engine?"
+            )
         if saved == self.world_size:
             # No map_location: accelerate passes load kwargs on to DeepSpeed's load_checkpoint, which takes none.
             self.accelerator.load_state(directory)
             return
         if reshard == "universal" and self._convert_to_universal(Path(directory)):
-            log.warning("%s was written by %d ranks, this job has %d: loading it as a universal checkpoint", directory, saved, self.world_size)
+            log.warning(
+                "%s was written by %d ranks, this job has %d: loading it as a universal checkpoint",
+                directory,
+                saved,
+                self.world_size,
+            )
             self.ds._config.load_universal_checkpoint = True  # read by load_checkpoint only
             try:
                 self.ds.load_checkpoint(directory, tag=UNIVERSAL_TAG, load_module_strict=True)
@@ -335,7 +374,10 @@ class ZeroEngine(Engine):
             return
         log.warning(
             "%s was written by %d ranks, this job has %d: continuing from its consolidated fp32 weights; "
-            "the optimizer state (AdamW moments) starts afresh", directory, saved, self.world_size,
+            "the optimizer state (AdamW moments) starts afresh",
+            directory,
+            saved,
+            self.world_size,
         )
         self.load_full_state_dict(self.ds, self.consolidated_weights(directory))
 
@@ -353,13 +395,27 @@ class ZeroEngine(Engine):
         """DeepSpeed's ds_to_universal, into a temporary folder renamed to `target` when it succeeds."""
         tmp = directory / f"{UNIVERSAL_TAG}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        argv = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(directory / MODEL_TAG),
-                "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
+        argv = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(directory / MODEL_TAG),
+            "--output_folder",
+            str(tmp),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+            "--inject_missing_state",
+        ]
         done = subprocess.run(argv, capture_output=True, text=True, check=False)
         if done.returncode == 0:
             os.replace(tmp, target)
             return True
-        log.warning("converting %s to a universal checkpoint failed: %s", directory, done.stderr.strip().splitlines()[-1:])
+        log.warning(
+            "converting %s to a universal checkpoint failed: %s", directory, done.stderr.strip().splitlines()[-1:]
+        )
         shutil.rmtree(tmp, ignore_errors=True)
         return False
 

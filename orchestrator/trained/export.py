@@ -34,13 +34,15 @@ from safetensors.torch import load_file, save_file
 
 from orchestrator.errors import UserError
 from orchestrator.layout import TRAINER_STATE
-from orchestrator.trained.sampling import load_model, model_input_of, weights_file
 from orchestrator.specs.job import JobSpec
+from orchestrator.trained.sampling import load_model, model_input_of, weights_file
 
 EXPORT_INFO = "orch_export.json"
 SAFETENSORS_NAMES = {"model.safetensors", "spec.yaml", "README.md", EXPORT_INFO}
 DIFFUSERS_NAMES = {"transformer", "scheduler", "vae", "model_index.json", "spec.yaml", "README.md", EXPORT_INFO}
-PIPELINE_NULL_CLASS = 1000  # diffusers' DiTPipeline draws its unconditional half with this label (ImageNet's null class)
+PIPELINE_NULL_CLASS = (
+    1000  # diffusers' DiTPipeline draws its unconditional half with this label (ImageNet's null class)
+)
 SCHEDULER_CLASSES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "dpm_solver++": "DPMSolverMultistepScheduler"}
 
 
@@ -54,7 +56,8 @@ class ExportError(UserError):
 
 
 def export_safetensors(spec: JobSpec, checkpoint: Path, out_dir: Path, ema: bool = True) -> list[Path]:
-    """Write `model.safetensors` (EMA weights unless ema=False), `spec.yaml` and a README on loading them; return the paths."""
+    """Write `model.safetensors` (EMA weights unless ema=False), `spec.yaml` and a README on loading them; return the
+    paths."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     source = weights_file(checkpoint, ema)
     model = load_model(spec, checkpoint, ema=ema, device="cpu")  # the weights must fit the spec's network
@@ -72,13 +75,14 @@ def export_safetensors(spec: JobSpec, checkpoint: Path, out_dir: Path, ema: bool
 
 def _safetensors_readme(spec: JobSpec, kind: str, model: torch.nn.Module) -> str:
     c, r = spec.data.num_channels, spec.data.resolution
+    unconditional = "" if spec.model.condition == "class" else " (ignored: unconditional)"
     return f"""# {spec.name}: {spec.model.arch} weights exported by orch
 
-- `model.safetensors`: the {'EMA' if kind == 'ema' else 'raw (not EMA)'} weights, in the official DiT layout
+- `model.safetensors`: the {"EMA" if kind == "ema" else "raw (not EMA)"} weights, in the official DiT layout
   (`x_embedder.proj`, `t_embedder.mlp`, `y_embedder.embedding_table`, `blocks.N...`, `final_layer...`).
 - `spec.yaml`: the resolved job spec they were trained with; it describes the network, the noise
   schedule and the sampler. The model draws {c}-channel {r}x{r} images in [-1, 1] (pixel space),
-  class labels 0..{getattr(model, 'num_classes', 1) - 1}{'' if spec.model.condition == 'class' else ' (ignored: unconditional)'}.
+  class labels 0..{getattr(model, "num_classes", 1) - 1}{unconditional}.
 
 Load and sample with orch's Python API (from an orch checkout, `pip install -e .`):
 
@@ -95,8 +99,9 @@ images = sample_images(model, spec, labels=[0, 1, 2, 3], seed=0)  # (4, {c}, {r}
 write_outputs(images, [0, 1, 2, 3], Path("samples"), rows=1)
 ```
 
-Or by hand: `orchestrator.components.model.build_model(spec, orchestrator.trained.sampling.model_input_of(spec, path))` builds the network and
-`orchestrator.components.weights.load_weights(model, path)` loads these weights with an exact key match.
+Or by hand: `orchestrator.components.model.build_model(spec, orchestrator.trained.sampling.model_input_of(spec, path))`
+builds the network and `orchestrator.components.weights.load_weights(model, path)` loads these weights with an exact
+key match.
 """
 
 
@@ -110,8 +115,17 @@ def diffusers_problems(spec: JobSpec) -> list[str]:
     m = spec.model
     if m.arch != "dit":
         return [f"model.arch is {m.arch!r}: only a DiT converts (export a U-Net with --format safetensors)"]
-    wanted = {"conditioning": ("adaln_zero", "adaln"), "condition": ("class",), "ffn": ("mlp",), "pos_embed": ("sincos",)}
-    problems = [f"model.{name} is {getattr(m, name)!r} (need {' or '.join(repr(v) for v in ok)})" for name, ok in wanted.items() if getattr(m, name) not in ok]
+    wanted = {
+        "conditioning": ("adaln_zero", "adaln"),
+        "condition": ("class",),
+        "ffn": ("mlp",),
+        "pos_embed": ("sincos",),
+    }
+    problems = [
+        f"model.{name} is {getattr(m, name)!r} (need {' or '.join(repr(v) for v in ok)})"
+        for name, ok in wanted.items()
+        if getattr(m, name) not in ok
+    ]
     if m.mlp_ratio != 4:
         problems.append(f"model.mlp_ratio is {m.mlp_ratio:g} (diffusers' feed-forward is 4x wide)")
     return problems
@@ -130,7 +144,8 @@ def export_diffusers(spec: JobSpec, checkpoint: Path, out_dir: Path, ema: bool =
     problems = diffusers_problems(spec)
     if problems:
         raise ExportError(
-            "only the official DiT layout (class-conditional adaLN-Zero, mlp, sincos, mlp_ratio 4) exports to diffusers; "
+            "only the official DiT layout (class-conditional adaLN-Zero, mlp, sincos, mlp_ratio 4) exports to "
+            "diffusers; "
             f"this model has {'; '.join(problems)}. Use --format safetensors"
         )
     weights_file(checkpoint, ema)  # CheckpointNotFound before anything is written
@@ -170,12 +185,21 @@ def _scheduler(spec: JobSpec, clip: bool):
         variance = {"variance_type": "learned_range"} if spec.model.learn_sigma else {}
         return DDPMScheduler.from_config(base, clip_sample=clip, clip_sample_range=1.0, **variance)
     return DPMSolverMultistepScheduler.from_config(
-        base, algorithm_type="dpmsolver++", solver_order=2, thresholding=clip, sample_max_value=1.0, variance_type=None,
-        timestep_spacing=base.timestep_spacing, final_sigmas_type="zero", lower_order_final=True,
+        base,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        thresholding=clip,
+        sample_max_value=1.0,
+        variance_type=None,
+        timestep_spacing=base.timestep_spacing,
+        final_sigmas_type="zero",
+        lower_order_final=True,
     )
 
 
-def _export_pipeline(spec, checkpoint: Path, out_dir: Path, kind: str, model, transformer, scheduler, model_input) -> list[Path]:
+def _export_pipeline(
+    spec, checkpoint: Path, out_dir: Path, kind: str, model, transformer, scheduler, model_input
+) -> list[Path]:
     """A latent DiT as a diffusers DiTPipeline directory (transformer, scheduler, vae, model_index.json).
 
     DiTPipeline takes label 1000 as the null class of guidance, so the transformer is saved with
@@ -188,9 +212,15 @@ def _export_pipeline(spec, checkpoint: Path, out_dir: Path, kind: str, model, tr
 
     k = model.num_classes
     if k > PIPELINE_NULL_CLASS:
-        raise ExportError(f"the model has {k} classes; diffusers' DiTPipeline takes at most {PIPELINE_NULL_CLASS}. Use --format safetensors")
+        raise ExportError(
+            f"the model has {k} classes; diffusers' DiTPipeline takes at most {PIPELINE_NULL_CLASS}. Use --format "
+            "safetensors"
+        )
     if spec.model.class_dropout == 0:
-        raise ExportError("the model has no null class (model.class_dropout: 0), which DiTPipeline's guidance needs; use --format safetensors")
+        raise ExportError(
+            "the model has no null class (model.class_dropout: 0), which DiTPipeline's guidance needs; use --format "
+            "safetensors"
+        )
     padded = DiTTransformer2DModel.from_config({**transformer.config, "num_embeds_ada_norm": PIPELINE_NULL_CLASS})
     state = transformer.state_dict()
     for name, table in list(state.items()):
@@ -202,27 +232,41 @@ def _export_pipeline(spec, checkpoint: Path, out_dir: Path, kind: str, model, tr
     padded.pos_embed.pos_embed = transformer.pos_embed.pos_embed
     vae = load_vae(model_input.latent.vae)
     names = class_names(spec, k)
-    pipeline = DiTPipeline(transformer=padded.eval(), vae=vae, scheduler=scheduler)  # (class names go to orch_export.json: DiTPipeline does not save its id2label)
+    pipeline = DiTPipeline(
+        transformer=padded.eval(), vae=vae, scheduler=scheduler
+    )  # (class names go to orch_export.json: DiTPipeline does not save its id2label)
     _prepare(out_dir, DIFFUSERS_NAMES)
     pipeline.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / "spec.yaml").write_text(spec.to_yaml())
     info = _write_info(out_dir, "diffusers", spec, checkpoint, kind, model)
+    names_text = f" ({', '.join(names.values())})" if names else ""
+    weights_kind = "EMA" if kind == "ema" else "raw"
     readme = out_dir / "README.md"
     readme.write_text(f"""# {spec.name}: a class-conditional latent DiT as a diffusers DiTPipeline, exported by orch
 
 ```python
 from diffusers import DiTPipeline
 pipe = DiTPipeline.from_pretrained(".")
-images = pipe(class_labels=[0, 1], num_inference_steps={spec.sample.steps}, guidance_scale={spec.sample.guidance_scale}).images
+images = pipe(
+    class_labels=[0, 1], num_inference_steps={spec.sample.steps}, guidance_scale={spec.sample.guidance_scale}
+).images
 ```
 
-Classes 0..{k - 1}{f' ({", ".join(names.values())})' if names else ''}; the transformer's label table has ImageNet's 1001 rows
+Classes 0..{k - 1}{names_text}; the transformer's label table has ImageNet's 1001 rows
 so that DiTPipeline's null class (1000) is this model's null class; labels {k}..999 are the null class too.
-The {'EMA' if kind == 'ema' else 'raw'} weights; `scheduler/` is the spec's sampler ({type(scheduler).__name__}); `vae/` decodes the latents.
+The {weights_kind} weights; `scheduler/` is the spec's sampler ({type(scheduler).__name__}); `vae/` decodes the latents.
 diffusers computes timestep features with a frequency shift of 1 where the trained model used 0: samples are close to,
 not equal to, orch's (see model/convert.py).
 """)
-    return [out_dir / "transformer", out_dir / "scheduler", out_dir / "vae", out_dir / "model_index.json", out_dir / "spec.yaml", readme, info]
+    return [
+        out_dir / "transformer",
+        out_dir / "scheduler",
+        out_dir / "vae",
+        out_dir / "model_index.json",
+        out_dir / "spec.yaml",
+        readme,
+        info,
+    ]
 
 
 def _diffusers_readme(spec: JobSpec, kind: str, model: torch.nn.Module, scheduler_class: str) -> str:
@@ -230,12 +274,17 @@ def _diffusers_readme(spec: JobSpec, kind: str, model: torch.nn.Module, schedule
     s = spec.sample
     guided = spec.model.class_dropout > 0
     step_args = ", generator=generator" if scheduler_class == "DDPMScheduler" else ""
+    guidance_note = (
+        f"; label {k} is the null class of classifier-free guidance"
+        if guided
+        else "; no null class (trained without label dropout): no guidance"
+    )
     return f"""# {spec.name}: a class-conditional DiT for diffusers, exported by orch
 
-- `transformer/`: a `DiTTransformer2DModel` with the {'EMA' if kind == 'ema' else 'raw (not EMA)'} weights;
-  {k} classes (labels 0..{k - 1}, class names in `orch_export.json`){f'; label {k} is the null class of classifier-free guidance' if guided else '; no null class (trained without label dropout): no guidance'}.
-- `scheduler/`: a `{scheduler_class}` with the training noise schedule ({spec.diffusion.beta_schedule}, {spec.diffusion.num_train_timesteps} steps,
-  `{spec.diffusion.prediction}` prediction) and `clip_sample` to [-1, 1].
+- `transformer/`: a `DiTTransformer2DModel` with the {"EMA" if kind == "ema" else "raw (not EMA)"} weights;
+  {k} classes (labels 0..{k - 1}, class names in `orch_export.json`){guidance_note}.
+- `scheduler/`: a `{scheduler_class}` with the training noise schedule ({spec.diffusion.beta_schedule},
+  {spec.diffusion.num_train_timesteps} steps, `{spec.diffusion.prediction}` prediction) and `clip_sample` to [-1, 1].
 - `spec.yaml`: the orch job spec it was trained with.
 
 The model works in **pixel space**: it denoises {c}-channel {r}x{r} images in [-1, 1] directly, with no
@@ -290,7 +339,8 @@ def _prepare(out_dir: Path, names: set[str]) -> None:
 
 
 def class_names(spec: JobSpec, num_classes: int) -> dict[str, str] | None:
-    """{label: name} from the data source (the digits' names, an image folder's sub-folders), or None if unknown here."""
+    """{label: name} from the data source (the digits' names, an image folder's sub-folders), or None if unknown
+    here."""
     if spec.model.condition != "class":
         return None
     if spec.data.source == "digits":
@@ -318,12 +368,19 @@ def _write_info(out_dir: Path, fmt: str, spec: JobSpec, checkpoint: Path, kind: 
     if state_file is not None and state_file.is_file():
         step = json.loads(state_file.read_text()).get("step")
     info = {
-        "format": fmt, "weights": kind, "source": str(checkpoint.resolve()), "step": step, "spec_digest": spec.digest(),
+        "format": fmt,
+        "weights": kind,
+        "source": str(checkpoint.resolve()),
+        "step": step,
+        "spec_digest": spec.digest(),
         "pixel_space": not spec.data.latent,
-        "image_shape": [spec.data.num_channels, spec.data.resolution, spec.data.resolution] if not spec.data.latent else [3, spec.data.resolution, spec.data.resolution],
+        "image_shape": [spec.data.num_channels, spec.data.resolution, spec.data.resolution]
+        if not spec.data.latent
+        else [3, spec.data.resolution, spec.data.resolution],
         "num_classes": num_classes if spec.model.condition == "class" else None,
         "null_class": num_classes if spec.model.condition == "class" and spec.model.class_dropout > 0 else None,
-        "id2label": class_names(spec, num_classes), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "id2label": class_names(spec, num_classes),
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     path = out_dir / EXPORT_INFO
     path.write_text(json.dumps(info, indent=2) + "\n")

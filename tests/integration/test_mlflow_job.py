@@ -26,7 +26,10 @@ def artifact_paths(client: MlflowClient, run_id: str, folder: str | None = None)
 def test_job_logs_one_run_with_params_metrics_and_grids_and_resume_appends(tmp_path, mlflow_server):
     root = tmp_path / "runs"
     spec = tiny_spec(
-        tmp_path, train={"steps": 4}, checkpoint={"every": 2}, sample={"every": 2},
+        tmp_path,
+        train={"steps": 4},
+        checkpoint={"every": 2},
+        sample={"every": 2},
         tracking={"enabled": True, "uri": mlflow_server.uri, "experiment": "orch-tests", "log_every": 1},
     )
     first = orch("submit", str(spec), root=root)
@@ -47,7 +50,15 @@ def test_job_logs_one_run_with_params_metrics_and_grids_and_resume_appends(tmp_p
     tags = run.data.tags
     assert tags["orch.job_id"] == job.name and tags["orch.launcher"] == "local" and tags["orch.world_size"] == "1"
     assert tags["orch.attempt"] == "2" and len(tags["orch.git_commit"]) >= 7 and tags["orch.host"]
-    for metric in ("loss", "lr", "grad_norm", "samples_per_sec", "samples_per_sec_per_node", "step_time_s", "peak_memory_gb"):
+    for metric in (
+        "loss",
+        "lr",
+        "grad_norm",
+        "samples_per_sec",
+        "samples_per_sec_per_node",
+        "step_time_s",
+        "peak_memory_gb",
+    ):
         assert [m.step for m in client.get_metric_history(run_id, metric)] == [1, 2, 3, 4, 5, 6], metric
     assert len(runs := client.search_runs([run.info.experiment_id])) == 1, runs
 
@@ -61,7 +72,10 @@ def test_job_logs_one_run_with_params_metrics_and_grids_and_resume_appends(tmp_p
 def test_training_goes_on_while_the_tracking_server_is_away_and_the_run_waits_for_it(tmp_path, mlflow_server):
     root = tmp_path / "runs"
     spec = tiny_spec(
-        tmp_path, train={"steps": 60}, checkpoint={"every": 20}, sample={"every": 1000},
+        tmp_path,
+        train={"steps": 60},
+        checkpoint={"every": 20},
+        sample={"every": 1000},
         tracking={"enabled": True, "uri": mlflow_server.uri, "log_every": 1},
     )
     # Slow the steps a little so the outage begins mid-run: a bigger batch.
@@ -70,7 +84,11 @@ def test_training_goes_on_while_the_tracking_server_is_away_and_the_run_waits_fo
     wait_for(lambda: state(job)["step"] >= 3, timeout=120, what="training to start")
     mlflow_server.stop()
     # Training goes on to the end; the finished job then waits for the server (an outage under retry_for).
-    wait_for(lambda: "still unreachable; waiting up to" in log_text(job), timeout=180, what="training to end during the outage")
+    wait_for(
+        lambda: "still unreachable; waiting up to" in log_text(job),
+        timeout=180,
+        what="training to end during the outage",
+    )
     record = state(job)
     assert record["step"] == 60 and record["checkpoint_step"] == 60 and record["state"] == "running", record
     mlflow_server.start()
@@ -80,7 +98,9 @@ def test_training_goes_on_while_the_tracking_server_is_away_and_the_run_waits_fo
     log = log_text(job)
     assert "is unreachable" in log and "is reachable again" in log and "never sent" not in log, log[-3000:]
     client = MlflowClient(mlflow_server.uri)
-    assert {m.step for m in client.get_metric_history(record["mlflow_run_id"], "loss")} == set(range(1, 61)), "metrics logged in the outage were lost"
+    assert {m.step for m in client.get_metric_history(record["mlflow_run_id"], "loss")} == set(range(1, 61)), (
+        "metrics logged in the outage were lost"
+    )
     assert client.get_run(record["mlflow_run_id"]).info.status == "FINISHED"
 
 
@@ -108,11 +128,16 @@ def test_default_store_is_local_next_to_the_jobs_and_orch_ui_serves_it(tmp_path)
 
     port = free_port()
     ui = subprocess.Popen(
-        [ORCH, "--root", str(root), "ui", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [ORCH, "--root", str(root), "ui", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         wait_for(lambda: answers_health(f"http://127.0.0.1:{port}"), timeout=90, interval=0.5, what="orch ui to answer")
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=10) as answer:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=10
+        ) as answer:
             assert json.loads(answer.read())["run"]["info"]["run_id"] == run_id
     finally:
         os.killpg(ui.pid, signal.SIGTERM)

@@ -16,7 +16,10 @@ def test_two_separate_launches_train_together_log_one_run_and_checkpoint_once(tm
     root = tmp_path / "runs"
     endpoint = f"127.0.0.1:{free_port()}"
     spec = tiny_spec(
-        tmp_path, "twonode", train={"steps": 4}, checkpoint={"every": 2},
+        tmp_path,
+        "twonode",
+        train={"steps": 4},
+        checkpoint={"every": 2},
         tracking={"enabled": True, "log_every": 1},
         resources={"processes": 1, "nodes": 2, "rdzv_endpoint": endpoint},
     )
@@ -46,11 +49,16 @@ def test_two_separate_launches_train_together_log_one_run_and_checkpoint_once(tm
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]
     # Each node's own figures, gathered from its ranks by rank 0: memory and the time it waited for data.
     for step in (1, 2, 3, 4):
-        node_memory = [next(m.value for m in client.get_metric_history(run_id, f"node{n}/peak_memory_gb") if m.step == step) for n in (0, 1)]
+        node_memory = [
+            next(m.value for m in client.get_metric_history(run_id, f"node{n}/peak_memory_gb") if m.step == step)
+            for n in (0, 1)
+        ]
         assert all(0.05 < memory < 20 for memory in node_memory), node_memory  # a CPU rank's peak resident set, in GB
         overall = next(m.value for m in client.get_metric_history(run_id, "peak_memory_gb") if m.step == step)
         assert overall == max(node_memory)
-    assert len(client.get_metric_history(run_id, "node1/data_wait_s")) == 4 and not client.get_metric_history(run_id, "node2/data_wait_s")
+    assert len(client.get_metric_history(run_id, "node1/data_wait_s")) == 4 and not client.get_metric_history(
+        run_id, "node2/data_wait_s"
+    )
 
 
 def test_a_multi_node_spec_without_a_meeting_point_is_refused(tmp_path):

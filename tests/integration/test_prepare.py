@@ -26,12 +26,12 @@ import yaml
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from orchestrator.data import shardformat
 from orchestrator.components.text import encode_texts
 from orchestrator.components.vae import ModelLoadError
+from orchestrator.data import shardformat
+from orchestrator.data.loader import center_crop
 from orchestrator.prepare import PrepareError, prepare, run_local
 from orchestrator.specs.prepare import SpecError, load_prepare_spec
-from orchestrator.data.loader import center_crop
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -40,15 +40,18 @@ REPO = Path(__file__).resolve().parents[2]
 RES = 16
 
 
-
-
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory) -> Path:
     """A randomly initialised AutoencoderKL that halves once: 16x16 images -> 4x8x8 latents."""
     torch.manual_seed(0)
     vae = AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=RES,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=RES,
     )
     path = tmp_path_factory.mktemp("vae") / "tiny-vae"
     vae.save_pretrained(path)
@@ -68,8 +71,14 @@ def noise_image(width: int, height: int, seed: int) -> Image.Image:
 
 def image_folder(root: Path) -> Path:
     """Two classes, five usable images of assorted sizes and formats, one too small, one corrupt."""
-    for name, size, seed in [("cat/a.png", (16, 16), 1), ("cat/b.jpg", (24, 20), 2), ("cat/c.png", (40, 33), 3),
-                             ("dog/d.png", (16, 30), 4), ("dog/e.png", (64, 64), 5), ("dog/tiny.png", (8, 8), 6)]:
+    for name, size, seed in [
+        ("cat/a.png", (16, 16), 1),
+        ("cat/b.jpg", (24, 20), 2),
+        ("cat/c.png", (40, 33), 3),
+        ("dog/d.png", (16, 30), 4),
+        ("dog/e.png", (64, 64), 5),
+        ("dog/tiny.png", (8, 8), 6),
+    ]:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         noise_image(*size, seed).save(root / name)
     (root / "dog" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is no image")
@@ -77,7 +86,12 @@ def image_folder(root: Path) -> Path:
 
 
 def write_spec(path: Path, **sections) -> Path:
-    spec = {"kind": "prepare", "version": 1, "image": {"resolution": RES}, "resources": {"batch_size": 2, "workers": 2, "device": "cpu"}}
+    spec = {
+        "kind": "prepare",
+        "version": 1,
+        "image": {"resolution": RES},
+        "resources": {"batch_size": 2, "workers": 2, "device": "cpu"},
+    }
     for section, values in sections.items():
         spec[section] = {**spec.get(section, {}), **values}
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -85,7 +99,12 @@ def write_spec(path: Path, **sections) -> Path:
 
 
 def folder_spec(tmp_path: Path, vae_dir: Path, out: str = "out", **sections) -> Path:
-    sections = {"input": {"source": "image_folder", "path": "images"}, "vae": {"name": str(vae_dir)}, "output": {"path": out, "shard_size": 3}, **sections}
+    sections = {
+        "input": {"source": "image_folder", "path": "images"},
+        "vae": {"name": str(vae_dir)},
+        "output": {"path": out, "shard_size": 3},
+        **sections,
+    }
     return write_spec(tmp_path / f"{out}.yaml", **sections)
 
 
@@ -98,7 +117,13 @@ def read_samples(out: Path) -> dict[str, dict]:
             for member in tar:
                 key, ext = member.name.split(".", 1)
                 data = tar.extractfile(member).read()
-                value = np.load(io.BytesIO(data)) if ext.endswith(".npy") else json.loads(data) if ext == "json" else data.decode()
+                value = (
+                    np.load(io.BytesIO(data))
+                    if ext.endswith(".npy")
+                    else json.loads(data)
+                    if ext == "json"
+                    else data.decode()
+                )
                 assert ext not in samples.setdefault(key, {}), f"{member.name} appears twice"
                 samples[key][ext] = value
     return samples
@@ -128,7 +153,11 @@ def test_image_folder_gives_shards_index_and_the_vaes_own_latents(tmp_path, vae_
     assert index.skipped == {"unreadable": 1, "too_small": 1}
     assert [s.name for s in index.shards] == ["shard-000000.tar", "shard-000001.tar"]  # shard 2 held only tiny.png
     assert [s.num_samples for s in index.shards] == [3, 2]
-    assert index.latent_shape == [4, 8, 8] and index.latent_dtype == "float16" and index.scaling_factor == pytest.approx(0.18215)
+    assert (
+        index.latent_shape == [4, 8, 8]
+        and index.latent_dtype == "float16"
+        and index.scaling_factor == pytest.approx(0.18215)
+    )
     assert index.class_names == ["cat", "dog"] and index.num_classes == 2 and index.resolution == RES
     assert index.text_encoder is None and index.flip is False and index.vae == str(vae_dir)
     for k in range(3):
@@ -139,7 +168,13 @@ def test_image_folder_gives_shards_index_and_the_vaes_own_latents(tmp_path, vae_
 
     samples = read_samples(out)
     assert sorted(samples) == ["000000000", "000000001", "000000002", "000000004", "000000005"]
-    assert {key: s["cls"] for key, s in samples.items()} == {"000000000": "0", "000000001": "0", "000000002": "0", "000000004": "1", "000000005": "1"}
+    assert {key: s["cls"] for key, s in samples.items()} == {
+        "000000000": "0",
+        "000000001": "0",
+        "000000002": "0",
+        "000000004": "1",
+        "000000005": "1",
+    }
     assert samples["000000001"]["json"] == {"source": "cat/b.jpg", "flipped": False}
     latent = samples["000000002"]["latent.npy"]
     assert latent.shape == (2, 4, 8, 8) and latent.dtype == np.float16
@@ -173,7 +208,12 @@ def test_captions_give_pooled_and_per_token_embeddings(tmp_path, vae_dir, text_e
     root.mkdir()
     for i in range(4):
         noise_image(20, 16, i).save(root / f"{i}.png")  # 3.png has no caption
-    (root / "captions.jsonl").write_text(json.dumps({"file": "0.png", "caption": "a red cat"}) + "\n" + json.dumps({"file": "1.png", "caption": "a dog " * 40}) + "\n")
+    (root / "captions.jsonl").write_text(
+        json.dumps({"file": "0.png", "caption": "a red cat"})
+        + "\n"
+        + json.dumps({"file": "1.png", "caption": "a dog " * 40})
+        + "\n"
+    )
     (root / "2.txt").write_text("a bird on a wire\n")
     spec = load_prepare_spec(folder_spec(tmp_path, vae_dir, text={"encoder": str(text_encoder_dir), "max_tokens": 16}))
     prepare(spec)
@@ -195,15 +235,25 @@ def test_captions_give_pooled_and_per_token_embeddings(tmp_path, vae_dir, text_e
 
     model = SentenceTransformer(str(text_encoder_dir), device="cpu")
     expected = model.encode(["a red cat"], output_value=None)[0]
-    np.testing.assert_allclose(samples["000000000"]["text_pooled.npy"], expected["sentence_embedding"].numpy(), atol=2e-3)
+    np.testing.assert_allclose(
+        samples["000000000"]["text_pooled.npy"], expected["sentence_embedding"].numpy(), atol=2e-3
+    )
     np.testing.assert_allclose(samples["000000000"]["text_tokens.npy"], expected["token_embeddings"].numpy(), atol=2e-3)
 
 
 def test_the_training_reader_takes_what_prepare_writes(tmp_path, vae_dir, text_encoder_dir):
-    shards = pytest.importorskip("orchestrator.data.shards")  # written alongside; this checks the shared format end to end
+    shards = pytest.importorskip(
+        "orchestrator.data.shards"
+    )  # written alongside; this checks the shared format end to end
     image_folder(tmp_path / "images")
     (tmp_path / "images" / "cat" / "a.txt").write_text("a noisy cat")
-    prepare(load_prepare_spec(folder_spec(tmp_path, vae_dir, text={"encoder": str(text_encoder_dir)}, image={"resolution": RES, "flip": True})))
+    prepare(
+        load_prepare_spec(
+            folder_spec(
+                tmp_path, vae_dir, text={"encoder": str(text_encoder_dir)}, image={"resolution": RES, "flip": True}
+            )
+        )
+    )
     out = tmp_path / "out"
     assert shards.check_dataset(out, 4, 8, condition="class") == []
     assert shards.check_dataset(out, 4, 8, condition="text") == []
@@ -232,13 +282,29 @@ def test_clip_models_get_token_embeddings_from_their_text_transformer(tmp_path):
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"]),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16),
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+        ),
         projection_dim=32,  # as in the real CLIPs: pooled and per-token widths agree
     )
     CLIPModel(config).save_pretrained(tmp_path / "clip")
-    CLIPProcessor(image_processor=CLIPImageProcessor(size=32, crop_size=32), tokenizer=tokenizer).save_pretrained(tmp_path / "clip")
+    CLIPProcessor(image_processor=CLIPImageProcessor(size=32, crop_size=32), tokenizer=tokenizer).save_pretrained(
+        tmp_path / "clip"
+    )
     model = SentenceTransformer(modules=[STCLIPModel(str(tmp_path / "clip"))], device="cpu")
 
     [(pooled, tokens)] = encode_texts(model, ["a cat"])
@@ -266,8 +332,11 @@ def test_url_table_downloads_images_and_counts_failures(tmp_path, vae_dir, image
     ]
     (tmp_path / "table.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     spec = write_spec(
-        tmp_path / "table.yaml", input={"source": "table", "path": "table.jsonl", "download_timeout": 5},
-        vae={"name": str(vae_dir)}, text={"enabled": False}, output={"path": "out", "shard_size": 2},
+        tmp_path / "table.yaml",
+        input={"source": "table", "path": "table.jsonl", "download_timeout": 5},
+        vae={"name": str(vae_dir)},
+        text={"enabled": False},
+        output={"path": "out", "shard_size": 2},
     )
     prepare(load_prepare_spec(spec))
 
@@ -276,7 +345,11 @@ def test_url_table_downloads_images_and_counts_failures(tmp_path, vae_dir, image
     assert index.class_names == ["cat", "dog"] and index.text_encoder is None
     samples = read_samples(tmp_path / "out")
     assert sorted(samples) == ["000000000", "000000002", "000000004"]
-    assert [(samples[k]["cls"], samples[k]["txt"]) for k in sorted(samples)] == [("1", "zero"), ("0", "one"), ("1", "two")]
+    assert [(samples[k]["cls"], samples[k]["txt"]) for k in sorted(samples)] == [
+        ("1", "zero"),
+        ("0", "one"),
+        ("1", "two"),
+    ]
     assert samples["000000002"]["json"]["source"] == f"{url}/img1.png"
     record = json.loads((tmp_path / "out" / "shard-000000.json").read_text())
     assert "404" in record["skips"][0]["detail"]
@@ -289,17 +362,24 @@ def test_csv_and_parquet_tables_are_read_like_jsonl(tmp_path, vae_dir, image_ser
     buffer = io.BytesIO()
     noise_image(16, 16, 9).save(buffer, format="PNG")
     image_server.files["/a.png"] = buffer.getvalue()
-    rows = [{"image_url": f"{image_server.url}/a.png", "label": 3}, {"image_url": f"{image_server.url}/a.png", "label": 1}]
+    rows = [
+        {"image_url": f"{image_server.url}/a.png", "label": 3},
+        {"image_url": f"{image_server.url}/a.png", "label": 1},
+    ]
     (tmp_path / "t.csv").write_text("image_url,label\n" + "".join(f"{r['image_url']},{r['label']}\n" for r in rows))
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
     for table in ("t.csv", "t.parquet"):
         spec = write_spec(
-            tmp_path / "t.yaml", input={"source": "table", "path": table, "url_column": "image_url"},
-            vae={"name": str(vae_dir)}, output={"path": f"out-{table}"},
+            tmp_path / "t.yaml",
+            input={"source": "table", "path": table, "url_column": "image_url"},
+            vae={"name": str(vae_dir)},
+            output={"path": f"out-{table}"},
         )
         prepare(load_prepare_spec(spec))
         index = shardformat.DatasetIndex.read(tmp_path / f"out-{table}")
-        assert index.num_samples == 2 and index.num_classes == 4 and index.class_names is None  # integer labels are kept
+        assert (
+            index.num_samples == 2 and index.num_classes == 4 and index.class_names is None
+        )  # integer labels are kept
         assert [s["cls"] for _, s in sorted(read_samples(tmp_path / f"out-{table}").items())] == ["3", "1"]
 
 
@@ -313,8 +393,11 @@ def test_webdataset_input_keeps_labels_and_captions(tmp_path, vae_dir):
                 writer.write(sample)
             writer.write({"__key__": "broken", "jpg": b"not a jpeg", "cls": 0})
     spec = write_spec(
-        tmp_path / "w.yaml", input={"source": "webdataset", "path": "wds"}, vae={"name": str(vae_dir)},
-        text={"enabled": False}, output={"path": "out", "shard_size": 3},
+        tmp_path / "w.yaml",
+        input={"source": "webdataset", "path": "wds"},
+        vae={"name": str(vae_dir)},
+        text={"enabled": False},
+        output={"path": "out", "shard_size": 3},
     )
     prepare(load_prepare_spec(spec))
     index = shardformat.DatasetIndex.read(tmp_path / "out")
@@ -345,7 +428,9 @@ def test_bad_inputs_and_settings_fail_before_any_work(tmp_path, vae_dir):
     (tmp_path / "t.jsonl").write_text('{"link": "http://x/a.png", "caption": "c"}\n')
     message = error(input={"source": "table", "path": "t.jsonl"})
     assert "no column 'url' (columns: link, caption)" in message and "input.url_column" in message
-    assert "input.path" in (message := error(input={"source": "table", "path": "t.csv"})) and "does not exist" in message
+    assert (
+        "input.path" in (message := error(input={"source": "table", "path": "t.csv"})) and "does not exist" in message
+    )
     (tmp_path / "images" / "loose.png").write_bytes(b"")
     assert "input.classes: false" in error()
 
@@ -358,19 +443,27 @@ def test_a_vae_that_cannot_be_loaded_offline_names_the_model_and_the_fix(tmp_pat
     with pytest.raises(ModelLoadError) as caught:
         prepare(load_prepare_spec(folder_spec(tmp_path, vae_dir, vae={"name": "stabilityai/sd-vae-ft-mse"})))
     message = str(caught.value)
-    assert "cannot load the VAE 'stabilityai/sd-vae-ft-mse'" in message and "hf download stabilityai/sd-vae-ft-mse" in message
+    assert (
+        "cannot load the VAE 'stabilityai/sd-vae-ft-mse'" in message
+        and "hf download stabilityai/sd-vae-ft-mse" in message
+    )
     assert "local folder" in message and not (tmp_path / "out").exists()
     with pytest.raises(ModelLoadError, match="vae.name /no/such/vae looks like a local path"):
         prepare(load_prepare_spec(folder_spec(tmp_path, vae_dir, vae={"name": "/no/such/vae"})))
 
     (tmp_path / "images" / "cat" / "a.txt").write_text("a cat")
-    with pytest.raises(ModelLoadError, match="cannot load the text encoder 'sentence-transformers/clip-ViT-L-14'.*hf download"):
+    with pytest.raises(
+        ModelLoadError, match="cannot load the text encoder 'sentence-transformers/clip-ViT-L-14'.*hf download"
+    ):
         prepare(load_prepare_spec(folder_spec(tmp_path, vae_dir)))  # the default text encoder, not downloaded here
 
 
 def test_spec_mistakes_name_the_line_and_the_near_miss(tmp_path):
     path = tmp_path / "p.yaml"
-    path.write_text("kind: prepare\ninput:\n  source: image_folder\n  path: x\nimage:\n  resolutoin: 64\noutput:\n  path: out\n  shard_size: 0\n")
+    path.write_text(
+        "kind: prepare\ninput:\n  source: image_folder\n  path: x\nimage:\n  resolutoin: 64\noutput:\n  path: out\n  "
+        "shard_size: 0\n"
+    )
     with pytest.raises(SpecError) as caught:
         load_prepare_spec(path)
     assert "line 6: image.resolutoin: unknown key; did you mean 'resolution'?" in str(caught.value)
@@ -388,7 +481,9 @@ def test_a_changed_spec_cannot_continue_someone_elses_output(tmp_path, vae_dir):
     prepare(load_prepare_spec(folder_spec(tmp_path, vae_dir)))
     with pytest.raises(PrepareError, match=r"started with other settings \(output.shard_size: 3 -> 4\)"):
         prepare(load_prepare_spec(folder_spec(tmp_path, vae_dir, output={"path": "out", "shard_size": 4})))
-    again = prepare(load_prepare_spec(folder_spec(tmp_path, vae_dir, resources={"batch_size": 5})))  # speed settings may change
+    again = prepare(
+        load_prepare_spec(folder_spec(tmp_path, vae_dir, resources={"batch_size": 5}))
+    )  # speed settings may change
     assert again.shards_written == [] and again.shards_done_before == [0, 1, 2] and again.index is not None
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "shard-000000.tar").write_bytes(b"")
@@ -430,17 +525,31 @@ def test_sigkill_mid_run_then_restart_writes_every_sample_exactly_once(tmp_path,
 
     def spec(out: str) -> Path:
         return write_spec(
-            tmp_path / f"{out}.yaml", input={"source": "table", "path": "t.jsonl", "download_timeout": 60, "download_retries": 0},
-            vae={"name": str(vae_dir)}, output={"path": out, "shard_size": 2}, resources={"batch_size": 1, "workers": 2, "device": "cpu"},
+            tmp_path / f"{out}.yaml",
+            input={"source": "table", "path": "t.jsonl", "download_timeout": 60, "download_retries": 0},
+            vae={"name": str(vae_dir)},
+            output={"path": out, "shard_size": 2},
+            resources={"batch_size": 1, "workers": 2, "device": "cpu"},
         )
 
     out = tmp_path / "killed"
     run = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.prepare", str(spec("killed"))], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "orchestrator.prepare", str(spec("killed"))],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
     )
     try:
-        wait_for(lambda: (out / "shard-000000.json").exists() and (out / "shard-000001.tar.tmp").exists() or run.poll() is not None, timeout=90, what="shard 0 done, shard 1 begun")
+        wait_for(
+            lambda: (
+                (out / "shard-000000.json").exists()
+                and (out / "shard-000001.tar.tmp").exists()
+                or run.poll() is not None
+            ),
+            timeout=90,
+            what="shard 0 done, shard 1 begun",
+        )
         assert run.poll() is None, run.stdout.read().decode()
         run.send_signal(signal.SIGKILL)
         run.wait(timeout=30)

@@ -15,7 +15,16 @@ LEAKY = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", 
 
 def run_probe(*args: str) -> subprocess.CompletedProcess:
     env = {**{k: v for k, v in os.environ.items() if k not in LEAKY}, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "tests/rank0_alone_probe.py", *args]
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "tests/rank0_alone_probe.py",
+        *args,
+    ]
     return subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
 
 
@@ -25,4 +34,6 @@ def test_rank0_working_alone_longer_than_the_collective_timeout_does_not_end_the
     assert guarded.stdout.count("gave 2") == 2, guarded.stdout
 
     unguarded = run_probe("--solo-s", "14", "--unguarded")  # the control: how the loop waited before
-    assert unguarded.returncode != 0, "the other rank survived 14 s in a collective with a 10 s timeout: the test proves nothing"
+    assert unguarded.returncode != 0, (
+        "the other rank survived 14 s in a collective with a 10 s timeout: the test proves nothing"
+    )

@@ -1,4 +1,5 @@
-"""Sampling from and exporting a job trained through the real `orch` command (orchestrator.trained.sampling, orchestrator.trained.export)."""
+"""Sampling from and exporting a job trained through the real `orch` command (orchestrator.trained.sampling,
+orchestrator.trained.export)."""
 
 import json
 import re
@@ -12,21 +13,28 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import model.diffusion as diffusion_math
-from orchestrator.errors import UserError
-from orchestrator.trained.export import ExportError, export_diffusers, export_safetensors
-from orchestrator.jobs.directory import JobDir
-from orchestrator.trained.sampling import (
-    CheckpointNotFound, SamplingError, WeightsMismatch, load_model, load_weights, num_classes_of, progression_frames,
-    progression_strip, resolve_checkpoint, sample_images, write_outputs,
-)
-from orchestrator.specs.job import replace
 from orchestrator.components.model import build_model, make_diffusion
 from orchestrator.components.model_input import pixel_input
+from orchestrator.errors import UserError
+from orchestrator.jobs.directory import JobDir
+from orchestrator.specs.job import replace
+from orchestrator.trained.export import ExportError, export_diffusers, export_safetensors
+from orchestrator.trained.sampling import (
+    CheckpointNotFound,
+    SamplingError,
+    WeightsMismatch,
+    load_model,
+    load_weights,
+    num_classes_of,
+    progression_frames,
+    progression_strip,
+    resolve_checkpoint,
+    sample_images,
+    write_outputs,
+)
 from tests.helpers import log_text, only_job, orch, tiny_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
-
-
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +56,8 @@ def loaded(job):
 
 
 def noisy_checkpoint(checkpoint, target):
-    """A copy of a checkpoint whose EMA weights are randomised: a 2-step model's outputs are ~0, which would compare equal to anything."""
+    """A copy of a checkpoint whose EMA weights are randomised: a 2-step model's outputs are ~0, which would compare
+    equal to anything."""
     shutil.copytree(checkpoint, target)
     generator = torch.Generator().manual_seed(3)
     weights = load_file(target / "ema.safetensors")
@@ -115,14 +124,18 @@ def test_the_same_seed_gives_the_same_images_whatever_the_batch_size(loaded, sam
     assert first.shape == (20, 1, 8, 8) and first.abs().max() <= 1
     assert torch.equal(first, sample_images(model, spec, labels, seed=1, **settings))
     assert torch.equal(first, sample_images(model, spec, labels, seed=1, batch_size=3, **settings))
-    assert torch.equal(first[:5], sample_images(model, spec, labels[:5], seed=1, **settings))  # image i depends on (seed, i) only
+    assert torch.equal(
+        first[:5], sample_images(model, spec, labels[:5], seed=1, **settings)
+    )  # image i depends on (seed, i) only
     assert not torch.equal(first, sample_images(model, spec, labels, seed=2, **settings))
 
 
 def test_progress_counts_the_steps_of_every_batch(loaded):
     spec, _, model = loaded
     seen = []
-    sample_images(model, spec, [0, 1, 2, 3, 4], steps=4, batch_size=2, progress=lambda done, total: seen.append((done, total)))
+    sample_images(
+        model, spec, [0, 1, 2, 3, 4], steps=4, batch_size=2, progress=lambda done, total: seen.append((done, total))
+    )
     assert seen == [(i, 12) for i in range(1, 13)]  # 3 batches x 4 steps
 
 
@@ -143,7 +156,15 @@ def test_write_outputs_writes_one_png_per_image_and_a_grid(loaded, tmp_path):
     images = sample_images(model, spec, labels, seed=0)
     written = write_outputs(images, labels, tmp_path / "out", rows=2)
     names = [p.name for p in written]
-    assert names == ["0000_class0.png", "0001_class0.png", "0002_class0.png", "0003_class7.png", "0004_class7.png", "0005_class7.png", "grid.png"]
+    assert names == [
+        "0000_class0.png",
+        "0001_class0.png",
+        "0002_class0.png",
+        "0003_class7.png",
+        "0004_class7.png",
+        "0005_class7.png",
+        "grid.png",
+    ]
     assert Image.open(written[0]).size == (8, 8) and Image.open(written[-1]).size[0] >= 512
 
 
@@ -223,7 +244,9 @@ def test_export_diffusers_loads_in_diffusers_and_samples_as_our_model(loaded, tm
         patched = transformer(x, timestep=t, class_labels=y).sample
     assert expected.abs().mean() > 0.1, "the outputs are too small for the comparison to mean anything"
     torch.testing.assert_close(patched, expected, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(as_loaded, expected, atol=1e-4), "diffusers' timestep features now match: drop the patch from the README"
+    assert not torch.allclose(as_loaded, expected, atol=1e-4), (
+        "diffusers' timestep features now match: drop the patch from the README"
+    )
 
     # Five DDIM steps with diffusers' scheduler, through the README's loop as written, with and
     # without guidance: the same images as orch's sampler from the same noise.
@@ -235,7 +258,15 @@ def test_export_diffusers_loads_in_diffusers_and_samples_as_our_model(loaded, tm
         exec(re.sub(r"(labels, guidance = .*), [\d.]+\n", rf"\1, {guidance}\n", code), scope)
         assert scope["guidance"] == guidance and len(scope["scheduler"].timesteps) == spec.sample.steps == 5
         reference = diffusion_math.sample(
-            ours, torch.tensor([0, 1, 2, 3]), (1, 8, 8), make_diffusion(spec), sampler="ddim", num_steps=5,
-            guidance_scale=guidance, null_label=10, noise=noise, clip_denoised=True,
+            ours,
+            torch.tensor([0, 1, 2, 3]),
+            (1, 8, 8),
+            make_diffusion(spec),
+            sampler="ddim",
+            num_steps=5,
+            guidance_scale=guidance,
+            null_label=10,
+            noise=noise,
+            clip_denoised=True,
         )
         torch.testing.assert_close(scope["x"].clamp(-1, 1), reference, atol=1e-4, rtol=1e-4)

@@ -21,11 +21,33 @@ def trained(tmp_path_factory):
 
 def test_orch_sample_writes_images_and_a_grid_and_the_same_seed_repeats(tmp_path, trained):
     root, job = trained
-    args = ["sample", job.name, "--num", "2", "--class", "3", "--class", "5", "--sampler", "ddim", "--steps", "4", "--seed", "11"]
+    args = [
+        "sample",
+        job.name,
+        "--num",
+        "2",
+        "--class",
+        "3",
+        "--class",
+        "5",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "4",
+        "--seed",
+        "11",
+    ]
     first = orch(*args, "--out", str(tmp_path / "a"), "--progression", root=root)
     assert first.returncode == 0, first.stderr
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == ["0000_class3.png", "0001_class3.png", "0002_class5.png", "0003_class5.png", "grid.png", "progression.png"]
+    assert names == [
+        "0000_class3.png",
+        "0001_class3.png",
+        "0002_class5.png",
+        "0003_class5.png",
+        "grid.png",
+        "progression.png",
+    ]
     orch(*args, "--out", str(tmp_path / "b"), "--batch-size", "1", root=root, check=True)
     for name in names[:4]:
         assert Image.open(tmp_path / "a" / name).tobytes() == Image.open(tmp_path / "b" / name).tobytes(), name
@@ -42,9 +64,14 @@ def test_orch_sample_of_an_unknown_job_is_one_line_exit_2(tmp_path, trained):
 def test_orch_sample_refuses_a_condition_the_model_does_not_have(tmp_path, trained):
     root, job = trained
     prompt = orch("sample", job.name, "--prompt", "a three", "--out", str(tmp_path / "p"), root=root)
-    assert prompt.returncode == 2 and "--prompt needs a text-conditioned model; this one is conditioned on class: use --class" in prompt.stderr
+    assert (
+        prompt.returncode == 2
+        and "--prompt needs a text-conditioned model; this one is conditioned on class: use --class" in prompt.stderr
+    )
     out_of_range = orch("sample", job.name, "--class", "10", "--out", str(tmp_path / "c"), root=root)
-    assert out_of_range.returncode == 2 and "class(es) 10 out of range: this model has classes 0..9" in out_of_range.stderr
+    assert (
+        out_of_range.returncode == 2 and "class(es) 10 out of range: this model has classes 0..9" in out_of_range.stderr
+    )
     assert not (tmp_path / "p").exists() and not (tmp_path / "c").exists()
 
 

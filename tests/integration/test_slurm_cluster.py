@@ -91,16 +91,34 @@ def jobs(cluster, tmp_path_factory):
     (root / "torch_probe.py").write_text(TORCH_PROBE)
     submitted = {}
     for name, values in {
-        "probe": {"time_limit": 10, "step_command": (sys.executable, "-c", STEP_PROBE, str(root / "probe" / "report.txt"))},
-        "warned": {"time_limit": 1, "signal_seconds": 50,
-                   "step_command": (sys.executable, "-c", STEP_PROBE, str(root / "warned" / "report.txt"))},
-        "torchrun": {"time_limit": 10, "python": sys.executable, "entry": ("-m", "torch_probe", str(root / "torchrun")),
-                     "processes_per_node": 2, "cpus_per_task": 2, "threads": 1, "env": {"PYTHONPATH": str(root)}},
+        "probe": {
+            "time_limit": 10,
+            "step_command": (sys.executable, "-c", STEP_PROBE, str(root / "probe" / "report.txt")),
+        },
+        "warned": {
+            "time_limit": 1,
+            "signal_seconds": 50,
+            "step_command": (sys.executable, "-c", STEP_PROBE, str(root / "warned" / "report.txt")),
+        },
+        "torchrun": {
+            "time_limit": 10,
+            "python": sys.executable,
+            "entry": ("-m", "torch_probe", str(root / "torchrun")),
+            "processes_per_node": 2,
+            "cpus_per_task": 2,
+            "threads": 1,
+            "env": {"PYTHONPATH": str(root)},
+        },
     }.items():
         folder = root / name
         (folder / "logs").mkdir(parents=True)  # Slurm does not create the log folder
-        job = sbatch_from(job_name=f"orch_{name}", script_path=str(folder / "job.sbatch"), logs_dir=str(folder / "logs"),
-                         workdir=str(root), **{"cpus_per_task": 1, "signal_seconds": 30, **values})
+        job = sbatch_from(
+            job_name=f"orch_{name}",
+            script_path=str(folder / "job.sbatch"),
+            logs_dir=str(folder / "logs"),
+            workdir=str(root),
+            **{"cpus_per_task": 1, "signal_seconds": 30, **values},
+        )
         (folder / "job.sbatch").write_text(job.script)
         assert job.argv[:2] == ("sbatch", "--parsable")
         submitted[name] = (folder, cluster.run(*job.argv).stdout.strip())
@@ -111,8 +129,12 @@ def test_job_runs_its_step_and_writes_its_log_into_the_logs_folder(cluster, jobs
     folder, job_id = jobs["probe"]
     wait_for_line(folder / "report.txt", "ORCH_SLURM_RESTART_COUNT")
     first = json.loads(lines(folder / "report.txt")[0])
-    assert first == {"ORCH_SLURM_RESTART_COUNT": "0", "SLURM_RESTART_COUNT": None, "SLURM_JOB_ID": job_id,
-                     "ORCH_RDZV_ENDPOINT": f"localhost:{20000 + int(job_id) % 10000}"}
+    assert first == {
+        "ORCH_SLURM_RESTART_COUNT": "0",
+        "SLURM_RESTART_COUNT": None,
+        "SLURM_JOB_ID": job_id,
+        "ORCH_RDZV_ENDPOINT": f"localhost:{20000 + int(job_id) % 10000}",
+    }
     assert cluster.state(job_id) == "RUNNING"
     assert [path.name for path in (folder / "logs").iterdir()] == [f"slurm-{job_id}.out"]
     assert f"orch: Slurm job {job_id}, run 0, on localhost" in (folder / "logs" / f"slurm-{job_id}.out").read_text()
@@ -138,8 +160,9 @@ def test_term_sent_to_the_batch_shell_only_reaches_the_step(cluster, jobs):
     seen = len(lines(folder / "report.txt"))
     cluster.cancel(job_id, signal_name="TERM", batch=True)  # Slurm alone would not pass it to the step
     wait_for_line(folder / "report.txt", "got SIGTERM", timeout=20, after=seen)
-    job = SlurmCluster.wait_for(lambda: (job := cluster.job(job_id))["JobState"] != "RUNNING" and job,
-                                "the job to end", 30)
+    job = SlurmCluster.wait_for(
+        lambda: (job := cluster.job(job_id))["JobState"] != "RUNNING" and job, "the job to end", 30
+    )
     assert (job["JobState"], job["ExitCode"]) == ("FAILED", "75:0")  # the step's own exit status
 
 
@@ -165,7 +188,12 @@ def test_usr1_reaches_every_torchrun_rank_which_checkpoints_before_the_job_reque
         wait_for_line(path, "restart=1")
     log = (folder / "logs" / f"slurm-{job_id}.out").read_text()
     for path in ranks:
-        assert lines(path) == ["restart=0 world=2 sum=2", "got SIGUSR1", "checkpoint done", "restart=1 world=2 sum=2"], log
+        assert lines(path) == [
+            "restart=0 world=2 sum=2",
+            "got SIGUSR1",
+            "checkpoint done",
+            "restart=1 world=2 sum=2",
+        ], log
     # torchrun itself handled USR1 (PET_SIGNALS_TO_HANDLE) and waited for its ranks; without that it dies of
     # the signal ("task 0: User defined signal 1") and its ranks, orphaned, escape Slurm's process tracking.
     assert "closing signal SIGUSR1" in log and "User defined signal" not in log, log
@@ -179,11 +207,17 @@ def test_stopping_the_cluster_leaves_no_daemon_or_job_process(cluster):
     try:
         second.start()
         script = second.root / "sleep.sbatch"
-        script.write_text(sbatch_from(job_name="orch_sleep", script_path=str(script), logs_dir=str(second.root),
-                                     step_command=("sleep", "600")).script)
+        script.write_text(
+            sbatch_from(
+                job_name="orch_sleep", script_path=str(script), logs_dir=str(second.root), step_command=("sleep", "600")
+            ).script
+        )
         second.submit(script)
-        second.wait_for(lambda: any("sleep 600" in command for _, command in second.leftover_processes()),
-                        "the job's step to run", 30)
+        second.wait_for(
+            lambda: any("sleep 600" in command for _, command in second.leftover_processes()),
+            "the job's step to run",
+            30,
+        )
         killed = second.stop()
     finally:
         second.stop()

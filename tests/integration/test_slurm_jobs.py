@@ -23,12 +23,18 @@ def slurm_log(job) -> str:
 def test_a_slurm_job_checkpoints_on_the_time_limit_warning_requeues_and_finishes(tmp_path, cluster):
     root = tmp_path / "runs"
     spec = tiny_spec(
-        tmp_path, "slurmjob", train={"steps": 400}, checkpoint={"every": 100000}, sample={"every": 100000},
+        tmp_path,
+        "slurmjob",
+        train={"steps": 400},
+        checkpoint={"every": 100000},
+        sample={"every": 100000},
         tracking={"enabled": True, "log_every": 10},
         resources={"launcher": "slurm", "processes": 2, "threads_per_process": 1, "slurm": {"signal_seconds": 60}},
     )
     plan = orch("plan", str(spec), root=root, env=cluster.env)
-    assert plan.returncode == 0 and "#SBATCH --requeue" in plan.stdout and "#SBATCH --signal=B:USR1@60" in plan.stdout, plan.stdout + plan.stderr
+    assert (
+        plan.returncode == 0 and "#SBATCH --requeue" in plan.stdout and "#SBATCH --signal=B:USR1@60" in plan.stdout
+    ), plan.stdout + plan.stderr
 
     submitted = orch("submit", str(spec), root=root, env=cluster.env)
     assert submitted.returncode == 0, submitted.stderr
@@ -37,7 +43,9 @@ def test_a_slurm_job_checkpoints_on_the_time_limit_warning_requeues_and_finishes
     assert f"submitted to Slurm as job {slurm_id}" in submitted.stdout
     assert (job / "slurm" / "job.sbatch").is_file()
 
-    wait_for(lambda: state(job)["state"] == "running" and state(job)["step"] >= 20, timeout=120, what="training under Slurm")
+    wait_for(
+        lambda: state(job)["state"] == "running" and state(job)["step"] >= 20, timeout=120, what="training under Slurm"
+    )
     listed = json.loads(orch("status", job.name, "--json", root=root, env=cluster.env).stdout)
     assert listed["state"] == "running" and listed["slurm_job_id"] == slurm_id
 
@@ -56,13 +64,21 @@ def test_a_slurm_job_checkpoints_on_the_time_limit_warning_requeues_and_finishes
 
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert len(runs) == 1 and runs[0].data.tags["orch.slurm_restarts"] == "1" and runs[0].data.tags["orch.slurm_job_id"] == slurm_id
+    assert (
+        len(runs) == 1
+        and runs[0].data.tags["orch.slurm_restarts"] == "1"
+        and runs[0].data.tags["orch.slurm_job_id"] == slurm_id
+    )
 
 
 def test_orch_cancel_of_a_slurm_job_checkpoints_and_stops_without_requeue(tmp_path, cluster):
     root = tmp_path / "runs"
     spec = tiny_spec(
-        tmp_path, "slurmcancel", train={"steps": 100000}, checkpoint={"every": 100000}, sample={"every": 100000},
+        tmp_path,
+        "slurmcancel",
+        train={"steps": 100000},
+        checkpoint={"every": 100000},
+        sample={"every": 100000},
         resources={"launcher": "slurm", "processes": 1, "threads_per_process": 1},
     )
     assert orch("submit", str(spec), root=root, env=cluster.env).returncode == 0
@@ -71,7 +87,9 @@ def test_orch_cancel_of_a_slurm_job_checkpoints_and_stops_without_requeue(tmp_pa
     cancelled = orch("cancel", job.name, "--timeout", "90", root=root, env=cluster.env)
     assert cancelled.returncode == 0, cancelled.stderr
     record = state(job)
-    assert record["state"] == "cancelled" and record["checkpoint_step"] == record["step"] > 0, record["message"] + slurm_log(job)[-2000:]
+    assert record["state"] == "cancelled" and record["checkpoint_step"] == record["step"] > 0, (
+        record["message"] + slurm_log(job)[-2000:]
+    )
     assert record["attempts"] == 1  # not requeued
     wait_for(lambda: cluster.state(record["slurm_job_id"]) != "RUNNING", timeout=30, what="the Slurm job to end")
 

@@ -8,7 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_bitwise_equal, final_weights, log_text, only_job, orch, start_orch, state, tiny_spec, wait_for
+from tests.helpers import (
+    assert_bitwise_equal,
+    final_weights,
+    log_text,
+    only_job,
+    orch,
+    start_orch,
+    state,
+    tiny_spec,
+    wait_for,
+)
 from tests.ssh_server import HOSTS, started_ssh_server
 
 pytestmark = pytest.mark.slow
@@ -22,9 +32,18 @@ def sshd():
 
 def ssh_spec(tmp_path: Path, port: int) -> Path:
     return tiny_spec(
-        tmp_path, "sshjob", train={"steps": STEPS, "global_batch_size": 32, "seed": 11},
-        checkpoint={"every": 100000}, sample={"every": 100000},
-        resources={"launcher": "deepspeed", "hosts": list(HOSTS), "ssh_port": port, "processes": 1, "threads_per_process": 1},
+        tmp_path,
+        "sshjob",
+        train={"steps": STEPS, "global_batch_size": 32, "seed": 11},
+        checkpoint={"every": 100000},
+        sample={"every": 100000},
+        resources={
+            "launcher": "deepspeed",
+            "hosts": list(HOSTS),
+            "ssh_port": port,
+            "processes": 1,
+            "threads_per_process": 1,
+        },
     )
 
 
@@ -91,8 +110,11 @@ def test_ssh_launch_problems_are_refused_with_the_fix(tmp_path):
     assert refused.returncode == 2 and "needs their names: resources.hosts" in refused.stderr
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=8\nnode1 slots=8\nnode2 slots=8\n")
-    spec = tiny_spec(tmp_path, resources={"launcher": "deepspeed", "hostfile": str(hostfile), "nodes": 2, "processes": 1},
-                     train={"steps": 6, "global_batch_size": 32})
+    spec = tiny_spec(
+        tmp_path,
+        resources={"launcher": "deepspeed", "hostfile": str(hostfile), "nodes": 2, "processes": 1},
+        train={"steps": 6, "global_batch_size": 32},
+    )
     planned = orch("plan", str(spec), root=tmp_path / "jobs", env={"PATH": os.path.dirname(os.__file__)})
     assert "lists 3 host(s) with [8] slot(s) but the spec has nodes 2 x processes 1" in planned.stdout
     assert "pdsh is not on the PATH" in planned.stdout

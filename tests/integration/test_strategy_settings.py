@@ -8,7 +8,16 @@ import shutil
 import pytest
 
 from tests.faults.test_resume import RESUME_SPEC
-from tests.helpers import assert_bitwise_equal, final_weights, kill_after_checkpoint_then_resume, log_text, only_job, orch, state, tiny_spec
+from tests.helpers import (
+    assert_bitwise_equal,
+    final_weights,
+    kill_after_checkpoint_then_resume,
+    log_text,
+    only_job,
+    orch,
+    state,
+    tiny_spec,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -35,18 +44,42 @@ def relative_difference(a: dict, b: dict) -> float:
     return distance(a, b) / float(sum(b[k].double().square().sum() for k in b) ** 0.5)
 
 
-def test_zero3_offloaded_and_checkpointed_trains_like_ddp_keeps_its_deepspeed_json_and_resumes_bitwise(tmp_path, ddp_reference):
+def test_zero3_offloaded_and_checkpointed_trains_like_ddp_keeps_its_deepspeed_json_and_resumes_bitwise(
+    tmp_path, ddp_reference
+):
     user_json = tmp_path / "my_deepspeed.json"
-    user_json.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"reduce_bucket_size": 4321, "stage3_prefetch_bucket_size": 5000}}))
+    user_json.write_text(
+        json.dumps(
+            {
+                "train_batch_size": "auto",
+                "zero_optimization": {"reduce_bucket_size": 4321, "stage3_prefetch_bucket_size": 5000},
+            }
+        )
+    )
     spec = tiny_spec(tmp_path, **RESUME_SPEC)
-    zero = [*TWO_RANKS, "--set", "resources.strategy=zero3", "--set", "resources.deepspeed.offload_optimizer=true",
-            "--set", "resources.deepspeed.offload_params=true", "--set", "resources.activation_checkpointing=true",
-            "--set", f"resources.deepspeed.config_file={user_json}"]
+    zero = [
+        *TWO_RANKS,
+        "--set",
+        "resources.strategy=zero3",
+        "--set",
+        "resources.deepspeed.offload_optimizer=true",
+        "--set",
+        "resources.deepspeed.offload_params=true",
+        "--set",
+        "resources.activation_checkpointing=true",
+        "--set",
+        f"resources.deepspeed.config_file={user_json}",
+    ]
 
     planned = orch("plan", str(spec), *zero, root=tmp_path / "plan")
     assert planned.returncode == 0, planned.stderr
-    assert "ZeRO-3, offload optimizer + weights, reduce bucket 4,321" in planned.stdout and "activation checkpointing on" in planned.stdout
-    assert "offloaded to CPU memory" in planned.stdout and "checkpointed" in planned.stdout  # the memory estimate follows the settings
+    assert (
+        "ZeRO-3, offload optimizer + weights, reduce bucket 4,321" in planned.stdout
+        and "activation checkpointing on" in planned.stdout
+    )
+    assert (
+        "offloaded to CPU memory" in planned.stdout and "checkpointed" in planned.stdout
+    )  # the memory estimate follows the settings
 
     def edit_the_users_file(job):
         # The job keeps the JSON it was submitted with: an edit (here, one that contradicts the spec) does not reach it.
@@ -55,28 +88,50 @@ def test_zero3_offloaded_and_checkpointed_trains_like_ddp_keeps_its_deepspeed_js
         assert str(copy) in (job / "spec.yaml").read_text()
         user_json.write_text(json.dumps({"train_batch_size": 999}))
 
-    job, _ = kill_after_checkpoint_then_resume(tmp_path, spec, zero, kill_at=10, total=14, before_resume=edit_the_users_file)
+    job, _ = kill_after_checkpoint_then_resume(
+        tmp_path, spec, zero, kill_at=10, total=14, before_resume=edit_the_users_file
+    )
     log = log_text(job)
-    assert "DeepSpeed ZeRO-3: optimizer DeepSpeedCPUAdam offloaded to CPU, weights offloaded to CPU, reduce bucket 4321 elements" in log, log[-3000:]
-    assert (job / "checkpoints" / "step-0000014" / "pytorch_model").is_dir()  # DeepSpeed's own shards, inside our layout
+    assert (
+        "DeepSpeed ZeRO-3: optimizer DeepSpeedCPUAdam offloaded to CPU, weights offloaded to CPU, reduce bucket 4321 "
+        "elements" in log
+    ), log[-3000:]
+    assert (
+        job / "checkpoints" / "step-0000014" / "pytorch_model"
+    ).is_dir()  # DeepSpeed's own shards, inside our layout
 
-    # fp32: the same model as plain DDP without offload or checkpointing (DeepSpeed's CPU Adam is AdamW, the LR schedule applies).
+    # fp32: the same model as plain DDP without offload or checkpointing (DeepSpeed's CPU Adam is AdamW, the LR schedule
+    # applies).
     difference = relative_difference(final_weights(job)[0], final_weights(ddp_reference[1])[0])
     assert difference < 1e-5, f"ZeRO-3 with offload departs from DDP by {difference:.2e} of the weights' norm"
 
-    sampled = orch("sample", job.name, "--num", "1", "--steps", "2", "--out", str(tmp_path / "samples"), root=tmp_path / "killed")
+    sampled = orch(
+        "sample", job.name, "--num", "1", "--steps", "2", "--out", str(tmp_path / "samples"), root=tmp_path / "killed"
+    )
     assert sampled.returncode == 0 and (tmp_path / "samples" / "grid.png").is_file(), sampled.stderr
 
 
 def test_a_deepspeed_json_that_contradicts_the_spec_is_refused_before_anything_runs(tmp_path):
     user_json = tmp_path / "ds.json"
     user_json.write_text(json.dumps({"gradient_accumulation_steps": 4, "optimizer": {"type": "Adam"}}))
-    spec = tiny_spec(tmp_path, resources={"processes": 2, "threads_per_process": 1, "strategy": "zero2", "deepspeed": {"config_file": str(user_json)}})
+    spec = tiny_spec(
+        tmp_path,
+        resources={
+            "processes": 2,
+            "threads_per_process": 1,
+            "strategy": "zero2",
+            "deepspeed": {"config_file": str(user_json)},
+        },
+    )
     planned = orch("plan", str(spec), root=tmp_path / "jobs")
     assert "gradient_accumulation_steps is 4 but the spec gives 1 (train.grad_accum_steps)" in planned.stdout
     assert "'optimizer': the optimizer is orch's AdamW" in planned.stdout
     submitted = orch("submit", str(spec), root=tmp_path / "jobs")
-    assert submitted.returncode == 2 and "resources.deepspeed.config_file" in submitted.stderr and "Traceback" not in submitted.stderr
+    assert (
+        submitted.returncode == 2
+        and "resources.deepspeed.config_file" in submitted.stderr
+        and "Traceback" not in submitted.stderr
+    )
     assert not (tmp_path / "jobs").exists() or not any((tmp_path / "jobs").iterdir()), "a refused spec records no job"
     user_json.write_text("{not json")
     assert "is not valid JSON" in orch("plan", str(spec), root=tmp_path / "jobs").stdout
@@ -90,12 +145,16 @@ def test_compiled_blocks_train_what_eager_ddp_trains_and_resume_bitwise(tmp_path
 
     job, _ = kill_after_checkpoint_then_resume(tmp_path, spec, compiled, kill_at=10, total=14)
     log = log_text(job)
-    assert "torch.compile: 2 blocks" in log and "torch.compile: 1 graph(s) compiled, 0 graph break(s)" in log, log[-3000:]
+    assert "torch.compile: 2 blocks" in log and "torch.compile: 1 graph(s) compiled, 0 graph break(s)" in log, log[
+        -3000:
+    ]
     # Inductor fuses and reorders float reductions, and AdamW's normalised updates carry that rounding into
     # the weights (measured: 1.3 % of the last four steps' movement); a wrong compiled gradient would be ~100 %.
     eager_at_14, eager_at_10 = final_weights(ddp, "step-0000014")[0], final_weights(ddp, "step-0000010")[0]
     departure, moved = distance(final_weights(job)[0], eager_at_14), distance(eager_at_14, eager_at_10)
-    assert departure < 0.05 * moved, f"the compiled job departs from eager DDP by {departure / moved:.1%} of what steps 11-14 moved it"
+    assert departure < 0.05 * moved, (
+        f"the compiled job departs from eager DDP by {departure / moved:.1%} of what steps 11-14 moved it"
+    )
 
 
 def test_fsdp_trains_what_ddp_trains_resumes_bitwise_and_continues_on_another_world_size(tmp_path, ddp_reference):
@@ -107,7 +166,10 @@ def test_fsdp_trains_what_ddp_trains_resumes_bitwise_and_continues_on_another_wo
     assert done.returncode == 0, log_text(job)
     assert (job / "checkpoints" / "step-0000010" / "fsdp" / ".metadata").is_file()  # every rank's shards, by DCP
     model, ema = final_weights(job)
-    assert relative_difference(model, final_weights(ddp)[0]) < 1e-6 and relative_difference(ema, final_weights(ddp)[1]) < 1e-6
+    assert (
+        relative_difference(model, final_weights(ddp)[0]) < 1e-6
+        and relative_difference(ema, final_weights(ddp)[1]) < 1e-6
+    )
 
     # Resume from the checkpoint at step 10 (a copy of the job that never got further): bitwise the same end.
     rewound = tmp_path / "rewound"
@@ -134,12 +196,21 @@ def test_fsdp_trains_what_ddp_trains_resumes_bitwise_and_continues_on_another_wo
 
 
 def test_fsdp_in_bf16_compiled_and_checkpointed_trains_in_one_process(tmp_path):
-    spec = tiny_spec(tmp_path, train={"mixed_precision": "bf16"}, resources={"strategy": "fsdp", "activation_checkpointing": True, "compile": True})
+    spec = tiny_spec(
+        tmp_path,
+        train={"mixed_precision": "bf16"},
+        resources={"strategy": "fsdp", "activation_checkpointing": True, "compile": True},
+    )
     done = orch("submit", str(spec), root=tmp_path / "runs")
     job = only_job(tmp_path / "runs")
     assert done.returncode == 0 and state(job)["state"] == "succeeded", log_text(job)
-    assert "torch.compile: 1 graph(s) compiled, 0 graph break(s)" in log_text(job)  # FSDP2's hooks sit outside the compiled blocks
+    assert "torch.compile: 1 graph(s) compiled, 0 graph break(s)" in log_text(
+        job
+    )  # FSDP2's hooks sit outside the compiled blocks
     model, _ = final_weights(job)
     assert all(tensor.dtype.is_floating_point and tensor.isfinite().all() for tensor in model.values())
     planned = orch("plan", str(spec), root=tmp_path / "runs")
-    assert "fsdp            FSDP2, one shard unit per block, bf16 weights, fp32 grad reduction, activation checkpointing on" in planned.stdout
+    assert (
+        "fsdp            FSDP2, one shard unit per block, bf16 weights, fp32 grad reduction, activation checkpointing "
+        "on" in planned.stdout
+    )

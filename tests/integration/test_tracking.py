@@ -1,4 +1,5 @@
-"""MlflowTracker against a real MLflow server: what is logged reads back, resumes append, outages never block training."""
+"""MlflowTracker against a real MLflow server: what is logged reads back, resumes append, outages never block
+training."""
 
 import logging
 import threading
@@ -73,7 +74,9 @@ def test_resumed_run_keeps_appending_to_the_same_run(mlflow_server, caplog):
     first.log_metrics({"loss": 0.9}, step=2)
     first.close(status="KILLED", timeout=20)
 
-    resumed = MlflowTracker.start(mlflow_server.uri, "resume", "job-j2", run_id=first.run_id, tags={"orch.resumes": "1"})
+    resumed = MlflowTracker.start(
+        mlflow_server.uri, "resume", "job-j2", run_id=first.run_id, tags={"orch.resumes": "1"}
+    )
     client = MlflowClient(mlflow_server.uri)
     assert client.get_run(first.run_id).info.status == "RUNNING"
     resumed.log_params({"lr": 1e-3})  # the same value again is accepted

@@ -27,11 +27,21 @@ def test_submit_trains_checkpoints_and_records_the_job(tmp_path):
     assert checkpoints == ["step-0000004", "step-0000006"]  # keep: 2
     assert (job / "checkpoints" / "latest").read_text().strip() == "step-0000006"
     newest = job / "checkpoints" / "step-0000006"
-    for name in ("model.safetensors", "ema.safetensors", "optimizer.bin", "random_states_0.pkl", "trainer_state.json", "spec.yaml"):
+    for name in (
+        "model.safetensors",
+        "ema.safetensors",
+        "optimizer.bin",
+        "random_states_0.pkl",
+        "trainer_state.json",
+        "spec.yaml",
+    ):
         assert (newest / name).is_file(), name
     trainer_state = json.loads((newest / "trainer_state.json").read_text())
     assert trainer_state["step"] == 6 and trainer_state["ema_num_updates"] == 6
-    assert (trainer_state["epoch"], trainer_state["batch_in_epoch"]) == (0, 6)  # 1797 digits // 32 = 56 batches per epoch
+    assert (trainer_state["epoch"], trainer_state["batch_in_epoch"]) == (
+        0,
+        6,
+    )  # 1797 digits // 32 = 56 batches per epoch
 
     model, ema = load_file(newest / "model.safetensors"), load_file(newest / "ema.safetensors")
     assert "blocks.0.adaLN_modulation.1.weight" in model and set(model) <= set(ema)
@@ -70,8 +80,16 @@ def test_image_folder_source_trains_on_class_folders(tmp_path):
             Image.new("RGB", (24 + i, 16), colour).save(folder / f"{i}.png")
     root = tmp_path / "runs"
     spec = tiny_spec(
-        tmp_path, data={"source": "image_folder", "path": str(tmp_path / "images"), "resolution": 8, "hflip": True, "num_workers": 2},
-        sample={"classes": [0, 1]}, train={"steps": 2, "global_batch_size": 8},
+        tmp_path,
+        data={
+            "source": "image_folder",
+            "path": str(tmp_path / "images"),
+            "resolution": 8,
+            "hflip": True,
+            "num_workers": 2,
+        },
+        sample={"classes": [0, 1]},
+        train={"steps": 2, "global_batch_size": 8},
     )
     result = orch("submit", str(spec), root=root)
     job = only_job(root)
@@ -103,7 +121,9 @@ def test_bad_spec_exits_2_with_one_message_and_creates_nothing(tmp_path):
 
 def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path):
     root = tmp_path / "runs"
-    result = orch("submit", str(tiny_spec(tmp_path)), "--dry-run", "--set", "resources.processes=2", root=root, check=True)
+    result = orch(
+        "submit", str(tiny_spec(tmp_path)), "--dry-run", "--set", "resources.processes=2", root=root, check=True
+    )
     assert "torch.distributed.run" in result.stdout and "--nproc_per_node 2" in result.stdout
     assert "16 per rank x 2 rank(s)" in result.stdout
     assert "nothing was created" in result.stdout and not root.exists()
@@ -120,17 +140,20 @@ def test_detached_job_returns_at_once_and_logs_follow_until_it_ends(tmp_path):
 
 
 def test_a_rank_that_sees_the_wrong_world_size_stops_with_a_clear_error(tmp_path):
-    # What a launcher that silently starts lone processes would produce (e.g. `accelerate launch --cpu --num_processes 2`).
+    # What a launcher that silently starts lone processes would produce (e.g. `accelerate launch --cpu --num_processes
+    # 2`).
     from orchestrator.jobs.directory import JobDir, new_job_id
     from orchestrator.jobs.plan import make_plan
-    from orchestrator.specs.job import load_spec
     from orchestrator.jobs.supervisor import write_plan
+    from orchestrator.specs.job import load_spec
 
     root = tmp_path / "runs"
     spec = load_spec(tiny_spec(tmp_path), ["resources.processes=2"])
     job = JobDir.create(root, new_job_id(spec.name), spec.name, spec.to_yaml(), spec.train.steps)
     write_plan(job, make_plan(spec, job.path, root))
-    lone = subprocess.run([sys.executable, "-m", "orchestrator.worker", str(job.path)], capture_output=True, text=True, timeout=120)
+    lone = subprocess.run(
+        [sys.executable, "-m", "orchestrator.worker", str(job.path)], capture_output=True, text=True, timeout=120
+    )
     assert lone.returncode == 2
     assert "rank 0 sees a world of 1 process(es) but the plan has 2" in lone.stderr
     assert state(job.path)["stop_reason"].startswith("error: rank 0 sees a world of 1")

@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO 1/2/3 through ZeroEngine on CPU: 2 ranks over gloo train a tiny DiT, resume bitwise, consolidate, reshard.
+"""DeepSpeed ZeRO 1/2/3 through ZeroEngine on CPU: 2 ranks over gloo train a tiny DiT, resume bitwise, consolidate,
+reshard.
 
 Each run is tests/zero_train_probe.py under torchrun (the Trainer's loop in miniature: accumulation,
 clipping, an LR warmup, EMA, checkpoints); its global batch is 4 per micro batch x 2 ranks x 2
@@ -26,12 +27,23 @@ ROOT = Path(__file__).resolve().parents[2]
 PROBE = ROOT / "tests" / "zero_train_probe.py"
 STEPS, SAVE_AT = 6, 3
 
+
 def _env() -> dict:
     from orchestrator.train.zero import extensions_dir
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     # One thread per rank: 2 ranks share 2 cores, and the thread count changes results.
-    return {**env, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(extensions_dir()), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    return {
+        **env,
+        "OMP_NUM_THREADS": "1",
+        "TORCH_EXTENSIONS_DIR": str(extensions_dir()),
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONPATH": str(ROOT),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +52,10 @@ def deepspeed_ops(pytestconfig):
     try:
         import deepspeed  # noqa: F401
     except ImportError:
-        pytest.fail("DeepSpeed is not installed: DS_BUILD_OPS=0 .venv/bin/pip install --no-build-isolation deepspeed==0.19.8 'torch==2.13.0'")
+        pytest.fail(
+            "DeepSpeed is not installed: DS_BUILD_OPS=0 .venv/bin/pip install --no-build-isolation deepspeed==0.19.8 "
+            "'torch==2.13.0'"
+        )
     code = (
         "import time; t = time.perf_counter()\n"
         "from deepspeed.accelerator import get_accelerator\n"
@@ -48,13 +63,18 @@ def deepspeed_ops(pytestconfig):
         "print(f'BUILT {time.perf_counter() - t:.1f}')\n"
     )
     began = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=600, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=600, check=False
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     load_s = float(out.stdout.split("BUILT ")[-1])
     capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
     with capture.global_and_fixture_disabled():
-        print(f"\n[test_zero] deepspeed_shm_comm ready in {load_s:.1f} s ({time.perf_counter() - began:.1f} s with imports; "
-              f"over 10 s means it was compiled now, into {_env()['TORCH_EXTENSIONS_DIR']})")
+        print(
+            f"\n[test_zero] deepspeed_shm_comm ready in {load_s:.1f} s ({time.perf_counter() - began:.1f} s with "
+            "imports; "
+            f"over 10 s means it was compiled now, into {_env()['TORCH_EXTENSIONS_DIR']})"
+        )
 
 
 def probe(out: Path, *args: str, processes: int = 2) -> dict:
@@ -62,9 +82,25 @@ def probe(out: Path, *args: str, processes: int = 2) -> dict:
     if processes == 1:
         argv = [sys.executable, str(PROBE), "--world-size", "1"]
     else:
-        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), str(PROBE)]
+        argv = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(processes),
+            str(PROBE),
+        ]
     began = time.perf_counter()
-    done = subprocess.run([*argv, "--out", str(out), *args], env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    done = subprocess.run(
+        [*argv, "--out", str(out), *args],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        check=False,
+    )
     assert done.returncode == 0, f"probe {args} exited {done.returncode}:\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
     result = json.loads((out / "result.json").read_text())
     result["wall_s"] = time.perf_counter() - began
@@ -118,17 +154,34 @@ def test_zero_trains_with_ranks_agreeing(runs, stage, precision):
     evals = {int(k): v for k, v in result["eval_losses"].items()}
     assert evals[STEPS] < 0.9 * evals[0], f"the loss on a fixed batch did not go down: {evals}"
     assert all(math.isfinite(v) and v > 0 for v in result["grad_norms"].values())
-    assert [round(result["lrs"][str(s)], 6) for s in range(3)] == [0.001, 0.002, 0.003], "the LR warmup did not reach DeepSpeed's optimizer"
+    assert [round(result["lrs"][str(s)], 6) for s in range(3)] == [0.001, 0.002, 0.003], (
+        "the LR warmup did not reach DeepSpeed's optimizer"
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,precision", RESUME_CASES, ids=[f"zero{s}-{p}" for s, p in RESUME_CASES])
 def test_zero_resume_from_checkpoint_is_bitwise_exact(runs, stage, precision, tmp_path):
     out, uninterrupted = runs(stage, precision)
-    resumed = probe(tmp_path, "--stage", str(stage), "--precision", precision, "--steps", str(STEPS), "--resume", str(out / f"step-{SAVE_AT}"), "--ema-reference")
+    resumed = probe(
+        tmp_path,
+        "--stage",
+        str(stage),
+        "--precision",
+        precision,
+        "--steps",
+        str(STEPS),
+        "--resume",
+        str(out / f"step-{SAVE_AT}"),
+        "--ema-reference",
+    )
     assert resumed["losses"] == {k: v for k, v in uninterrupted["losses"].items() if int(k) > SAVE_AT}
-    assert_bitwise_equal(load_file(tmp_path / "final.safetensors"), load_file(out / "final.safetensors"), "weights after resume")
-    assert_bitwise_equal(load_file(tmp_path / "ema.safetensors"), load_file(out / "ema.safetensors"), "EMA after resume")
+    assert_bitwise_equal(
+        load_file(tmp_path / "final.safetensors"), load_file(out / "final.safetensors"), "weights after resume"
+    )
+    assert_bitwise_equal(
+        load_file(tmp_path / "ema.safetensors"), load_file(out / "ema.safetensors"), "EMA after resume"
+    )
 
 
 @pytest.mark.slow
@@ -139,7 +192,9 @@ def test_zero_full_weights_equal_the_consolidated_checkpoint(runs, stage, precis
     out, _ = runs(stage, precision)
     consolidated = ZeroEngine.consolidated_weights(out / f"step-{STEPS}")  # zero_to_fp32, in this one process
     assert_bitwise_equal(load_file(out / "final.safetensors"), consolidated, "full_state_dict vs zero_to_fp32")
-    assert_bitwise_equal(load_file(out / f"step-{STEPS}" / "model.safetensors"), consolidated, "the checkpoint's model.safetensors")
+    assert_bitwise_equal(
+        load_file(out / f"step-{STEPS}" / "model.safetensors"), consolidated, "the checkpoint's model.safetensors"
+    )
 
 
 @pytest.mark.slow
@@ -154,19 +209,27 @@ def test_zero3_consolidated_weights_load_into_a_plain_dit(runs):
     with torch.no_grad():
         y = model(torch.randn(2, 1, 8, 8), torch.tensor([3, 50]), torch.tensor([1, 2]))
     assert y.shape == (2, 1, 8, 8) and torch.isfinite(y).all()
-    assert y.abs().sum() > 0, "the output layer is zero-initialised: an all-zero output means the trained weights did not load"
+    assert y.abs().sum() > 0, (
+        "the output layer is zero-initialised: an all-zero output means the trained weights did not load"
+    )
 
 
 @pytest.mark.slow
 def test_zero3_fp32_ema_equals_an_ema_of_the_gathered_parameters(runs):
-    """fp32: the module's weights are the master weights, so an EMA of them (gathered independently) must match bit for bit."""
+    """fp32: the module's weights are the master weights, so an EMA of them (gathered independently) must match bit for
+    bit."""
     out, _ = runs(3, "no")
-    assert_bitwise_equal(load_file(out / "ema.safetensors"), load_file(out / "ema_reference.safetensors"), "EMA vs GatheredParameters EMA")
+    assert_bitwise_equal(
+        load_file(out / "ema.safetensors"),
+        load_file(out / "ema_reference.safetensors"),
+        "EMA vs GatheredParameters EMA",
+    )
 
 
 @pytest.mark.slow
 def test_zero3_bf16_ema_equals_an_ema_of_the_consolidated_fp32_weights(runs):
-    """bf16: the EMA follows the fp32 master weights; rebuilt offline from every step's consolidated checkpoint, it matches bit for bit."""
+    """bf16: the EMA follows the fp32 master weights; rebuilt offline from every step's consolidated checkpoint, it
+    matches bit for bit."""
     from model.ema import EMA
     from orchestrator.train.zero import ZeroEngine
 
@@ -177,7 +240,9 @@ def test_zero3_bf16_ema_equals_an_ema_of_the_consolidated_fp32_weights(runs):
     for step in range(1, STEPS + 1):
         plain.load_state_dict(ZeroEngine.consolidated_weights(out / f"step-{step}"))
         reference.update(plain, step)
-    assert_bitwise_equal(load_file(out / "ema.safetensors"), reference.module.state_dict(), "EMA vs EMA of consolidated checkpoints")
+    assert_bitwise_equal(
+        load_file(out / "ema.safetensors"), reference.module.state_dict(), "EMA vs EMA of consolidated checkpoints"
+    )
     # An EMA of the bf16 module weights (what a gather of the module gives) is only close: bf16 rounding.
     rounded = load_file(out / "ema_reference.safetensors")
     ema = load_file(out / "ema.safetensors")
@@ -198,25 +263,44 @@ def test_zero_checkpoint_of_two_ranks_continues_on_one_process(runs, tmp_path, s
     the continuation visibly departs from the 2-rank run (which is what makes the first check mean something).
     """
     out, two_ranks = runs(stage, "bf16")
-    args = ["--stage", str(stage), "--precision", "bf16", "--accum", "4", "--steps", str(STEPS), "--resume", str(out / f"step-{SAVE_AT}"), "--reshard", reshard]
+    args = [
+        "--stage",
+        str(stage),
+        "--precision",
+        "bf16",
+        "--accum",
+        "4",
+        "--steps",
+        str(STEPS),
+        "--resume",
+        str(out / f"step-{SAVE_AT}"),
+        "--reshard",
+        reshard,
+    ]
     result = probe(tmp_path, *args, processes=1)
     print(f"zero{stage} 2 ranks -> 1 process ({reshard}): {result['wall_s']:.1f} s")
     assert result["world_size"] == 1
     assert result["init_exact"], "the fp32 master weights are not the consolidated ones"
-    assert result["eval_losses"][str(SAVE_AT)] == two_ranks["eval_losses"][str(SAVE_AT)], "the 1-process model does not compute what the 2-rank model did"
-    assert result["lrs"][str(SAVE_AT)] == two_ranks["lrs"][str(SAVE_AT)], "the learning rate did not continue from the schedule"
+    assert result["eval_losses"][str(SAVE_AT)] == two_ranks["eval_losses"][str(SAVE_AT)], (
+        "the 1-process model does not compute what the 2-rank model did"
+    )
+    assert result["lrs"][str(SAVE_AT)] == two_ranks["lrs"][str(SAVE_AT)], (
+        "the learning rate did not continue from the schedule"
+    )
 
     start = load_file(out / f"step-{SAVE_AT}" / "model.safetensors")
     reference, continued = load_file(out / "final.safetensors"), load_file(tmp_path / "final.safetensors")
     update = torch.cat([(reference[k] - start[k]).flatten() for k in reference]).norm()
     departure = torch.cat([(continued[k] - reference[k]).flatten() for k in reference]).norm() / update
     if reshard == "universal":
-        assert departure < 0.03, f"the 1-process continuation departs from the 2-rank run by {departure:.1%} of its update"
+        assert departure < 0.03, (
+            f"the 1-process continuation departs from the 2-rank run by {departure:.1%} of its update"
+        )
         for step, loss in two_ranks["losses"].items():
             if int(step) > SAVE_AT:
                 assert abs(result["losses"][step] - loss) < 1e-4, (step, result["losses"][step], loss)
     else:
         assert departure > 0.1, f"restarting AdamW from zero changed the continuation by only {departure:.1%}"
-        assert result["eval_losses"][str(STEPS)] < result["eval_losses"][str(SAVE_AT)], "training did not go on from the consolidated weights"
-
-
+        assert result["eval_losses"][str(STEPS)] < result["eval_losses"][str(SAVE_AT)], (
+            "training did not go on from the consolidated weights"
+        )

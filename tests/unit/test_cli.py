@@ -1,16 +1,24 @@
 """The command line: fast paths stay light, user errors are one line with exit code 2."""
 
 import json
+
 import pytest
 
 from orchestrator.jobs.directory import JobDir, JobState, new_job_id
 from tests.helpers import heavy_modules_loaded, orch
 
+
 @pytest.fixture
 def root_with_a_job(tmp_path):
     job = JobDir.create(tmp_path, new_job_id("demo"), "demo", "name: demo\n", total_steps=10)
     job.transition(JobState.RUNNING)
-    job.update(step=10, loss=0.25, checkpoint=str(job.checkpoints_dir / "step-0000010"), checkpoint_step=10, mlflow_run_id="abc")
+    job.update(
+        step=10,
+        loss=0.25,
+        checkpoint=str(job.checkpoints_dir / "step-0000010"),
+        checkpoint_step=10,
+        mlflow_run_id="abc",
+    )
     job.transition(JobState.SUCCEEDED, message="finished 10 steps")
     return tmp_path, job
 

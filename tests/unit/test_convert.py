@@ -14,8 +14,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 
 
-
-
 def random_dit(**overrides) -> DiT:
     """A tiny DiT whose every trainable weight is random (nothing zero), in eval mode."""
     torch.manual_seed(0)
@@ -82,7 +80,11 @@ def test_label_table_null_row_and_every_block_copy_of_the_embedders():
     model = random_dit(class_dropout_prob=0.0)
     state = to_diffusers(model).state_dict()
     table = state["transformer_blocks.1.norm1.emb.class_embedder.embedding_table.weight"]
-    assert table.shape == (11, 32) and torch.equal(table[:10], model.y_embedder.embedding_table.weight) and not table[10].any()
+    assert (
+        table.shape == (11, 32)
+        and torch.equal(table[:10], model.y_embedder.embedding_table.weight)
+        and not table[10].any()
+    )
     for i in range(2):
         emb = f"transformer_blocks.{i}.norm1.emb."
         assert torch.equal(state[emb + "timestep_embedder.linear_1.weight"], model.t_embedder.mlp[0].weight)
@@ -97,7 +99,9 @@ def test_from_diffusers_refuses_drifted_embedder_copies_unless_told():
     with pytest.raises(ValueError, match="block 1's copy of the timestep/label embedders differs"):
         from_diffusers(transformer)
     model = from_diffusers(transformer, strict=False)
-    assert torch.equal(model.t_embedder.mlp[0].bias, transformer.transformer_blocks[0].norm1.emb.timestep_embedder.linear_1.bias)
+    assert torch.equal(
+        model.t_embedder.mlp[0].bias, transformer.transformer_blocks[0].norm1.emb.timestep_embedder.linear_1.bias
+    )
 
 
 def test_conversion_copies_weights_and_leaves_the_global_rng_alone():
@@ -145,4 +149,7 @@ def test_only_the_official_layout_converts(overrides, message):
 
 def test_adaln_variant_converts_as_it_shares_the_official_architecture():
     model = random_dit(conditioning="adaln")
-    assert torch.equal(from_diffusers(to_diffusers(model)).blocks[1].adaLN_modulation[1].weight, model.blocks[1].adaLN_modulation[1].weight)
+    assert torch.equal(
+        from_diffusers(to_diffusers(model)).blocks[1].adaLN_modulation[1].weight,
+        model.blocks[1].adaLN_modulation[1].weight,
+    )

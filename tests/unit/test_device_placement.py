@@ -72,7 +72,11 @@ def test_every_tensor_the_trainer_holds_or_makes_lives_on_the_engine_device(tmp_
     assert not off_device, f"model tensors off the engine's device: {off_device}"
     off_device = {name: t.device for name, t in tensors_of(trainer.ema.module).items() if t.device != META}
     assert not off_device, f"EMA tensors off the engine's device (the grid then mixes devices): {off_device}"
-    assert trainer.grid.noise.device == META and trainer.grid.labels.device == META and trainer.grid.conditions.device == META
+    assert (
+        trainer.grid.noise.device == META
+        and trainer.grid.labels.device == META
+        and trainer.grid.conditions.device == META
+    )
 
     images, labels = trainer._next_batch()
     assert images.device == META and labels.device == META
@@ -123,14 +127,18 @@ def test_a_failing_grid_costs_neither_the_checkpoint_nor_the_run(tmp_path, one_t
     assert outcome.finished and outcome.step == 4
     assert drawn == [2, 4]
     checkpoints = sorted(p.name for p in trainer.job.checkpoints_dir.glob("step-*"))
-    assert checkpoints == ["step-0000002", "step-0000004"], "the checkpoint of the step whose grid failed was not written"
+    assert checkpoints == ["step-0000002", "step-0000004"], (
+        "the checkpoint of the step whose grid failed was not written"
+    )
     assert "drawing the sample grid of step 2 failed" in caplog.text
     saved = sorted(p.name for p in (trainer.job.path / "samples").iterdir())
     assert saved == ["progression-0000004.png", "samples-0000004.png"]
 
 
 def test_an_update_the_grad_scaler_skipped_advances_neither_the_lr_schedule_nor_the_ema(tmp_path, one_thread):
-    trainer = make_trainer(tmp_path, SkipSecondStepEngine, train={"steps": 3}, checkpoint={"every": 100}, sample={"every": 100})
+    trainer = make_trainer(
+        tmp_path, SkipSecondStepEngine, train={"steps": 3}, checkpoint={"every": 100}, sample={"every": 100}
+    )
     trainer.grid.draw = trainer.grid.progression = lambda ema_model: None  # no grids: not what this test is about
     trainer._draw_grids = lambda progression: None
     assert trainer.run().finished
@@ -141,8 +149,8 @@ def test_an_update_the_grad_scaler_skipped_advances_neither_the_lr_schedule_nor_
 def test_a_node_with_fewer_gpus_than_ranks_or_without_bf16_is_named_before_any_collective(tmp_path, monkeypatch):
     import socket
 
-    from orchestrator.errors import UserError
     from orchestrator.components.device import check_node_devices
+    from orchestrator.errors import UserError
 
     spec = spec_from_dict(yaml.safe_load(tiny_spec(tmp_path, train={"mixed_precision": "bf16"}).read_text()))
     host = socket.gethostname()
@@ -170,7 +178,9 @@ def test_deterministic_turns_on_deterministic_kernels_and_off_cudnn_autotuning(m
         set_determinism(True, "cuda")
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
-        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # cuBLAS reads it when it starts, before the first matmul
+        assert (
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        )  # cuBLAS reads it when it starts, before the first matmul
         set_determinism(False, "cuda")
         assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark  # the fast default on a GPU
     finally:

@@ -18,7 +18,13 @@ class PointOracle(nn.Module):
     With learn_sigma it appends junk channels that the loss and the samplers must ignore.
     """
 
-    def __init__(self, scheduler: DDPMScheduler, points: torch.Tensor, prediction_type: str = "epsilon", learn_sigma: bool = False):
+    def __init__(
+        self,
+        scheduler: DDPMScheduler,
+        points: torch.Tensor,
+        prediction_type: str = "epsilon",
+        learn_sigma: bool = False,
+    ):
         super().__init__()
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().double())
         self.register_buffer("points", points)  # (K, C, H, W)
@@ -30,7 +36,9 @@ class PointOracle(nn.Module):
         abar = self.alphas_cumprod[t.long()].view(-1, 1, 1, 1)  # (N, 1, 1, 1)
         x_star = self.points[y].double()  # (N, C, H, W)
         eps = (x.double() - abar.sqrt() * x_star) / (1 - abar).sqrt()  # (N, C, H, W)
-        out = {"epsilon": eps, "sample": x_star, "v_prediction": abar.sqrt() * eps - (1 - abar).sqrt() * x_star}[self.prediction_type]
+        out = {"epsilon": eps, "sample": x_star, "v_prediction": abar.sqrt() * eps - (1 - abar).sqrt() * x_star}[
+            self.prediction_type
+        ]
         if self.learn_sigma:
             out = torch.cat([out, torch.full_like(out, 1e3)], dim=1)  # (N, 2C, H, W)
         return out.to(x.dtype)
@@ -46,7 +54,12 @@ def points(*values: float) -> torch.Tensor:
 
 def tiny_dit(**overrides) -> DiT:
     torch.manual_seed(0)
-    return DiT(**{**dict(input_size=4, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=2, num_classes=3), **overrides})
+    return DiT(
+        **{
+            **dict(input_size=4, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=2, num_classes=3),
+            **overrides,
+        }
+    )
 
 
 def batch(n: int = 8, seed: int = 0):
@@ -70,7 +83,10 @@ def test_noise_scheduler_is_a_non_clipping_ddpm_scheduler_with_the_given_betas()
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"beta_schedule": "cosine"}, "unknown beta_schedule 'cosine' \\(valid: linear, scaled_linear, squaredcos_cap_v2\\)"),
+        (
+            {"beta_schedule": "cosine"},
+            "unknown beta_schedule 'cosine' \\(valid: linear, scaled_linear, squaredcos_cap_v2\\)",
+        ),
         ({"prediction_type": "eps"}, "unknown prediction_type 'eps'"),
         ({"num_train_timesteps": 1}, "at least 2"),
         ({"beta_start": 0.1, "beta_end": 0.01}, "beta_start <= beta_end"),
@@ -170,7 +186,12 @@ def test_loss_is_float32_when_the_model_predicts_in_bfloat16():
 
 @pytest.mark.parametrize(
     "sampler, num_steps, beta_schedule",
-    [("ddpm", 1000, "linear"), ("ddim", 50, "linear"), ("ddim", 50, "squaredcos_cap_v2"), ("ddpm", 100, "squaredcos_cap_v2")],
+    [
+        ("ddpm", 1000, "linear"),
+        ("ddim", 50, "linear"),
+        ("ddim", 50, "squaredcos_cap_v2"),
+        ("ddpm", 100, "squaredcos_cap_v2"),
+    ],
 )
 @pytest.mark.parametrize("learn_sigma", [False, True])
 def test_samplers_return_the_data_point_under_the_exact_denoiser(sampler, num_steps, beta_schedule, learn_sigma):
@@ -178,7 +199,15 @@ def test_samplers_return_the_data_point_under_the_exact_denoiser(sampler, num_st
     data = points(0.7, -0.4)
     oracle = PointOracle(scheduler, data, learn_sigma=learn_sigma)
     labels = torch.tensor([0, 1, 1, 0])
-    images = sample(oracle, labels, SHAPE, scheduler, sampler=sampler, num_steps=num_steps, generator=torch.Generator().manual_seed(0))
+    images = sample(
+        oracle,
+        labels,
+        SHAPE,
+        scheduler,
+        sampler=sampler,
+        num_steps=num_steps,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert images.shape == (4, *SHAPE)
     torch.testing.assert_close(images, data[labels], atol=1e-4, rtol=0)
 
@@ -188,7 +217,9 @@ def test_ddim_follows_the_schedulers_prediction_type(prediction_type):
     scheduler = make_noise_scheduler(prediction_type=prediction_type)
     data = points(0.3)
     labels = torch.zeros(2, dtype=torch.long)
-    images = sample(PointOracle(scheduler, data, prediction_type), labels, SHAPE, scheduler, sampler="ddim", num_steps=20)
+    images = sample(
+        PointOracle(scheduler, data, prediction_type), labels, SHAPE, scheduler, sampler="ddim", num_steps=20
+    )
     torch.testing.assert_close(images, data[labels], atol=1e-4, rtol=0)
 
 
@@ -206,7 +237,14 @@ def test_guidance_extrapolates_from_the_null_class_towards_the_label(scale):
 
 def test_samples_are_clamped_to_the_data_range():
     scheduler = make_noise_scheduler()
-    images = sample(PointOracle(scheduler, points(3.0)), torch.zeros(2, dtype=torch.long), SHAPE, scheduler, sampler="ddim", num_steps=10)
+    images = sample(
+        PointOracle(scheduler, points(3.0)),
+        torch.zeros(2, dtype=torch.long),
+        SHAPE,
+        scheduler,
+        sampler="ddim",
+        num_steps=10,
+    )
     assert torch.equal(images, torch.ones(2, *SHAPE))
 
 
@@ -217,7 +255,9 @@ def test_ddpm_sampling_depends_only_on_the_generator():
     labels = torch.tensor([0, 1, 2])
 
     def draw(seed: int) -> torch.Tensor:
-        return sample(model, labels, SHAPE, scheduler, sampler="ddpm", num_steps=20, generator=torch.Generator().manual_seed(seed))
+        return sample(
+            model, labels, SHAPE, scheduler, sampler="ddpm", num_steps=20, generator=torch.Generator().manual_seed(seed)
+        )
 
     torch.manual_seed(0)
     first = draw(7)
@@ -232,17 +272,38 @@ def test_fixed_noise_fixes_ddim_samples_and_matches_the_generators_own_draw():
     nn.init.normal_(model.final_layer.linear.weight, std=0.1)
     labels = torch.tensor([0, 1, 2])
     noise = torch.randn((3, *SHAPE), generator=torch.Generator().manual_seed(9))
-    with_noise = sample(model, labels, SHAPE, scheduler, sampler="ddim", num_steps=10, noise=noise, generator=torch.Generator().manual_seed(1))
-    from_generator = sample(model, labels, SHAPE, scheduler, sampler="ddim", num_steps=10, generator=torch.Generator().manual_seed(9))
+    with_noise = sample(
+        model,
+        labels,
+        SHAPE,
+        scheduler,
+        sampler="ddim",
+        num_steps=10,
+        noise=noise,
+        generator=torch.Generator().manual_seed(1),
+    )
+    from_generator = sample(
+        model, labels, SHAPE, scheduler, sampler="ddim", num_steps=10, generator=torch.Generator().manual_seed(9)
+    )
     assert torch.equal(with_noise, from_generator)
-    assert torch.equal(noise, torch.randn((3, *SHAPE), generator=torch.Generator().manual_seed(9)))  # caller's noise untouched
+    assert torch.equal(
+        noise, torch.randn((3, *SHAPE), generator=torch.Generator().manual_seed(9))
+    )  # caller's noise untouched
 
 
 def test_sampling_reports_progress_keeps_the_models_mode_and_builds_no_graph():
     scheduler = make_noise_scheduler(100)
     model = tiny_dit().train()
     calls = []
-    images = sample(model, torch.tensor([0, 1]), SHAPE, scheduler, sampler="ddim", num_steps=7, progress=lambda i, n: calls.append((i, n)))
+    images = sample(
+        model,
+        torch.tensor([0, 1]),
+        SHAPE,
+        scheduler,
+        sampler="ddim",
+        num_steps=7,
+        progress=lambda i, n: calls.append((i, n)),
+    )
     assert calls == [(i, 7) for i in range(1, 8)]
     assert model.training and not images.requires_grad
 

@@ -38,17 +38,37 @@ def inputs(n: int = 4, channels: int = 4, size: int = 8):
 def test_state_dict_keys_match_published_dit_layout():
     expected = [
         "pos_embed",
-        "x_embedder.proj.weight", "x_embedder.proj.bias",
-        "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",
+        "x_embedder.proj.weight",
+        "x_embedder.proj.bias",
+        "t_embedder.mlp.0.weight",
+        "t_embedder.mlp.0.bias",
+        "t_embedder.mlp.2.weight",
+        "t_embedder.mlp.2.bias",
         "y_embedder.embedding_table.weight",
-        "blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias", "blocks.0.attn.proj.weight", "blocks.0.attn.proj.bias",
-        "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc1.bias", "blocks.0.mlp.fc2.weight", "blocks.0.mlp.fc2.bias",
-        "blocks.0.adaLN_modulation.1.weight", "blocks.0.adaLN_modulation.1.bias",
-        "blocks.1.attn.qkv.weight", "blocks.1.attn.qkv.bias", "blocks.1.attn.proj.weight", "blocks.1.attn.proj.bias",
-        "blocks.1.mlp.fc1.weight", "blocks.1.mlp.fc1.bias", "blocks.1.mlp.fc2.weight", "blocks.1.mlp.fc2.bias",
-        "blocks.1.adaLN_modulation.1.weight", "blocks.1.adaLN_modulation.1.bias",
-        "final_layer.linear.weight", "final_layer.linear.bias",
-        "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias",
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.attn.qkv.bias",
+        "blocks.0.attn.proj.weight",
+        "blocks.0.attn.proj.bias",
+        "blocks.0.mlp.fc1.weight",
+        "blocks.0.mlp.fc1.bias",
+        "blocks.0.mlp.fc2.weight",
+        "blocks.0.mlp.fc2.bias",
+        "blocks.0.adaLN_modulation.1.weight",
+        "blocks.0.adaLN_modulation.1.bias",
+        "blocks.1.attn.qkv.weight",
+        "blocks.1.attn.qkv.bias",
+        "blocks.1.attn.proj.weight",
+        "blocks.1.attn.proj.bias",
+        "blocks.1.mlp.fc1.weight",
+        "blocks.1.mlp.fc1.bias",
+        "blocks.1.mlp.fc2.weight",
+        "blocks.1.mlp.fc2.bias",
+        "blocks.1.adaLN_modulation.1.weight",
+        "blocks.1.adaLN_modulation.1.bias",
+        "final_layer.linear.weight",
+        "final_layer.linear.bias",
+        "final_layer.adaLN_modulation.1.weight",
+        "final_layer.adaLN_modulation.1.bias",
     ]
     state = tiny_dit().state_dict()
     assert list(state) == expected
@@ -142,7 +162,10 @@ def test_label_dropout_happens_in_train_mode_never_in_eval_and_is_reproducible()
     torch.manual_seed(4)
     assert torch.equal(dropped(train=True), first)
     assert not dropped(train=False).any()
-    assert torch.equal(embedder.token_drop(labels, force_drop_ids=torch.arange(1000) % 2), torch.where(torch.arange(1000) % 2 == 1, 10, 0))
+    assert torch.equal(
+        embedder.token_drop(labels, force_drop_ids=torch.arange(1000) % 2),
+        torch.where(torch.arange(1000) % 2 == 1, 10, 0),
+    )
 
 
 def test_model_train_mode_changes_output_only_through_label_dropout():

@@ -1,4 +1,5 @@
-"""DiT variants: conditioning (adaLN-Zero, adaLN, cross-attention, in context), condition (class, text, none), conv FFN, learned positions."""
+"""DiT variants: conditioning (adaLN-Zero, adaLN, cross-attention, in context), condition (class, text, none), conv FFN,
+learned positions."""
 
 import itertools
 
@@ -6,14 +7,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.dit import CONDITIONINGS, CONDITIONS, FFNS, POS_EMBEDS, ConvMlp, DiT, Mlp, TextEmbedder, get_2d_sincos_pos_embed
+from model.dit import (
+    CONDITIONINGS,
+    CONDITIONS,
+    FFNS,
+    POS_EMBEDS,
+    ConvMlp,
+    DiT,
+    Mlp,
+    TextEmbedder,
+    get_2d_sincos_pos_embed,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 TEXT_DIM, TEXT_TOKENS = 24, 6
-
-
 
 
 def tiny_dit(**overrides) -> DiT:
@@ -48,7 +57,8 @@ def inputs(n: int = 4, condition: str = "class", length: int = 3):
 
 
 def block_output(model: DiT, x, t, y) -> torch.Tensor:
-    """The last block's output tokens, captured by a hook: what the blocks made of the condition, before the final layer."""
+    """The last block's output tokens, captured by a hook: what the blocks made of the condition, before the final
+    layer."""
     captured = []
     handle = model.blocks[-1].register_forward_hook(lambda module, args, out: captured.append(out))
     try:
@@ -58,9 +68,13 @@ def block_output(model: DiT, x, t, y) -> torch.Tensor:
     return captured[0]
 
 
-@pytest.mark.parametrize("conditioning, condition, ffn, pos_embed", list(itertools.product(CONDITIONINGS, CONDITIONS, FFNS, POS_EMBEDS)))
+@pytest.mark.parametrize(
+    "conditioning, condition, ffn, pos_embed", list(itertools.product(CONDITIONINGS, CONDITIONS, FFNS, POS_EMBEDS))
+)
 def test_every_variant_runs_forward_and_backward_with_the_right_shape(conditioning, condition, ffn, pos_embed):
-    model = perturb(tiny_dit(conditioning=conditioning, condition=condition, ffn=ffn, pos_embed=pos_embed, learn_sigma=True))
+    model = perturb(
+        tiny_dit(conditioning=conditioning, condition=condition, ffn=ffn, pos_embed=pos_embed, learn_sigma=True)
+    )
     x, t, y = inputs(n=3, condition=condition)
     drop = None if condition == "none" else torch.tensor([0, 1, 0])  # reaches the null class / null caption too
     out = model(x, t, y, force_drop_ids=drop)
@@ -241,7 +255,9 @@ def test_conv_ffn_mixes_neighbouring_patches_and_mlp_does_not():
     poked = x.clone()
     r, c = 0, 2  # an off-diagonal token, so that a transposed grid would show
     poked[0, r * grid + c] += 1.0
-    neighbours = {rr * grid + cc for rr in range(r - 1, r + 2) for cc in range(c - 1, c + 2) if 0 <= rr < grid and 0 <= cc < grid}
+    neighbours = {
+        rr * grid + cc for rr in range(r - 1, r + 2) for cc in range(c - 1, c + 2) if 0 <= rr < grid and 0 <= cc < grid
+    }
     assert neighbours == {1, 2, 3, 5, 6, 7}
 
     changed = (conv(poked) - conv(x)).abs().amax(dim=-1)[0]  # (T,)
@@ -251,7 +267,10 @@ def test_conv_ffn_mixes_neighbouring_patches_and_mlp_does_not():
 
     # In context: prefix tokens take the 1x1s only, and no patch reaches them.
     prefix = torch.randn(1, 2, dim)
-    out, out_poked = conv(torch.cat([prefix, x], 1), num_prefix_tokens=2), conv(torch.cat([prefix, poked], 1), num_prefix_tokens=2)
+    out, out_poked = (
+        conv(torch.cat([prefix, x], 1), num_prefix_tokens=2),
+        conv(torch.cat([prefix, poked], 1), num_prefix_tokens=2),
+    )
     assert torch.equal(out[:, :2], out_poked[:, :2])
     assert torch.allclose(out[:, :2], conv.fc2(conv.act(conv.fc1(prefix))), atol=1e-6)
     assert torch.allclose(out[:, 2:], conv(x), atol=1e-6)
@@ -278,9 +297,16 @@ def test_learned_pos_embed_is_trainable_and_starts_from_sincos_and_sincos_is_fro
 
 def test_variant_parameter_names():
     names = set(tiny_dit(conditioning="cross_attention", condition="text").state_dict())
-    assert {"y_embedder.proj.weight", "y_embedder.null_embedding", "blocks.0.norm1.weight", "blocks.0.cross_attn.q.weight",
-            "blocks.0.cross_attn.kv.weight", "blocks.0.cross_attn.proj.weight", "blocks.0.norm3.bias",
-            "final_layer.adaLN_modulation.1.weight"} <= names
+    assert {
+        "y_embedder.proj.weight",
+        "y_embedder.null_embedding",
+        "blocks.0.norm1.weight",
+        "blocks.0.cross_attn.q.weight",
+        "blocks.0.cross_attn.kv.weight",
+        "blocks.0.cross_attn.proj.weight",
+        "blocks.0.norm3.bias",
+        "final_layer.adaLN_modulation.1.weight",
+    } <= names
     assert not any("adaLN_modulation" in name for name in names if name.startswith("blocks."))
     names = set(tiny_dit(conditioning="in_context", ffn="conv").state_dict())
     assert {"blocks.1.mlp.dwconv.weight", "final_layer.norm_final.weight"} <= names
@@ -290,7 +316,10 @@ def test_variant_parameter_names():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"conditioning": "film"}, r"conditioning 'film' is unknown \(valid: adaln_zero, adaln, cross_attention, in_context\)"),
+        (
+            {"conditioning": "film"},
+            r"conditioning 'film' is unknown \(valid: adaln_zero, adaln, cross_attention, in_context\)",
+        ),
         ({"condition": "image"}, r"condition 'image' is unknown \(valid: class, text, none\)"),
         ({"ffn": "moe"}, r"ffn 'moe' is unknown \(valid: mlp, conv\)"),
         ({"pos_embed": "rope"}, r"pos_embed 'rope' is unknown \(valid: sincos, learned\)"),
@@ -316,7 +345,10 @@ def loss_and_grads(model: torch.nn.Module, x, t, y) -> tuple[torch.Tensor, dict[
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("conditioning,condition", [("adaln_zero", "class"), ("cross_attention", "text"), ("in_context", "text"), ("adaln", "none")])
+@pytest.mark.parametrize(
+    "conditioning,condition",
+    [("adaln_zero", "class"), ("cross_attention", "text"), ("in_context", "text"), ("adaln", "none")],
+)
 def test_activation_checkpointing_recomputes_every_block_and_changes_no_gradient(conditioning, condition):
     model = perturb(tiny_dit(conditioning=conditioning, condition=condition)).train()
     x, t, y = inputs(condition=condition)

@@ -18,7 +18,9 @@ from orchestrator.data.imagefolder import DataError
 from orchestrator.data.loader import BatchStream, DataPosition, EpochBatches
 
 
-def batches(num_samples=50, micro_batch=4, rank=0, world_size=2, seed=0, hflip=False, start=DataPosition()) -> EpochBatches:
+def batches(
+    num_samples=50, micro_batch=4, rank=0, world_size=2, seed=0, hflip=False, start=DataPosition()
+) -> EpochBatches:
     return EpochBatches(num_samples, micro_batch, rank, world_size, seed, hflip, start)
 
 
@@ -57,7 +59,9 @@ def test_ranks_get_disjoint_equal_batches_that_cover_the_epoch_but_the_remainder
         assert len(keys) == full  # every rank steps the same number of times: no rank waits in a collective alone
         assert all(len(batch) == micro_batch for batch in keys)
     seen = [index for keys in per_rank for batch in keys for index in indices(batch)]
-    assert len(seen) == len(set(seen)) == full * global_batch  # no sample twice in an epoch, on one rank or across ranks
+    assert (
+        len(seen) == len(set(seen)) == full * global_batch
+    )  # no sample twice in an epoch, on one rank or across ranks
     assert set(seen) <= set(range(num_samples))
     assert num_samples - len(seen) == num_samples % global_batch < global_batch  # only the remainder is left out
 
@@ -79,8 +83,11 @@ def test_a_dataset_smaller_than_one_global_batch_is_refused_with_the_fix(num_sam
 def test_the_images_of_each_global_batch_do_not_depend_on_how_it_is_split_over_ranks():
     """The same global batch of 12 as 1 x 12, 2 x 6, 3 x 4 or 4 x 3: each step sees the same images with the same flips
     (so a run resumed on another number of ranks, with the same global batch, sees the data it would have seen)."""
+
     def global_batches(micro_batch, world_size, epoch):
-        per_rank = [batches(100, micro_batch, r, world_size, seed=5, hflip=True).epoch_keys(epoch) for r in range(world_size)]
+        per_rank = [
+            batches(100, micro_batch, r, world_size, seed=5, hflip=True).epoch_keys(epoch) for r in range(world_size)
+        ]
         return [sorted(key for keys in per_rank for key in keys[b]) for b in range(len(per_rank[0]))]
 
     for epoch in (0, 1):
@@ -138,7 +145,9 @@ def test_hflip_flips_about_half_and_each_sample_the_same_way_on_any_rank_and_spl
     assert 60 < sum(reference.values()) < 140  # a fair coin per sample over 200 samples
     for micro_batch, world_size in ((20, 1), (5, 4), (8, 5)):
         other = flips(micro_batch, world_size, epoch=0)
-        assert {i: other[i] for i in other.keys() & reference.keys()} == {i: reference[i] for i in other.keys() & reference.keys()}
+        assert {i: other[i] for i in other.keys() & reference.keys()} == {
+            i: reference[i] for i in other.keys() & reference.keys()
+        }
     assert flips(10, 2, epoch=0) == reference  # deterministic
     next_epoch = flips(10, 2, epoch=1)
     assert any(next_epoch[i] != reference[i] for i in next_epoch.keys() & reference.keys())  # drawn again each epoch
@@ -174,7 +183,9 @@ def test_the_uninterrupted_stream_is_the_epochs_in_sequence():
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_stream_started_at_a_saved_position_continues_exactly_as_the_uninterrupted_one(rank):
-    make = lambda start=DataPosition(): batches(num_samples=50, micro_batch=4, rank=rank, world_size=2, seed=8, hflip=True, start=start)
+    def make(start=DataPosition()):
+        return batches(num_samples=50, micro_batch=4, rank=rank, world_size=2, seed=8, hflip=True, start=start)
+
     reference = make()
     uninterrupted = take(reference, 20)  # 3 epochs of 6 batches and a bit
     position = DataPosition()
@@ -192,7 +203,8 @@ def test_a_stream_started_late_does_not_replay_earlier_epochs():
 
 
 class IndexImages(Dataset):
-    """A stand-in for the image datasets: (index, flip) -> (a 1x1x2 'image' holding the index, its flip), label index."""
+    """A stand-in for the image datasets: (index, flip) -> (a 1x1x2 'image' holding the index, its flip), label
+    index."""
 
     def __len__(self):
         return 30
@@ -204,7 +216,10 @@ class IndexImages(Dataset):
 
 def test_batch_stream_reports_the_position_a_resumed_stream_continues_from():
     """The trainer checkpoints BatchStream.position: a stream built from it must go on with the next batch."""
-    make = lambda start: batches(num_samples=30, micro_batch=3, rank=0, world_size=2, seed=6, hflip=True, start=start)
+
+    def make(start):
+        return batches(num_samples=30, micro_batch=3, rank=0, world_size=2, seed=6, hflip=True, start=start)
+
     stream = BatchStream(IndexImages(), make(DataPosition(0, 3)), num_workers=0, seed=6)
     assert stream.position == DataPosition(0, 3)
     drawn = [next(stream) for _ in range(4)]  # 5 batches per epoch: crosses into epoch 1

@@ -1,4 +1,5 @@
-"""Sizing estimates: DiT parameter count and FLOPs in closed form, memory per GPU (ZeRO paper figures), communication per step."""
+"""Sizing estimates: DiT parameter count and FLOPs in closed form, memory per GPU (ZeRO paper figures), communication
+per step."""
 
 import subprocess
 import sys
@@ -34,7 +35,9 @@ def closed_form(kwargs: dict, include_frozen: bool = True) -> int:
     return dit_parameter_count(**arguments, include_frozen=include_frozen)
 
 
-TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=10, learn_sigma=False)
+TINY = dict(
+    input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=10, learn_sigma=False
+)
 VARIANTS = [
     {},
     {"learn_sigma": True},
@@ -65,8 +68,15 @@ def test_parameter_count_matches_the_module_for_every_variant(variant):
 def test_parameter_count_matches_the_named_configs_at_256px(name):
     with torch.device("meta"):
         model = DiT_models[name](input_size=32, num_classes=1000, learn_sigma=True)
-    kwargs = dict(depth=len(model.blocks), hidden_size=model.pos_embed.shape[-1], patch_size=model.patch_size,
-                  in_channels=4, input_size=32, num_classes=1000, learn_sigma=True)
+    kwargs = dict(
+        depth=len(model.blocks),
+        hidden_size=model.pos_embed.shape[-1],
+        patch_size=model.patch_size,
+        in_channels=4,
+        input_size=32,
+        num_classes=1000,
+        learn_sigma=True,
+    )
     assert dit_parameter_count(**kwargs) == sum(p.numel() for p in model.parameters())
 
 
@@ -100,15 +110,30 @@ def test_memory_matches_figure_1_of_the_zero_paper():
 def test_who_holds_what_under_each_stage():
     psi, n = 1000, 4
     ddp = memory_per_gpu(psi, "ddp", "bf16", n, ema=False)
-    assert (ddp["weights_bytes"], ddp["grads_bytes"], ddp["master_weights_bytes"], ddp["optimizer_states_bytes"]) == (4000, 4000, 0, 8000)
+    assert (ddp["weights_bytes"], ddp["grads_bytes"], ddp["master_weights_bytes"], ddp["optimizer_states_bytes"]) == (
+        4000,
+        4000,
+        0,
+        8000,
+    )
     zero1 = memory_per_gpu(psi, "zero1", "bf16", n, ema=False)
-    assert (zero1["weights_bytes"], zero1["grads_bytes"], zero1["master_weights_bytes"], zero1["optimizer_states_bytes"]) == (2000, 2000, 1000, 2000)
+    assert (
+        zero1["weights_bytes"],
+        zero1["grads_bytes"],
+        zero1["master_weights_bytes"],
+        zero1["optimizer_states_bytes"],
+    ) == (2000, 2000, 1000, 2000)
     zero2 = memory_per_gpu(psi, "zero2", "bf16", n, ema=False)
     assert (zero2["weights_bytes"], zero2["grads_bytes"]) == (2000, 500)
     zero3 = memory_per_gpu(psi, "zero3", "bf16", n, ema=False)
     assert zero3["total_bytes"] == 16 * psi // n
     fp32 = memory_per_gpu(psi, "zero1", "no", n, ema=False)  # the spec's spelling of fp32
-    assert (fp32["weights_bytes"], fp32["grads_bytes"], fp32["master_weights_bytes"], fp32["optimizer_states_bytes"]) == (4000, 4000, 0, 2000)
+    assert (
+        fp32["weights_bytes"],
+        fp32["grads_bytes"],
+        fp32["master_weights_bytes"],
+        fp32["optimizer_states_bytes"],
+    ) == (4000, 4000, 0, 2000)
     sgd = memory_per_gpu(psi, "ddp", "fp32", 1, optimizer="sgd", ema=False)
     assert sgd["optimizer_states_bytes"] == 4000
 
@@ -179,7 +204,9 @@ def test_comm_volume_is_ring_all_reduce_for_ddp_and_zero12_and_1_5x_for_zero3():
 def test_gradient_accumulation_multiplies_only_per_micro_step_collectives():
     psi, n = 1_000_000, 8
     ring = (n - 1) / n
-    assert comm_bytes_per_step(psi, "ddp", n, grad_accum_steps=4) == comm_bytes_per_step(psi, "ddp", n)  # no_sync until the last micro step
+    assert comm_bytes_per_step(psi, "ddp", n, grad_accum_steps=4) == comm_bytes_per_step(
+        psi, "ddp", n
+    )  # no_sync until the last micro step
     assert comm_bytes_per_step(psi, "zero1", n, grad_accum_steps=4) == comm_bytes_per_step(psi, "zero1", n)
     assert comm_bytes_per_step(psi, "zero2", n, grad_accum_steps=4) == round(ring * (4 * 2 * psi + 2 * psi))
     assert comm_bytes_per_step(psi, "zero3", n, grad_accum_steps=4) == 4 * comm_bytes_per_step(psi, "zero3", n)
@@ -191,8 +218,11 @@ def test_estimate_imports_without_torch():
 
 
 def test_scaling_bench_prints_the_table_and_its_assumptions_without_torch():
-    code = ("import runpy, sys; sys.argv = ['scaling.py', '--markdown']; runpy.run_path('bench/scaling.py', run_name='__main__'); "
-            "assert 'torch' not in sys.modules")
+    code = (
+        "import runpy, sys; sys.argv = ['scaling.py', '--markdown']; runpy.run_path('bench/scaling.py', "
+        "run_name='__main__'); "
+        "assert 'torch' not in sys.modules"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, text=True)
     table = [line for line in result.stdout.splitlines() if line.startswith("| ") and "GB |" in line]
     assert len(table) == 4 * 4  # 1, 2, 8, 32 nodes x ddp, zero2, zero3, fsdp
@@ -200,9 +230,9 @@ def test_scaling_bench_prints_the_table_and_its_assumptions_without_torch():
 
 
 def test_orch_plan_prints_the_parameter_count_of_the_network_the_job_builds(tmp_path):
-    from orchestrator.specs.job import load_spec
     from orchestrator.components.model import build_model
     from orchestrator.components.model_input import pixel_input
+    from orchestrator.specs.job import load_spec
     from tests.helpers import orch, tiny_spec
 
     spec_file = tiny_spec(tmp_path)
@@ -219,7 +249,11 @@ def test_the_readme_scaling_table_is_what_bench_scaling_prints():
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[2]
-    printed = subprocess.run([sys.executable, str(repo / "bench" / "scaling.py"), "--markdown"], capture_output=True, text=True, check=True).stdout
+    printed = subprocess.run(
+        [sys.executable, str(repo / "bench" / "scaling.py"), "--markdown"], capture_output=True, text=True, check=True
+    ).stdout
     readme = (repo / "README.md").read_text()
     start, end = "<!-- scaling:start -->\n", "<!-- scaling:end -->"
-    assert readme[readme.index(start) + len(start) : readme.index(end)] == printed, "run bench/scaling.py --write-readme"
+    assert readme[readme.index(start) + len(start) : readme.index(end)] == printed, (
+        "run bench/scaling.py --write-readme"
+    )

@@ -41,7 +41,12 @@ def test_only_documented_transitions_are_allowed(tmp_path):
 def test_running_job_whose_supervisor_vanished_shows_as_failed(tmp_path):
     job = make_job(tmp_path)
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import fcntl,time; f=open({str(job.path / 'run.lock')!r},'a'); fcntl.flock(f, fcntl.LOCK_EX); print('x', flush=True); time.sleep(60)"],
+        [
+            sys.executable,
+            "-c",
+            f"import fcntl,time; f=open({str(job.path / 'run.lock')!r},'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "print('x', flush=True); time.sleep(60)",
+        ],
         stdout=subprocess.PIPE,
     )
     holder.stdout.readline()

@@ -24,19 +24,36 @@ CASES = {
     "local_threads": lambda: local_command(PYTHON, ENTRY, threads=4),
     "torchrun_standalone": lambda: torchrun_command(PYTHON, ENTRY, nproc_per_node=2, threads=1),
     "torchrun_two_nodes": lambda: torchrun_command(
-        PYTHON, ENTRY, nproc_per_node=4, nnodes=2, node_rank=1,
-        rdzv_endpoint="node0.cluster:29400", rdzv_id="j1", max_restarts=3,
+        PYTHON,
+        ENTRY,
+        nproc_per_node=4,
+        nnodes=2,
+        node_rank=1,
+        rdzv_endpoint="node0.cluster:29400",
+        rdzv_id="j1",
+        max_restarts=3,
     ),
     "accelerate_cpu_one_process": lambda: accelerate_command(PYTHON, ENTRY, num_processes=1),
     "accelerate_cpu_two_processes": lambda: accelerate_command(PYTHON, ENTRY, num_processes=2, threads=1),
     "accelerate_cpu_two_machines": lambda: accelerate_command(
-        PYTHON, ENTRY, num_processes=4, num_machines=2, machine_rank=1,
-        main_process_ip="10.0.0.1", main_process_port=29500,
+        PYTHON,
+        ENTRY,
+        num_processes=4,
+        num_machines=2,
+        machine_rank=1,
+        main_process_ip="10.0.0.1",
+        main_process_port=29500,
     ),
     "accelerate_gpu_eight_processes": lambda: accelerate_command(PYTHON, ENTRY, num_processes=8, cpu=False),
     "deepspeed_hostfile_over_ssh": lambda: deepspeed_command(
-        PYTHON, ENTRY, hostfile="/jobs/j1/deepspeed/hostfile", env_file="/jobs/j1/deepspeed/env",
-        master_addr="node0.cluster", master_port=29500, ssh_port=2222, threads=4,
+        PYTHON,
+        ENTRY,
+        hostfile="/jobs/j1/deepspeed/hostfile",
+        env_file="/jobs/j1/deepspeed/env",
+        master_addr="node0.cluster",
+        master_port=29500,
+        ssh_port=2222,
+        threads=4,
     ),
 }
 
@@ -110,8 +127,18 @@ def test_deepspeed_arguments_are_accepted_by_deepspeeds_own_parser():
     cmd = CASES["deepspeed_hostfile_over_ssh"]()
     assert cmd.argv[1:4] == ("-u", "-m", "deepspeed.launcher.runner")
     args = parse_args(list(cmd.argv[4:]))
-    assert (args.module, args.no_local_rank, args.user_script, args.user_args) == (True, True, "orchestrator.worker", ["/jobs/j1"])
-    assert (args.hostfile, args.master_addr, args.master_port, args.ssh_port) == ("/jobs/j1/deepspeed/hostfile", "node0.cluster", 29500, 2222)
+    assert (args.module, args.no_local_rank, args.user_script, args.user_args) == (
+        True,
+        True,
+        "orchestrator.worker",
+        ["/jobs/j1"],
+    )
+    assert (args.hostfile, args.master_addr, args.master_port, args.ssh_port) == (
+        "/jobs/j1/deepspeed/hostfile",
+        "node0.cluster",
+        29500,
+        2222,
+    )
     assert cmd.env["DS_ENV_FILE"] == "/jobs/j1/deepspeed/env"
 
 
@@ -121,10 +148,16 @@ def test_hostfile_and_env_file_read_back_as_deepspeed_reads_them():
     text = hostfile_text(["node0", "node1"], slots=8)
     assert dict(_parse_hostfile(text.splitlines())) == {"node0": 8, "node1": 8} == parse_hostfile(text)
     assert parse_hostfile("# cluster A\nnode0 slots=4  # first\n\nnode1 slots=4\n") == {"node0": 4, "node1": 4}
-    for bad, message in (("node0\n", "line 1 should read"), ("node0 slots=2\nnode0 slots=2\n", "lists node0 again"), ("# none\n", "no host")):
+    for bad, message in (
+        ("node0\n", "line 1 should read"),
+        ("node0 slots=2\nnode0 slots=2\n", "lists node0 again"),
+        ("# none\n", "no host"),
+    ):
         with pytest.raises(ValueError, match=message):
             parse_hostfile(bad)
-    assert env_file_text({"OMP_NUM_THREADS": "4", "NOTE": "a b"}) == "OMP_NUM_THREADS=4\nNOTE=a b\n"  # no blank line: DeepSpeed cannot read one
+    assert (
+        env_file_text({"OMP_NUM_THREADS": "4", "NOTE": "a b"}) == "OMP_NUM_THREADS=4\nNOTE=a b\n"
+    )  # no blank line: DeepSpeed cannot read one
     with pytest.raises(ValueError):
         hostfile_text(["node 0"], slots=1)
 
@@ -139,7 +172,10 @@ def test_hostfile_and_env_file_read_back_as_deepspeed_reads_them():
         (lambda: torchrun_command(PYTHON, ENTRY, nproc_per_node=2, nnodes=2), "needs both rdzv_endpoint"),
         (lambda: torchrun_command(PYTHON, ENTRY, 2, nnodes=2, rdzv_endpoint="node0:29400"), "needs both"),
         (lambda: torchrun_command(PYTHON, ENTRY, 2, nnodes=2, rdzv_endpoint="node0", rdzv_id="j1"), "HOST:PORT"),
-        (lambda: torchrun_command(PYTHON, ENTRY, 2, nnodes=2, node_rank=2, rdzv_endpoint="h:1", rdzv_id="j"), "node_rank"),
+        (
+            lambda: torchrun_command(PYTHON, ENTRY, 2, nnodes=2, node_rank=2, rdzv_endpoint="h:1", rdzv_id="j"),
+            "node_rank",
+        ),
         (lambda: torchrun_command(PYTHON, ENTRY, 2, max_restarts=-1), "max_restarts"),
         (lambda: accelerate_command(PYTHON, ("worker.py",), num_processes=2), "must start with '-m MODULE'"),
         (lambda: accelerate_command(PYTHON, ENTRY, num_processes=0), "num_processes must be at least 1"),
@@ -189,8 +225,15 @@ accelerator.end_training()
 
 
 # Variables a parent launcher may have leaked into the test's environment; they would change the ranks' view.
-LEAKY_DIST_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                   "ACCELERATE_USE_CPU"}
+LEAKY_DIST_VARS = {
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "ACCELERATE_USE_CPU",
+}
 
 
 def run_probe(tmp_path: Path, module: str, source: str, make_command) -> list[dict]:
@@ -213,7 +256,9 @@ def run_probe(tmp_path: Path, module: str, source: str, make_command) -> list[di
 @pytest.mark.slow
 def test_torchrun_command_really_starts_two_ranks_that_see_each_other(tmp_path):
     reports = run_probe(
-        tmp_path, "torch_probe", TORCH_PROBE,
+        tmp_path,
+        "torch_probe",
+        TORCH_PROBE,
         lambda entry: torchrun_command(sys.executable, entry, nproc_per_node=2, threads=1),
     )
     assert sorted(report["RANK"] for report in reports) == ["0", "1"]
@@ -224,7 +269,9 @@ def test_torchrun_command_really_starts_two_ranks_that_see_each_other(tmp_path):
 @pytest.mark.slow
 def test_accelerate_command_really_starts_two_cpu_ranks_that_see_each_other(tmp_path):
     reports = run_probe(
-        tmp_path, "accelerate_probe", ACCELERATE_PROBE,
+        tmp_path,
+        "accelerate_probe",
+        ACCELERATE_PROBE,
         lambda entry: accelerate_command(sys.executable, entry, num_processes=2, threads=1),
     )
     assert sorted(report["RANK"] for report in reports) == ["0", "1"]

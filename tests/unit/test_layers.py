@@ -93,7 +93,9 @@ def test_only_the_rank_entry_point_imports_the_training_runtime():
         f"{module} imports {target}"
         for module, targets in import_graph().items()
         for target in targets
-        if target.startswith("orchestrator.train.") and not module.startswith("orchestrator.train") and module != "orchestrator.worker"
+        if target.startswith("orchestrator.train.")
+        and not module.startswith("orchestrator.train")
+        and module != "orchestrator.worker"
     )
     assert not outside, "\n".join(outside)
 
@@ -107,7 +109,11 @@ def test_there_are_no_import_cycles():
         state[module] = 1
         for target in sorted(graph.get(module, ())):
             if state.get(target) == 1:
-                cycles.append(" -> ".join(path[path.index(target):] + [module, target]) if target in path else f"{module} -> {target}")
+                cycles.append(
+                    " -> ".join(path[path.index(target) :] + [module, target])
+                    if target in path
+                    else f"{module} -> {target}"
+                )
             elif target not in state:
                 visit(target, path + [module])
         state[module] = 2

@@ -1,4 +1,5 @@
-"""Samplers across schedules and prediction types, DPM-Solver++, the progression strip, learned variance, the hybrid loss."""
+"""Samplers across schedules and prediction types, DPM-Solver++, the progression strip, learned variance, the hybrid
+loss."""
 
 import math
 
@@ -59,12 +60,22 @@ class Recorder(nn.Module):
 @pytest.mark.parametrize("beta_schedule", BETA_SCHEDULES)
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("sampler, num_steps", [("dpm_solver++", 20), ("ddim", 20), ("ddpm", 50)])
-def test_samplers_return_the_data_point_for_every_schedule_and_prediction_type(sampler, num_steps, prediction_type, beta_schedule):
+def test_samplers_return_the_data_point_for_every_schedule_and_prediction_type(
+    sampler, num_steps, prediction_type, beta_schedule
+):
     scheduler = make_noise_scheduler(beta_schedule=beta_schedule, prediction_type=prediction_type)
     data = points(0.7, -0.4)
     oracle = PointOracle(scheduler, data, prediction_type, learn_sigma=True)  # sigma channels: junk DDPM must clamp
     labels = torch.tensor([0, 1, 1, 0])
-    images = sample(oracle, labels, SHAPE, scheduler, sampler=sampler, num_steps=num_steps, generator=torch.Generator().manual_seed(0))
+    images = sample(
+        oracle,
+        labels,
+        SHAPE,
+        scheduler,
+        sampler=sampler,
+        num_steps=num_steps,
+        generator=torch.Generator().manual_seed(0),
+    )
     torch.testing.assert_close(images, data[labels], atol=1e-4, rtol=0)
 
 
@@ -74,7 +85,9 @@ def test_loss_vanishes_for_the_exact_denoiser_under_every_schedule(prediction_ty
     scheduler = make_noise_scheduler(beta_schedule=beta_schedule, prediction_type=prediction_type)
     data = points(0.5, -0.5, 0.0)
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    loss = diffusion_loss(PointOracle(scheduler, data, prediction_type), data[y], y, scheduler, generator=torch.Generator().manual_seed(0))
+    loss = diffusion_loss(
+        PointOracle(scheduler, data, prediction_type), data[y], y, scheduler, generator=torch.Generator().manual_seed(0)
+    )
     assert loss.item() < 1e-8
 
 
@@ -89,23 +102,32 @@ def test_dpm_solver_is_deterministic_and_follows_guidance():
     a, b = 0.2, -0.1
     oracle = PointOracle(scheduler, points(a, b), learn_sigma=True)
     labels = torch.zeros(3, dtype=torch.long)
-    images = sample(oracle, labels, SHAPE, scheduler, sampler="dpm_solver++", num_steps=15, guidance_scale=2.0, null_label=1)
+    images = sample(
+        oracle, labels, SHAPE, scheduler, sampler="dpm_solver++", num_steps=15, guidance_scale=2.0, null_label=1
+    )
     expected = points(b)[0] + 2.0 * (points(a)[0] - points(b)[0])
     torch.testing.assert_close(images, expected.expand(3, *SHAPE), atol=1e-4, rtol=0)
     noise = torch.randn((3, *SHAPE), generator=torch.Generator().manual_seed(0))
     first = sample(Shrinker(), labels, SHAPE, scheduler, sampler="dpm_solver++", num_steps=10, noise=noise)
-    assert torch.equal(first, sample(Shrinker(), labels, SHAPE, scheduler, sampler="dpm_solver++", num_steps=10, noise=noise))
+    assert torch.equal(
+        first, sample(Shrinker(), labels, SHAPE, scheduler, sampler="dpm_solver++", num_steps=10, noise=noise)
+    )
 
 
 def test_dpm_solver_clip_denoised_clips_each_x0_estimate():
     # Two steps of DPM-Solver++ are two first-order steps (DPM-Solver++(1), Lu et al. 2022), the last onto sigma = 0:
-    # x_1 = (sigma_1 / sigma_T) x_T + alpha_1 (1 - exp(-h)) x0_T, then the sample is x0_1. Written out, with eps = 1.5 x_t.
+    # x_1 = (sigma_1 / sigma_T) x_T + alpha_1 (1 - exp(-h)) x0_T, then the sample is x0_1. Written out, with eps = 1.5
+    # x_t.
     scheduler = make_noise_scheduler(beta_schedule="squaredcos_cap_v2")
     noise = 3 * torch.randn((2, *SHAPE), generator=torch.Generator().manual_seed(0))
     labels = torch.zeros(2, dtype=torch.long)
     recorder = Recorder(1.5)
-    clipped = sample(recorder, labels, SHAPE, scheduler, sampler="dpm_solver++", num_steps=2, noise=noise, clip_denoised=True)
-    unclipped = sample(Recorder(1.5), labels, SHAPE, scheduler, sampler="dpm_solver++", num_steps=2, noise=noise, clip_denoised=False)
+    clipped = sample(
+        recorder, labels, SHAPE, scheduler, sampler="dpm_solver++", num_steps=2, noise=noise, clip_denoised=True
+    )
+    unclipped = sample(
+        Recorder(1.5), labels, SHAPE, scheduler, sampler="dpm_solver++", num_steps=2, noise=noise, clip_denoised=False
+    )
 
     alpha_bar = scheduler.alphas_cumprod.double()
     alpha_t, alpha_1 = alpha_bar[recorder.timesteps].sqrt().tolist()
@@ -131,9 +153,20 @@ def test_progression_frames_are_x0_estimates_and_the_last_is_the_sample(sampler)
     scheduler = make_noise_scheduler(beta_schedule="squaredcos_cap_v2")
     labels = torch.tensor([0, 1, 2])
     calls = []
-    strip = sample_progression(Shrinker(), labels, SHAPE, scheduler, sampler=sampler, num_steps=20, num_frames=5,
-                               generator=torch.Generator().manual_seed(3), progress=lambda i, n: calls.append(i))
-    images = sample(Shrinker(), labels, SHAPE, scheduler, sampler=sampler, num_steps=20, generator=torch.Generator().manual_seed(3))
+    strip = sample_progression(
+        Shrinker(),
+        labels,
+        SHAPE,
+        scheduler,
+        sampler=sampler,
+        num_steps=20,
+        num_frames=5,
+        generator=torch.Generator().manual_seed(3),
+        progress=lambda i, n: calls.append(i),
+    )
+    images = sample(
+        Shrinker(), labels, SHAPE, scheduler, sampler=sampler, num_steps=20, generator=torch.Generator().manual_seed(3)
+    )
     assert strip.shape == (3, 5, *SHAPE)
     assert torch.equal(strip[:, -1], images)
     assert strip.abs().max() <= 1 and calls == list(range(1, 21))
@@ -144,7 +177,15 @@ def test_progression_of_the_exact_denoiser_shows_the_data_point_in_every_frame()
     scheduler = make_noise_scheduler(prediction_type="v_prediction")
     data = points(0.6, -0.3)
     labels = torch.tensor([1, 0])
-    strip = sample_progression(PointOracle(scheduler, data, "v_prediction"), labels, SHAPE, scheduler, sampler="ddim", num_steps=10, num_frames=10)
+    strip = sample_progression(
+        PointOracle(scheduler, data, "v_prediction"),
+        labels,
+        SHAPE,
+        scheduler,
+        sampler="ddim",
+        num_steps=10,
+        num_frames=10,
+    )
     torch.testing.assert_close(strip, data[labels].unsqueeze(1).expand(2, 10, *SHAPE), atol=1e-3, rtol=0)
 
 
@@ -152,13 +193,23 @@ def test_progression_of_the_exact_denoiser_shows_the_data_point_in_every_frame()
 def test_progression_rejects_more_frames_than_steps(num_frames):
     scheduler = make_noise_scheduler()
     with pytest.raises(ValueError, match="num_frames must be between 2 and the number of sampler steps \\(10\\)"):
-        sample_progression(Shrinker(), torch.zeros(1, dtype=torch.long), SHAPE, scheduler, sampler="ddim", num_steps=10, num_frames=num_frames)
+        sample_progression(
+            Shrinker(),
+            torch.zeros(1, dtype=torch.long),
+            SHAPE,
+            scheduler,
+            sampler="ddim",
+            num_steps=10,
+            num_frames=num_frames,
+        )
 
 
 # --- learned variance in DDPM sampling --------------------------------------------------------------
 
 
-def ddpm_by_hand(model: nn.Module, variance_type: str, scheduler: DDPMScheduler, num_steps: int, seed: int) -> torch.Tensor:
+def ddpm_by_hand(
+    model: nn.Module, variance_type: str, scheduler: DDPMScheduler, num_steps: int, seed: int
+) -> torch.Tensor:
     """Ancestral sampling with one of diffusers' fixed variances, written out."""
     generator = torch.Generator().manual_seed(seed)
     steps = DDPMScheduler.from_config(scheduler.config, variance_type=variance_type)
@@ -174,8 +225,18 @@ def test_ddpm_samples_with_the_learned_variance_between_beta_tilde_and_beta(v, v
     # v = -1 is the posterior variance beta-tilde_t, v = +1 is beta_t; v beyond [-1, 1] is clamped.
     scheduler = make_noise_scheduler(100)
     labels = torch.zeros(2, dtype=torch.long)
-    learned = sample(WithSigma(Shrinker(), v), labels, SHAPE, scheduler, sampler="ddpm", num_steps=25, generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(learned, ddpm_by_hand(Shrinker(), variance_type, scheduler, 25, seed=4), atol=1e-4, rtol=0)
+    learned = sample(
+        WithSigma(Shrinker(), v),
+        labels,
+        SHAPE,
+        scheduler,
+        sampler="ddpm",
+        num_steps=25,
+        generator=torch.Generator().manual_seed(4),
+    )
+    torch.testing.assert_close(
+        learned, ddpm_by_hand(Shrinker(), variance_type, scheduler, 25, seed=4), atol=1e-4, rtol=0
+    )
 
 
 def test_learned_variance_changes_ddpm_samples_but_not_the_deterministic_samplers():
@@ -183,9 +244,13 @@ def test_learned_variance_changes_ddpm_samples_but_not_the_deterministic_sampler
     labels = torch.zeros(2, dtype=torch.long)
 
     def draw(model, sampler):
-        return sample(model, labels, SHAPE, scheduler, sampler=sampler, num_steps=25, generator=torch.Generator().manual_seed(5))
+        return sample(
+            model, labels, SHAPE, scheduler, sampler=sampler, num_steps=25, generator=torch.Generator().manual_seed(5)
+        )
 
-    assert not torch.allclose(draw(WithSigma(Shrinker(), -1.0), "ddpm"), draw(WithSigma(Shrinker(), 1.0), "ddpm"), atol=1e-3)
+    assert not torch.allclose(
+        draw(WithSigma(Shrinker(), -1.0), "ddpm"), draw(WithSigma(Shrinker(), 1.0), "ddpm"), atol=1e-3
+    )
     for sampler in ("ddim", "dpm_solver++"):
         assert torch.equal(draw(WithSigma(Shrinker(), -1.0), sampler), draw(WithSigma(Shrinker(), 1.0), sampler))
         assert torch.equal(draw(WithSigma(Shrinker(), 1.0), sampler), draw(Shrinker(), sampler))
@@ -227,7 +292,8 @@ def test_vlb_is_finite_at_every_timestep_even_for_wild_outputs(beta_schedule):
 
 
 def test_vlb_reaches_its_minimum_zero_at_the_exact_posterior():
-    # For t > 0, L_t is a KL: zero with the exact mean and v = -1 (variance beta-tilde_t), larger elsewhere, flat at the minimum.
+    # For t > 0, L_t is a KL: zero with the exact mean and v = -1 (variance beta-tilde_t), larger elsewhere, flat at the
+    # minimum.
     scheduler = make_noise_scheduler()
     t = torch.tensor([1, 2, 10, 100, 400, 700, 900, 998])
     data, labels, x0, x_t = noised(scheduler, t)
@@ -255,7 +321,9 @@ def test_vlb_at_v_plus_one_is_the_kl_from_beta_tilde_to_beta():
     beta = 1 - alpha_bar[t] / alpha_bar[t - 1]
     beta_tilde = beta * (1 - alpha_bar[t - 1]) / (1 - alpha_bar[t])
     expected = 0.5 * (torch.log(beta / beta_tilde) + beta_tilde / beta - 1) / math.log(2)
-    torch.testing.assert_close(variational_bound(eps, torch.ones_like(x0), x0, x_t, t, scheduler).double(), expected, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(
+        variational_bound(eps, torch.ones_like(x0), x0, x_t, t, scheduler).double(), expected, rtol=1e-3, atol=1e-6
+    )
 
 
 def test_vlb_at_t0_is_the_discretized_decoder_nll():
@@ -268,16 +336,27 @@ def test_vlb_at_t0_is_the_discretized_decoder_nll():
     beta_0 = 1 - alpha_bar[0]
     beta_tilde_1 = (1 - alpha_bar[1] / alpha_bar[0]) * (1 - alpha_bar[0]) / (1 - alpha_bar[1])
     log_scale = 0.25 * (torch.log(beta_0) + torch.log(beta_tilde_1))  # half the log variance at v = 0
-    expected = -discretized_gaussian_log_likelihood(x0, x0, torch.full_like(x0, log_scale.item())).flatten(1).mean(1) / math.log(2)
+    expected = -discretized_gaussian_log_likelihood(x0, x0, torch.full_like(x0, log_scale.item())).flatten(1).mean(
+        1
+    ) / math.log(2)
     torch.testing.assert_close(variational_bound(eps, v, x0, x_t, t, scheduler), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_discretized_likelihood_is_a_distribution_over_the_256_levels():
     levels = torch.linspace(-1, 1, 256)  # (256,)
-    for mean, log_scale in ((0.0, math.log(0.5)), (0.93, math.log(0.01)), (-1.2, math.log(0.003)), (0.3, math.log(5.0))):
-        log_p = discretized_gaussian_log_likelihood(levels, torch.full_like(levels, mean), torch.full_like(levels, log_scale))
+    for mean, log_scale in (
+        (0.0, math.log(0.5)),
+        (0.93, math.log(0.01)),
+        (-1.2, math.log(0.003)),
+        (0.3, math.log(5.0)),
+    ):
+        log_p = discretized_gaussian_log_likelihood(
+            levels, torch.full_like(levels, mean), torch.full_like(levels, log_scale)
+        )
         assert torch.isfinite(log_p).all() and log_p.exp().sum().item() == pytest.approx(1.0, abs=1e-4)
-    narrow = discretized_gaussian_log_likelihood(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([math.log(1e-4)]))
+    narrow = discretized_gaussian_log_likelihood(
+        torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([math.log(1e-4)])
+    )
     assert narrow.item() == pytest.approx(0.0, abs=1e-6)  # a spike on the level holds all the mass
 
 
@@ -316,7 +395,9 @@ def test_hybrid_loss_adds_lambda_T_vlb_and_its_vlb_trains_only_the_sigma_channel
     (grad_simple,) = torch.autograd.grad(simple, model.out, retain_graph=True)
     (grad_vlb_part,) = torch.autograd.grad(hybrid - simple, model.out)
     assert not grad_simple[:, 2:].abs().sum() and grad_simple[:, :2].abs().sum() > 0  # L_simple: prediction only
-    assert not grad_vlb_part[:, :2].abs().sum() and grad_vlb_part[:, 2:].abs().sum() > 0  # L_vlb: sigma only (stop-gradient)
+    assert (
+        not grad_vlb_part[:, :2].abs().sum() and grad_vlb_part[:, 2:].abs().sum() > 0
+    )  # L_vlb: sigma only (stop-gradient)
 
 
 def test_hybrid_loss_trains_a_learned_sigma_unet_and_needs_its_sigma_channels():
@@ -324,8 +405,20 @@ def test_hybrid_loss_trains_a_learned_sigma_unet_and_needs_its_sigma_channels():
 
     scheduler = make_noise_scheduler(100)
     torch.manual_seed(0)
-    unet = UNet(in_channels=2, out_channels=4, down_channels=(8, 8), mid_channels=(8, 8), down_sample=(True,), num_down_layers=1,
-                num_mid_layers=0, num_up_layers=1, time_emb_dim=8, attention=False, num_classes=3, norm_groups=4)
+    unet = UNet(
+        in_channels=2,
+        out_channels=4,
+        down_channels=(8, 8),
+        mid_channels=(8, 8),
+        down_sample=(True,),
+        num_down_layers=1,
+        num_mid_layers=0,
+        num_up_layers=1,
+        time_emb_dim=8,
+        attention=False,
+        num_classes=3,
+        norm_groups=4,
+    )
     x0, y = points(0.5, -0.5, 0.0), torch.tensor([0, 1, 2])
     loss = hybrid_loss(unet, x0, y, scheduler, generator=torch.Generator().manual_seed(0))
     assert loss.shape == () and torch.isfinite(loss)

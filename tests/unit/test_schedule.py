@@ -20,10 +20,12 @@ SCHEDULES = ("constant", "cosine", "linear")
 
 
 def spec(steps: int, warmup: int = 0, schedule: str = "constant", min_lr_ratio: float = 0.0):
-    return spec_from_dict({
-        "name": "sched",
-        "train": {"steps": steps, "warmup_steps": warmup, "lr_schedule": schedule, "min_lr_ratio": min_lr_ratio},
-    })
+    return spec_from_dict(
+        {
+            "name": "sched",
+            "train": {"steps": steps, "warmup_steps": warmup, "lr_schedule": schedule, "min_lr_ratio": min_lr_ratio},
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,11 +65,14 @@ def test_cosine_starts_at_the_peak_after_warmup_passes_the_mean_halfway_and_ends
     assert lr_factor(steps, s) == pytest.approx(min_lr)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "TrainSpec.lr_schedule documents a decay 'to min_lr_ratio x peak at the last step', but the last update "
-    "(0-based step train.steps - 1, see test_each_update_runs_at_the_factor_of_its_0_based_step) runs at "
-    "progress (steps - 1 - warmup) / (steps - warmup) < 1: the floor is only reached after training ends"
-))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "TrainSpec.lr_schedule documents a decay 'to min_lr_ratio x peak at the last step', but the last update "
+        "(0-based step train.steps - 1, see test_each_update_runs_at_the_factor_of_its_0_based_step) runs at "
+        "progress (steps - 1 - warmup) / (steps - warmup) < 1: the floor is only reached after training ends"
+    ),
+)
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
 def test_decay_reaches_min_lr_ratio_at_the_last_training_step(schedule):
     s = spec(steps=6, warmup=2, schedule=schedule, min_lr_ratio=0.1)
@@ -134,7 +139,9 @@ def test_step_seed_is_the_same_in_another_interpreter_whatever_its_hash_seed():
     """A resumed job runs in a new process: its seeds must not depend on Python's salted hash()."""
     code = "from orchestrator.train.schedule import step_seed; print(step_seed(7, 123, 3), step_seed(0, 0, 0))"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, timeout=60).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, timeout=60
+    ).stdout
     assert out.split() == [str(step_seed(7, 123, 3)), str(step_seed(0, 0, 0))]
 
 

@@ -14,9 +14,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from orchestrator.errors import UserError
-from orchestrator.data.shardformat import SHARD_PATTERN, DatasetIndex, ShardRecord
 from orchestrator.data.loader import DataPosition
+from orchestrator.data.shardformat import SHARD_PATTERN, DatasetIndex, ShardRecord
 from orchestrator.data.shards import (
     ClassPairs,
     ShardError,
@@ -26,6 +25,7 @@ from orchestrator.data.shards import (
     open_shards,
     plan_epoch,
 )
+from orchestrator.errors import UserError
 
 SIZES = (7, 5, 6, 4, 8)  # uneven on purpose: ranks can fill different numbers of batches
 SHAPE = (4, 4, 4)  # (C, h, w) of one latent
@@ -50,7 +50,11 @@ def write_dataset(folder: Path, sizes=SIZES, text: bool = False, classes: int = 
         name = SHARD_PATTERN.format(k)
         with wds.TarWriter(str(folder / name)) as sink:
             for _ in range(size):
-                sample = {"__key__": f"{number:09d}", "latent.npy": moments_of(number), "json": {"source": f"img{number}.png", "flipped": False}}
+                sample = {
+                    "__key__": f"{number:09d}",
+                    "latent.npy": moments_of(number),
+                    "json": {"source": f"img{number}.png", "flipped": False},
+                }
                 if shape != SHAPE:
                     sample["latent.npy"] = np.zeros((2, *shape), np.float16)
                 if classes:
@@ -65,10 +69,20 @@ def write_dataset(folder: Path, sizes=SIZES, text: bool = False, classes: int = 
         (folder / name.replace(".tar", ".json")).write_text(f'{{"samples": {size}, "skipped": {{}}}}\n')
         records.append(ShardRecord(name=name, num_samples=size))
     DatasetIndex(
-        num_samples=sum(sizes), shards=records, latent_shape=list(shape), latent_dtype="float16", scaling_factor=SCALE,
-        vae="tiny-vae", resolution=shape[1] * 8, source="test", flip=False, num_classes=classes or None,
-        class_names=[str(c) for c in range(classes)] if classes else None, text_encoder="minilm" if text else None,
-        text_dim=TEXT_DIM if text else None, max_text_tokens=MAX_TOKENS if text else None,
+        num_samples=sum(sizes),
+        shards=records,
+        latent_shape=list(shape),
+        latent_dtype="float16",
+        scaling_factor=SCALE,
+        vae="tiny-vae",
+        resolution=shape[1] * 8,
+        source="test",
+        flip=False,
+        num_classes=classes or None,
+        class_names=[str(c) for c in range(classes)] if classes else None,
+        text_encoder="minilm" if text else None,
+        text_dim=TEXT_DIM if text else None,
+        max_text_tokens=MAX_TOKENS if text else None,
     ).write(folder)
     return folder
 
@@ -145,7 +159,9 @@ def test_zero_and_one_worker_give_the_same_stream(dataset):
 
 
 def test_fewer_shards_than_ranks_times_workers_is_a_clear_error(dataset):
-    with pytest.raises(ShardError, match=r"5 shard\(s\) cannot feed 2 rank\(s\) x 3 DataLoader worker\(s\).*num_workers to at most 2"):
+    with pytest.raises(
+        ShardError, match=r"5 shard\(s\) cannot feed 2 rank\(s\) x 3 DataLoader worker\(s\).*num_workers to at most 2"
+    ):
         stream(dataset, world_size=2, workers=3)
 
 
@@ -201,7 +217,9 @@ def test_latent_is_mean_plus_std_times_noise_seeded_by_seed_epoch_and_key(datase
     seen: dict[str, list[torch.Tensor]] = {}
     for position, keys, latents in run:
         for key, latent in zip(keys, latents):
-            expected = torch.randn(SHAPE, generator=torch.Generator().manual_seed(derive_seed(SEED, "noise", position.epoch, key)))
+            expected = torch.randn(
+                SHAPE, generator=torch.Generator().manual_seed(derive_seed(SEED, "noise", position.epoch, key))
+            )
             torch.testing.assert_close(noise_of(latent, key), expected, rtol=1e-4, atol=1e-4)
             seen.setdefault(key, []).append(latent)
     twice = [latents for latents in seen.values() if len(latents) >= 2]
@@ -211,7 +229,12 @@ def test_latent_is_mean_plus_std_times_noise_seeded_by_seed_epoch_and_key(datase
 
 def test_noise_does_not_depend_on_rank_or_workers(dataset):
     alone = {k: x for _, keys, latents in two_epochs(dataset, 0, 1, 0)[:4] for k, x in zip(keys, latents)}
-    shared = {k: x for rank in (0, 1) for _, keys, latents in two_epochs(dataset, rank, 2, 2)[:4] for k, x in zip(keys, latents)}
+    shared = {
+        k: x
+        for rank in (0, 1)
+        for _, keys, latents in two_epochs(dataset, rank, 2, 2)[:4]
+        for k, x in zip(keys, latents)
+    }
     common = alone.keys() & shared.keys()
     assert all(torch.equal(alone[k], shared[k]) for k in common)
 
@@ -257,7 +280,11 @@ def test_a_tar_cut_inside_a_member_names_the_shard_and_the_sample(dataset, tmp_p
     with tarfile.open(shard) as tar:
         member = tar.getmember("000000014.latent.npy")
     shard.write_bytes(shard.read_bytes()[: member.offset_data + member.size // 2])
-    with pytest.raises(ShardError, match=r"shard .*shard-000002\.tar is damaged or unreadable after sample 000000013 \(sample 3 of 6\): unexpected end of data") as caught:
+    with pytest.raises(
+        ShardError,
+        match=r"shard .*shard-000002\.tar is damaged or unreadable after sample 000000013 \(sample 3 of 6\): "
+        r"unexpected end of data",
+    ) as caught:
         take(stream(folder, workers=workers), 40)
     assert "Traceback" not in str(caught.value)  # raised in the training process with its own message
     assert isinstance(caught.value, UserError)
@@ -273,7 +300,9 @@ def test_a_tar_cut_between_members_is_caught_by_the_sample_count(dataset, tmp_pa
     with wds.TarWriter(str(shard)) as sink:  # 3 of its 8 samples, a valid but short tar
         for number in range(22, 25):
             sink.write({"__key__": f"{number:09d}", "latent.npy": moments_of(number), "cls": number % 10})
-    with pytest.raises(ShardError, match=r"shard-000004\.tar ends after 3 samples \(last 000000024\) but index.json lists 8"):
+    with pytest.raises(
+        ShardError, match=r"shard-000004\.tar ends after 3 samples \(last 000000024\) but index.json lists 8"
+    ):
         take(stream(folder), 40)
 
 
@@ -282,7 +311,10 @@ def test_a_shard_longer_than_its_index_says_is_an_error(dataset, tmp_path):
     with wds.TarWriter(str(folder / SHARD_PATTERN.format(3))) as sink:  # 5 samples where index.json lists 4
         for number in range(18, 23):
             sink.write({"__key__": f"{number:09d}", "latent.npy": moments_of(number), "cls": number % 10})
-    with pytest.raises(ShardError, match=r"shard-000003\.tar holds more samples than the 4 its index.json lists \(at sample 000000022\)"):
+    with pytest.raises(
+        ShardError,
+        match=r"shard-000003\.tar holds more samples than the 4 its index.json lists \(at sample 000000022\)",
+    ):
         take(stream(folder), 40)
 
 
@@ -304,7 +336,10 @@ def test_a_latent_of_another_shape_than_the_index_says_is_an_error(dataset, tmp_
     with wds.TarWriter(str(folder / SHARD_PATTERN.format(0))) as sink:
         for number in range(7):
             sink.write({"__key__": f"{number:09d}", "latent.npy": np.zeros((2, 4, 8, 8), np.float16), "cls": 0})
-    with pytest.raises(ShardError, match=r"sample 00000000\d: latent\.npy is float16 \(2, 4, 8, 8\), but index\.json says float16 \(2, 4, 4, 4\)"):
+    with pytest.raises(
+        ShardError,
+        match=r"sample 00000000\d: latent\.npy is float16 \(2, 4, 8, 8\), but index\.json says float16 \(2, 4, 4, 4\)",
+    ):
         take(stream(folder), 40)
 
 
@@ -323,11 +358,16 @@ def test_a_brace_pattern_reads_the_same_shards_as_the_folder(dataset):
 
 def test_check_dataset_finds_channel_size_shard_and_condition_problems(dataset, tmp_path):
     assert check_dataset(dataset, 4, 4) == []
-    assert check_dataset(dataset / "index.json", 4, 4, world_size=2, num_workers=2, micro_batch_size=2, condition="class") == []
+    assert (
+        check_dataset(dataset / "index.json", 4, 4, world_size=2, num_workers=2, micro_batch_size=2, condition="class")
+        == []
+    )
     problems = check_dataset(dataset, 3, 8)
     assert any("have 4 channels but the model expects 3" in p for p in problems)
     assert any("are 4x4 but the model expects 8x8" in p for p in problems)
-    assert any("5 shard(s) cannot feed 2 rank(s) x 4" in p for p in check_dataset(dataset, 4, 4, world_size=2, num_workers=4))
+    assert any(
+        "5 shard(s) cannot feed 2 rank(s) x 4" in p for p in check_dataset(dataset, 4, 4, world_size=2, num_workers=4)
+    )
     assert any("no text embeddings" in p for p in check_dataset(dataset, 4, 4, condition="text"))
     assert "not a prepared dataset" in check_dataset(tmp_path, 4, 4)[0]
     gone = copy_dataset(dataset, tmp_path / "gone")
@@ -336,7 +376,12 @@ def test_check_dataset_finds_channel_size_shard_and_condition_problems(dataset, 
 
 
 def test_check_dataset_does_not_import_torch(dataset):
-    code = f"import sys; from orchestrator.data.shards import check_dataset; print(check_dataset({str(dataset)!r}, 4, 4)); assert 'torch' not in sys.modules"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2], check=False)
+    code = (
+        "import sys; from orchestrator.data.shards import check_dataset; "
+        f"print(check_dataset({str(dataset)!r}, 4, 4)); assert 'torch' not in sys.modules"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2], check=False
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -28,7 +28,9 @@ def login_node(monkeypatch):
 
 
 def plan_of(overrides=(), text=SPEC):
-    return make_plan(parse_spec(text, overrides=list(overrides)), JOB, Path("/runs"), python="/opt/venvs/orch/bin/python")
+    return make_plan(
+        parse_spec(text, overrides=list(overrides)), JOB, Path("/runs"), python="/opt/venvs/orch/bin/python"
+    )
 
 
 def own_problems(plan) -> list[str]:
@@ -67,7 +69,9 @@ def test_slurm_auto_device_stays_auto_and_is_resolved_by_the_worker_on_the_node(
     assert resolve_device("cpu") == "cpu" and resolve_device("cuda") == "cuda"  # a decided device is kept
 
     cpu_ranks = plan_of(text=SPEC.replace("gpus_per_node: 8, device: cuda", "processes: 2"))
-    assert cpu_ranks.device == "auto" and "--gpus-per-node" not in cpu_ranks.sbatch_script  # no gpus_per_node: none asked for
+    assert (
+        cpu_ranks.device == "auto" and "--gpus-per-node" not in cpu_ranks.sbatch_script
+    )  # no gpus_per_node: none asked for
     assert "#SBATCH --cpus-per-task=12\n" in cpu_ranks.sbatch_script
 
 
@@ -78,7 +82,9 @@ def test_slurm_cpu_device_asks_for_no_gpu(login_node):
 
 def test_fp16_is_left_to_the_node_for_device_auto_and_refused_for_device_cpu(login_node):
     assert own_problems(plan_of(["resources.device=auto", "train.mixed_precision=fp16"])) == []
-    cpu = plan_of(["train.mixed_precision=fp16"], text=SPEC.replace("gpus_per_node: 8, device: cuda", "processes: 2, device: cpu"))
+    cpu = plan_of(
+        ["train.mixed_precision=fp16"], text=SPEC.replace("gpus_per_node: 8, device: cuda", "processes: 2, device: cpu")
+    )
     assert any("fp16 needs a GPU" in p for p in cpu.problems)
 
 
@@ -164,7 +170,12 @@ def test_a_local_job_with_more_ranks_than_this_node_has_gpus_is_refused_at_plan(
 
     monkeypatch.setattr(plan_module, "gpu_visible", lambda *args: True)
     monkeypatch.setattr(plan_module, "visible_gpu_count", lambda: 2)
-    local = "name: four\ndata: {source: digits, resolution: 8}\ntrain: {steps: 10, global_batch_size: 64}\ntracking: {enabled: false}\n"
+    local = (
+        "name: four\ndata: {source: digits, resolution: 8}\n"
+        "train: {steps: 10, global_batch_size: 64}\ntracking: {enabled: false}\n"
+    )
     problems = plan_of(["resources.gpus_per_node=4", "resources.launcher=torchrun"], text=local).problems
     assert any("4 ranks per node, one per GPU, but this node shows 2 GPU(s)" in p for p in problems), problems
-    assert not any("GPU" in p for p in plan_of(["resources.gpus_per_node=2", "resources.launcher=torchrun"], text=local).problems)
+    assert not any(
+        "GPU" in p for p in plan_of(["resources.gpus_per_node=2", "resources.launcher=torchrun"], text=local).problems
+    )

@@ -15,20 +15,44 @@ from tests.helpers import sbatch_from
 
 EXPECTED_DIR = Path(__file__).parent / "launch_expected"
 ENTRY = ("-m", "orchestrator.worker", "/runs/dit_cats-1")
-REQUIRED = {"job_name": "dit_cats", "script_path": "/runs/dit_cats-1/slurm/job.sbatch", "logs_dir": "/runs/dit_cats-1/logs"}
+REQUIRED = {
+    "job_name": "dit_cats",
+    "script_path": "/runs/dit_cats-1/slurm/job.sbatch",
+    "logs_dir": "/runs/dit_cats-1/logs",
+}
 
 # Set UPDATE_EXPECTED=1 to rewrite the expected files from the code (then review the diff).
 CASES = {
     "slurm_two_nodes_eight_gpus": lambda: sbatch_from(
-        **REQUIRED, python="python", entry=ENTRY, nodes=2, gpus_per_node=8, cpus_per_task=64, mem="256G",
-        partition="gpu", account="proj42", qos="normal", constraint="a100&ib", time_limit="1-00:00:00",
-        signal_seconds=300, sbatch_extra=["--exclusive", "--mail-type=END,FAIL"],
-        setup=["module load cuda/12.4", "source /opt/venvs/orch/bin/activate"], env={"NCCL_DEBUG": "WARN"},
+        **REQUIRED,
+        python="python",
+        entry=ENTRY,
+        nodes=2,
+        gpus_per_node=8,
+        cpus_per_task=64,
+        mem="256G",
+        partition="gpu",
+        account="proj42",
+        qos="normal",
+        constraint="a100&ib",
+        time_limit="1-00:00:00",
+        signal_seconds=300,
+        sbatch_extra=["--exclusive", "--mail-type=END,FAIL"],
+        setup=["module load cuda/12.4", "source /opt/venvs/orch/bin/activate"],
+        env={"NCCL_DEBUG": "WARN"},
         workdir="/runs/dit_cats-1",
     ),
     "slurm_one_node_cpu": lambda: sbatch_from(
-        **REQUIRED, python="/opt/venvs/orch/bin/python", entry=ENTRY, processes_per_node=2, cpus_per_task=2,
-        threads=1, time_limit=30, signal_seconds=60, rdzv_port=29400, requeue=False,
+        **REQUIRED,
+        python="/opt/venvs/orch/bin/python",
+        entry=ENTRY,
+        processes_per_node=2,
+        cpus_per_task=2,
+        threads=1,
+        time_limit=30,
+        signal_seconds=60,
+        rdzv_port=29400,
+        requeue=False,
     ),
 }
 
@@ -63,7 +87,11 @@ def test_the_step_command_is_accepted_by_torchruns_own_parser(case):
     argv = shlex.split(command_line)
     assert argv[1:3] == ["-m", "torch.distributed.run"]
     args = get_args_parser().parse_args(argv[3:])
-    assert (args.module, args.training_script, args.training_script_args) == (True, "orchestrator.worker", ["/runs/dit_cats-1"])
+    assert (args.module, args.training_script, args.training_script_args) == (
+        True,
+        "orchestrator.worker",
+        ["/runs/dit_cats-1"],
+    )
     assert (args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id) == ("c10d", "$ORCH_RDZV_ENDPOINT", "$SLURM_JOB_ID")
     assert args.nproc_per_node == ("8" if case == "slurm_two_nodes_eight_gpus" else "2")
 
@@ -80,9 +108,15 @@ def test_gpus_and_signal_lines_follow_the_values():
 
 def run_thread_lines(script: str, env: dict) -> str:
     """OMP_NUM_THREADS / MKL_NUM_THREADS as the script's thread lines leave them, run by bash."""
-    thread_lines = [line for line in script.splitlines() if line.startswith(("orch_threads=", '[ "$orch_threads"', "export OMP_", "export MKL_"))]
+    thread_lines = [
+        line
+        for line in script.splitlines()
+        if line.startswith(("orch_threads=", '[ "$orch_threads"', "export OMP_", "export MKL_"))
+    ]
     probe = "\n".join([*thread_lines, 'echo "$OMP_NUM_THREADS $MKL_NUM_THREADS"'])
-    clean = {k: v for k, v in os.environ.items() if k not in ("SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    clean = {
+        k: v for k, v in os.environ.items() if k not in ("SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    }
     result = subprocess.run(["bash", "-c", probe], env={**clean, **env}, capture_output=True, text=True, check=True)
     return result.stdout.splitlines()[-1]
 
@@ -131,7 +165,10 @@ def test_time_limit_is_read_as_sbatch_reads_it(text, seconds):
         ({"time_limit": "one hour"}, "time_limit 'one hour' is not a Slurm time limit"),
         ({"time_limit": 0}, "not a Slurm time limit above zero"),
         ({"time_limit": "1:00:00:00"}, "not a Slurm time limit"),
-        ({"time_limit": 2, "signal_seconds": 120}, r"signal_seconds \(120\) must be shorter than time_limit \(2 = 120 s\)"),
+        (
+            {"time_limit": 2, "signal_seconds": 120},
+            r"signal_seconds \(120\) must be shorter than time_limit \(2 = 120 s\)",
+        ),
         ({"signal_seconds": 0}, "signal_seconds must be a whole number of at least 1"),
         ({"signal_seconds": 70000}, "at most 65535"),
         ({"sbatch_extra": ["-N 2"]}, "must be one long option starting with '--'"),
@@ -192,15 +229,26 @@ def run_with_fake_slurm(tmp_path: Path, sleep_s: float, exit_code: int, env_extr
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("scancel", FAKE_SCANCEL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    job = sbatch_from(**REQUIRED, step_command=(sys.executable, "-c", STEP_PROBE, str(sleep_s), str(exit_code)), rdzv_port=29400)
+    job = sbatch_from(
+        **REQUIRED, step_command=(sys.executable, "-c", STEP_PROBE, str(sleep_s), str(exit_code)), rdzv_port=29400
+    )
     script = tmp_path / "job.sbatch"
     script.write_text(job.script)
     report, pid_file, fake_log = tmp_path / "report.txt", tmp_path / "step.pid", tmp_path / "fake_slurm.log"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node-[a-b]",
-           "STEP_REPORT": str(report), "STEP_PID_FILE": str(pid_file), "FAKE_SLURM_LOG": str(fake_log)}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "node-[a-b]",
+        "STEP_REPORT": str(report),
+        "STEP_PID_FILE": str(pid_file),
+        "FAKE_SLURM_LOG": str(fake_log),
+    }
     env.pop("SLURM_RESTART_COUNT", None)
     env.update(env_extra)
-    shell = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    shell = subprocess.Popen(
+        ["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     if send_usr1:
         deadline = time.monotonic() + 10
         while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:

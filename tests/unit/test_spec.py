@@ -6,7 +6,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.specs.job import DIT_PRESETS, JobSpec, SpecError, json_schema, load_spec, parse_spec, spec_changes, spec_from_dict
+from orchestrator.specs.job import (
+    DIT_PRESETS,
+    JobSpec,
+    SpecError,
+    json_schema,
+    load_spec,
+    parse_spec,
+    spec_changes,
+    spec_from_dict,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 MINIMAL = "name: tiny\ntrain:\n  steps: 10\n"
@@ -57,11 +66,15 @@ def test_missing_required_fields_are_named():
 
 
 def test_cross_field_checks_explain_the_fix():
-    message = problems(MINIMAL, overrides=["train.global_batch_size=100", "resources.processes=3", "resources.launcher=torchrun"])
+    message = problems(
+        MINIMAL, overrides=["train.global_batch_size=100", "resources.processes=3", "resources.launcher=torchrun"]
+    )
     assert "does not split over 3 rank(s)" in message and "multiple of 3" in message
     assert "does not divide data.resolution" in problems(MINIMAL + "model: {patch_size: 3}\n")
     assert "not divisible by num_heads" in problems(MINIMAL + "model: {hidden_size: 100, num_heads: 3}\n")
-    assert "launcher local starts one process" in problems(MINIMAL, ["resources.launcher=local", "resources.processes=2"])
+    assert "launcher local starts one process" in problems(
+        MINIMAL, ["resources.launcher=local", "resources.processes=2"]
+    )
 
 
 def test_overrides_beat_yaml_which_beats_defaults():
@@ -154,27 +167,47 @@ def test_readme_spec_reference_matches_the_code():
 
 
 def test_gpus_per_node_sets_the_ranks_per_node_and_contradictions_are_refused():
-    spec = parse_spec("name: big\ntrain: {steps: 10, global_batch_size: 256}\nresources: {gpus_per_node: 8, nodes: 4, rdzv_endpoint: 'n0:29400', launcher: torchrun}\n")
+    spec = parse_spec(
+        "name: big\ntrain: {steps: 10, global_batch_size: 256}\nresources: {gpus_per_node: 8, nodes: 4, rdzv_endpoint: "
+        "'n0:29400', launcher: torchrun}\n"
+    )
     assert spec.resources.processes == 8 and spec.resources.world_size == 32 and spec.micro_batch_size == 8
     assert spec_from_dict(spec.to_dict()) == spec, "the recorded spec (both fields set) reads back"
-    assert "gpus_per_node 8 and processes 4 disagree" in problems(MINIMAL, ["resources.gpus_per_node=8", "resources.processes=4"])
+    assert "gpus_per_node 8 and processes 4 disagree" in problems(
+        MINIMAL, ["resources.gpus_per_node=8", "resources.processes=4"]
+    )
     assert "gpus_per_node needs device cuda" in problems(MINIMAL, ["resources.gpus_per_node=8", "resources.device=cpu"])
 
 
 def test_strategy_settings_belong_to_their_strategy():
-    assert "resources.deepspeed configures the ZeRO strategies" in problems(MINIMAL, ["resources.deepspeed.offload_optimizer=true"])
-    assert "resources.ddp configures strategy ddp, not zero2" in problems(MINIMAL, ["resources.strategy=zero2", "resources.ddp.bucket_mb=50"])
-    assert "offload_params needs strategy zero3" in problems(MINIMAL, ["resources.strategy=zero2", "resources.deepspeed.offload_params=true"])
+    assert "resources.deepspeed configures the ZeRO strategies" in problems(
+        MINIMAL, ["resources.deepspeed.offload_optimizer=true"]
+    )
+    assert "resources.ddp configures strategy ddp, not zero2" in problems(
+        MINIMAL, ["resources.strategy=zero2", "resources.ddp.bucket_mb=50"]
+    )
+    assert "offload_params needs strategy zero3" in problems(
+        MINIMAL, ["resources.strategy=zero2", "resources.deepspeed.offload_params=true"]
+    )
     assert "set both" in problems(MINIMAL, ["resources.strategy=zero3", "resources.deepspeed.offload_params=true"])
-    spec = parse_spec(MINIMAL, overrides=["resources.strategy=zero3", "resources.deepspeed.offload_params=true",
-                                          "resources.deepspeed.offload_optimizer=true", "resources.activation_checkpointing=true"])
+    spec = parse_spec(
+        MINIMAL,
+        overrides=[
+            "resources.strategy=zero3",
+            "resources.deepspeed.offload_params=true",
+            "resources.deepspeed.offload_optimizer=true",
+            "resources.activation_checkpointing=true",
+        ],
+    )
     assert spec.resources.deepspeed.offload_params and spec.resources.activation_checkpointing
 
 
 def test_compile_and_tf32_are_shown_as_they_apply_and_compile_is_refused_under_zero3():
     from orchestrator.jobs.plan import compute_description
 
-    assert "compile is not supported with strategy zero3" in problems(MINIMAL, ["resources.strategy=zero3", "resources.compile=true"])
+    assert "compile is not supported with strategy zero3" in problems(
+        MINIMAL, ["resources.strategy=zero3", "resources.compile=true"]
+    )
     spec = parse_spec(MINIMAL, overrides=["resources.compile=true", "train.mixed_precision=bf16"])
     assert compute_description(spec, "cuda") == "bf16 autocast, fp32 matmuls in TF32, torch.compile per block"
     assert compute_description(spec, "cpu") == "bf16 autocast, fp32 matmuls in fp32, torch.compile per block"
@@ -190,16 +223,30 @@ def test_deepspeed_config_file_is_resolved_next_to_the_spec(tmp_path):
 
 
 def test_hosts_set_the_node_count_for_the_deepspeed_launcher():
-    spec = parse_spec("name: ssh\ntrain: {steps: 10, global_batch_size: 32}\nresources: {launcher: deepspeed, hosts: [n0, n1], processes: 2}\n")
+    spec = parse_spec(
+        "name: ssh\ntrain: {steps: 10, global_batch_size: 32}\nresources: {launcher: deepspeed, hosts: [n0, n1], "
+        "processes: 2}\n"
+    )
     assert spec.resources.nodes == 2 and spec.resources.world_size == 4
     assert spec_from_dict(spec.to_dict()) == spec
-    assert "nodes 3 and hosts (2 listed) disagree" in problems(MINIMAL, ["resources.launcher=deepspeed", "resources.hosts=[a, b]", "resources.nodes=3"])
+    assert "nodes 3 and hosts (2 listed) disagree" in problems(
+        MINIMAL, ["resources.launcher=deepspeed", "resources.hosts=[a, b]", "resources.nodes=3"]
+    )
     assert "lists a host twice" in problems(MINIMAL, ["resources.launcher=deepspeed", "resources.hosts=[a, a]"])
-    assert "either as hosts or as a hostfile" in problems(MINIMAL, ["resources.launcher=deepspeed", "resources.hosts=[a, b]", "resources.hostfile=h"])
+    assert "either as hosts or as a hostfile" in problems(
+        MINIMAL, ["resources.launcher=deepspeed", "resources.hosts=[a, b]", "resources.hostfile=h"]
+    )
     assert "configure launcher: deepspeed" in problems(MINIMAL, ["resources.ssh_port=2222"])
 
 
 def test_fsdp_is_a_strategy_without_deepspeed_settings_or_fp16():
-    assert parse_spec(MINIMAL, overrides=["resources.strategy=fsdp", "resources.launcher=accelerate"]).resources.strategy == "fsdp"
-    assert "configures the ZeRO strategies, not fsdp" in problems(MINIMAL, ["resources.strategy=fsdp", "resources.deepspeed.overlap_comm=true"])
-    assert "fp16 (loss scaling) is supported with ddp only" in problems(MINIMAL, ["resources.strategy=fsdp", "train.mixed_precision=fp16"])
+    assert (
+        parse_spec(MINIMAL, overrides=["resources.strategy=fsdp", "resources.launcher=accelerate"]).resources.strategy
+        == "fsdp"
+    )
+    assert "configures the ZeRO strategies, not fsdp" in problems(
+        MINIMAL, ["resources.strategy=fsdp", "resources.deepspeed.overlap_comm=true"]
+    )
+    assert "fp16 (loss scaling) is supported with ddp only" in problems(
+        MINIMAL, ["resources.strategy=fsdp", "train.mixed_precision=fp16"]
+    )

@@ -11,11 +11,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 # The default topology (28 -> 14 -> 7, attention on the two lower levels), at toy widths.
 TINY = dict(
-    down_channels=(8, 16, 16, 32), mid_channels=(32, 32, 16), down_sample=(True, True, False), num_down_layers=1,
-    num_mid_layers=1, num_up_layers=1, num_heads=2, time_emb_dim=16, attention=(False, True, True), norm_groups=4,
+    down_channels=(8, 16, 16, 32),
+    mid_channels=(32, 32, 16),
+    down_sample=(True, True, False),
+    num_down_layers=1,
+    num_mid_layers=1,
+    num_up_layers=1,
+    num_heads=2,
+    time_emb_dim=16,
+    attention=(False, True, True),
+    norm_groups=4,
 )
-
-
 
 
 def tiny_unet(**overrides) -> UNet:
@@ -131,7 +137,11 @@ def test_unconditional_unet_ignores_labels():
 
 def test_label_dropout_in_training_swaps_labels_for_the_null_class_from_the_global_rng():
     model = randomize(tiny_unet(num_classes=3, class_dropout_prob=0.5))
-    x, t, y = torch.randn(16, 1, 28, 28), torch.arange(16), torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(0))
+    x, t, y = (
+        torch.randn(16, 1, 28, 28),
+        torch.arange(16),
+        torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(0)),
+    )
     torch.manual_seed(7)
     dropped = torch.rand(16) < 0.5
     torch.manual_seed(7)
@@ -139,7 +149,9 @@ def test_label_dropout_in_training_swaps_labels_for_the_null_class_from_the_glob
     expected = model.eval()(x, t, torch.where(dropped, 3, y))  # label 3 is the null row
     assert 0 < dropped.sum() < 16
     torch.testing.assert_close(trained, expected)
-    assert (model(x, t, y) - expected)[~dropped].abs().max() == 0 and (model(x, t, y) - expected)[dropped].abs().max() > 0
+    assert (model(x, t, y) - expected)[~dropped].abs().max() == 0 and (model(x, t, y) - expected)[
+        dropped
+    ].abs().max() > 0
 
 
 def test_forward_with_cfg_guides_the_prediction_and_keeps_conditional_sigma():
@@ -182,14 +194,22 @@ def test_backward_reaches_every_parameter():
 
 
 def test_a_tiny_unet_overfits_one_batch():
-    model = tiny_unet(down_channels=(8, 16, 16), mid_channels=(16, 16), down_sample=(True, False), attention=(False, True), num_classes=2)
+    model = tiny_unet(
+        down_channels=(8, 16, 16),
+        mid_channels=(16, 16),
+        down_sample=(True, False),
+        attention=(False, True),
+        num_classes=2,
+    )
     generator = torch.Generator().manual_seed(0)
     x0, y = torch.rand((8, 1, 16, 16), generator=generator) * 2 - 1, torch.randint(0, 2, (8,), generator=generator)
     scheduler = make_noise_scheduler(100)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(100):
-        loss = diffusion_loss(model, x0, y, scheduler, generator=torch.Generator().manual_seed(0))  # the same t and noise: one batch
+        loss = diffusion_loss(
+            model, x0, y, scheduler, generator=torch.Generator().manual_seed(0)
+        )  # the same t and noise: one batch
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

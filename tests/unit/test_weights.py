@@ -1,4 +1,5 @@
-"""Loading published DiT checkpoints (.pt state dicts in the official layout) and orch's own .safetensors by exact keys."""
+"""Loading published DiT checkpoints (.pt state dicts in the official layout) and orch's own .safetensors by exact
+keys."""
 
 import pytest
 import torch
@@ -9,7 +10,19 @@ from orchestrator.components.weights import WeightsMismatch, load_weights
 
 
 def tiny_dit(**overrides) -> DiT:
-    return DiT(**{"input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 32, "depth": 2, "num_heads": 2, "num_classes": 10, "learn_sigma": True, **overrides})
+    return DiT(
+        **{
+            "input_size": 8,
+            "patch_size": 2,
+            "in_channels": 4,
+            "hidden_size": 32,
+            "depth": 2,
+            "num_heads": 2,
+            "num_classes": 10,
+            "learn_sigma": True,
+            **overrides,
+        }
+    )
 
 
 @pytest.mark.parametrize("layout", ["state_dict", "training_checkpoint"])
@@ -19,8 +32,13 @@ def test_a_published_pt_loads_with_every_key_and_the_same_outputs(tmp_path, layo
     for p in published.parameters():  # zero-initialised layers would make any two models agree
         torch.nn.init.normal_(p, std=0.02)
     state = published.state_dict()
-    # DiT-XL-2-256x256.pt is a bare state dict of EMA weights; DiT's own training checkpoints hold {"model", "ema", "opt", "args"}.
-    saved = state if layout == "state_dict" else {"model": {k: v + 1 for k, v in state.items()}, "ema": state, "opt": {}, "args": None}
+    # DiT-XL-2-256x256.pt is a bare state dict of EMA weights; DiT's own training checkpoints hold {"model", "ema",
+    # "opt", "args"}.
+    saved = (
+        state
+        if layout == "state_dict"
+        else {"model": {k: v + 1 for k, v in state.items()}, "ema": state, "opt": {}, "args": None}
+    )
     torch.save(saved, tmp_path / "DiT-XL-2-256x256.pt")
 
     torch.manual_seed(1)
