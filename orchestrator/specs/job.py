@@ -10,7 +10,6 @@ raise `SpecError`, whose message names the YAML path and line and suggests the n
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import re
@@ -18,12 +17,21 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from launch.deepspeed import DEFAULT_BUCKET_SIZE
 from launch.torchrun import check_host_port
 from model.sizes import DIT_PRESETS
-from orchestrator.errors import UserError
+from orchestrator.specs.base import (
+    Section,
+    SpecError,
+    did_you_mean,
+    flatten,
+    load_yaml_with_lines,
+    parse_override,
+    set_path,
+    validate_tree,
+)
 
 SPEC_VERSION = 1
 
@@ -49,14 +57,6 @@ def device_precision_refusal(device: str, mixed_precision: str) -> str | None:
     if mixed_precision == "fp16" and device == "cpu":
         return "train.mixed_precision fp16 needs a GPU; on CPU use bf16 (or no)"
     return None
-
-
-class SpecError(UserError):
-    """A spec the user must fix; the message says where and how."""
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class UNetSpec(Section):
@@ -160,7 +160,7 @@ class ModelSpec(Section):
     def _known_preset(cls, preset: str | None) -> str | None:
         if preset is not None and preset not in DIT_PRESETS:
             raise ValueError(
-                f"unknown preset {preset!r}{_did_you_mean(preset, DIT_PRESETS)} (valid: {', '.join(DIT_PRESETS)})"
+                f"unknown preset {preset!r}{did_you_mean(preset, DIT_PRESETS)} (valid: {', '.join(DIT_PRESETS)})"
             )
         return preset
 
@@ -670,7 +670,7 @@ class JobSpec(Section):
 
     def flat(self) -> dict[str, Any]:
         """The spec as dotted keys (`train.learning_rate`), as MLflow params."""
-        return _flatten(self.to_dict())
+        return flatten(self.to_dict())
 
     def digest(self) -> str:
         """A short hash of the resolved spec."""
@@ -710,8 +710,8 @@ def parse_spec(text: str, source: str = "<spec>", overrides=(), base_dir: Path |
     raw = _canonical_keys(raw)
     origins = {key: f"line {line}" for key, line in lines.items()}
     for override in overrides:
-        key_path, value = _parse_override(override)
-        _set_path(raw, key_path, value, override)
+        key_path, value = parse_override(override, ALIASES)
+        set_path(raw, key_path, value, override)
         origins[key_path] = f"--set {override}"
     spec = validate_tree(JobSpec, raw, source, origins)
     for key_path, value in (
@@ -733,7 +733,7 @@ def spec_from_dict(raw: dict[str, Any], source: str = "<spec>") -> JobSpec:
 def replace(spec: JobSpec, key_path: str, value: Any) -> JobSpec:
     """A copy of the spec with one dotted field changed (validated again)."""
     raw = spec.to_dict()
-    _set_path(raw, tuple(key_path.split(".")), value, key_path)
+    set_path(raw, tuple(key_path.split(".")), value, key_path)
     return validate_tree(JobSpec, raw, "<replace>", {})
 
 
@@ -790,41 +790,6 @@ def _default_text(field: Any) -> str:
     return "empty" if default is None else f"`{default!r}`" if default == "" else f"`{default}`"
 
 
-def load_yaml_with_lines(
-    text: str, source: str, empty_hint: str = "it needs its sections"
-) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
-    """Parse YAML safely (no duplicate keys); return the data and the line of every mapping key, by key path."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{source}:{where} is not valid YAML: {getattr(err, 'problem', err)}") from None
-    if data is None:
-        raise SpecError(f"{source}: the spec is empty; {empty_hint}")
-    if not isinstance(data, dict):
-        raise SpecError(f"{source}: a spec is a YAML mapping of sections, not a {type(data).__name__}")
-    lines: dict[tuple[str, ...], int] = {}
-
-    def walk(node: yaml.Node, prefix: tuple[str, ...]) -> None:
-        if not isinstance(node, yaml.MappingNode):
-            return
-        seen: set[str] = set()
-        for key_node, value_node in node.value:
-            key = str(key_node.value)
-            if key in seen:
-                raise SpecError(
-                    f"{source}: line {key_node.start_mark.line + 1}: key {'.'.join(prefix + (key,))} appears twice"
-                )
-            seen.add(key)
-            lines[prefix + (key,)] = key_node.start_mark.line + 1
-            walk(value_node, prefix + (key,))
-
-    walk(root, ())
-    return data, lines
-
-
 def _canonical_keys(raw: dict[str, Any]) -> dict[str, Any]:
     """Rewrite accepted short names (`train.lr`) to the field names."""
     for (section, alias), name in ALIASES.items():
@@ -834,97 +799,3 @@ def _canonical_keys(raw: dict[str, Any]) -> dict[str, Any]:
                 raise SpecError(f"{section}.{alias} and {section}.{name} are the same field; give only one")
             block[name] = block.pop(alias)
     return raw
-
-
-def _parse_override(override: str) -> tuple[tuple[str, ...], Any]:
-    key, sep, text = override.partition("=")
-    if not sep or not key.strip():
-        raise SpecError(f"--set {override!r}: expected KEY.PATH=VALUE, e.g. --set train.learning_rate=3e-4")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
-    path = tuple(key.strip().split("."))
-    section, *rest = path
-    if rest and (section, rest[0]) in ALIASES:
-        path = (section, ALIASES[(section, rest[0])], *rest[1:])
-    return path, value
-
-
-def _set_path(raw: dict[str, Any], path: tuple[str, ...], value: Any, origin: str) -> None:
-    node = raw
-    for depth, key in enumerate(path[:-1]):
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise SpecError(f"--set {origin}: {'.'.join(path[: depth + 1])} is a value, not a section")
-        node = child
-    node[path[-1]] = value
-
-
-def validate_tree(root: type[BaseModel], raw: dict[str, Any], source: str, origins: dict[tuple[str, ...], str]):
-    """root.model_validate(raw), every problem turned into one line of a SpecError (origin, path, what is wrong, the
-    near miss)."""
-    try:
-        return root.model_validate(raw)
-    except ValidationError as err:
-        problems = sorted((_describe(root, error, origins) for error in err.errors()), key=_line_number)
-    noun = "problem" if len(problems) == 1 else "problems"
-    raise SpecError(f"{source}: {len(problems)} {noun}\n" + "\n".join(f"  {p}" for p in problems))
-
-
-def _describe(root: type[BaseModel], error: dict[str, Any], origins: dict[tuple[str, ...], str]) -> str:
-    """One line per problem: where (line or --set), the dotted path, what is wrong, what is allowed."""
-    loc = tuple(str(part) for part in error["loc"] if not str(part).startswith("function-"))
-    loc = tuple(part for part in loc if part not in ("literal['dit']",))
-    dotted = ".".join(loc)
-    where = _origin(loc, origins) + (f"{dotted}: " if dotted else "")
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        section_cls = _section_class(root, loc[:-1])
-        valid = list(section_cls.model_fields) if section_cls else []
-        hint = _did_you_mean(loc[-1], valid)
-        return f"{where}unknown key{hint} (valid: {', '.join(valid)})"
-    if kind == "missing":
-        return f"{where}required, missing"
-    message = error["msg"].removeprefix("Value error, ")
-    if kind in ("value_error", "assertion_error") or "input" not in error:
-        return f"{where}{message}"
-    return f"{where}{message[0].lower() + message[1:]}, got {error['input']!r}"
-
-
-def _line_number(problem: str) -> int:
-    match = re.match(r"line (\d+):", problem)
-    return int(match.group(1)) if match else 0
-
-
-def _origin(loc: tuple[str, ...], origins: dict[tuple[str, ...], str]) -> str:
-    for cut in range(len(loc), 0, -1):
-        if loc[:cut] in origins:
-            return f"{origins[loc[:cut]]}: "
-    return ""
-
-
-def _section_class(root: type[BaseModel], loc: tuple[str, ...]) -> type[BaseModel] | None:
-    cls = root
-    for part in loc:
-        field = cls.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        cls = annotation
-    return cls
-
-
-def _did_you_mean(word: str, candidates) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from orchestrator.specs.job import Section, SpecError, _parse_override, _set_path, load_yaml_with_lines, validate_tree
+from orchestrator.specs.base import Section, SpecError, load_yaml_with_lines, parse_override, set_path, validate_tree
 
 PREPARE_VERSION = 1
 TABLE_FORMATS = (".jsonl", ".csv", ".parquet")
@@ -171,8 +171,8 @@ def parse_prepare_spec(text: str, source: str = "<spec>", overrides=(), base_dir
         )
     origins = {key: f"line {line}" for key, line in lines.items()}
     for override in overrides:
-        key_path, value = _parse_override(override)
-        _set_path(raw, key_path, value, override)
+        key_path, value = parse_override(override)
+        set_path(raw, key_path, value, override)
         origins[key_path] = f"--set {override}"
     spec = validate_tree(PrepareSpec, raw, source, origins)
     if base_dir is None:
