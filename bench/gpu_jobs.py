@@ -123,9 +123,8 @@ def make_latent_dataset(work: Path, device: str, images_per_class: int = 40) -> 
         folder = work / "images" / f"class{label}"
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(images_per_class):
-            coarse = rng.integers(
-                0, 256, (8, 8, 3), dtype=np.uint8
-            )  # smooth colour fields, a little different per class
+            # smooth colour fields, a little different per class
+            coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
             coarse[..., label % 3] //= 2
             Image.fromarray(coarse).resize((2 * LATENT_SIDE, 2 * LATENT_SIDE), Image.BILINEAR).save(folder / f"{i}.png")
     spec = {

@@ -40,9 +40,8 @@ from orchestrator.specs.prepare import load_prepare_spec  # noqa: E402
 
 RESOLUTION = 256
 VAES = {
-    "tiny": dict(
-        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False
-    ),  # attention over 128x128 positions would dominate
+    # attention over 128x128 positions would dominate
+    "tiny": dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False),
     "SD (sd-vae-ft-mse architecture)": dict(
         block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32
     ),

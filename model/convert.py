@@ -108,9 +108,8 @@ def from_diffusers(transformer: DiTTransformer2DModel, class_dropout_prob: float
     ours = official_state_dict(state, depth, has_null_class=class_dropout_prob > 0)
     reference = state["pos_embed.proj.weight"]
     pos_embed = get_2d_sincos_pos_embed(model.pos_embed.shape[-1], model.x_embedder.grid_size)  # (T, D)
-    ours["pos_embed"] = (
-        torch.from_numpy(pos_embed).float().unsqueeze(0).to(reference.device, reference.dtype)
-    )  # (1, T, D)
+    # (1, T, D)
+    ours["pos_embed"] = torch.from_numpy(pos_embed).float().unsqueeze(0).to(reference.device, reference.dtype)
     ours = {name: tensor.detach().clone() for name, tensor in ours.items()}
     model.load_state_dict(ours, strict=True, assign=True)
     return model.eval()
@@ -184,9 +183,8 @@ def official_state_dict(
     }
     for i in range(depth):
         src, dst = f"transformer_blocks.{i}.", f"blocks.{i}."
-        ours[dst + "attn.qkv.weight"] = torch.cat(
-            [state[src + f"attn1.to_{n}.weight"] for n in "qkv"], dim=0
-        )  # (3D, D)
+        # (3D, D)
+        ours[dst + "attn.qkv.weight"] = torch.cat([state[src + f"attn1.to_{n}.weight"] for n in "qkv"], dim=0)
         ours[dst + "attn.qkv.bias"] = torch.cat([state[src + f"attn1.to_{n}.bias"] for n in "qkv"], dim=0)  # (3D,)
         ours[dst + "attn.proj.weight"] = state[src + "attn1.to_out.0.weight"]
         ours[dst + "attn.proj.bias"] = state[src + "attn1.to_out.0.bias"]

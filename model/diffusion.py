@@ -113,9 +113,8 @@ def diffusion_loss(
     if vlb_weight > 0:
         # The stop-gradient on the prediction leaves L_vlb to train the variance alone (Nichol & Dhariwal 2021, Sec.
         # 3.1).
-        vlb = variational_bound(
-            prediction.detach(), out[:, c:], x0, x_t, t, noise_scheduler
-        )  # (N,), bits per dimension
+        # (N,), bits per dimension
+        vlb = variational_bound(prediction.detach(), out[:, c:], x0, x_t, t, noise_scheduler)
         loss = loss + vlb_weight * num_train_timesteps * vlb.mean()
     return loss
 

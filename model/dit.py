@@ -237,9 +237,8 @@ class TextEmbedder(nn.Module):
                 drop = force_drop_ids.to(tokens.device) == 1  # (N,)
             first = torch.arange(length, device=tokens.device) == 0  # (L,)
             null = self.null_embedding.to(tokens.dtype)  # (1, D)
-            null_tokens = torch.where(
-                first[:, None], null, torch.zeros_like(null)
-            )  # (L, D): the null token, then padding
+            # (L, D): the null token, then padding
+            null_tokens = torch.where(first[:, None], null, torch.zeros_like(null))
             tokens = torch.where(drop[:, None, None], null_tokens, tokens)  # (N, L, D)
             mask = torch.where(drop[:, None], first, mask)  # (N, L)
             pooled = torch.where(drop[:, None], null, pooled)  # (N, D)
@@ -272,9 +271,8 @@ class Attention(nn.Module):
         n, t, d = x.shape
         qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, self.head_dim)  # (N, T, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, H, T, Dh)
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=_key_mask(mask)
-        )  # (N, H, T, Dh), softmax(q k^T / sqrt(Dh)) v
+        # (N, H, T, Dh), softmax(q k^T / sqrt(Dh)) v
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask(mask))
         x = x.transpose(1, 2).reshape(n, t, d)  # (N, T, D)
         return self.proj(x)  # (N, T, D)
 
@@ -640,9 +638,8 @@ class DiT(nn.Module):
             )
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / p ** 2
         t = self.t_embedder(t)  # (N, D)
-        tokens, mask, pooled = self.embed_condition(
-            y, x.shape[0], force_drop_ids
-        )  # (N, L, D), (N, L) or None, (N, D) or None
+        # (N, L, D), (N, L) or None, (N, D) or None
+        tokens, mask, pooled = self.embed_condition(y, x.shape[0], force_drop_ids)
         c = t if pooled is None else t + pooled  # (N, D)
         if self.conditioning in ("adaln_zero", "adaln"):
             for block in self.blocks:

@@ -28,9 +28,8 @@ from model import dit
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal features (N, dim) of possibly fractional timesteps t (N,): sines, then cosines (Ho et al. 2020)."""
     half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    )  # (dim/2,)
+    # (dim/2,)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     angles = t.float()[:, None] * freqs[None, :]  # (N, dim/2)
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)  # (N, dim)
 
@@ -405,9 +404,8 @@ class UNet(nn.Module):
         skips = []
         checkpointed = self.activation_checkpointing
         for block in self.down_blocks:
-            h, skip = dit.run_block(
-                block, checkpointed, h, temb
-            )  # (N, C_{i+1}, H_{i+1}, W_{i+1}), skip (N, C_{i+1}, H_i, W_i)
+            # (N, C_{i+1}, H_{i+1}, W_{i+1}), skip (N, C_{i+1}, H_i, W_i)
+            h, skip = dit.run_block(block, checkpointed, h, temb)
             skips.append(skip)
         for block in self.mid_blocks:
             h = dit.run_block(block, checkpointed, h, temb)  # (N, M_{j+1}, H_L, W_L)

@@ -444,9 +444,8 @@ def load_encoders(spec: PrepareSpec, device: str, captions: bool) -> Encoders:
 
 def load_vae(vae_spec: VaeSpec, device: str, dtype: torch.dtype) -> torch.nn.Module:
     require_local_folder(vae_spec.name, "vae.name")
-    return vae_loader.load_vae(
-        vae_spec.name, device, dtype, subfolder=vae_spec.subfolder
-    )  # the one loader training and sampling decode with
+    # the one loader training and sampling decode with
+    return vae_loader.load_vae(vae_spec.name, device, dtype, subfolder=vae_spec.subfolder)
 
 
 @torch.inference_mode()
@@ -493,9 +492,8 @@ def claim_output(out: Path, spec: PrepareSpec, inputs: Inputs, rank: int) -> Non
         raise PrepareError(f"cannot create output.path {out}: {err.strerror}") from None
     path = out / MANIFEST_FILE
     if not path.exists():
-        if (out / shardformat.INDEX_FILE).exists() or any(
-            out.glob("shard-*.tar")
-        ):  # every rank claims before it writes a shard
+        # every rank claims before it writes a shard
+        if (out / shardformat.INDEX_FILE).exists() or any(out.glob("shard-*.tar")):
             raise PrepareError(
                 f"{out} holds shards that this preparation did not write ({MANIFEST_FILE} is missing); use a new "
                 "output.path"

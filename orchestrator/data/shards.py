@@ -518,9 +518,8 @@ def read_shard(url: str, expected: int) -> Iterator[dict[str, Any]]:
     except ShardError:
         raise
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
-        reason = (
-            str(err.args[0]).split(" @ ")[0] if err.args else type(err).__name__
-        )  # webdataset appends " @ <file object>"
+        # webdataset appends " @ <file object>"
+        reason = str(err.args[0]).split(" @ ")[0] if err.args else type(err).__name__
         after = f"after sample {last}" if last is not None else "before its first sample"
         raise ShardError(
             f"shard {url} is damaged or unreadable {after} (sample {count + 1} of {expected}): {reason}; run `orch "

@@ -556,9 +556,8 @@ def check_data(spec: JobSpec) -> None:
         from orchestrator.data.shards import ShardError, check_dataset, open_shards
 
         try:
-            shards = open_shards(
-                spec.data.path
-            )  # a prepared folder, or shard paths / a brace pattern beside their index.json
+            # a prepared folder, or shard paths / a brace pattern beside their index.json
+            shards = open_shards(spec.data.path)
         except (ShardError, ValueError) as err:
             raise PlanError(str(err)) from None
         index = shards.index

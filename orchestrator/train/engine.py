@@ -217,9 +217,8 @@ class Engine(ABC):
         self.accelerator.wait_for_everyone()
 
     def close(self) -> None:
-        if (
-            self._pending_flag is not None
-        ):  # the last step's agreement, still in flight: finish it before the group goes
+        # the last step's agreement, still in flight: finish it before the group goes
+        if self._pending_flag is not None:
             self._pending_flag[0].wait()
             self._pending_flag = None
         self.accelerator.end_training()

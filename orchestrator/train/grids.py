@@ -29,15 +29,13 @@ class GridMaker:
         self.spec, self.model_input, self.device = s, model_input, device
         self.condition_kind = spec.model.condition
         if self.condition_kind == "text":
-            captions, conditions = first_captions(
-                spec.data.path, count=s.text_rows
-            )  # R captions; text dict of (R, ...) tensors
+            # R captions; text dict of (R, ...) tensors
+            captions, conditions = first_captions(spec.data.path, count=s.text_rows)
             log.info("grid rows: %s", "; ".join(repr(c) for c in captions))
             self.rows = len(captions)
             self.conditions = {k: v.repeat_interleave(s.per_class, 0).to(device) for k, v in conditions.items()}
-            self.labels = torch.zeros(
-                self.rows * s.per_class, dtype=torch.long, device=device
-            )  # (N,) unused by a text model
+            # (N,) unused by a text model
+            self.labels = torch.zeros(self.rows * s.per_class, dtype=torch.long, device=device)
         else:
             classes = s.classes if s.classes is not None else list(range(min(10, model_input.num_classes)))
             self.rows = len(classes)
@@ -47,9 +45,8 @@ class GridMaker:
         self.noise = torch.randn((len(self.labels), *model_input.shape), generator=generator).to(device)  # (N, C, H, W)
         self.settings = SamplerSettings.of(spec, model_input)  # spec.sample's sampler, steps and guidance
         self._vae = None
-        if (
-            model_input.latent is not None
-        ):  # now, not at the first grid hours in: a VAE that cannot load stops the job at once
+        # now, not at the first grid hours in: a VAE that cannot load stops the job at once
+        if model_input.latent is not None:
             from orchestrator.components.vae import load_vae
 
             self._vae = load_vae(model_input.latent.vae, device)

@@ -116,9 +116,8 @@ class Trainer:
             model, decay=spec.ema.decay, warmup_power=spec.ema.warmup_power, update_every=spec.ema.update_every
         )
         model.activation_checkpointing = spec.resources.activation_checkpointing
-        if (
-            spec.resources.compile
-        ):  # before DDP/FSDP wrap the model (accelerate's dynamo_backend would not compile under DDP)
+        # before DDP/FSDP wrap the model (accelerate's dynamo_backend would not compile under DDP)
+        if spec.resources.compile:
             log.info("torch.compile: %d blocks (compiled at the first step)", compile_blocks(model))
         optimizer = engine.make_optimizer(
             model.parameters(), lr=t.learning_rate, betas=t.adam_betas, eps=t.adam_eps, weight_decay=t.weight_decay
@@ -128,9 +127,8 @@ class Trainer:
         self.model, self.optimizer = engine.prepare(model, optimizer)
         self.ema.to(engine.device)  # where the model trains: updates and grids never cross to the host
         if spec.model.init_from and job.latest_checkpoint() is None:
-            engine.load_full_state_dict(
-                self.model, read_weights(Path(spec.model.init_from))
-            )  # DeepSpeed's fp32 master copy too
+            # DeepSpeed's fp32 master copy too
+            engine.load_full_state_dict(self.model, read_weights(Path(spec.model.init_from)))
         self.noise_scheduler = make_diffusion(spec)
         self.vlb_weight = HYBRID_VLB_WEIGHT if spec.diffusion.loss == "hybrid" else 0.0
 
@@ -229,17 +227,15 @@ class Trainer:
                 skipped_steps += 1
             else:  # the schedule and the EMA follow the updates that happened
                 self.scheduler.step()
-                engine.update_ema(
-                    self.ema, model, self.step
-                )  # under ZeRO and FSDP the full weights are gathered for it
+                # under ZeRO and FSDP the full weights are gathered for it
+                engine.update_ema(self.ema, model, self.step)
             window_steps += 1
             if report_compiled:  # the first step compiled the blocks
                 log.info("torch.compile: %s in %.1f s", compiled_graphs(), time.perf_counter() - window_start)
                 report_compiled = False
 
-            stopping = engine.any_since_last_step(
-                self.stop.requested
-            )  # a signal is acted on by every rank at the same step
+            # a signal is acted on by every rank at the same step
+            stopping = engine.any_since_last_step(self.stop.requested)
             done = self.step == t.steps
             if self.step % spec.tracking.log_every == 0 or done or stopping:
                 step_time = (time.perf_counter() - window_start - paused) / window_steps
@@ -313,9 +309,8 @@ class Trainer:
         in synchronous training every node steps at the pace of the slowest, and its data wait or
         memory is what tells the straggler (a slow filesystem, a rank near its memory limit) apart.
         """
-        per_rank = self.engine.gather_floats(
-            [self._peak_memory_bytes() / 1e9, data_wait]
-        )  # (world size, 2), rank-major
+        # (world size, 2), rank-major
+        per_rank = self.engine.gather_floats([self._peak_memory_bytes() / 1e9, data_wait])
         per_node = [
             per_rank[n : n + self.spec.resources.processes]
             for n in range(0, len(per_rank), self.spec.resources.processes)

@@ -257,9 +257,8 @@ class ZeroEngine(Engine):
         if self.stage == 3:
             import deepspeed
 
-            context = deepspeed.zero.GatheredParameters(
-                [p for _, p in params], modifier_rank=0
-            )  # rank 0's copy is scattered
+            # rank 0's copy is scattered
+            context = deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0)
         with torch.no_grad():
             with context:
                 for name, param in params:

@@ -232,9 +232,8 @@ def _export_pipeline(
     padded.pos_embed.pos_embed = transformer.pos_embed.pos_embed
     vae = load_vae(model_input.latent.vae)
     names = class_names(spec, k)
-    pipeline = DiTPipeline(
-        transformer=padded.eval(), vae=vae, scheduler=scheduler
-    )  # (class names go to orch_export.json: DiTPipeline does not save its id2label)
+    # (class names go to orch_export.json: DiTPipeline does not save its id2label)
+    pipeline = DiTPipeline(transformer=padded.eval(), vae=vae, scheduler=scheduler)
     _prepare(out_dir, DIFFUSERS_NAMES)
     pipeline.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / "spec.yaml").write_text(spec.to_yaml())

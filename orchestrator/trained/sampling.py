@@ -391,7 +391,6 @@ def progression_frames(
 
 def progression_strip(model: torch.nn.Module, spec: JobSpec, labels: list[int], **options) -> Image.Image:
     """An image of x0 predictions across the timesteps: one row per label, one column per frame (noise to sample)."""
-    strip = progression_frames(
-        model, spec, labels, **options
-    )  # (N, K, C, H, W); options as progression_frames takes them
+    # (N, K, C, H, W); options as progression_frames takes them
+    strip = progression_frames(model, spec, labels, **options)
     return make_grid(strip.flatten(0, 1), rows=len(labels))  # rows of K frames

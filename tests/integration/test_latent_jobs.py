@@ -91,9 +91,8 @@ def test_a_class_conditional_dit_trains_on_latents_and_samples_decoded_images(tm
     recorded = json.loads((checkpoint / "model_input.json").read_text())
     assert recorded["channels"] == 4 and recorded["size"] == 8 and recorded["num_classes"] == 3
     assert recorded["latent"]["vae"] == str(prepared.parent / "vae") and recorded["latent"]["image_resolution"] == RES
-    assert (
-        load_file(checkpoint / "ema.safetensors")["x_embedder.proj.weight"].shape[1] == 4
-    )  # the network takes 4 latent channels
+    # the network takes 4 latent channels
+    assert load_file(checkpoint / "ema.safetensors")["x_embedder.proj.weight"].shape[1] == 4
 
     out = tmp_path / "samples"
     sampled = orch(
@@ -200,9 +199,8 @@ def test_a_dataset_that_cannot_feed_the_spec_is_refused_before_anything_starts(t
         f"data.path={prepared}/shard-{{000000..000002}}.tar",
         root=root,
     )
-    assert pattern.returncode == 0 and "warning" not in pattern.stderr, (
-        pattern.stderr
-    )  # three of the four shards, by a brace pattern
+    # three of the four shards, by a brace pattern
+    assert pattern.returncode == 0 and "warning" not in pattern.stderr, pattern.stderr
     assert not root.exists() or not any(root.iterdir()), "a refused submit created a job"
     # A VAE that cannot be loaded stops the job at its start, not at its first grid hours in.
     vaeless = tmp_path / "vaeless"

@@ -242,9 +242,8 @@ def test_captions_give_pooled_and_per_token_embeddings(tmp_path, vae_dir, text_e
 
 
 def test_the_training_reader_takes_what_prepare_writes(tmp_path, vae_dir, text_encoder_dir):
-    shards = pytest.importorskip(
-        "orchestrator.data.shards"
-    )  # written alongside; this checks the shared format end to end
+    # written alongside; this checks the shared format end to end
+    shards = pytest.importorskip("orchestrator.data.shards")
     image_folder(tmp_path / "images")
     (tmp_path / "images" / "cat" / "a.txt").write_text("a noisy cat")
     prepare(
@@ -377,9 +376,8 @@ def test_csv_and_parquet_tables_are_read_like_jsonl(tmp_path, vae_dir, image_ser
         )
         prepare(load_prepare_spec(spec))
         index = shardformat.DatasetIndex.read(tmp_path / f"out-{table}")
-        assert (
-            index.num_samples == 2 and index.num_classes == 4 and index.class_names is None
-        )  # integer labels are kept
+        # integer labels are kept
+        assert index.num_samples == 2 and index.num_classes == 4 and index.class_names is None
         assert [s["cls"] for _, s in sorted(read_samples(tmp_path / f"out-{table}").items())] == ["3", "1"]
 
 
@@ -481,9 +479,8 @@ def test_a_changed_spec_cannot_continue_someone_elses_output(tmp_path, vae_dir):
     prepare(load_prepare_spec(folder_spec(tmp_path, vae_dir)))
     with pytest.raises(PrepareError, match=r"started with other settings \(output.shard_size: 3 -> 4\)"):
         prepare(load_prepare_spec(folder_spec(tmp_path, vae_dir, output={"path": "out", "shard_size": 4})))
-    again = prepare(
-        load_prepare_spec(folder_spec(tmp_path, vae_dir, resources={"batch_size": 5}))
-    )  # speed settings may change
+    # speed settings may change
+    again = prepare(load_prepare_spec(folder_spec(tmp_path, vae_dir, resources={"batch_size": 5})))
     assert again.shards_written == [] and again.shards_done_before == [0, 1, 2] and again.index is not None
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "shard-000000.tar").write_bytes(b"")

@@ -124,9 +124,8 @@ def test_the_same_seed_gives_the_same_images_whatever_the_batch_size(loaded, sam
     assert first.shape == (20, 1, 8, 8) and first.abs().max() <= 1
     assert torch.equal(first, sample_images(model, spec, labels, seed=1, **settings))
     assert torch.equal(first, sample_images(model, spec, labels, seed=1, batch_size=3, **settings))
-    assert torch.equal(
-        first[:5], sample_images(model, spec, labels[:5], seed=1, **settings)
-    )  # image i depends on (seed, i) only
+    # image i depends on (seed, i) only
+    assert torch.equal(first[:5], sample_images(model, spec, labels[:5], seed=1, **settings))
     assert not torch.equal(first, sample_images(model, spec, labels, seed=2, **settings))
 
 

@@ -77,9 +77,8 @@ def test_zero3_offloaded_and_checkpointed_trains_like_ddp_keeps_its_deepspeed_js
         "ZeRO-3, offload optimizer + weights, reduce bucket 4,321" in planned.stdout
         and "activation checkpointing on" in planned.stdout
     )
-    assert (
-        "offloaded to CPU memory" in planned.stdout and "checkpointed" in planned.stdout
-    )  # the memory estimate follows the settings
+    # the memory estimate follows the settings
+    assert "offloaded to CPU memory" in planned.stdout and "checkpointed" in planned.stdout
 
     def edit_the_users_file(job):
         # The job keeps the JSON it was submitted with: an edit (here, one that contradicts the spec) does not reach it.
@@ -204,9 +203,8 @@ def test_fsdp_in_bf16_compiled_and_checkpointed_trains_in_one_process(tmp_path):
     done = orch("submit", str(spec), root=tmp_path / "runs")
     job = only_job(tmp_path / "runs")
     assert done.returncode == 0 and state(job)["state"] == "succeeded", log_text(job)
-    assert "torch.compile: 1 graph(s) compiled, 0 graph break(s)" in log_text(
-        job
-    )  # FSDP2's hooks sit outside the compiled blocks
+    # FSDP2's hooks sit outside the compiled blocks
+    assert "torch.compile: 1 graph(s) compiled, 0 graph break(s)" in log_text(job)
     model, _ = final_weights(job)
     assert all(tensor.dtype.is_floating_point and tensor.isfinite().all() for tensor in model.values())
     planned = orch("plan", str(spec), root=tmp_path / "runs")

@@ -178,9 +178,8 @@ def test_deterministic_turns_on_deterministic_kernels_and_off_cudnn_autotuning(m
         set_determinism(True, "cuda")
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
-        assert (
-            os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-        )  # cuBLAS reads it when it starts, before the first matmul
+        # cuBLAS reads it when it starts, before the first matmul
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
         set_determinism(False, "cuda")
         assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark  # the fast default on a GPU
     finally:

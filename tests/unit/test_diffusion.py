@@ -286,9 +286,8 @@ def test_fixed_noise_fixes_ddim_samples_and_matches_the_generators_own_draw():
         model, labels, SHAPE, scheduler, sampler="ddim", num_steps=10, generator=torch.Generator().manual_seed(9)
     )
     assert torch.equal(with_noise, from_generator)
-    assert torch.equal(
-        noise, torch.randn((3, *SHAPE), generator=torch.Generator().manual_seed(9))
-    )  # caller's noise untouched
+    # caller's noise untouched
+    assert torch.equal(noise, torch.randn((3, *SHAPE), generator=torch.Generator().manual_seed(9)))
 
 
 def test_sampling_reports_progress_keeps_the_models_mode_and_builds_no_graph():

@@ -59,9 +59,8 @@ def test_ranks_get_disjoint_equal_batches_that_cover_the_epoch_but_the_remainder
         assert len(keys) == full  # every rank steps the same number of times: no rank waits in a collective alone
         assert all(len(batch) == micro_batch for batch in keys)
     seen = [index for keys in per_rank for batch in keys for index in indices(batch)]
-    assert (
-        len(seen) == len(set(seen)) == full * global_batch
-    )  # no sample twice in an epoch, on one rank or across ranks
+    # no sample twice in an epoch, on one rank or across ranks
+    assert len(seen) == len(set(seen)) == full * global_batch
     assert set(seen) <= set(range(num_samples))
     assert num_samples - len(seen) == num_samples % global_batch < global_batch  # only the remainder is left out
 

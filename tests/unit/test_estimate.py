@@ -204,9 +204,8 @@ def test_comm_volume_is_ring_all_reduce_for_ddp_and_zero12_and_1_5x_for_zero3():
 def test_gradient_accumulation_multiplies_only_per_micro_step_collectives():
     psi, n = 1_000_000, 8
     ring = (n - 1) / n
-    assert comm_bytes_per_step(psi, "ddp", n, grad_accum_steps=4) == comm_bytes_per_step(
-        psi, "ddp", n
-    )  # no_sync until the last micro step
+    # no_sync until the last micro step
+    assert comm_bytes_per_step(psi, "ddp", n, grad_accum_steps=4) == comm_bytes_per_step(psi, "ddp", n)
     assert comm_bytes_per_step(psi, "zero1", n, grad_accum_steps=4) == comm_bytes_per_step(psi, "zero1", n)
     assert comm_bytes_per_step(psi, "zero2", n, grad_accum_steps=4) == round(ring * (4 * 2 * psi + 2 * psi))
     assert comm_bytes_per_step(psi, "zero3", n, grad_accum_steps=4) == 4 * comm_bytes_per_step(psi, "zero3", n)

@@ -155,9 +155,8 @@ def test_hostfile_and_env_file_read_back_as_deepspeed_reads_them():
     ):
         with pytest.raises(ValueError, match=message):
             parse_hostfile(bad)
-    assert (
-        env_file_text({"OMP_NUM_THREADS": "4", "NOTE": "a b"}) == "OMP_NUM_THREADS=4\nNOTE=a b\n"
-    )  # no blank line: DeepSpeed cannot read one
+    # no blank line: DeepSpeed cannot read one
+    assert env_file_text({"OMP_NUM_THREADS": "4", "NOTE": "a b"}) == "OMP_NUM_THREADS=4\nNOTE=a b\n"
     with pytest.raises(ValueError):
         hostfile_text(["node 0"], slots=1)
 

@@ -395,9 +395,8 @@ def test_hybrid_loss_adds_lambda_T_vlb_and_its_vlb_trains_only_the_sigma_channel
     (grad_simple,) = torch.autograd.grad(simple, model.out, retain_graph=True)
     (grad_vlb_part,) = torch.autograd.grad(hybrid - simple, model.out)
     assert not grad_simple[:, 2:].abs().sum() and grad_simple[:, :2].abs().sum() > 0  # L_simple: prediction only
-    assert (
-        not grad_vlb_part[:, :2].abs().sum() and grad_vlb_part[:, 2:].abs().sum() > 0
-    )  # L_vlb: sigma only (stop-gradient)
+    # L_vlb: sigma only (stop-gradient)
+    assert not grad_vlb_part[:, :2].abs().sum() and grad_vlb_part[:, 2:].abs().sum() > 0
 
 
 def test_hybrid_loss_trains_a_learned_sigma_unet_and_needs_its_sigma_channels():

@@ -69,9 +69,8 @@ def test_slurm_auto_device_stays_auto_and_is_resolved_by_the_worker_on_the_node(
     assert resolve_device("cpu") == "cpu" and resolve_device("cuda") == "cuda"  # a decided device is kept
 
     cpu_ranks = plan_of(text=SPEC.replace("gpus_per_node: 8, device: cuda", "processes: 2"))
-    assert (
-        cpu_ranks.device == "auto" and "--gpus-per-node" not in cpu_ranks.sbatch_script
-    )  # no gpus_per_node: none asked for
+    # no gpus_per_node: none asked for
+    assert cpu_ranks.device == "auto" and "--gpus-per-node" not in cpu_ranks.sbatch_script
     assert "#SBATCH --cpus-per-task=12\n" in cpu_ranks.sbatch_script
 
 

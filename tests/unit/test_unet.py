@@ -207,9 +207,8 @@ def test_a_tiny_unet_overfits_one_batch():
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(100):
-        loss = diffusion_loss(
-            model, x0, y, scheduler, generator=torch.Generator().manual_seed(0)
-        )  # the same t and noise: one batch
+        # the same t and noise: one batch
+        loss = diffusion_loss(model, x0, y, scheduler, generator=torch.Generator().manual_seed(0))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
