@@ -18,6 +18,7 @@ import yaml
 from orchestrator.errors import UserError
 from orchestrator.jobs.directory import EXIT_PREEMPTED, EXIT_USER_ERROR, JobDir
 from orchestrator.specs.job import device_precision_refusal, spec_from_dict
+from orchestrator.train.signals import die_with_launcher
 
 log = logging.getLogger("orchestrator.worker")
 
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m orchestrator.worker JOB_DIR", file=sys.stderr)
         return EXIT_USER_ERROR
+    die_with_launcher()  # no rank outlives its launcher (a killed supervisor or torchrun leaves no orphans)
     job = JobDir(args[0])
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(

@@ -127,33 +127,43 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
 
 
 def kill_after_checkpoint_then_resume(
-    tmp_path: Path, spec: Path, overrides: list[str], kill_at: int, total: int, before_resume=None
+    tmp_path: Path, spec: Path, overrides: list[str], kill_at: int, total: int, before_resume=None, exact: bool = True
 ):
-    """Run `spec` uninterrupted, and again SIGKILLed after its checkpoint at `kill_at` and resumed to `total`
-    (calling `before_resume(job)` first, if given); assert both end with bitwise-equal model and EMA weights;
-    return the resumed job and `orch resume`'s result."""
-    reference_root, root = tmp_path / "reference", tmp_path / "killed"
+    """Run `spec` uninterrupted (into tmp_path/reference), and again SIGKILLed after its checkpoint at `kill_at` and
+    resumed from it to `total` (calling `before_resume(job)` first, if given); unless exact=False, assert both end
+    with bitwise-equal model and EMA weights; return the resumed job and `orch resume`'s result."""
+    reference_root = tmp_path / "reference"
     uninterrupted = orch("submit", str(spec), *overrides, root=reference_root)
     assert uninterrupted.returncode == 0, log_text(only_job(reference_root))
 
-    assert orch("submit", str(spec), *overrides, "--detach", root=root).returncode == 0
-    job = only_job(root)
-    wait_for(
-        lambda: state(job).get("checkpoint_step") == kill_at, timeout=300, what=f"the checkpoint at step {kill_at}"
-    )
-    kill_job_processes(job)
-    wait_for(
-        lambda: orch("status", job.name, "--json", root=root).stdout.count('"failed"'),
-        timeout=30,
-        what="the job to show as failed",
-    )
+    for attempt in range(3):  # the kill must land before the next checkpoint: on a starved machine, try again
+        root = tmp_path / f"killed-{attempt}"
+        assert orch("submit", str(spec), *overrides, "--detach", root=root).returncode == 0
+        job = only_job(root)
+        wait_for(
+            lambda: state(job).get("checkpoint_step") == kill_at, timeout=300, what=f"the checkpoint at step {kill_at}"
+        )
+        kill_job_processes(job)
+        wait_for(
+            lambda: orch("status", job.name, "--json", root=root).stdout.count('"failed"'),
+            timeout=30,
+            what="the job to show as failed",
+        )
+        newer = [p.name for p in (job / "checkpoints").glob("step-*") if int(p.name[5:].split(".")[0]) > kill_at]
+        if not newer:
+            break
+        print(f"attempt {attempt}: the kill came after {newer}; the test proves nothing with it, trying again")
     assert state(job)["step"] < total, "the job finished before it could be killed; the test proves nothing"
+    assert not newer, f"every kill came too late (after {newer})"
     assert "vanished" in state(job)["message"]
     if before_resume is not None:
         before_resume(job)
 
     resumed = orch("resume", job.name, root=root)
     assert resumed.returncode == 0, resumed.stderr + log_text(job)
+    assert f"resuming from step-{kill_at:07d}" in resumed.stdout, resumed.stdout
+    if not exact:
+        return job, resumed
     reference_model, reference_ema = final_weights(only_job(reference_root))
     model, ema = final_weights(job)
     assert_bitwise_equal(model, reference_model)
