@@ -6,8 +6,12 @@ section with any caller's choices over it, and hand it to model.diffusion's `sam
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from orchestrator.components.model import make_diffusion
 from orchestrator.components.model_input import ModelInput
@@ -58,3 +62,27 @@ class SamplerSettings:
             clip_denoised=self.clip_denoised,
             noise_scheduler=self.noise_scheduler,
         )
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index` of a call with `seed`: independent of the batch size and of the other images."""
+    digest = hashlib.blake2b(f"orch-sample:{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def initial_noise(
+    seed: int, count: int, image_shape: tuple[int, int, int]
+) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """The initial noise (count, C, H, W) of images 0..count-1 of a call with `seed` (on the CPU), and each
+    image's generator after that draw (where DDPM's step noise continues)."""
+    return indexed_noise(seed, range(count), image_shape)
+
+
+def indexed_noise(
+    seed: int, indices: Sequence[int], image_shape: tuple[int, int, int]
+) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """initial_noise of the images `indices` only (a rank's share of an evaluation: the same noise on any number of
+    ranks)."""
+    generators = [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
+    noise = [torch.randn(image_shape, generator=g) for g in generators]  # count x (C, H, W)
+    return (torch.stack(noise) if noise else torch.zeros(0, *image_shape)), generators

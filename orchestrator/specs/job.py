@@ -342,6 +342,28 @@ class SampleSpec(Section):
     """Seed of the fixed noise the grids start from, so grids of different steps are comparable."""
 
 
+class EvalSpec(Section):
+    every: int | None = Field(None, ge=1)
+    """Evaluate the EMA weights every this many steps and at the end of training; empty: no evaluation."""
+    metrics: tuple[Literal["fd_digits", "digit_accuracy"], ...] = ("fd_digits", "digit_accuracy")
+    """`fd_digits`: the Fréchet distance between samples and the real digits in the features of a small digit
+    classifier (trained once, cached; what MNIST diffusion papers do with LeNet); `digit_accuracy`: how many
+    class-conditional samples that classifier reads as their class. Both need data.source: digits."""
+    num_samples: int = Field(1000, ge=2)
+    """Samples drawn per evaluation, split over the ranks; each is seeded by its index, so the images do not depend
+    on the number of ranks. Classes take turns (sample i is of class i mod num_classes)."""
+    sampler: Literal["ddpm", "ddim", "dpm_solver++"] | None = None
+    """Reverse process of the evaluation samples; empty: sample.sampler."""
+    steps: int | None = Field(None, ge=1)
+    """Denoising steps; empty: sample.steps."""
+    guidance_scale: float | None = Field(None, ge=1)
+    """Classifier-free guidance scale; empty: sample.guidance_scale."""
+    batch_size: int = Field(500, ge=1)
+    """Samples a rank draws at once."""
+    seed: int = 0
+    """Seed of the evaluation samples' noise (not of training: an evaluation leaves the training run as it was)."""
+
+
 class TrackingSpec(Section):
     enabled: bool = True
     """Log to MLflow (rank 0 only)."""
@@ -601,6 +623,7 @@ class JobSpec(Section):
     ema: EmaSpec = EmaSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
     sample: SampleSpec = SampleSpec()
+    eval: EvalSpec = EvalSpec()
     tracking: TrackingSpec = TrackingSpec()
     resources: ResourcesSpec = ResourcesSpec()
 
@@ -650,6 +673,24 @@ class JobSpec(Section):
                 "train on shards prepared with captions by `orch prepare` (data.source: webdataset), or use condition: "
                 "class"
             )
+        e = self.eval
+        if e.every is not None:
+            if self.data.source != "digits":
+                raise ValueError(
+                    f"eval.metrics {', '.join(e.metrics)} read digits (a digit classifier's features); "
+                    f"data.source is {self.data.source}: turn evaluation off (eval.every empty) for this data"
+                )
+            if "digit_accuracy" in e.metrics and m.condition != "class":
+                raise ValueError("eval.metrics digit_accuracy needs a class-conditional model (model.condition: class)")
+            if (e.steps or self.sample.steps) > self.diffusion.num_train_timesteps:
+                raise ValueError(
+                    f"eval.steps {e.steps or self.sample.steps} exceeds diffusion.num_train_timesteps "
+                    f"{self.diffusion.num_train_timesteps}"
+                )
+            if (e.guidance_scale or 1) != 1 and (m.class_dropout == 0 or m.condition == "none"):
+                raise ValueError("eval.guidance_scale > 1 needs a class-conditional model with model.class_dropout > 0")
+            if m.learn_sigma and (e.sampler or self.sample.sampler) != "ddpm":
+                raise ValueError(f"eval.sampler {e.sampler} cannot use a learned variance; use ddpm")
         if self.sample.guidance_scale != 1 and (m.class_dropout == 0 or m.condition == "none"):
             raise ValueError(
                 "sample.guidance_scale > 1 needs a condition with a null class or caption: model.condition class or "

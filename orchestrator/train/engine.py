@@ -165,6 +165,15 @@ class Engine(ABC):
         dist.all_gather(everyone, mine, group=self.host_group)
         return [tensor.tolist() for tensor in everyone]
 
+    def gather_to_main(self, value):
+        """Every rank's `value` (any picklable object, e.g. a NumPy array of features), in rank order, on rank 0;
+        None on the other ranks (a collective over the host group: CPU objects, no wait for the GPU)."""
+        if not self.distributed:
+            return [value]
+        gathered = [None] * self.world_size if self.is_main else None
+        dist.gather_object(value, gathered, dst=0, group=self.host_group)
+        return gathered
+
     def same_on_all_ranks(self, value: float) -> bool:
         """Whether every rank holds the same number (an invariant check, e.g. of EMA weights)."""
         if not self.distributed:

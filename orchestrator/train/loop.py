@@ -9,6 +9,7 @@ threads).
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import time
@@ -26,10 +27,12 @@ from orchestrator.components.model import build_model, make_diffusion
 from orchestrator.components.model_input import classes_to_build, latent_input, pixel_input
 from orchestrator.components.weights import load_weights, read_weights
 from orchestrator.data.loader import BatchStream, DataPosition, EpochBatches, build_dataset
+from orchestrator.files import write_atomic
 from orchestrator.jobs.directory import JobDir
 from orchestrator.specs.job import JobSpec
 from orchestrator.tracking import NullTracker, Tracker
 from orchestrator.train.engine import Engine
+from orchestrator.train.evaluation import Evaluator
 from orchestrator.train.grids import GridMaker
 from orchestrator.train.run_tracking import start_tracker
 from orchestrator.train.schedule import lr_factor, step_seed
@@ -158,6 +161,7 @@ class Trainer:
             )
             self.stream = BatchStream(dataset, batches, spec.data.num_workers, t.seed, pin_memory=pinned)
         self.grid = GridMaker(spec, self.model_input, engine.device) if engine.is_main else None
+        self.evaluator = Evaluator(spec, self.model_input, engine) if spec.eval.every else None
         self.tracker: Tracker = NullTracker()
 
     def _restore(self, checkpoint: Path) -> None:
@@ -256,6 +260,8 @@ class Trainer:
                 self._checkpoint()
             if sampling:  # after the checkpoint: a grid that fails or runs long never costs it
                 self._draw_grids(progression=done and spec.sample.steps >= 2)
+            if self.evaluator is not None and (self.step % spec.eval.every == 0 or done) and not stopping:
+                self._evaluate()
             paused += time.perf_counter() - began
             if (checkpointing or sampling) and engine.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(engine.device)  # peak_memory_gb: the training steps', not the grid's
@@ -297,6 +303,18 @@ class Trainer:
                     image.save(self._grid_file(key))
                     self.tracker.log_image(image, key=key, step=self.step)
                 log.info("sample grid of step %d drawn in %.1f s", self.step, time.perf_counter() - began)
+
+    def _evaluate(self) -> None:
+        """The `eval` metrics of the EMA weights at this step: logged to MLflow at the step and written to
+        eval/step-N.json in the job directory by rank 0 (every rank draws its share of the samples)."""
+        metrics = self.evaluator.run(self.ema.module, self.step)
+        if metrics is None:
+            return
+        self.tracker.log_metrics(metrics, step=self.step)
+        folder = self.job.path / "eval"
+        folder.mkdir(exist_ok=True)
+        write_atomic(folder / f"step-{self.step:07d}.json", json.dumps({"step": self.step, **metrics}, indent=2))
+        log.info("evaluation of step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
     def _grid_file(self, key: str) -> Path:
         """Where the grid `key` (samples, progression) of the current step is saved in the job directory."""

@@ -18,7 +18,6 @@ same generator (diffusers' schedulers take one generator per sample). So image i
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +30,7 @@ from orchestrator.components.device import use_tf32
 from orchestrator.components.images import make_grid, to_uint8
 from orchestrator.components.model import build_model
 from orchestrator.components.model_input import ModelInput, classes_to_build, pixel_input
-from orchestrator.components.sampler import SamplerSettings
+from orchestrator.components.sampler import SamplerSettings, image_seed, initial_noise
 from orchestrator.components.weights import WeightsMismatch, load_weights
 from orchestrator.errors import UserError
 from orchestrator.jobs.checkpoints import CheckpointNotFound, resolve_checkpoint, weights_file
@@ -144,22 +143,6 @@ def _has_null_class(model: torch.nn.Module, spec: JobSpec) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Drawing images
 # ---------------------------------------------------------------------------------------------
-
-
-def image_seed(seed: int, index: int) -> int:
-    """The seed of image `index` of a call with `seed`: independent of the batch size and of the other images."""
-    digest = hashlib.blake2b(f"orch-sample:{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def initial_noise(
-    seed: int, count: int, image_shape: tuple[int, int, int]
-) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """The initial noise (count, C, H, W) of images 0..count-1 of a call with `seed` (on the CPU), and each
-    image's generator after that draw (where DDPM's step noise continues)."""
-    generators = [torch.Generator().manual_seed(image_seed(seed, i)) for i in range(count)]
-    noise = [torch.randn(image_shape, generator=g) for g in generators]  # count x (C, H, W)
-    return (torch.stack(noise) if noise else torch.zeros(0, *image_shape)), generators
 
 
 def _settings(

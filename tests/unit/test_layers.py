@@ -20,6 +20,7 @@ FLOORS = {
     "orchestrator.data": 2,
     "orchestrator.tracking": 2,
     "orchestrator.components": 3,
+    "orchestrator.evaluation": 3,
     "orchestrator.jobs": 4,
     "orchestrator.train": 5,
     "orchestrator.trained": 5,
