@@ -45,11 +45,10 @@ class DigitClassifier(nn.Module):
 
 def digits_images() -> tuple[torch.Tensor, torch.Tensor]:
     """All 1797 digits as the training data gives them at 8 px: (N, 1, 8, 8) in [-1, 1], labels (N,)."""
-    from sklearn.datasets import load_digits
+    from orchestrator.data.loader import DigitsDataset
 
-    digits = load_digits()
-    images = torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0 * 2 - 1
-    return images, torch.from_numpy(digits.target).long()
+    digits = DigitsDataset(SIDE)
+    return digits.images, digits.labels
 
 
 def held_out_mask(count: int) -> torch.Tensor:

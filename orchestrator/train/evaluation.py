@@ -37,10 +37,12 @@ class Evaluator:
         self.indices = list(range(engine.rank, e.num_samples, engine.world_size))  # this rank's share
         classes = model_input.num_classes if spec.model.condition == "class" else 1
         self.labels = torch.tensor([i % classes for i in self.indices], dtype=torch.long)
-        self.classifier, accuracy = load_digit_classifier()
-        log.info("digit classifier for evaluation: held-out accuracy %.4f", accuracy)
-        real, _ = digit_features_and_predictions(self.classifier, digits_images()[0])
-        self.reference = FeatureStats.of(real)
+        self.classifier, accuracy = load_digit_classifier()  # every rank reads its own samples with it
+        self.reference = None  # the real digits' statistics: rank 0 alone computes the metrics
+        if engine.is_main:
+            log.info("digit classifier for evaluation: held-out accuracy %.4f", accuracy)
+            real, _ = digit_features_and_predictions(self.classifier, digits_images()[0])
+            self.reference = FeatureStats.of(real)
 
     @torch.no_grad()
     def run(self, ema_model: torch.nn.Module, step: int) -> dict[str, float] | None:
