@@ -30,6 +30,14 @@ set_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 
+def checkpoint_option(all_of_them: bool = False):
+    """--checkpoint: which of a job's checkpoints a command reads (`all` where it can take several)."""
+    choices = "latest, best (by the job's evaluations), " + ("all, " if all_of_them else "") + "step-N or N"
+    return click.option(
+        "--checkpoint", "which", default="latest", show_default=True, help=f"Which checkpoint: {choices}."
+    )
+
+
 def user_errors(command):
     """Print user-caused errors as one line and exit 2, without a traceback."""
 
@@ -77,6 +85,7 @@ def cli(ctx: click.Context, root: str | None) -> None:
 @user_errors
 def validate(spec_file: str, overrides: tuple[str, ...]) -> None:
     """Check a job spec (or a `kind: prepare` spec); create nothing. (Whether it can run here: `orch plan`.)"""
+    from orchestrator.jobs.evaluations import evaluation_problems
     from orchestrator.jobs.plan import PlanError, check_data
     from orchestrator.specs.job import load_spec, spec_kind
 
@@ -97,6 +106,9 @@ def validate(spec_file: str, overrides: tuple[str, ...]) -> None:
         check_data(spec)
     except PlanError as err:
         click.secho(f"warning: {err} (submit needs it)", fg="yellow", err=True)
+    problems = evaluation_problems(spec)  # weights and references: found before a job starts, never at step 10,000
+    if problems:
+        raise UserError(f"{spec_file}: the evaluation cannot run: " + "; ".join(problems))
 
 
 @cli.command()
@@ -379,20 +391,34 @@ def prepare(spec_file: str, overrides: tuple[str, ...]) -> None:
     required=True,
     help="Folder for one PNG per image and grid.png.",
 )
+@checkpoint_option()
 @click.option("--no-ema", is_flag=True, help="Use the raw weights instead of the EMA weights.")
 @click.option("--progression", is_flag=True, help="Also save progression.png: the x0 prediction across the timesteps.")
 @click.option("--batch-size", default=64, show_default=True)
 @click.pass_obj
 @user_errors
 def sample(
-    root: Path, ref, num, classes, prompts, sampler, steps, guidance, seed, out_dir, no_ema, progression, batch_size
+    root: Path,
+    ref,
+    num,
+    classes,
+    prompts,
+    sampler,
+    steps,
+    guidance,
+    seed,
+    out_dir,
+    which,
+    no_ema,
+    progression,
+    batch_size,
 ) -> None:
     """Draw images from a job's newest checkpoint (or a checkpoint directory), EMA weights by default."""
     from rich.progress import Progress
 
     from orchestrator.jobs.checkpoints import resolve_checkpoint
 
-    spec, checkpoint = resolve_checkpoint(ref, root)  # before torch is imported: a wrong name is answered at once
+    spec, checkpoint = resolve_checkpoint(ref, root, which)  # before torch: a wrong name is answered at once
     condition = spec.model.condition
     if prompts and condition != "text":
         raise UserError(
@@ -468,19 +494,75 @@ def sample(
     "--format", "fmt", type=click.Choice(["safetensors", "diffusers"]), default="safetensors", show_default=True
 )
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
+@checkpoint_option()
 @click.option("--no-ema", is_flag=True, help="Export the raw weights instead of the EMA weights.")
 @click.pass_obj
 @user_errors
-def export(root: Path, ref, fmt, out_dir, no_ema) -> None:
+def export(root: Path, ref, fmt, out_dir, which, no_ema) -> None:
     """Export a job's model: .safetensors plus its spec, or a diffusers directory."""
     from orchestrator.jobs.checkpoints import resolve_checkpoint
 
-    spec, checkpoint = resolve_checkpoint(ref, root)  # before torch is imported: a wrong name is answered at once
+    spec, checkpoint = resolve_checkpoint(ref, root, which)  # before torch: a wrong name is answered at once
     from orchestrator.trained import export as exporting
 
     write = exporting.export_diffusers if fmt == "diffusers" else exporting.export_safetensors
     write(spec, checkpoint, Path(out_dir), ema=not no_ema)
     click.echo(f"exported {checkpoint} ({'raw' if no_ema else 'EMA'} weights) as {fmt} -> {out_dir}")
+
+
+@cli.command(name="eval")
+@click.argument("ref", metavar="JOB")
+@checkpoint_option(all_of_them=True)
+@click.option("--num", type=int, help="Samples per checkpoint [default: the spec's eval.num_samples].")
+@click.option(
+    "--metrics",
+    help="Comma-separated: fid, kid, fd_dinov2, precision_recall, fd_digits, digit_accuracy [default: eval.metrics].",
+)
+@click.option(
+    "--reference",
+    type=click.Path(),
+    help="Real images to compare with: an ADM .npz reference batch or an image folder [default: eval.reference].",
+)
+@click.option("--write-npz", is_flag=True, help="Also write the samples as eval/samples-step-N.npz (ADM layout).")
+@click.option("--device", help="cuda or cpu [default: cuda if visible].")
+@click.pass_obj
+@user_errors
+def evaluate(root: Path, ref, which, num, metrics, reference, write_npz, device) -> None:
+    """Evaluate a job's checkpoints (EMA weights) as its in-loop evaluation does, in this process: figures in
+    eval/offline-step-N.json and in the job's MLflow run at each checkpoint's step."""
+    from orchestrator.jobs.checkpoints import resolve_checkpoints
+    from orchestrator.jobs.evaluations import evaluation_problems, offline_spec
+    from orchestrator.tracking import TrackingError, log_to_run
+
+    chosen = resolve_checkpoints(ref, root, which)  # before torch is imported: a wrong name is answered at once
+    job = find_job(root, ref)
+    names = tuple(name.strip() for name in metrics.split(",") if name.strip()) if metrics else None
+    spec = offline_spec(chosen[-1][0], num, names, str(Path(reference).resolve()) if reference else None)
+    problems = evaluation_problems(spec)
+    if problems:
+        raise UserError("; ".join(problems))
+    from orchestrator.trained.evaluation import evaluate_checkpoints
+
+    record = job.status()
+
+    def report(evaluated) -> None:
+        if evaluated.error is not None:
+            click.secho(f"step {evaluated.step}: evaluation failed: {evaluated.error}", fg="red")
+            return
+        figures = ", ".join(f"{key} {value:.4g}" for key, value in evaluated.metrics.items())
+        click.echo(f"step {evaluated.step}: {figures}")
+        if record.mlflow_run_id and record.mlflow_uri:
+            try:
+                log_to_run(record.mlflow_uri, record.mlflow_run_id, evaluated.metrics, evaluated.step)
+            except TrackingError as err:
+                click.secho(f"  not logged to MLflow: {err}", fg="yellow")
+
+    records = evaluate_checkpoints(spec, [path for _, path in chosen], job.path, write_npz, device, report)
+    click.echo(
+        f"{len(records)} checkpoint(s) evaluated with {spec.eval.num_samples} samples; figures in {job.path}/eval"
+    )
+    if any(r.error is not None for r in records):
+        sys.exit(1)
 
 
 # ---- looking at jobs -----------------------------------------------------------------------
@@ -552,12 +634,20 @@ def status(root: Path, job_ref: str | None, as_json: bool) -> None:
         ("loss", f"{facts['loss']:.4f}" if facts["loss"] is not None else "-"),
         ("samples/s", f"{facts['samples_per_sec']:.1f}" if facts["samples_per_sec"] else "-"),
         ("checkpoint", facts["checkpoint"] or "-"),
+        ("best", _best_text(facts)),
         ("launcher", f"{facts['launcher'] or '-'} ({facts['world_size']} rank(s)), attempt {facts['attempts']}"),
         ("MLflow run", f"{facts['mlflow_run_id']} at {facts['mlflow_uri']}" if facts["mlflow_run_id"] else "-"),
         ("message", facts["message"] or "-"),
     ]
     for key, value in rows:
         click.echo(f"  {key:<11} {value}")
+
+
+def _best_text(facts: dict) -> str:
+    """The best evaluated checkpoint, as `orch status` shows it."""
+    if facts.get("best_step") is None:
+        return "-"
+    return f"step {facts['best_step']} ({facts['best_metric']} {facts['best_value']:.4g})"
 
 
 @cli.command()

@@ -464,3 +464,20 @@ def check_writable_folder(folder: Path, uri: str) -> str | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"MLflow store {uri}: {existing} is not writable; fix its permissions or use another tracking.uri"
     return None
+
+
+def log_to_run(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """Add metrics at `step` to an existing run, leaving its status as it is (`orch eval` of a job's checkpoint);
+    TrackingError if the server or the run cannot be reached."""
+    for name, value in MLFLOW_CLIENT_ENV.items():
+        os.environ.setdefault(name, value)
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    try:
+        MlflowClient(tracking_uri=uri).log_batch(
+            run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()]
+        )
+    except Exception as error:
+        raise TrackingError(f"could not log to MLflow run {run_id} at {uri}: {first_line(error)}") from error

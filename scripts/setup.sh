@@ -10,6 +10,8 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test]"
+# torch-fidelity (the eval extra: FID's Inception-v3) without its requirements, which pull torchvision and another torch
+.venv/bin/python -m pip install -q --no-deps "torch-fidelity==0.4.0"
 # DeepSpeed (resources.strategy zero1/2/3): built without isolation so that it compiles against the pinned
 # torch (an isolated build pulls another one); its CPU communication op (~40 s) and CPU Adam (~50 s, for
 # resources.deepspeed.offload_optimizer) are compiled once into the venv, where the engine looks for them,

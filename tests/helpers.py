@@ -205,3 +205,45 @@ def sbatch_from(**values):
     allocation = {f.name: values.pop(f.name) for f in fields(SlurmAllocation) if f.name in values}
     step = {f.name: values.pop(f.name) for f in fields(NodeStep) if f.name in values}
     return sbatch_job(**values, allocation=SlurmAllocation(**allocation), step=NodeStep(**step))
+
+
+DINOV2_HIDDEN = 32  # the width of the tiny DINOv2 write_feature_weights writes
+
+
+def write_feature_weights(folder: Path) -> Path:
+    """A weights directory with both feature networks under the names orch looks for, as tests cannot download the
+    real ones: torch-fidelity's Inception-v3 with random weights (~95 MB) and a tiny DINOv2 saved as Hugging Face's
+    save_pretrained writes facebook/dinov2-large. Real architectures, meaningless numbers."""
+    from unittest import mock
+
+    import torch
+    from torch import nn
+    from transformers import Dinov2Config, Dinov2Model
+
+    from orchestrator.evaluation.features import inception_extractor_class
+    from orchestrator.evaluation.weights import weights_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    extractor_class = inception_extractor_class()
+    empty = folder / "empty.pth"
+    torch.save({}, empty)
+    with mock.patch.object(extractor_class, "load_state_dict", lambda self, state_dict: None):
+        inception = extractor_class("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    empty.unlink()
+    for module in inception.modules():
+        if isinstance(module, nn.Conv2d):  # PyTorch's default initialisation fades the features to ~1e-8
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu", generator=generator)
+    torch.save(inception.state_dict(), weights_path("inception", folder))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        config = Dinov2Config(
+            hidden_size=DINOV2_HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            patch_size=14,
+            image_size=224,
+        )
+        Dinov2Model(config).save_pretrained(weights_path("dinov2", folder))
+    return folder

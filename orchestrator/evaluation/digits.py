@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orchestrator.evaluation.weights import default_cache_dir
+
 VERSION = 1  # bump when the network or its training changes: cached weights of another version are not used
 SIDE = 8  # the classifier's input side; other resolutions are resized to it
 TRAIN_SEED = 0
@@ -78,11 +80,6 @@ def train_digit_classifier(epochs: int = 15) -> tuple[DigitClassifier, float]:
     with torch.no_grad():
         accuracy = (model(images[held_out]).argmax(1) == labels[held_out]).float().mean().item()
     return model, accuracy
-
-
-def default_cache_dir() -> Path:
-    """$ORCH_CACHE, else ~/.cache/orch: where orch keeps what it computes once (feature networks, statistics)."""
-    return Path(os.environ.get("ORCH_CACHE") or Path.home() / ".cache" / "orch")
 
 
 def load_digit_classifier(cache_dir: Path | None = None) -> tuple[DigitClassifier, float]:

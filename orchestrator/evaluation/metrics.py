@@ -1,5 +1,5 @@
-"""The sample-quality metrics of the field, from features: Fréchet distance (FID, FD-DINOv2, the digits' FD)
-and the kernel inception distance (KID), in float64 NumPy.
+"""The sample-quality metrics of the field, from features: Fréchet distance (FID, FD-DINOv2, the digits' FD),
+the kernel inception distance (KID) and improved precision and recall, in float64 NumPy.
 
 Written here rather than taken from torchmetrics or torch-fidelity: both compute these only behind their own
 Inception network, and orch needs them on any feature extractor (Inception-v3, DINOv2, the digit classifier)
@@ -11,6 +11,9 @@ and on features gathered from many ranks. The formulas are the published ones:
   (tests/unit/test_metrics.py holds them together).
 - KID (Binkowski et al. 2018): the unbiased MMD^2 with the kernel k(x, y) = (x.y / d + 1)^3, averaged over
   random subsets, as torch-fidelity reports it (mean and standard deviation over subsets).
+- Improved precision and recall (Kynkäänniemi et al. 2019): each real feature's ball reaches its k-th nearest
+  other real feature; precision is the share of generated features inside at least one real ball (fidelity), recall
+  the share of real features inside at least one generated ball (coverage). k = 3, as the ADM suite's evaluator.
 """
 
 from __future__ import annotations
@@ -96,3 +99,51 @@ def kernel_distance(
         within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
         values.append(within - 2 * k_xy.mean())
     return KernelDistance(mean=float(np.mean(values)), std=float(np.std(values)))
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, batch_size: int = 1000) -> tuple[float, float]:
+    """Improved precision and recall of generated features `fake` (M, D) against real features `real` (N, D), with
+    balls reaching each point's k-th nearest neighbour in its own set. Distances are computed `batch_size` rows at a
+    time, so memory holds batch_size x max(N, M) of them rather than N x M."""
+    real, fake = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"features must be (N, D) and (M, D) of one width, got {real.shape} and {fake.shape}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if len(real) < k + 1 or len(fake) < k + 1:
+        raise ValueError(
+            f"precision and recall with k={k} need at least {k + 1} features on each side "
+            f"(each point's k nearest others), got {len(real)} real and {len(fake)} generated"
+        )
+    real_squared_radii = kth_neighbour_squared_distances(real, k, batch_size)
+    fake_squared_radii = kth_neighbour_squared_distances(fake, k, batch_size)
+    precision = share_inside_balls(fake, real, real_squared_radii, batch_size)
+    recall = share_inside_balls(real, fake, fake_squared_radii, batch_size)
+    return precision, recall
+
+
+def squared_distances(rows: np.ndarray, points: np.ndarray, points_squared_norms: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances (R, P) between rows (R, D) and points (P, D), through |a|^2 + |b|^2 - 2 a.b."""
+    distances = (rows * rows).sum(axis=1)[:, None] + points_squared_norms[None, :] - 2 * rows @ points.T
+    return np.maximum(distances, 0)  # rounding can leave tiny negatives
+
+
+def kth_neighbour_squared_distances(points: np.ndarray, k: int, batch_size: int) -> np.ndarray:
+    """Each point's squared distance (N,) to its k-th nearest other point of the same set."""
+    squared_norms = (points * points).sum(axis=1)
+    squared_radii = np.empty(len(points))
+    for start in range(0, len(points), batch_size):
+        distances = squared_distances(points[start : start + batch_size], points, squared_norms)
+        # column k of the sorted row: column 0 is the point itself (or a duplicate of it, at the same distance 0)
+        squared_radii[start : start + batch_size] = np.partition(distances, k, axis=1)[:, k]
+    return squared_radii
+
+
+def share_inside_balls(queries: np.ndarray, centres: np.ndarray, squared_radii: np.ndarray, batch_size: int) -> float:
+    """The share of queries (M, D) within sqrt(squared_radii[i]) (inclusive) of at least one of centres (N, D)."""
+    squared_norms = (centres * centres).sum(axis=1)
+    inside = 0
+    for start in range(0, len(queries), batch_size):
+        distances = squared_distances(queries[start : start + batch_size], centres, squared_norms)
+        inside += int((distances <= squared_radii[None, :]).any(axis=1).sum())
+    return inside / len(queries)

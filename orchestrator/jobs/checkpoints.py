@@ -11,7 +11,8 @@ import yaml
 
 from orchestrator.errors import UserError
 from orchestrator.jobs.directory import JobDir, find_job
-from orchestrator.layout import EMA_FILE, JOB_STATE_FILE, MODEL_FILE, SPEC_FILE
+from orchestrator.jobs.evaluations import best_checkpoint
+from orchestrator.layout import EMA_FILE, JOB_STATE_FILE, MODEL_FILE, SPEC_FILE, TRAINER_STATE, checkpoint_name
 from orchestrator.specs.job import JobSpec, spec_from_dict
 
 
@@ -19,9 +20,13 @@ class CheckpointNotFound(UserError):
     """No usable checkpoint where the user pointed (no job, no complete checkpoint, or a file missing)."""
 
 
-def resolve_checkpoint(ref: str, root: Path) -> tuple[JobSpec, Path]:
+def resolve_checkpoint(ref: str, root: Path, which: str | None = None) -> tuple[JobSpec, Path]:
     """The spec and directory of a checkpoint: `ref` is a job (id, unique id prefix or job directory),
-    whose newest complete checkpoint is taken, or a checkpoint directory. The spec is the checkpoint's own."""
+    whose newest complete checkpoint is taken (or the one `which` names: step-N, N, best, latest), or a checkpoint
+    directory. The spec is the checkpoint's own."""
+    if which is not None and which != "latest":
+        (chosen,) = resolve_checkpoints(ref, root, which, allow_all=False)
+        return chosen
     path = Path(ref)
     if path.is_dir() and not (path / JOB_STATE_FILE).is_file():
         return _read_spec(_checkpoint_dir(path)), path.resolve()
@@ -33,6 +38,39 @@ def resolve_checkpoint(ref: str, root: Path) -> tuple[JobSpec, Path]:
     checkpoint = job.latest_checkpoint()
     if checkpoint is None:
         raise CheckpointNotFound(_no_checkpoint_message(job))
+    return _read_spec(checkpoint), checkpoint
+
+
+def resolve_checkpoints(ref: str, root: Path, which: str, allow_all: bool = True) -> list[tuple[JobSpec, Path]]:
+    """The checkpoints of job `ref` that `which` names: `latest`, `best` (by its evaluations), `step-N` or `N`, or
+    (allow_all) `all` of them, oldest first."""
+    if which == "latest":
+        return [resolve_checkpoint(ref, root)]
+    path = Path(ref)
+    if path.is_dir() and not (path / JOB_STATE_FILE).is_file():
+        raise CheckpointNotFound(
+            f"--checkpoint {which} picks among a job's checkpoints and {ref} is a checkpoint directory; give the job"
+        )
+    job = find_job(root, ref)
+    complete = sorted(p for p in job.checkpoints_dir.glob("step-*") if (p / TRAINER_STATE).is_file())
+    if which == "best":
+        return [_with_spec(best_checkpoint(job.path, _read_spec(job.path)).path)]
+    if which == "all" and allow_all:
+        if not complete:
+            raise CheckpointNotFound(_no_checkpoint_message(job))
+        return [_with_spec(p) for p in complete]
+    step = which.removeprefix("step-")
+    if not step.isdigit():
+        choices = "latest, best, all, step-N or N" if allow_all else "latest, best, step-N or N"
+        raise CheckpointNotFound(f"--checkpoint {which} is not a checkpoint name; give {choices}")
+    chosen = job.checkpoints_dir / checkpoint_name(int(step))
+    if chosen not in complete:
+        have = ", ".join(p.name for p in complete) or "none yet"
+        raise CheckpointNotFound(f"job {job.id} has no complete checkpoint {chosen.name}; it has {have}")
+    return [_with_spec(chosen)]
+
+
+def _with_spec(checkpoint: Path) -> tuple[JobSpec, Path]:
     return _read_spec(checkpoint), checkpoint
 
 

@@ -88,6 +88,9 @@ class JobRecord:
     samples_per_sec: float | None = None
     checkpoint: str | None = None
     checkpoint_step: int | None = None
+    best_step: int | None = None  # the best evaluated checkpoint (orchestrator/jobs/evaluations.ranking_metric)
+    best_metric: str | None = None
+    best_value: float | None = None
     mlflow_run_id: str | None = None
     mlflow_uri: str | None = None
     launcher: str = ""

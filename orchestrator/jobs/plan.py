@@ -25,6 +25,7 @@ from orchestrator.components.deepspeed_config import DeepSpeedConfigError, deeps
 from orchestrator.components.model_input import classes_to_build
 from orchestrator.data.imagefolder import DataError, scan_image_folder
 from orchestrator.errors import UserError
+from orchestrator.jobs.evaluations import evaluation_problems
 from orchestrator.specs.job import JobSpec, device_precision_refusal
 
 
@@ -212,6 +213,7 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
             problems.append(str(err))
     if spec.model.init_from and not Path(spec.model.init_from).is_file():
         problems.append(f"model.init_from {spec.model.init_from} does not exist")
+    problems += evaluation_problems(spec)
 
     if on_slurm:  # None: the allocation's CPUs per rank, computed on the node by the sbatch script and the worker
         threads = resources.threads_per_process

@@ -314,11 +314,48 @@ class EmaSpec(Section):
     """Update the EMA weights every this many optimizer steps."""
 
 
+# What each eval.metrics entry logs (MLflow keys, also in JOB/eval/step-N.json), and which keys grow with quality.
+EVAL_METRIC_KEYS = {
+    "fid": ("eval/fid",),
+    "kid": ("eval/kid", "eval/kid_std"),
+    "fd_dinov2": ("eval/fd_dinov2",),
+    "precision_recall": ("eval/precision", "eval/recall"),
+    "fd_digits": ("eval/fd_digits",),
+    "digit_accuracy": ("eval/digit_accuracy",),
+}
+HIGHER_IS_BETTER = frozenset({"eval/precision", "eval/recall", "eval/digit_accuracy"})
+PRECISION_RECALL_K = 3  # neighbours of the k-NN manifold estimate (Kynkaanniemi et al. 2019; the ADM suite's k)
+
+
+class KeepBestSpec(Section):
+    metric: str = "eval/fid"
+    """The evaluation metric that ranks checkpoints (`eval/fid`, `fid`, `eval/digit_accuracy`, ...): lower is better for
+    distances, higher for accuracy, precision and recall."""
+    count: int = Field(1, ge=1)
+    """How many of the best checkpoints to keep, beyond checkpoint.keep newest."""
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_key(cls, metric: str) -> str:
+        key = metric if metric.startswith("eval/") else f"eval/{metric}"
+        known = sorted(k for keys in EVAL_METRIC_KEYS.values() for k in keys if not k.endswith("_std"))
+        if key not in known:
+            raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(known)}")
+        return key
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric in HIGHER_IS_BETTER
+
+
 class CheckpointSpec(Section):
     every: int = Field(1000, ge=1)
     """Write a checkpoint every this many steps (and always at the end and on preemption)."""
     keep: int = Field(3, ge=1)
     """How many of the newest checkpoints to keep."""
+    keep_best: KeepBestSpec | None = None
+    """Also keep the best checkpoints by an evaluation metric (needs eval.every; every evaluation step then writes a
+    checkpoint). `orch sample/export/eval JOB --checkpoint best` take the best one; `orch status` names it."""
 
 
 class SampleSpec(Section):
@@ -345,10 +382,15 @@ class SampleSpec(Section):
 class EvalSpec(Section):
     every: int | None = Field(None, ge=1)
     """Evaluate the EMA weights every this many steps and at the end of training; empty: no evaluation."""
-    metrics: tuple[Literal["fd_digits", "digit_accuracy"], ...] = ("fd_digits", "digit_accuracy")
-    """`fd_digits`: the Fréchet distance between samples and the real digits in the features of a small digit
-    classifier (trained once, cached; what MNIST diffusion papers do with LeNet); `digit_accuracy`: how many
-    class-conditional samples that classifier reads as their class. Both need data.source: digits."""
+    metrics: (
+        tuple[Literal["fid", "kid", "fd_dinov2", "precision_recall", "fd_digits", "digit_accuracy"], ...] | None
+    ) = None
+    """`fid` (Inception-v3 pool features, Heusel et al. 2017), `kid` (Binkowski et al. 2018), `precision_recall`
+    (Kynkaanniemi et al. 2019, k=3, on Inception features), `fd_dinov2` (Fréchet distance in DINOv2 ViT-L/14 features,
+    Stein et al. 2023): on images of 32 px or more. For the 8x8 digits: `fd_digits`, the Fréchet distance in the
+    features of a small digit classifier (trained once, cached; what MNIST diffusion papers do with LeNet), and
+    `digit_accuracy`, how many class-conditional samples it reads as their class. Empty: the digits' pair for
+    data.source digits, else `fid`."""
     num_samples: int = Field(1000, ge=2)
     """Samples drawn per evaluation, split over the ranks; each is seeded by its index, so the images do not depend
     on the number of ranks. Classes take turns (sample i is of class i mod num_classes)."""
@@ -362,6 +404,23 @@ class EvalSpec(Section):
     """Samples a rank draws at once."""
     seed: int = 0
     """Seed of the evaluation samples' noise (not of training: an evaluation leaves the training run as it was)."""
+    reference: str | None = None
+    """The real images the samples are compared with: a reference batch in the ADM suite's .npz layout (`arr_0`: uint8
+    N x H x W x 3, with `mu` and `sigma` of its Inception features, as the published ImageNet references have; FID then
+    uses those statistics), or a folder of images. Empty: the job's own training data (image_folder, digits). Relative
+    paths are relative to the spec file."""
+    reference_samples: int = Field(50_000, ge=2)
+    """At most this many real images make the reference (evenly spread over the training data); their features are
+    computed once and cached under $ORCH_CACHE/reference, keyed by the data, the feature network and the resolution."""
+    weights_dir: str | None = None
+    """Where the feature networks' weights are (Inception-v3: weights-inception-2015-12-05-6726825d.pth; DINOv2:
+    dinov2-large/); empty: $ORCH_WEIGHTS, else $ORCH_CACHE/weights, else ~/.cache/orch/weights. Nothing is downloaded
+    by a job: `orch validate` names a missing file and the command that fetches it."""
+
+    @property
+    def metric_keys(self) -> tuple[str, ...]:
+        """The MLflow keys an evaluation logs (besides eval/seconds)."""
+        return tuple(key for metric in self.metrics or () for key in EVAL_METRIC_KEYS[metric])
 
 
 class TrackingSpec(Section):
@@ -673,30 +732,76 @@ class JobSpec(Section):
                 "train on shards prepared with captions by `orch prepare` (data.source: webdataset), or use condition: "
                 "class"
             )
-        e = self.eval
-        if e.every is not None:
-            if self.data.source != "digits":
-                raise ValueError(
-                    f"eval.metrics {', '.join(e.metrics)} read digits (a digit classifier's features); "
-                    f"data.source is {self.data.source}: turn evaluation off (eval.every empty) for this data"
-                )
-            if "digit_accuracy" in e.metrics and m.condition != "class":
-                raise ValueError("eval.metrics digit_accuracy needs a class-conditional model (model.condition: class)")
-            if (e.steps or self.sample.steps) > self.diffusion.num_train_timesteps:
-                raise ValueError(
-                    f"eval.steps {e.steps or self.sample.steps} exceeds diffusion.num_train_timesteps "
-                    f"{self.diffusion.num_train_timesteps}"
-                )
-            if (e.guidance_scale or 1) != 1 and (m.class_dropout == 0 or m.condition == "none"):
-                raise ValueError("eval.guidance_scale > 1 needs a class-conditional model with model.class_dropout > 0")
-            if m.learn_sigma and (e.sampler or self.sample.sampler) != "ddpm":
-                raise ValueError(f"eval.sampler {e.sampler} cannot use a learned variance; use ddpm")
+        self._check_eval()
         if self.sample.guidance_scale != 1 and (m.class_dropout == 0 or m.condition == "none"):
             raise ValueError(
                 "sample.guidance_scale > 1 needs a condition with a null class or caption: model.condition class or "
                 "text and model.class_dropout > 0 (0.1 is usual)"
             )
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_eval_metrics(cls, raw: Any) -> Any:
+        """eval.metrics left empty: the digits' pair on the digits, FID elsewhere."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("eval", {}), dict):
+            return raw  # the field validators say what is wrong
+        section = raw.get("eval", {})
+        if section.get("metrics") is None:
+            data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+            digits = data.get("source", "digits") == "digits"
+            raw = {**raw, "eval": {**section, "metrics": ["fd_digits", "digit_accuracy"] if digits else ["fid"]}}
+        return raw
+
+    def _check_eval(self) -> None:
+        """The eval section against the model and the data (the files it names are checked by `orch plan`)."""
+        e, m, keep_best = self.eval, self.model, self.checkpoint.keep_best
+        if keep_best is not None and e.every is None:
+            raise ValueError("checkpoint.keep_best ranks checkpoints by evaluations: set eval.every (and eval.metrics)")
+        if e.every is None:
+            return
+        if keep_best is not None and keep_best.metric not in e.metric_keys:
+            logged = ", ".join(key for key in e.metric_keys if not key.endswith("_std"))
+            raise ValueError(
+                f"checkpoint.keep_best.metric {keep_best.metric} is not evaluated; eval.metrics "
+                f"{', '.join(e.metrics)} log {logged}"
+            )
+        digit_metrics = [name for name in e.metrics if name in ("fd_digits", "digit_accuracy")]
+        if digit_metrics and self.data.source != "digits":
+            raise ValueError(
+                f"eval.metrics {', '.join(digit_metrics)} read 8x8 digits (a digit classifier's features); data.source "
+                f"is {self.data.source}: use fid, kid, fd_dinov2 or precision_recall"
+            )
+        image_metrics = [name for name in e.metrics if name not in ("fd_digits", "digit_accuracy")]
+        side = self.data.resolution
+        if image_metrics and side < 32:
+            hint = "; for the digits use fd_digits and digit_accuracy" if self.data.source == "digits" else ""
+            raise ValueError(
+                f"eval.metrics {', '.join(image_metrics)} compare Inception-v3 / DINOv2 features of natural images, "
+                f"which {side}x{side} images do not have (32 px, CIFAR-10's size, is the smallest the field reports "
+                f"them at){hint}"
+            )
+        if image_metrics and self.data.latent and e.reference is None:
+            raise ValueError(
+                "a webdataset source holds latents, not the real images the samples are compared with: set "
+                "eval.reference to an ADM .npz reference batch or to the image folder the shards were prepared from"
+            )
+        if "precision_recall" in e.metrics and e.num_samples <= PRECISION_RECALL_K:
+            raise ValueError(
+                f"eval.metrics precision_recall estimates manifolds from each sample's {PRECISION_RECALL_K} nearest "
+                f"neighbours: eval.num_samples must exceed {PRECISION_RECALL_K} (the field uses 10,000 or more)"
+            )
+        if "digit_accuracy" in e.metrics and m.condition != "class":
+            raise ValueError("eval.metrics digit_accuracy needs a class-conditional model (model.condition: class)")
+        if (e.steps or self.sample.steps) > self.diffusion.num_train_timesteps:
+            raise ValueError(
+                f"eval.steps {e.steps or self.sample.steps} exceeds diffusion.num_train_timesteps "
+                f"{self.diffusion.num_train_timesteps}"
+            )
+        if (e.guidance_scale or 1) != 1 and (m.class_dropout == 0 or m.condition == "none"):
+            raise ValueError("eval.guidance_scale > 1 needs a class-conditional model with model.class_dropout > 0")
+        if m.learn_sigma and (e.sampler or self.sample.sampler) != "ddpm":
+            raise ValueError(f"eval.sampler {e.sampler} cannot use a learned variance; use ddpm")
 
     @property
     def micro_batch_size(self) -> int:
@@ -760,6 +865,8 @@ def parse_spec(text: str, source: str = "<spec>", overrides=(), base_dir: Path |
         ("model.init_from", spec.model.init_from),
         ("resources.deepspeed.config_file", spec.resources.deepspeed.config_file),
         ("resources.hostfile", spec.resources.hostfile),
+        ("eval.reference", spec.eval.reference),
+        ("eval.weights_dir", spec.eval.weights_dir),
     ):
         if base_dir is not None and value and not Path(value).is_absolute():
             spec = replace(spec, key_path, str((base_dir / value).resolve()))  # relative to the spec file
@@ -804,8 +911,9 @@ def reference_markdown() -> str:
     def table(cls: type[BaseModel], prefix: str, title: str) -> None:
         rows, nested = [], []
         for name, field in cls.model_fields.items():
-            if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
-                nested.append((field.annotation, f"{prefix}{name}"))
+            section = next((a for a in (field.annotation, *get_args(field.annotation)) if _is_section(a)), None)
+            if section is not None:  # a section, or an optional one (checkpoint.keep_best)
+                nested.append((section, f"{prefix}{name}"))
                 continue
             meaning = " ".join((field.description or "").split())  # a docstring that wraps over lines, as one
             rows.append(f"| `{prefix}{name}` | {_type_name(field.annotation)} | {_default_text(field)} | {meaning} |")
@@ -815,6 +923,10 @@ def reference_markdown() -> str:
 
     table(JobSpec, "", "top level")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, Section)
 
 
 def _type_name(annotation: Any) -> str:

@@ -9,7 +9,6 @@ threads).
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import time
@@ -27,17 +26,17 @@ from orchestrator.components.model import build_model, make_diffusion
 from orchestrator.components.model_input import classes_to_build, latent_input, pixel_input
 from orchestrator.components.weights import load_weights, read_weights
 from orchestrator.data.loader import BatchStream, DataPosition, EpochBatches, build_dataset
-from orchestrator.files import write_atomic
+from orchestrator.evaluation.evaluator import Evaluator
 from orchestrator.jobs.directory import JobDir
+from orchestrator.jobs.evaluations import EvaluationRecord, best_checkpoints, ranking_metric, steps_to_keep
 from orchestrator.specs.job import JobSpec
 from orchestrator.tracking import NullTracker, Tracker
 from orchestrator.train.engine import Engine
-from orchestrator.train.evaluation import Evaluator
 from orchestrator.train.grids import GridMaker
 from orchestrator.train.run_tracking import start_tracker
 from orchestrator.train.schedule import lr_factor, step_seed
 from orchestrator.train.signals import StopRequest
-from orchestrator.train.state import TrainerState, load_checkpoint, save_checkpoint
+from orchestrator.train.state import TrainerState, load_checkpoint, prune_checkpoints, save_checkpoint
 from orchestrator.train.strategy import make_engine
 
 log = logging.getLogger(__name__)
@@ -254,13 +253,20 @@ class Trainer:
                 window_start, window_steps, paused, data_wait, skipped_steps = time.perf_counter(), 0, 0.0, 0.0, 0
 
             began = time.perf_counter()
-            checkpointing = self.step % spec.checkpoint.every == 0 or done or stopping
+            evaluating = self.evaluator is not None and (self.step % spec.eval.every == 0 or done) and not stopping
+            # keep_best keeps checkpoints by their evaluation: every evaluated step has one
+            checkpointing = (
+                self.step % spec.checkpoint.every == 0
+                or done
+                or stopping
+                or (evaluating and spec.checkpoint.keep_best is not None)
+            )
             sampling = (self.step % spec.sample.every == 0 or done) and not stopping
             if checkpointing:
                 self._checkpoint()
             if sampling:  # after the checkpoint: a grid that fails or runs long never costs it
                 self._draw_grids(progression=done and spec.sample.steps >= 2)
-            if self.evaluator is not None and (self.step % spec.eval.every == 0 or done) and not stopping:
+            if evaluating:
                 self._evaluate()
             paused += time.perf_counter() - began
             if (checkpointing or sampling) and engine.device.type == "cuda":
@@ -305,16 +311,40 @@ class Trainer:
                 log.info("sample grid of step %d drawn in %.1f s", self.step, time.perf_counter() - began)
 
     def _evaluate(self) -> None:
-        """The `eval` metrics of the EMA weights at this step: logged to MLflow at the step and written to
-        eval/step-N.json in the job directory by rank 0 (every rank draws its share of the samples)."""
-        metrics = self.evaluator.run(self.ema.module, self.step)
-        if metrics is None:
+        """The `eval` metrics of the EMA weights at this step (every rank draws its share of the samples): logged to
+        MLflow at the step and written to eval/step-N.json in the job directory by rank 0. A failed evaluation is
+        recorded as such (eval/failed 1 in MLflow, its reason in the file) and training goes on."""
+        result = self.evaluator.run(self.ema.module, self.step)
+        if result is None:  # not rank 0
             return
-        self.tracker.log_metrics(metrics, step=self.step)
-        folder = self.job.path / "eval"
-        folder.mkdir(exist_ok=True)
-        write_atomic(folder / f"step-{self.step:07d}.json", json.dumps({"step": self.step, **metrics}, indent=2))
-        log.info("evaluation of step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        e = self.spec.eval
+        settings = self.evaluator.settings
+        record = EvaluationRecord(
+            step=self.step,
+            source="in-loop",
+            metrics=result.metrics,
+            num_samples=self.evaluator.num_samples,
+            sampler=settings.sampler,
+            sampler_steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            seed=e.seed,
+            error=result.error,
+        )
+        record.write(self.job.path)
+        if result.error is not None:
+            log.error("evaluation of step %d failed (%s); training goes on", self.step, result.error)
+            self.tracker.log_metrics({"eval/failed": 1.0, "eval/seconds": result.seconds}, step=self.step)
+            return
+        self.tracker.log_metrics(result.metrics, step=self.step)
+        log.info("evaluation of step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
+        metric = ranking_metric(self.spec)
+        if metric is not None:
+            best = best_checkpoints(self.job.path, metric, 1)
+            if best:
+                self.job.update(best_step=best[0].step, best_metric=metric, best_value=best[0].value)
+        if self.spec.checkpoint.keep_best is not None:  # a checkpoint that is no longer among the best goes now
+            keep_steps = frozenset(steps_to_keep(self.job.path, self.spec))
+            prune_checkpoints(self.job.checkpoints_dir, self.spec.checkpoint.keep, keep_steps)
 
     def _grid_file(self, key: str) -> Path:
         """Where the grid `key` (samples, progression) of the current step is saved in the job directory."""
@@ -391,6 +421,7 @@ class Trainer:
             self.spec.to_yaml(),
             self.spec.checkpoint.keep,
             model_input=self.model_input,
+            keep_steps=frozenset(steps_to_keep(self.job.path, self.spec)) if self.engine.is_main else frozenset(),
         )
         if self.engine.is_main:
             self.job.update(checkpoint=str(path), checkpoint_step=self.step)

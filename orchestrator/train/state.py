@@ -30,7 +30,7 @@ from orchestrator.components.model_input import ModelInput
 from orchestrator.errors import UserError
 from orchestrator.files import fsync_dir
 from orchestrator.jobs.directory import latest_checkpoint
-from orchestrator.layout import EMA_FILE, LATEST_POINTER, SPEC_FILE, TRAINER_STATE
+from orchestrator.layout import EMA_FILE, LATEST_POINTER, SPEC_FILE, TRAINER_STATE, checkpoint_name
 from orchestrator.train.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,6 @@ class TrainerState:
     saved_at: float = 0.0
 
 
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:07d}"
-
-
 def save_checkpoint(
     engine: Engine,
     directory: Path,
@@ -64,8 +60,10 @@ def save_checkpoint(
     spec_yaml: str,
     keep: int,
     model_input: ModelInput,
+    keep_steps: frozenset[int] = frozenset(),
 ) -> Path:
-    """Write checkpoint `step-N` (every rank calls this); returns its path or raises CheckpointError."""
+    """Write checkpoint `step-N` (every rank calls this); returns its path or raises CheckpointError. The `keep`
+    newest checkpoints and those of `keep_steps` (the best by an evaluation) stay; older ones are removed."""
     final = directory / checkpoint_name(state.step)
     tmp = directory / f"{final.name}.tmp"
     if engine.is_main and tmp.exists():
@@ -99,7 +97,7 @@ def save_checkpoint(
         os.replace(tmp, final)
         fsync_dir(directory)
         _write_pointer(directory, final.name)
-        _prune(directory, keep)
+        prune_checkpoints(directory, keep, keep_steps)
     engine.barrier()
     return final
 
@@ -136,10 +134,13 @@ def _write_pointer(directory: Path, name: str) -> None:
     fsync_dir(directory)
 
 
-def _prune(directory: Path, keep: int) -> None:
+def prune_checkpoints(directory: Path, keep: int, keep_steps: frozenset[int]) -> None:
+    """Remove the complete checkpoints older than the `keep` newest, except those of `keep_steps` (rank 0 only)."""
     complete = sorted(p for p in directory.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    kept = {directory / checkpoint_name(step) for step in keep_steps}
     for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old not in kept:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -28,7 +28,8 @@ FLOORS = {
     "orchestrator.worker": 6,
     "orchestrator.cli": 7,
 }
-SIDEWAYS: set[tuple[str, str]] = set()
+# An evaluation draws samples as the components make them (sampler settings, VAE, model input).
+SIDEWAYS: set[tuple[str, str]] = {("orchestrator.evaluation", "orchestrator.components")}
 
 
 def room_of(module: str) -> str:

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.spatial.distance
 import torch
 
 from orchestrator.evaluation.digits import digit_features_and_predictions, digits_images, load_digit_classifier
-from orchestrator.evaluation.metrics import FeatureStats, frechet_distance, kernel_distance
+from orchestrator.evaluation.metrics import FeatureStats, frechet_distance, kernel_distance, precision_recall
 
 
 def reference_frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
@@ -83,6 +84,51 @@ def test_metrics_refuse_features_they_cannot_compare():
         kernel_distance(np.ones((1, 2)), np.ones((5, 2)))
     with pytest.raises(ValueError, match="N >= 2"):
         FeatureStats.of(np.ones((1, 4)))
+
+
+def reference_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    """Improved precision and recall with every distance at once (scipy's cdist)."""
+    real_radii = np.sort(scipy.spatial.distance.cdist(real, real), axis=1)[:, k]  # column 0: the point itself
+    fake_radii = np.sort(scipy.spatial.distance.cdist(fake, fake), axis=1)[:, k]
+    across = scipy.spatial.distance.cdist(fake, real)  # (M, N)
+    precision = (across <= real_radii[None, :]).any(axis=1).mean()
+    recall = (across.T <= fake_radii[None, :]).any(axis=1).mean()
+    return float(precision), float(recall)
+
+
+def test_precision_and_recall_of_a_set_against_itself_are_one_and_of_far_apart_sets_zero():
+    rng = np.random.default_rng(5)
+    real = rng.normal(size=(50, 8))
+    assert precision_recall(real, real) == (1.0, 1.0)
+    assert precision_recall(real, rng.normal(100, 1, size=(40, 8))) == (0.0, 0.0)
+
+
+def test_precision_and_recall_of_points_on_a_line():
+    # k=1: every ball reaches the nearest other point of its own set. The real balls have radius 1 and cover
+    # [-1, 4]: 2 of the 4 generated points are inside (precision 0.5). The generated balls have radius 1 too and
+    # cover [-0.5, 2.5] and [99, 102]: 3 of the 4 real points are inside (recall 0.75).
+    real = np.array([[0.0], [1.0], [2.0], [3.0]])
+    fake = np.array([[0.5], [1.5], [100.0], [101.0]])
+    assert precision_recall(real, fake, k=1) == (0.5, 0.75)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_precision_and_recall_in_row_blocks_equal_them_computed_at_once(k):
+    rng = np.random.default_rng(k)
+    real, fake = rng.normal(size=(300, 16)), rng.normal(0.4, 1.2, size=(250, 16))
+    precision, recall = precision_recall(real, fake, k=k, batch_size=7)
+    assert (precision, recall) == reference_precision_recall(real, fake, k)
+    assert 0 < precision < 1 and 0 < recall < 1
+    assert precision_recall(real, fake, k=k, batch_size=1000) == (precision, recall)
+
+
+def test_precision_and_recall_need_more_points_than_neighbours():
+    with pytest.raises(ValueError, match="at least 4 features on each side"):
+        precision_recall(np.ones((3, 2)), np.ones((10, 2)))
+    with pytest.raises(ValueError, match="at least 4 features on each side"):
+        precision_recall(np.ones((10, 2)), np.ones((3, 2)))
+    with pytest.raises(ValueError, match="one width"):
+        precision_recall(np.ones((10, 2)), np.ones((10, 3)))
 
 
 def test_the_digit_classifier_reads_digits_and_its_distance_tells_digits_from_noise(tmp_path):
