@@ -523,11 +523,18 @@ def export(root: Path, ref, fmt, out_dir, which, no_ema) -> None:
     type=click.Path(),
     help="Real images to compare with: an ADM .npz reference batch or an image folder [default: eval.reference].",
 )
+@click.option(
+    "--sampler",
+    type=click.Choice(["ddpm", "ddim", "dpm_solver++"]),
+    help="[default: eval.sampler, else sample.sampler]",
+)
+@click.option("--steps", type=int, help="Denoising steps [default: eval.steps, else sample.steps].")
+@click.option("--guidance", type=float, help="Classifier-free guidance scale [default: eval's, else sample's].")
 @click.option("--write-npz", is_flag=True, help="Also write the samples as eval/samples-step-N.npz (ADM layout).")
 @click.option("--device", help="cuda or cpu [default: cuda if visible].")
 @click.pass_obj
 @user_errors
-def evaluate(root: Path, ref, which, num, metrics, reference, write_npz, device) -> None:
+def evaluate(root: Path, ref, which, num, metrics, reference, sampler, steps, guidance, write_npz, device) -> None:
     """Evaluate a job's checkpoints (EMA weights) as its in-loop evaluation does, in this process: figures in
     eval/offline-step-N.json and in the job's MLflow run at each checkpoint's step."""
     from orchestrator.jobs.checkpoints import resolve_checkpoints
@@ -537,7 +544,15 @@ def evaluate(root: Path, ref, which, num, metrics, reference, write_npz, device)
     chosen = resolve_checkpoints(ref, root, which)  # before torch is imported: a wrong name is answered at once
     job = find_job(root, ref)
     names = tuple(name.strip() for name in metrics.split(",") if name.strip()) if metrics else None
-    spec = offline_spec(chosen[-1][0], num, names, str(Path(reference).resolve()) if reference else None)
+    overrides = {
+        "num_samples": num,
+        "metrics": list(names) if names else None,
+        "reference": str(Path(reference).resolve()) if reference else None,
+        "sampler": sampler,
+        "steps": steps,
+        "guidance_scale": guidance,
+    }
+    spec = offline_spec(chosen[-1][0], overrides)
     problems = evaluation_problems(spec)
     if problems:
         raise UserError("; ".join(problems))

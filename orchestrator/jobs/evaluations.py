@@ -133,18 +133,12 @@ def evaluation_problems(spec: JobSpec) -> list[str]:
     return [message for message in missing if message] + reference_problems(spec)
 
 
-def offline_spec(
-    spec: JobSpec, num_samples: int | None, metrics: tuple[str, ...] | None, reference: str | None = None
-) -> JobSpec:
-    """The spec `orch eval` evaluates with: the checkpoint's, with --num, --metrics and --reference over its eval
-    section, validated like a spec (SpecError, a UserError, when they do not fit the job)."""
+def offline_spec(spec: JobSpec, overrides: dict) -> JobSpec:
+    """The spec `orch eval` evaluates with: the checkpoint's, with the given eval fields (num_samples, metrics,
+    reference, sampler, steps, guidance_scale; None keeps the spec's) over its eval section, validated like a spec
+    (SpecError, a UserError, when they do not fit the job)."""
     raw = spec.to_dict()
     raw["eval"]["every"] = raw["eval"]["every"] or spec.train.steps  # offline: the section's checks apply
     raw["checkpoint"]["keep_best"] = None  # nothing is pruned offline
-    if num_samples is not None:
-        raw["eval"]["num_samples"] = num_samples
-    if metrics:
-        raw["eval"]["metrics"] = list(metrics)
-    if reference:
-        raw["eval"]["reference"] = reference
-    return spec_from_dict(raw, source="orch eval --num/--metrics/--reference on the job's spec")
+    raw["eval"].update({key: value for key, value in overrides.items() if value is not None})
+    return spec_from_dict(raw, source="orch eval's options on the job's spec")
