@@ -1,85 +1,51 @@
-"""Does the demo model draw the digit it is asked for? A classifier trained on the real digits
-judges samples from a job's EMA weights, per sampler and guidance scale.
+"""How good is the demo model under each sampler? `orch eval` of a finished dit-digits job's newest checkpoint for a
+grid of sampler settings: the Fréchet distance in the digit classifier's features (lower is better) and the share of
+class-conditional samples it reads as their class (chance: 10 %), with the seconds each evaluation took.
 
-    .venv/bin/python bench/demo_quality.py runs/<dit-digits job>   [--per-class 50]
+    .venv/bin/python bench/demo_quality.py JOB [--root runs] [--num 500]
 
-Prints the share of samples the classifier recognises as the requested class (chance: 10 %).
+Each line is one `orch eval JOB --sampler S --steps N --guidance G --num NUM`: the figures the demo's in-loop
+evaluation would log with those settings (it also leaves eval/offline-step-N.json of the last setting in the job).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import yaml
-from safetensors.torch import load_file
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from sklearn.svm import SVC
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model.diffusion import make_noise_scheduler, sample  # noqa: E402
-from orchestrator.components.model import build_model  # noqa: E402
-from orchestrator.components.model_input import pixel_input  # noqa: E402
-from orchestrator.jobs.directory import JobDir  # noqa: E402
-from orchestrator.specs.job import spec_from_dict  # noqa: E402
-
-
-def digit_classifier() -> tuple[SVC, float]:
-    """An RBF SVM on the 8x8 digits; returns it and its held-out accuracy on real digits."""
-    digits = load_digits()
-    x = digits.images.reshape(len(digits.images), -1) / 16.0
-    x_train, x_test, y_train, y_test = train_test_split(x, digits.target, test_size=0.25, random_state=0)
-    classifier = SVC(gamma=0.05 * 16, C=10).fit(x_train, y_train)
-    return classifier, classifier.score(x_test, y_test)
+REPO = Path(__file__).resolve().parents[1]
+ORCH = str(Path(sys.executable).with_name("orch"))
+SETTINGS = [  # (sampler, steps, guidance)
+    ("ddpm", 250, 1.0),
+    ("ddpm", 100, 1.5),
+    ("ddpm", 250, 1.5),
+    ("ddpm", 250, 2.0),
+    ("ddim", 50, 1.5),
+    ("dpm_solver++", 25, 1.5),
+]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("job_dir")
-    parser.add_argument("--per-class", type=int, default=50)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("job")
+    parser.add_argument("--root", default="runs")
+    parser.add_argument("--num", type=int, default=500)
     args = parser.parse_args()
-    job = JobDir(args.job_dir)
-    spec = spec_from_dict(yaml.safe_load(job.spec_file.read_text()))
-    assert spec.data.source == "digits" and spec.data.resolution == 8, "this bench judges 8x8 digits models"
-    checkpoint = job.latest_checkpoint()
-    model = build_model(spec, pixel_input(spec, num_classes=10))
-    model.load_state_dict(load_file(checkpoint / "ema.safetensors"))
-    model.eval()
-    classifier, real_accuracy = digit_classifier()
-    print(f"job {job.id}, {checkpoint.name}; classifier accuracy on held-out real digits: {real_accuracy:.1%}")
-    scheduler = make_noise_scheduler(
-        spec.diffusion.num_train_timesteps,
-        spec.diffusion.beta_schedule,
-        spec.diffusion.beta_start,
-        spec.diffusion.beta_end,
-    )
-    labels = torch.arange(10).repeat_interleave(args.per_class)
-    for sampler, steps, guidance in (("ddpm", 1000, 1.0), ("ddim", 50, 1.0), ("ddim", 50, 2.0), ("ddim", 50, 4.0)):
-        start = time.perf_counter()
-        images = sample(
-            model,
-            labels,
-            (1, 8, 8),
-            scheduler,
-            sampler=sampler,
-            num_steps=steps,
-            guidance_scale=guidance,
-            null_label=10,
-            generator=torch.Generator().manual_seed(0),
-            clip_denoised=True,
-        )
-        seconds = time.perf_counter() - start
-        pixels = ((images.clamp(-1, 1) + 1) / 2).reshape(len(labels), -1).numpy()
-        accuracy = float(np.mean(classifier.predict(pixels) == labels.numpy()))
+    print(f"{'sampler':<14} {'steps':>5} {'guidance':>8} {'fd_digits':>10} {'accuracy':>9} {'seconds':>8}")
+    for sampler, steps, guidance in SETTINGS:
+        command = [ORCH, "--root", args.root, "eval", args.job, "--num", str(args.num), "--sampler", sampler]
+        command += ["--steps", str(steps), "--guidance", str(guidance), "--metrics", "fd_digits,digit_accuracy"]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        if done.returncode != 0:
+            sys.exit(f"{' '.join(command)} failed:\n{done.stderr}")
+        (record_file,) = sorted((Path(args.root).resolve() / "").glob(f"{args.job}*/eval/offline-step-*.json"))[-1:]
+        metrics = json.loads(record_file.read_text())["metrics"]
         print(
-            f"{sampler}-{steps:<5} guidance {guidance:>3}: {accuracy:6.1%} recognised as the requested digit "
-            f"({len(labels)} samples, {seconds:.1f} s)"
+            f"{sampler:<14} {steps:>5} {guidance:>8} {metrics['eval/fd_digits']:>10.2f} "
+            f"{metrics['eval/digit_accuracy']:>9.3f} {metrics['eval/seconds']:>8.1f}"
         )
 
 

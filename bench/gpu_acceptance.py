@@ -7,6 +7,8 @@
    Checked: the job succeeded in 2 attempts, grids of steps 100-300 (the one the kill interrupted drawn on resume)
    and the final progression strip exist,
    the last checkpoint is step 300 with finite weights. World size 1 on one GPU, 2 when two or more are visible.
+   ddp-bf16 also evaluates every 100 steps (FID, KID, precision/recall, FD-DINOv2 against the prepared images, the
+   feature networks' real architectures with random weights): one record per evaluated step, finite figures.
 3. Bitwise resume: DDP bf16 with `resources.deterministic: true` must end bit for bit equal (model and EMA) to
    its uninterrupted run; the same without it is reported, not required.
 4. Trainer throughput and MFU of DiT-B/2 and DiT-XL/2 (bench/gpu_throughput.py: `orch submit` of the paper's
@@ -54,10 +56,11 @@ class Case:
     precision: str
     deterministic: bool = False
     compare: str | None = None  # "required" or "reported": bitwise against an uninterrupted run of the same spec
+    evaluate: bool = False  # also evaluates every EVERY steps: FID, KID, precision/recall, FD-DINOv2 on the GPU
 
 
 CASES = (
-    Case("ddp-bf16", "ddp", "bf16", compare="reported"),
+    Case("ddp-bf16", "ddp", "bf16", compare="reported", evaluate=True),
     Case("ddp-fp16", "ddp", "fp16"),
     Case("fsdp-bf16", "fsdp", "bf16"),
     Case("zero2-bf16", "zero2", "bf16"),
@@ -66,7 +69,7 @@ CASES = (
 
 
 def case_spec(case: Case, shards: Path, device: str, processes: int) -> dict:
-    return {
+    spec = {
         "version": 1,
         "name": case.name,
         "model": {"patch_size": 4, "hidden_size": WIDTH, "depth": 4, "num_heads": 4},
@@ -91,6 +94,35 @@ def case_spec(case: Case, shards: Path, device: str, processes: int) -> dict:
             "deterministic": case.deterministic,
         },
     }
+    if case.evaluate:  # the feature networks' real architectures with random weights (nothing can be downloaded)
+        work = shards.parent
+        spec["eval"] = {
+            "every": EVERY,
+            "num_samples": 32,
+            "sampler": "ddim",
+            "steps": 10,
+            "metrics": ["fid", "kid", "precision_recall", "fd_dinov2"],
+            "reference": str(work / "images"),
+            "reference_samples": 64,
+            "weights_dir": str(work / "feature-weights"),
+            "batch_size": 16,
+        }
+    return spec
+
+
+def evaluation_failures(job: Path) -> list[str]:
+    """What is wrong with an evaluating job's eval/ records: one per evaluated step, each with finite figures."""
+    import json
+    import math
+
+    records = {p.name: json.loads(p.read_text()) for p in sorted((job / "eval").glob("step-*.json"))}
+    expected = {f"step-{step:07d}.json" for step in range(EVERY, STEPS + 1, EVERY)}
+    failures = [f"evaluations missing: {sorted(expected - set(records))}"] if expected - set(records) else []
+    for name, record in records.items():
+        bad = [k for k, v in record["metrics"].items() if not math.isfinite(v)]
+        if record["error"] or bad or "eval/fd_dinov2" not in record["metrics"]:
+            failures.append(f"{name}: {record['error'] or bad or 'no eval/fd_dinov2'}")
+    return failures
 
 
 def weights(job: Path, name: str) -> dict:
@@ -170,6 +202,8 @@ def run_case(case: Case, shards: Path, work: Path, device: str, processes: int) 
                 "a grid failed: " + re.findall(r".*drawing the sample grid.*", job_log(job))[0][-200:]
             )
         row["last_loss"] = record.get("loss")
+        if case.evaluate:
+            row["failures"] += evaluation_failures(job)
         if case.compare:
             reference_root = work / f"{case.name}-uninterrupted"
             reference = orch("submit", str(spec), root=reference_root)
@@ -240,6 +274,9 @@ def main() -> int:
     print(f"gpu_acceptance on {device_name} ({versions}); work in {work}", flush=True)
 
     shards = make_latent_dataset(work, args.device)
+    from tests.helpers import write_feature_weights
+
+    write_feature_weights(work / "feature-weights")
     prepared_s = time.perf_counter() - began
     cases = [c for c in CASES if args.device == "cuda" or c.precision != "fp16"]
     with ThreadPoolExecutor(max_workers=len(cases)) as pool:

@@ -128,7 +128,7 @@ class Evaluator:
         weights_dir = Path(e.weights_dir) if e.weights_dir else None
         networks = sorted({METRIC_NETWORK[m] for m in self.metrics if m not in DIGIT_METRICS})
         self.networks: dict[str, FeatureNetwork] = {
-            name: load_feature_network(name, weights_dir, ranks.device) for name in networks
+            name: load_feature_network(name, weights_dir, "cpu") for name in networks
         }
         self.classifier = load_digit_classifier()[0] if set(DIGIT_METRICS) & set(self.metrics) else None
         # the real images' features: rank 0 alone computes the metrics
@@ -157,10 +157,11 @@ class Evaluator:
         began = time.perf_counter()
         mine = list(range(self.ranks.rank, references.count, self.ranks.world_size))
         features = []
-        for start in range(0, len(mine), self.spec.eval.batch_size):
-            pixels = references.read(mine[start : start + self.spec.eval.batch_size])  # uint8 (B, H, W, C)
-            images = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
-            features.append(network.features(images))
+        with self._networks_on_device():
+            for start in range(0, len(mine), self.spec.eval.batch_size):
+                pixels = references.read(mine[start : start + self.spec.eval.batch_size])  # uint8 (B, H, W, C)
+                images = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
+                features.append(network.features(images))
         empty = np.zeros((0, network.dim))
         everyone = self.ranks.gather_to_main((np.asarray(mine, dtype=np.int64), _stack(features, empty)))
         if not self.ranks.is_main:
@@ -189,6 +190,19 @@ class Evaluator:
                 f"{references.count} images of {references.description}: lower eval.num_samples"
             )
 
+    @contextlib.contextmanager
+    def _networks_on_device(self):
+        """The feature networks on the rank's device while they work, on the host between evaluations: DINOv2-L's
+        1.2 GB are not taken from training on a GPU."""
+        for network in self.networks.values():
+            network.module.to(self.ranks.device)
+        try:
+            yield
+        finally:
+            if self.ranks.device.type != "cpu":
+                for network in self.networks.values():
+                    network.module.to("cpu")
+
     # ---- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, model: torch.nn.Module, step: int) -> EvaluationResult | None:
@@ -197,7 +211,8 @@ class Evaluator:
         began = time.perf_counter()
         mine, error = None, None
         try:
-            mine = self._features_of_my_share(model)
+            with self._networks_on_device():
+                mine = self._features_of_my_share(model)
         except Exception as err:  # out of memory, NaN samples: this evaluation has no figures; training goes on
             if isinstance(err, EvaluationFailed):
                 log.error("rank %d: evaluation at step %d failed: %s", self.ranks.rank, step, err)
