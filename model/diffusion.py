@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from model.flow import FLOW_SAMPLERS, FlowMatching, flow_loss, flow_sample
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-SAMPLERS = ("ddpm", "ddim", "dpm_solver++")
+SAMPLERS = ("ddpm", "ddim", "dpm_solver++")  # of the DDPM objective; model/flow.py has the flow's
 
 
 #################################################################################
@@ -64,6 +66,20 @@ def make_noise_scheduler(
 #################################################################################
 
 
+def training_loss(
+    model: nn.Module,
+    x0: torch.Tensor,
+    y,
+    process: DDPMScheduler | FlowMatching,
+    vlb_weight: float = 0.0,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """The loss of a job's objective: flow matching for a FlowMatching process, else the DDPM loss."""
+    if isinstance(process, FlowMatching):
+        return flow_loss(model, x0, y, process)
+    return diffusion_loss(model, x0, y, process, vlb_weight=vlb_weight, snr_gamma=snr_gamma)
+
+
 def diffusion_loss(
     model: nn.Module,
     x0: torch.Tensor,
@@ -71,6 +87,7 @@ def diffusion_loss(
     noise_scheduler: DDPMScheduler,
     generator: torch.Generator | None = None,
     vlb_weight: float = 0.0,
+    snr_gamma: float | None = None,
 ) -> torch.Tensor:
     """Simple DDPM loss (Ho et al. 2020, Algorithm 1): MSE between the model's prediction and its target at a random t.
 
@@ -78,7 +95,10 @@ def diffusion_loss(
     target follows the scheduler's prediction_type (epsilon: the noise; v_prediction: the velocity;
     sample: x0). A model with 2C output channels (learned sigma) is scored on its first C; the MSE is
     computed in float32 whatever the autocast dtype. vlb_weight > 0 adds Improved DDPM's variational
-    bound on the remaining C channels (see `hybrid_loss`), which then must be there.
+    bound on the remaining C channels (see `hybrid_loss`), which then must be there. snr_gamma weights
+    each sample by min-SNR-gamma (Hang et al. 2023) in the form of its target: min(SNR, g) / SNR for
+    epsilon, min(SNR, g) / (SNR + 1) for v, min(SNR, g) for x0 (the weights that make each the same
+    min(SNR, g)-weighted loss on x0).
     """
     if vlb_weight < 0:
         raise ValueError(f"vlb_weight must be >= 0, got {vlb_weight}")
@@ -109,7 +129,14 @@ def diffusion_loss(
         target = x0  # (N, C, H, W)
     else:
         raise ValueError(f"unknown prediction_type {prediction_type!r} (valid: {', '.join(PREDICTION_TYPES)})")
-    loss = F.mse_loss(prediction, target.float())
+    if snr_gamma is None:
+        loss = F.mse_loss(prediction, target.float())
+    else:
+        alpha_bar = noise_scheduler.alphas_cumprod.to(x0.device)[t].float()  # (N,)
+        snr = alpha_bar / (1 - alpha_bar)
+        clipped = snr.clamp(max=snr_gamma)
+        weight = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[prediction_type]
+        loss = (weight * (prediction - target.float()).pow(2).mean(dim=(1, 2, 3))).mean()
     if vlb_weight > 0:
         # The stop-gradient on the prediction leaves L_vlb to train the variance alone (Nichol & Dhariwal 2021, Sec.
         # 3.1).
@@ -353,8 +380,11 @@ def sample_progression(
                 )
             state["at"] = torch.linspace(0, total - 1, num_frames).round().long().tolist()
         if i in state["at"][:-1]:
-            alpha_bar = noise_scheduler.alphas_cumprod[int(t)].item()
-            x0_hat = _predict_x0(prediction, x, alpha_bar, noise_scheduler.config.prediction_type)  # (N, C, H, W)
+            if isinstance(noise_scheduler, FlowMatching):  # t is the time in [0, 1]; prediction the velocity
+                x0_hat = x - float(t) * prediction  # (N, C, H, W)
+            else:
+                alpha_bar = noise_scheduler.alphas_cumprod[int(t)].item()
+                x0_hat = _predict_x0(prediction, x, alpha_bar, noise_scheduler.config.prediction_type)
             frames.append(x0_hat.clamp(-1, 1))
 
     images = _reverse_process(
@@ -391,8 +421,11 @@ def _reverse_process(
     on_prediction: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int], None] | None = None,
 ) -> torch.Tensor:
     """The loop behind sample and sample_progression; on_prediction(i, t, x_t, prediction, S) sees every step."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r} (valid: {', '.join(SAMPLERS)})")
+    flow = isinstance(noise_scheduler, FlowMatching)
+    valid = FLOW_SAMPLERS if flow else SAMPLERS
+    if sampler not in valid:
+        what = "flow-matching" if flow else "DDPM"
+        raise ValueError(f"sampler {sampler!r} does not sample a {what} model (valid: {', '.join(valid)})")
     if isinstance(labels, Mapping):  # a text condition: tensors with a leading batch dimension
         n = next(iter(labels.values())).shape[0]
         device = next(iter(labels.values())).device
@@ -402,7 +435,7 @@ def _reverse_process(
         )
     else:
         n, device = labels.shape[0], labels.device
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    num_train_timesteps = noise_scheduler.num_train_timesteps if flow else noise_scheduler.config.num_train_timesteps
     num_steps = num_train_timesteps if num_steps is None else num_steps
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps must be between 1 and num_train_timesteps={num_train_timesteps}, got {num_steps}")
@@ -423,6 +456,11 @@ def _reverse_process(
     else:
         x = noise.to(device=device, dtype=torch.float32)  # (N, C, H, W)
 
+    if flow:
+        x = flow_sample(
+            model, labels, x, noise_scheduler, sampler, num_steps, guidance_scale, null_label, progress, on_prediction
+        )
+        return x.clamp(-1, 1)
     scheduler = _sampler_scheduler(noise_scheduler, sampler, num_steps, device, clip_denoised)
     step_kwargs = {"generator": generator} if sampler == "ddpm" else {"eta": 0.0} if sampler == "ddim" else {}
 

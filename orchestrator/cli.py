@@ -379,7 +379,9 @@ def prepare(spec_file: str, overrides: tuple[str, ...]) -> None:
 )
 @click.option("--prompt", "prompts", multiple=True, help="Caption to draw (repeatable; text-conditioned models).")
 @click.option(
-    "--sampler", type=click.Choice(["ddpm", "ddim", "dpm_solver++"]), help="[default: the spec's sample.sampler]"
+    "--sampler",
+    type=click.Choice(["ddpm", "ddim", "dpm_solver++", "euler", "heun"]),
+    help="[default: the spec's sample.sampler]",
 )
 @click.option("--steps", type=int, help="Denoising steps [default: the spec's sample.steps].")
 @click.option("--guidance", type=float, help="Classifier-free guidance scale [default: the spec's].")
@@ -525,7 +527,7 @@ def export(root: Path, ref, fmt, out_dir, which, no_ema) -> None:
 )
 @click.option(
     "--sampler",
-    type=click.Choice(["ddpm", "ddim", "dpm_solver++"]),
+    type=click.Choice(["ddpm", "ddim", "dpm_solver++", "euler", "heun"]),
     help="[default: eval.sampler, else sample.sampler]",
 )
 @click.option("--steps", type=int, help="Denoising steps [default: eval.steps, else sample.steps].")

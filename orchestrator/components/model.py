@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+from diffusers import DDPMScheduler
 
 from model.diffusion import make_noise_scheduler
 from model.dit import DiT
+from model.flow import FlowMatching
 from model.unet import UNet
 from orchestrator.components.model_input import ModelInput
 from orchestrator.specs.job import JobSpec
@@ -51,9 +53,17 @@ def build_model(spec: JobSpec, model_input: ModelInput) -> torch.nn.Module:
     )
 
 
-def make_diffusion(spec: JobSpec):
-    """The forward process of a spec (a diffusers DDPMScheduler)."""
+def make_diffusion(spec: JobSpec) -> DDPMScheduler | FlowMatching:
+    """The forward process of a spec: a diffusers DDPMScheduler (objective ddpm) or a FlowMatching (objective flow)."""
     d = spec.diffusion
+    if d.objective == "flow":
+        return FlowMatching(
+            num_train_timesteps=d.num_train_timesteps,
+            timestep_sampling=d.timestep_sampling or "logit_normal",
+            logit_mean=0.0 if d.logit_mean is None else d.logit_mean,
+            logit_std=d.logit_std or 1.0,
+            shift=d.shift or 1.0,
+        )
     return make_noise_scheduler(
         d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end, prediction_type=d.prediction
     )

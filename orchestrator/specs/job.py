@@ -190,9 +190,17 @@ class ModelSpec(Section):
         return self
 
 
+FLOW_SAMPLERS = ("euler", "heun")
+DDPM_SAMPLERS = ("ddpm", "ddim", "dpm_solver++")
+
+
 class DiffusionSpec(Section):
+    objective: Literal["ddpm", "flow"] = "ddpm"
+    """`ddpm`: discrete-time diffusion (Ho et al. 2020) with the beta schedule and prediction below. `flow`: rectified
+    flow / flow matching (SiT, Ma et al. 2024; Stable Diffusion 3, Esser et al. 2024): x_t = (1 - t) x0 + t noise, the
+    network predicts the velocity noise - x0 and sees t x num_train_timesteps; sampled with `euler` or `heun`."""
     num_train_timesteps: int = Field(1000, ge=2)
-    """Number of noise levels T of the forward process."""
+    """Number of noise levels T of the forward process (`flow`: the scale of the network's time input)."""
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     """Noise schedule: `linear` (Ho et al. 2020), `scaled_linear` (linear in sqrt(beta), Stable Diffusion's) or
     `squaredcos_cap_v2` (the cosine schedule of Nichol & Dhariwal 2021)."""
@@ -206,6 +214,47 @@ class DiffusionSpec(Section):
     loss: Literal["mse", "hybrid"] = "mse"
     """`mse` on the prediction, or `hybrid`: MSE plus 0.001 x the variational bound, which trains a learned variance
     (model.learn_sigma)."""
+    min_snr_gamma: float | None = Field(None, gt=0)
+    """`ddpm`: weight each sample's loss by min(SNR(t), gamma) in the form of the prediction (Hang et al. 2023, who use
+    gamma 5: epsilon min(SNR, g)/SNR, v_prediction min(SNR, g)/(SNR + 1), sample min(SNR, g)); empty: unweighted."""
+    timestep_sampling: Literal["uniform", "logit_normal"] | None = None
+    """`flow`: how training draws t: `uniform`, or `logit_normal` (SD3's, the default: more weight mid-path)."""
+    logit_mean: float | None = None
+    """`flow` with logit_normal: the mean of the normal whose sigmoid is t (default 0)."""
+    logit_std: float | None = Field(None, gt=0)
+    """`flow` with logit_normal: its standard deviation (default 1)."""
+    shift: float | None = Field(None, gt=0)
+    """`flow`: SD3's time shift t' = s t / (1 + (s - 1) t), in training and sampling (default 1: none; SD3 uses 3 at
+    1024 px)."""
+
+    @model_validator(mode="after")
+    def _fields_of_the_objective(self) -> DiffusionSpec:
+        defaults = {name: field.default for name, field in type(self).model_fields.items()}
+        if self.objective == "flow":
+            ddpm_only = ["beta_schedule", "beta_start", "beta_end", "prediction", "loss", "min_snr_gamma"]
+            given = [name for name in ddpm_only if getattr(self, name) != defaults[name]]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} belong(s) to objective ddpm; objective flow takes timestep_sampling, "
+                    "logit_mean, logit_std and shift: remove them"
+                )
+        else:
+            flow_only = ["timestep_sampling", "logit_mean", "logit_std", "shift"]
+            given = [name for name in flow_only if getattr(self, name) is not None]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} belong(s) to objective flow; set diffusion.objective: flow or remove them"
+                )
+            if self.min_snr_gamma is not None and self.loss == "hybrid":
+                raise ValueError("min_snr_gamma weights the mse loss; the hybrid loss keeps its own weighting")
+        if self.timestep_sampling == "uniform" and (self.logit_mean is not None or self.logit_std is not None):
+            raise ValueError("logit_mean and logit_std shape timestep_sampling: logit_normal, not uniform")
+        return self
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        """The samplers of the objective."""
+        return FLOW_SAMPLERS if self.objective == "flow" else DDPM_SAMPLERS
 
 
 class DataSpec(Section):
@@ -270,6 +319,17 @@ class DataSpec(Section):
         return self.channels or (1 if self.source == "digits" else 3)
 
 
+class OneCycleSpec(Section):
+    pct_start: float = Field(0.3, gt=0, lt=1)
+    """Share of the steps spent rising to the peak learning rate (torch's OneCycleLR pct_start)."""
+    div_factor: float = Field(25.0, gt=0)
+    """The first learning rate is the peak (train.learning_rate, torch's max_lr) / div_factor."""
+    final_div_factor: float = Field(1e4, gt=0)
+    """The last learning rate is the first / final_div_factor."""
+    anneal: Literal["cos", "linear"] = "cos"
+    """How the rate moves between those points (torch's anneal_strategy)."""
+
+
 class TrainSpec(Section):
     steps: int = Field(ge=1)
     """Optimizer steps to train for (the job ends after this many)."""
@@ -287,8 +347,12 @@ class TrainSpec(Section):
     """AdamW epsilon."""
     warmup_steps: int = Field(0, ge=0)
     """Steps of linear learning-rate warmup from 0."""
-    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
-    """Learning rate after warmup: constant, or a cosine / linear decay to min_lr_ratio x peak at the last step."""
+    lr_schedule: Literal["constant", "cosine", "linear", "one_cycle"] = "constant"
+    """Learning rate after warmup: constant, or a cosine / linear decay to min_lr_ratio x peak at the last step; or
+    `one_cycle` (Smith & Topin 2017, torch's OneCycleLR over train.steps with train.one_cycle's settings: its own
+    rise, so no warmup_steps or min_lr_ratio)."""
+    one_cycle: OneCycleSpec = OneCycleSpec()
+    """lr_schedule one_cycle: its settings."""
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     """Floor of the decaying schedules, as a fraction of the peak learning rate."""
     grad_clip: float | None = Field(1.0, gt=0)
@@ -361,9 +425,10 @@ class CheckpointSpec(Section):
 class SampleSpec(Section):
     every: int = Field(1000, ge=1)
     """Draw a sample grid from the EMA weights every this many steps (and at the end)."""
-    sampler: Literal["ddpm", "ddim", "dpm_solver++"] = "ddim"
-    """Reverse process: `ddpm` (ancestral, Ho et al.), `ddim` (deterministic, Song et al. 2021) or `dpm_solver++` (2nd
-    order, Lu et al. 2022)."""
+    sampler: Literal["ddpm", "ddim", "dpm_solver++", "euler", "heun"] = "ddim"
+    """Reverse process: for objective ddpm `ddpm` (ancestral, Ho et al.), `ddim` (deterministic, Song et al. 2021) or
+    `dpm_solver++` (2nd order, Lu et al. 2022); for objective flow the ODE's `euler` (the default there) or `heun` (2nd
+    order, two network calls per step but the last)."""
     steps: int = Field(50, ge=1)
     """Denoising steps of the sampler."""
     guidance_scale: float = Field(1.0, ge=1)
@@ -394,7 +459,7 @@ class EvalSpec(Section):
     num_samples: int = Field(1000, ge=2)
     """Samples drawn per evaluation, split over the ranks; each is seeded by its index, so the images do not depend
     on the number of ranks. Classes take turns (sample i is of class i mod num_classes)."""
-    sampler: Literal["ddpm", "ddim", "dpm_solver++"] | None = None
+    sampler: Literal["ddpm", "ddim", "dpm_solver++", "euler", "heun"] | None = None
     """Reverse process of the evaluation samples; empty: sample.sampler."""
     steps: int | None = Field(None, ge=1)
     """Denoising steps; empty: sample.steps."""
@@ -689,6 +754,15 @@ class JobSpec(Section):
     @model_validator(mode="after")
     def _cross_section_checks(self) -> JobSpec:
         m = self.model
+        t = self.train
+        if t.lr_schedule == "one_cycle" and (t.warmup_steps or t.min_lr_ratio):
+            raise ValueError(
+                "train.lr_schedule one_cycle rises and falls on its own: remove train.warmup_steps and min_lr_ratio"
+            )
+        if t.lr_schedule != "one_cycle" and t.one_cycle != OneCycleSpec():
+            raise ValueError("train.one_cycle shapes lr_schedule one_cycle: set lr_schedule: one_cycle or remove it")
+        if m.learn_sigma and self.diffusion.objective == "flow":
+            raise ValueError("model.learn_sigma trains a DDPM variance; objective flow has none: remove it")
         if m.arch == "dit" and not self.data.latent and self.data.resolution % m.patch_size:
             raise ValueError(f"model.patch_size {m.patch_size} does not divide data.resolution {self.data.resolution}")
         if m.arch == "unet" and not self.data.latent and self.data.resolution % 2 ** sum(m.unet.down_sample):
@@ -732,6 +806,12 @@ class JobSpec(Section):
                 "train on shards prepared with captions by `orch prepare` (data.source: webdataset), or use condition: "
                 "class"
             )
+        d = self.diffusion
+        for where, sampler in (("sample.sampler", self.sample.sampler), ("eval.sampler", self.eval.sampler)):
+            if sampler is not None and sampler not in d.samplers:
+                raise ValueError(
+                    f"{where} {sampler} does not sample objective {d.objective}; use {', '.join(d.samplers)}"
+                )
         self._check_eval()
         if self.sample.guidance_scale != 1 and (m.class_dropout == 0 or m.condition == "none"):
             raise ValueError(
@@ -746,6 +826,10 @@ class JobSpec(Section):
         """eval.metrics left empty: the digits' pair on the digits, FID elsewhere."""
         if not isinstance(raw, dict) or not isinstance(raw.get("eval", {}), dict):
             return raw  # the field validators say what is wrong
+        diffusion, sample = raw.get("diffusion"), raw.get("sample", {})
+        flow = isinstance(diffusion, dict) and diffusion.get("objective") == "flow"
+        if flow and isinstance(sample, dict) and sample.get("sampler") is None:
+            raw = {**raw, "sample": {**sample, "sampler": "euler"}}  # the flow's sampler unless one is named
         section = raw.get("eval", {})
         if section.get("metrics") is None:
             data = raw.get("data") if isinstance(raw.get("data"), dict) else {}

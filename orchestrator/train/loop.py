@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from model.diffusion import diffusion_loss
+from model.diffusion import training_loss
 from model.dit import compile_blocks
 from model.ema import EMA
 from orchestrator.components.device import check_node_devices, set_determinism, use_tf32
@@ -219,8 +219,13 @@ class Trainer:
                 last = micro == t.grad_accum_steps - 1
                 with nullcontext() if last else engine.no_sync(model):
                     with engine.autocast():
-                        loss = diffusion_loss(
-                            model, inputs, condition, self.noise_scheduler, vlb_weight=self.vlb_weight
+                        loss = training_loss(
+                            model,
+                            inputs,
+                            condition,
+                            self.noise_scheduler,
+                            vlb_weight=self.vlb_weight,
+                            snr_gamma=spec.diffusion.min_snr_gamma,
                         )
                     engine.backward(loss / t.grad_accum_steps)
                 loss_sum += loss.detach().float() / t.grad_accum_steps

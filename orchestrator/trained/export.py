@@ -43,7 +43,13 @@ DIFFUSERS_NAMES = {"transformer", "scheduler", "vae", "model_index.json", "spec.
 PIPELINE_NULL_CLASS = (
     1000  # diffusers' DiTPipeline draws its unconditional half with this label (ImageNet's null class)
 )
-SCHEDULER_CLASSES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "dpm_solver++": "DPMSolverMultistepScheduler"}
+SCHEDULER_CLASSES = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "dpm_solver++": "DPMSolverMultistepScheduler",
+    "euler": "FlowMatchEulerDiscreteScheduler",
+    "heun": "FlowMatchHeunDiscreteScheduler",
+}
 
 
 class ExportError(UserError):
@@ -178,6 +184,10 @@ def _scheduler(spec: JobSpec, clip: bool):
 
     from orchestrator.components.model import make_diffusion
 
+    if spec.diffusion.objective == "flow":  # the flow's ODE scheduler, as model/flow.py samples with it
+        from model.flow import flow_scheduler
+
+        return flow_scheduler(make_diffusion(spec), spec.sample.sampler, 1, torch.device("cpu"))
     base, sampler = make_diffusion(spec).config, spec.sample.sampler
     if sampler == "ddim":
         return DDIMScheduler.from_config(base, clip_sample=clip, clip_sample_range=1.0)
@@ -210,6 +220,11 @@ def _export_pipeline(
 
     from orchestrator.components.vae import load_vae
 
+    if spec.diffusion.objective == "flow":
+        raise ExportError(
+            "diffusers' DiTPipeline samples DDPM-style models (it splits learned sigma and feeds integer timesteps); "
+            "a latent flow-matching model exports with --format safetensors"
+        )
     k = model.num_classes
     if k > PIPELINE_NULL_CLASS:
         raise ExportError(
@@ -268,6 +283,19 @@ not equal to, orch's (see model/convert.py).
     ]
 
 
+def _scheduler_text(spec: JobSpec, scheduler_class: str) -> str:
+    d = spec.diffusion
+    if d.objective == "flow":
+        return (
+            f"a `{scheduler_class}` (rectified flow: the transformer predicts the velocity noise - x0 at timestep "
+            f"sigma x {d.num_train_timesteps}, shift {d.shift or 1.0})"
+        )
+    return (
+        f"a `{scheduler_class}` with the training noise schedule ({d.beta_schedule}, {d.num_train_timesteps} steps, "
+        f"`{d.prediction}` prediction) and `clip_sample` to [-1, 1]"
+    )
+
+
 def _diffusers_readme(spec: JobSpec, kind: str, model: torch.nn.Module, scheduler_class: str) -> str:
     c, r, k = spec.data.num_channels, spec.data.resolution, model.num_classes
     s = spec.sample
@@ -282,8 +310,7 @@ def _diffusers_readme(spec: JobSpec, kind: str, model: torch.nn.Module, schedule
 
 - `transformer/`: a `DiTTransformer2DModel` with the {"EMA" if kind == "ema" else "raw (not EMA)"} weights;
   {k} classes (labels 0..{k - 1}, class names in `orch_export.json`){guidance_note}.
-- `scheduler/`: a `{scheduler_class}` with the training noise schedule ({spec.diffusion.beta_schedule},
-  {spec.diffusion.num_train_timesteps} steps, `{spec.diffusion.prediction}` prediction) and `clip_sample` to [-1, 1].
+- `scheduler/`: {_scheduler_text(spec, scheduler_class)}.
 - `spec.yaml`: the orch job spec it was trained with.
 
 The model works in **pixel space**: it denoises {c}-channel {r}x{r} images in [-1, 1] directly, with no

@@ -158,8 +158,12 @@ def _settings(
     (SamplingError)."""
     model_input = model_input or pixel_input(spec, num_classes_of(model))
     settings = SamplerSettings.of(spec, model_input, sampler, steps, guidance, null_label=num_classes_of(model))
-    if settings.sampler not in diffusion_math.SAMPLERS:
-        raise SamplingError(f"unknown sampler {settings.sampler!r} (valid: {', '.join(diffusion_math.SAMPLERS)})")
+    samplers = spec.diffusion.samplers
+    if settings.sampler not in samplers:
+        raise SamplingError(
+            f"sampler {settings.sampler} does not sample this model (objective {spec.diffusion.objective}): use "
+            f"{', '.join(samplers)}"
+        )
     timesteps = spec.diffusion.num_train_timesteps
     if not 1 <= settings.steps <= timesteps:
         raise SamplingError(

@@ -31,12 +31,22 @@ RESUME_SPEC = dict(
 )
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_resume_after_sigkill_is_bitwise_exact(tmp_path, processes):
+# Flow matching with SD3's shift, Heun grids and the OneCycle schedule: the other objective resumes as exactly.
+FLOW = [
+    "diffusion.objective=flow",
+    "diffusion.beta_schedule=linear",
+    "diffusion.shift=2",
+    "sample.sampler=heun",
+    "train.lr_schedule=one_cycle",
+    "train.warmup_steps=0",
+]
+
+
+@pytest.mark.parametrize(("processes", "objective"), [(1, []), (2, []), (2, FLOW)], ids=["1", "2", "2-flow"])
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, processes, objective):
     spec = tiny_spec(tmp_path, **RESUME_SPEC)
-    job, resumed = kill_after_checkpoint_then_resume(
-        tmp_path, spec, ["--set", f"resources.processes={processes}"], kill_at=10, total=14
-    )
+    overrides = [arg for o in [f"resources.processes={processes}", *objective] for arg in ("--set", o)]
+    job, resumed = kill_after_checkpoint_then_resume(tmp_path, spec, overrides, kill_at=10, total=14)
     assert "resuming from step-0000010" in resumed.stdout
     assert state(job)["state"] == "succeeded" and state(job)["attempts"] == 2
 

@@ -17,7 +17,7 @@ from orchestrator.components.model import build_model, make_diffusion
 from orchestrator.components.model_input import pixel_input
 from orchestrator.errors import UserError
 from orchestrator.jobs.directory import JobDir
-from orchestrator.specs.job import replace
+from orchestrator.specs.job import replace, spec_from_dict
 from orchestrator.trained.export import ExportError, export_diffusers, export_safetensors
 from orchestrator.trained.sampling import (
     CheckpointNotFound,
@@ -268,4 +268,43 @@ def test_export_diffusers_loads_in_diffusers_and_samples_as_our_model(loaded, tm
             noise=noise,
             clip_denoised=True,
         )
+        torch.testing.assert_close(scope["x"].clamp(-1, 1), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_a_flow_matching_model_exports_a_flow_scheduler_and_samples_in_diffusers_as_in_orch(
+    loaded, tmp_path, monkeypatch
+):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    spec, checkpoint, _ = loaded
+    raw = spec.to_dict()
+    raw["diffusion"] |= {"objective": "flow", "beta_schedule": "linear", "shift": 2.0}
+    raw["sample"]["sampler"] = "euler"
+    flow_spec = spec_from_dict(raw)
+    noisy = noisy_checkpoint(checkpoint, tmp_path / "noisy")
+    ours = load_model(flow_spec, noisy)
+    out = tmp_path / "diffusers"
+    export_diffusers(flow_spec, noisy, out)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(out / "scheduler")
+    assert scheduler.config.shift == 2.0 and scheduler.config.num_train_timesteps == 100
+    assert "velocity" in (out / "README.md").read_text()
+
+    monkeypatch.chdir(out)
+    code = python_block((out / "README.md").read_text())
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))  # the README's noise
+    for guidance in (1.0, 3.0):
+        scope = {}
+        exec(re.sub(r"(labels, guidance = .*), [\d.]+\n", rf"\1, {guidance}\n", code), scope)
+        reference = diffusion_math.sample(
+            ours,
+            torch.tensor([0, 1, 2, 3]),
+            (1, 8, 8),
+            make_diffusion(flow_spec),
+            sampler="euler",
+            num_steps=5,
+            guidance_scale=guidance,
+            null_label=10,
+            noise=noise,
+        )
+        assert reference.std() > 0.1
         torch.testing.assert_close(scope["x"].clamp(-1, 1), reference, atol=1e-4, rtol=1e-4)

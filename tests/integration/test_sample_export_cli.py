@@ -88,3 +88,30 @@ def test_orch_export_safetensors_and_diffusers(tmp_path, trained):
 
     transformer = DiTTransformer2DModel.from_pretrained(tmp_path / "hf" / "transformer")
     assert transformer.config.sample_size == 8 and transformer.config.in_channels == 1
+
+
+def test_a_flow_job_draws_grids_evaluates_and_samples_with_its_own_samplers_only(tmp_path):
+    root = tmp_path / "runs"
+    spec = tiny_spec(
+        tmp_path,
+        diffusion={"objective": "flow", "timestep_sampling": "logit_normal"},
+        train={"steps": 2},
+        sample={"every": 2, "sampler": "euler", "steps": 4, "per_class": 2, "classes": [0, 1]},
+        eval={"every": 2, "num_samples": 10, "steps": 4, "batch_size": 10},
+    )
+    spec.write_text(spec.read_text().replace("beta_schedule: squaredcos_cap_v2", "beta_schedule: linear"))
+    done = orch("submit", str(spec), root=root)
+    job = only_job(root)
+    assert done.returncode == 0, done.stderr + log_text(job)
+    assert (job / "samples" / "samples-0000002.png").is_file() and (
+        job / "samples" / "progression-0000002.png"
+    ).is_file()
+    assert "evaluation of step 2: eval/fd_digits" in log_text(job)
+
+    heun = orch(
+        "sample", job.name, "--sampler", "heun", "--steps", "3", "--num", "1", "--out", str(tmp_path / "s"), root=root
+    )
+    assert heun.returncode == 0 and "heun-3" in heun.stdout, heun.stderr
+    ddim = orch("sample", job.name, "--sampler", "ddim", "--num", "1", "--out", str(tmp_path / "d"), root=root)
+    assert ddim.returncode == 2 and "does not sample this model (objective flow): use euler, heun" in ddim.stderr
+    assert "Traceback" not in ddim.stderr and not (tmp_path / "d").exists()

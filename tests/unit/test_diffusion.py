@@ -310,7 +310,7 @@ def test_sampling_reports_progress_keeps_the_models_mode_and_builds_no_graph():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"sampler": "euler"}, "unknown sampler 'euler' \\(valid: ddpm, ddim, dpm_solver\\+\\+\\)"),
+        ({"sampler": "euler"}, "sampler 'euler' does not sample a DDPM model"),
         ({"guidance_scale": 2.0}, "needs null_label"),
         ({"noise": torch.zeros(3, *SHAPE)}, "noise has shape"),
         ({"num_steps": 0}, "num_steps must be between 1 and num_train_timesteps=1000"),
