@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from model.continuous import CONTINUOUS_SAMPLERS, ContinuousVP, continuous_loss, continuous_sample
 from model.flow import FLOW_SAMPLERS, FlowMatching, flow_loss, flow_sample
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -70,13 +71,15 @@ def training_loss(
     model: nn.Module,
     x0: torch.Tensor,
     y,
-    process: DDPMScheduler | FlowMatching,
+    process: DDPMScheduler | FlowMatching | ContinuousVP,
     vlb_weight: float = 0.0,
     snr_gamma: float | None = None,
 ) -> torch.Tensor:
-    """The loss of a job's objective: flow matching for a FlowMatching process, else the DDPM loss."""
+    """The loss of a job's objective: flow matching, continuous-time VP, or the DDPM loss."""
     if isinstance(process, FlowMatching):
         return flow_loss(model, x0, y, process)
+    if isinstance(process, ContinuousVP):
+        return continuous_loss(model, x0, y, process, snr_gamma=snr_gamma)
     return diffusion_loss(model, x0, y, process, vlb_weight=vlb_weight, snr_gamma=snr_gamma)
 
 
@@ -382,6 +385,8 @@ def sample_progression(
         if i in state["at"][:-1]:
             if isinstance(noise_scheduler, FlowMatching):  # t is the time in [0, 1]; prediction the velocity
                 x0_hat = x - float(t) * prediction  # (N, C, H, W)
+            elif isinstance(noise_scheduler, ContinuousVP):  # the sampler hands over its x0 estimate
+                x0_hat = prediction
             else:
                 alpha_bar = noise_scheduler.alphas_cumprod[int(t)].item()
                 x0_hat = _predict_x0(prediction, x, alpha_bar, noise_scheduler.config.prediction_type)
@@ -422,9 +427,10 @@ def _reverse_process(
 ) -> torch.Tensor:
     """The loop behind sample and sample_progression; on_prediction(i, t, x_t, prediction, S) sees every step."""
     flow = isinstance(noise_scheduler, FlowMatching)
-    valid = FLOW_SAMPLERS if flow else SAMPLERS
+    continuous = isinstance(noise_scheduler, ContinuousVP)
+    valid = FLOW_SAMPLERS if flow else CONTINUOUS_SAMPLERS if continuous else SAMPLERS
     if sampler not in valid:
-        what = "flow-matching" if flow else "DDPM"
+        what = "flow-matching" if flow else "continuous-time" if continuous else "DDPM"
         raise ValueError(f"sampler {sampler!r} does not sample a {what} model (valid: {', '.join(valid)})")
     if isinstance(labels, Mapping):  # a text condition: tensors with a leading batch dimension
         n = next(iter(labels.values())).shape[0]
@@ -435,7 +441,12 @@ def _reverse_process(
         )
     else:
         n, device = labels.shape[0], labels.device
-    num_train_timesteps = noise_scheduler.num_train_timesteps if flow else noise_scheduler.config.num_train_timesteps
+    if flow:
+        num_train_timesteps = noise_scheduler.num_train_timesteps
+    elif continuous:
+        num_train_timesteps = noise_scheduler.time_scale
+    else:
+        num_train_timesteps = noise_scheduler.config.num_train_timesteps
     num_steps = num_train_timesteps if num_steps is None else num_steps
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps must be between 1 and num_train_timesteps={num_train_timesteps}, got {num_steps}")
@@ -459,6 +470,22 @@ def _reverse_process(
     if flow:
         x = flow_sample(
             model, labels, x, noise_scheduler, sampler, num_steps, guidance_scale, null_label, progress, on_prediction
+        )
+        return x.clamp(-1, 1)
+    if continuous:
+        x = continuous_sample(
+            model,
+            labels,
+            x,
+            noise_scheduler,
+            sampler,
+            num_steps,
+            guidance_scale,
+            null_label,
+            generator,
+            clip_denoised,
+            progress,
+            on_prediction,
         )
         return x.clamp(-1, 1)
     scheduler = _sampler_scheduler(noise_scheduler, sampler, num_steps, device, clip_denoised)

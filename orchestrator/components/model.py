@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
+from model.continuous import ContinuousVP
 from model.diffusion import make_noise_scheduler
 from model.dit import DiT
 from model.flow import FlowMatching
@@ -53,9 +54,12 @@ def build_model(spec: JobSpec, model_input: ModelInput) -> torch.nn.Module:
     )
 
 
-def make_diffusion(spec: JobSpec) -> DDPMScheduler | FlowMatching:
-    """The forward process of a spec: a diffusers DDPMScheduler (objective ddpm) or a FlowMatching (objective flow)."""
+def make_diffusion(spec: JobSpec) -> DDPMScheduler | FlowMatching | ContinuousVP:
+    """The forward process of a spec: a diffusers DDPMScheduler (objective ddpm), a FlowMatching (flow) or a
+    ContinuousVP (continuous)."""
     d = spec.diffusion
+    if d.objective == "continuous":
+        return ContinuousVP(prediction=d.prediction, time_scale=d.num_train_timesteps)
     if d.objective == "flow":
         return FlowMatching(
             num_train_timesteps=d.num_train_timesteps,

@@ -192,13 +192,17 @@ class ModelSpec(Section):
 
 FLOW_SAMPLERS = ("euler", "heun")
 DDPM_SAMPLERS = ("ddpm", "ddim", "dpm_solver++")
+CONTINUOUS_SAMPLERS = ("ddim", "ddpm")
 
 
 class DiffusionSpec(Section):
-    objective: Literal["ddpm", "flow"] = "ddpm"
+    objective: Literal["ddpm", "flow", "continuous"] = "ddpm"
     """`ddpm`: discrete-time diffusion (Ho et al. 2020) with the beta schedule and prediction below. `flow`: rectified
     flow / flow matching (SiT, Ma et al. 2024; Stable Diffusion 3, Esser et al. 2024): x_t = (1 - t) x0 + t noise, the
-    network predicts the velocity noise - x0 and sees t x num_train_timesteps; sampled with `euler` or `heun`."""
+    network predicts the velocity noise - x0 and sees t x num_train_timesteps; sampled with `euler` or `heun`.
+    `continuous`: variance-preserving diffusion in continuous time, t ~ U(0, 1), alpha and sigma from the cosine
+    schedule (Nichol & Dhariwal 2021), the network sees t x num_train_timesteps and predicts `prediction` (default
+    there: `sample`, x0); sampled with `ddim` (deterministic) or `ddpm` (ancestral)."""
     num_train_timesteps: int = Field(1000, ge=2)
     """Number of noise levels T of the forward process (`flow`: the scale of the network's time input)."""
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
@@ -238,7 +242,15 @@ class DiffusionSpec(Section):
                     f"{', '.join(given)} belong(s) to objective ddpm; objective flow takes timestep_sampling, "
                     "logit_mean, logit_std and shift: remove them"
                 )
-        else:
+        elif self.objective == "continuous" and any(
+            getattr(self, name) != defaults[name] for name in ("beta_schedule", "beta_start", "beta_end", "loss")
+        ):
+            given = [n for n in ("beta_schedule", "beta_start", "beta_end", "loss") if getattr(self, n) != defaults[n]]
+            raise ValueError(
+                f"{', '.join(given)} belong(s) to objective ddpm; objective continuous has the cosine schedule and the "
+                "mse loss: remove them"
+            )
+        if self.objective != "flow":
             flow_only = ["timestep_sampling", "logit_mean", "logit_std", "shift"]
             given = [name for name in flow_only if getattr(self, name) is not None]
             if given:
@@ -254,7 +266,7 @@ class DiffusionSpec(Section):
     @property
     def samplers(self) -> tuple[str, ...]:
         """The samplers of the objective."""
-        return FLOW_SAMPLERS if self.objective == "flow" else DDPM_SAMPLERS
+        return {"flow": FLOW_SAMPLERS, "continuous": CONTINUOUS_SAMPLERS}.get(self.objective, DDPM_SAMPLERS)
 
 
 class DataSpec(Section):
@@ -830,6 +842,8 @@ class JobSpec(Section):
         flow = isinstance(diffusion, dict) and diffusion.get("objective") == "flow"
         if flow and isinstance(sample, dict) and sample.get("sampler") is None:
             raw = {**raw, "sample": {**sample, "sampler": "euler"}}  # the flow's sampler unless one is named
+        if isinstance(diffusion, dict) and diffusion.get("objective") == "continuous" and "prediction" not in diffusion:
+            raw = {**raw, "diffusion": {**diffusion, "prediction": "sample"}}  # x0, as the continuous write-ups do
         section = raw.get("eval", {})
         if section.get("metrics") is None:
             data = raw.get("data") if isinstance(raw.get("data"), dict) else {}

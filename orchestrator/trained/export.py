@@ -147,6 +147,11 @@ def export_diffusers(spec: JobSpec, checkpoint: Path, out_dir: Path, ema: bool =
     from model.convert import to_diffusers
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if spec.diffusion.objective == "continuous":
+        raise ExportError(
+            "diffusers has no scheduler for continuous-time VP diffusion (its DDPM/DDIM schedulers are discrete, "
+            "one time step off the cosine schedule's continuous times); export it with --format safetensors"
+        )
     problems = diffusers_problems(spec)
     if problems:
         raise ExportError(

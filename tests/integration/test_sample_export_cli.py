@@ -90,13 +90,24 @@ def test_orch_export_safetensors_and_diffusers(tmp_path, trained):
     assert transformer.config.sample_size == 8 and transformer.config.in_channels == 1
 
 
-def test_a_flow_job_draws_grids_evaluates_and_samples_with_its_own_samplers_only(tmp_path):
+@pytest.mark.parametrize(
+    ("diffusion", "samplers", "other"),
+    [
+        ({"objective": "flow", "timestep_sampling": "logit_normal"}, ("euler", "heun"), "ddim"),
+        ({"objective": "continuous", "prediction": "v_prediction"}, ("ddim", "ddpm"), "euler"),
+    ],
+    ids=["flow", "continuous"],
+)
+def test_a_job_of_another_objective_draws_grids_evaluates_and_samples_with_its_own_samplers_only(
+    tmp_path, diffusion, samplers, other
+):
     root = tmp_path / "runs"
+    first, second = samplers
     spec = tiny_spec(
         tmp_path,
-        diffusion={"objective": "flow", "timestep_sampling": "logit_normal"},
+        diffusion=diffusion,
         train={"steps": 2},
-        sample={"every": 2, "sampler": "euler", "steps": 4, "per_class": 2, "classes": [0, 1]},
+        sample={"every": 2, "sampler": first, "steps": 4, "per_class": 2, "classes": [0, 1]},
         eval={"every": 2, "num_samples": 10, "steps": 4, "batch_size": 10},
     )
     spec.write_text(spec.read_text().replace("beta_schedule: squaredcos_cap_v2", "beta_schedule: linear"))
@@ -108,10 +119,12 @@ def test_a_flow_job_draws_grids_evaluates_and_samples_with_its_own_samplers_only
     ).is_file()
     assert "evaluation of step 2: eval/fd_digits" in log_text(job)
 
-    heun = orch(
-        "sample", job.name, "--sampler", "heun", "--steps", "3", "--num", "1", "--out", str(tmp_path / "s"), root=root
+    drawn = orch(
+        "sample", job.name, "--sampler", second, "--steps", "3", "--num", "1", "--out", str(tmp_path / "s"), root=root
     )
-    assert heun.returncode == 0 and "heun-3" in heun.stdout, heun.stderr
-    ddim = orch("sample", job.name, "--sampler", "ddim", "--num", "1", "--out", str(tmp_path / "d"), root=root)
-    assert ddim.returncode == 2 and "does not sample this model (objective flow): use euler, heun" in ddim.stderr
-    assert "Traceback" not in ddim.stderr and not (tmp_path / "d").exists()
+    assert drawn.returncode == 0 and f"{second}-3" in drawn.stdout, drawn.stderr
+    refused = orch("sample", job.name, "--sampler", other, "--num", "1", "--out", str(tmp_path / "d"), root=root)
+    objective = diffusion["objective"]
+    assert refused.returncode == 2, refused.stderr
+    assert f"does not sample this model (objective {objective}): use {', '.join(samplers)}" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "d").exists()

@@ -1,6 +1,6 @@
-"""Rectified flow (model/flow.py) and the objective's place in the spec: the time sampling, a loss and samplers that
-are exact on a velocity field known in closed form, min-SNR weighting, the OneCycle schedule, and what the spec
-refuses."""
+"""The objectives beside DDPM: rectified flow (model/flow.py) and continuous-time VP (model/continuous.py), each with a
+loss and samplers that are exact on a model known in closed form; min-SNR weighting, the OneCycle schedule, and what
+the spec refuses."""
 
 import math
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from model.continuous import ContinuousVP, continuous_loss
 from model.diffusion import diffusion_loss, make_noise_scheduler, sample
 from model.flow import FlowMatching, flow_loss
 from orchestrator.specs.base import SpecError
@@ -166,3 +167,65 @@ def test_a_flow_spec_samples_with_euler_unless_told_and_round_trips():
     spec = flow_spec("diffusion: {objective: flow, shift: 2}")
     assert spec.sample.sampler == "euler" and spec.diffusion.samplers == ("euler", "heun")
     assert spec_from_dict(yaml.safe_load(spec.to_yaml())) == spec
+
+
+class KnownImage(nn.Module):
+    """The exact continuous-time VP prediction for one fixed image c, in the form `prediction` asks for."""
+
+    def __init__(self, target: torch.Tensor, prediction: str, scale: int = 1000):
+        super().__init__()
+        self.target, self.prediction, self.scale = target, prediction, scale
+
+    def forward(self, x, t, y):
+        alpha, sigma = (v.float().view(-1, 1, 1, 1) for v in ContinuousVP.alpha_sigma(t / self.scale))
+        eps = (x - alpha * self.target) / sigma
+        return {"sample": self.target.expand_as(x), "epsilon": eps, "v_prediction": alpha * eps - sigma * self.target}[
+            self.prediction
+        ]
+
+    def forward_with_cfg(self, x, t, y, guidance_scale):
+        return self.forward(x, t, y)
+
+
+@pytest.mark.parametrize("prediction", ["sample", "epsilon", "v_prediction"])
+def test_continuous_vp_loss_is_zero_for_the_exact_prediction(prediction):
+    target = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    x0 = target.expand(8, -1, -1, -1)
+    process = ContinuousVP(prediction=prediction)
+    torch.manual_seed(0)
+    assert continuous_loss(KnownImage(target, prediction), x0, None, process) < 1e-8
+    assert continuous_loss(KnownImage(target + 0.2, prediction), x0, None, process) > 1e-4
+    weighted = continuous_loss(KnownImage(target, prediction), x0, None, process, snr_gamma=5.0)
+    assert weighted < 1e-6
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("prediction", ["sample", "epsilon", "v_prediction"])
+def test_continuous_samplers_land_on_the_image_an_exact_model_predicts(sampler, prediction):
+    target = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    labels = torch.zeros(3, dtype=torch.long)
+    images = sample(
+        KnownImage(target, prediction),
+        labels,
+        (1, 4, 4),
+        ContinuousVP(prediction=prediction),
+        sampler=sampler,
+        num_steps=6,
+        generator=torch.Generator().manual_seed(8),
+    )
+    torch.testing.assert_close(images, target.expand(3, -1, -1, -1), atol=1e-4, rtol=0)
+
+
+def test_the_continuous_objective_predicts_x0_unless_told_and_refuses_ddpm_fields_and_other_samplers():
+    spec = flow_spec("diffusion: {objective: continuous}")
+    assert spec.diffusion.prediction == "sample" and spec.sample.sampler == "ddim"
+    assert flow_spec("diffusion: {objective: continuous, prediction: v_prediction}").diffusion.prediction == (
+        "v_prediction"
+    )
+    for text, message in [
+        ("diffusion: {objective: continuous, beta_schedule: scaled_linear}", "objective continuous has the cosine"),
+        ("diffusion: {objective: continuous}\nsample: {sampler: dpm_solver++}", "does not sample objective continuous"),
+        ("diffusion: {objective: continuous, shift: 2}", "belong(s) to objective flow"),
+    ]:
+        with pytest.raises(SpecError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            flow_spec(text)
