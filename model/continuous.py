@@ -15,7 +15,7 @@ lines are written here.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -105,24 +105,20 @@ def continuous_sample(
     sampler: str,
     num_steps: int,
     guidance_scale: float = 1.0,
-    null_label: int | None = None,
     generator=None,
     clip_denoised: bool = False,
     progress: Callable[[int, int], None] | None = None,
     on_prediction: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int], None] | None = None,
 ) -> torch.Tensor:
     """From noise x (N, C, H, W) at t = T_MAX to t = 0 in num_steps steps; on_prediction(i, t, x_t, x0_hat, total)
-    sees each step's x0 estimate (clipped to [-1, 1] first when clip_denoised, as pixel-space samplers do)."""
+    sees each step's x0 estimate (clipped to [-1, 1] first when clip_denoised, as pixel-space samplers do). With
+    guidance, `labels` holds the conditional and the null half (model.diffusion.sample appends the null condition)."""
     if sampler not in CONTINUOUS_SAMPLERS:
         raise ValueError(
             f"sampler {sampler!r} does not sample a continuous-time model ({', '.join(CONTINUOUS_SAMPLERS)})"
         )
     n = x.shape[0]
     guided = guidance_scale != 1
-    if guided and isinstance(labels, Mapping):
-        labels = {k: torch.cat([v, v]) for k, v in labels.items()}
-    elif guided:
-        labels = torch.cat([labels, torch.full_like(labels, null_label)])
     times = torch.linspace(T_MAX, 0, num_steps + 1, dtype=torch.float64, device=x.device)
     for i in range(num_steps):
         t, s = times[i], times[i + 1]

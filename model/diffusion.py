@@ -467,10 +467,14 @@ def _reverse_process(
     else:
         x = noise.to(device=device, dtype=torch.float32)  # (N, C, H, W)
 
+    if guided and isinstance(labels, Mapping):
+        labels = {
+            k: torch.cat([v, v]) for k, v in labels.items()
+        }  # (2N, ...): the model puts its null caption in the second half
+    elif guided:
+        labels = torch.cat([labels, torch.full_like(labels, null_label)])  # (2N,)
     if flow:
-        x = flow_sample(
-            model, labels, x, noise_scheduler, sampler, num_steps, guidance_scale, null_label, progress, on_prediction
-        )
+        x = flow_sample(model, labels, x, noise_scheduler, sampler, num_steps, guidance_scale, progress, on_prediction)
         return x.clamp(-1, 1)
     if continuous:
         x = continuous_sample(
@@ -481,7 +485,6 @@ def _reverse_process(
             sampler,
             num_steps,
             guidance_scale,
-            null_label,
             generator,
             clip_denoised,
             progress,
@@ -491,12 +494,6 @@ def _reverse_process(
     scheduler = _sampler_scheduler(noise_scheduler, sampler, num_steps, device, clip_denoised)
     step_kwargs = {"generator": generator} if sampler == "ddpm" else {"eta": 0.0} if sampler == "ddim" else {}
 
-    if guided and isinstance(labels, Mapping):
-        labels = {
-            k: torch.cat([v, v]) for k, v in labels.items()
-        }  # (2N, ...): the model puts its null caption in the second half
-    elif guided:
-        labels = torch.cat([labels, torch.full_like(labels, null_label)])  # (2N,)
     timesteps = scheduler.timesteps
     total = len(timesteps)
     for i, t in enumerate(timesteps):

@@ -14,7 +14,7 @@ Only the loss and the time sampling are written here: diffusers has the schedule
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -100,19 +100,15 @@ def flow_sample(
     sampler: str,
     num_steps: int,
     guidance_scale: float = 1.0,
-    null_label: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_prediction: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int], None] | None = None,
 ) -> torch.Tensor:
     """Integrate from the noise x (N, C, H, W) at t = 1 to t = 0 in num_steps steps (Heun: two velocities per step
     but the last); returns the sample (unclamped). on_prediction(i, sigma, x_t, velocity, total) sees every
-    velocity; guidance_scale != 1 batches conditional and null inputs through `model.forward_with_cfg`."""
+    velocity; guidance_scale != 1 batches conditional and null inputs through `model.forward_with_cfg`, `labels`
+    then holding both halves (model.diffusion.sample appends the null condition)."""
     n = x.shape[0]
     guided = guidance_scale != 1
-    if guided and isinstance(labels, Mapping):
-        labels = {k: torch.cat([v, v]) for k, v in labels.items()}  # the model puts its null caption second
-    elif guided:
-        labels = torch.cat([labels, torch.full_like(labels, null_label)])  # (2N,)
     scheduler = flow_scheduler(flow, sampler, num_steps, x.device)
     timesteps = scheduler.timesteps
     for i, t in enumerate(timesteps):
