@@ -858,6 +858,11 @@ class JobSpec(Section):
             raise ValueError("checkpoint.keep_best ranks checkpoints by evaluations: set eval.every (and eval.metrics)")
         if e.every is None:
             return
+        if m.condition == "text":
+            raise ValueError(
+                "eval draws class-conditional samples; a text-conditioned model needs captions to sample from, which "
+                "the evaluation does not take yet: remove eval.every (evaluate its samples with `orch sample --prompt`)"
+            )
         if keep_best is not None and keep_best.metric not in e.metric_keys:
             logged = ", ".join(key for key in e.metric_keys if not key.endswith("_std"))
             raise ValueError(

@@ -250,3 +250,15 @@ def test_fsdp_is_a_strategy_without_deepspeed_settings_or_fp16():
     assert "fp16 (loss scaling) is supported with ddp only" in problems(
         MINIMAL, ["resources.strategy=fsdp", "train.mixed_precision=fp16"]
     )
+
+
+def test_a_text_conditioned_model_is_not_evaluated_with_class_labels():
+    text = """
+name: t2i
+model: {condition: text, patch_size: 2}
+data: {source: webdataset, path: /data/shards, resolution: 256}
+train: {steps: 10}
+eval: {every: 5, reference: /data/ref.npz}
+"""
+    with pytest.raises(SpecError, match="a text-conditioned model needs captions"):
+        parse_spec(text)
