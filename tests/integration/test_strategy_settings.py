@@ -227,3 +227,20 @@ def test_fsdp_in_bf16_compiled_and_checkpointed_trains_in_one_process(tmp_path):
         "fsdp            FSDP2, one shard unit per block, bf16 weights, fp32 grad reduction, activation checkpointing "
         "on" in planned.stdout
     )
+
+
+@pytest.mark.parametrize(
+    ("strategy", "objective"),
+    [
+        ("fsdp", ["diffusion.objective=flow", "diffusion.shift=2", "sample.sampler=euler"]),
+        ("zero2", ["diffusion.objective=continuous", "diffusion.min_snr_gamma=5", "train.mixed_precision=bf16"]),
+    ],
+    ids=["fsdp-flow", "zero2-continuous"],
+)
+def test_the_other_objectives_resume_bitwise_under_sharded_strategies(tmp_path, strategy, objective):
+    spec = tiny_spec(tmp_path, **RESUME_SPEC)
+    spec.write_text(spec.read_text().replace("beta_schedule: squaredcos_cap_v2", "beta_schedule: linear"))
+    chosen = [f"resources.strategy={strategy}", "sample.steps=5", *objective]
+    overrides = [*TWO_RANKS, *[arg for o in chosen for arg in ("--set", o)]]
+    job, _ = kill_after_checkpoint_then_resume(tmp_path, spec, overrides, kill_at=10, total=14)
+    assert state(job)["state"] == "succeeded"
