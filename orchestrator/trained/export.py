@@ -147,11 +147,6 @@ def export_diffusers(spec: JobSpec, checkpoint: Path, out_dir: Path, ema: bool =
     from model.convert import to_diffusers
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    if spec.diffusion.objective == "continuous":
-        raise ExportError(
-            "diffusers has no scheduler for continuous-time VP diffusion (its DDPM/DDIM schedulers are discrete, "
-            "one time step off the cosine schedule's continuous times); export it with --format safetensors"
-        )
     problems = diffusers_problems(spec)
     if problems:
         raise ExportError(
@@ -193,6 +188,8 @@ def _scheduler(spec: JobSpec, clip: bool):
         from model.flow import flow_scheduler
 
         return flow_scheduler(make_diffusion(spec), spec.sample.sampler, 1, torch.device("cpu"))
+    if spec.diffusion.objective == "continuous":
+        return _continuous_scheduler(spec, clip)
     base, sampler = make_diffusion(spec).config, spec.sample.sampler
     if sampler == "ddim":
         return DDIMScheduler.from_config(base, clip_sample=clip, clip_sample_range=1.0)
@@ -209,6 +206,28 @@ def _scheduler(spec: JobSpec, clip: bool):
         timestep_spacing=base.timestep_spacing,
         final_sigmas_type="zero",
         lower_order_final=True,
+    )
+
+
+def _continuous_scheduler(spec: JobSpec, clip: bool):
+    """A continuous-time VP model as diffusers' DDIM (or DDPM) scheduler: betas chosen so that the table's
+    alphas_cumprod[k] is the cosine schedule's alpha(t)^2 at t = k / T exactly, where the network, which sees
+    t x T, is asked for timestep k. diffusers then samples the same model on its discrete grid of times."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from model.continuous import ContinuousVP
+
+    d = spec.diffusion
+    times = torch.arange(d.num_train_timesteps, dtype=torch.float64) / d.num_train_timesteps
+    alpha_bar = ContinuousVP.alpha_sigma(times)[0] ** 2  # alpha_bar[0] = 1
+    betas = 1 - alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+    kind = DDIMScheduler if spec.sample.sampler == "ddim" else DDPMScheduler
+    return kind(
+        num_train_timesteps=d.num_train_timesteps,
+        trained_betas=betas.tolist(),
+        prediction_type=d.prediction,
+        clip_sample=clip,
+        clip_sample_range=1.0,
     )
 
 
@@ -294,6 +313,12 @@ def _scheduler_text(spec: JobSpec, scheduler_class: str) -> str:
         return (
             f"a `{scheduler_class}` (rectified flow: the transformer predicts the velocity noise - x0 at timestep "
             f"sigma x {d.num_train_timesteps}, shift {d.shift or 1.0})"
+        )
+    if d.objective == "continuous":
+        return (
+            f"a `{scheduler_class}` whose betas put the continuous cosine schedule's alpha(t)^2 at timestep "
+            f"t x {d.num_train_timesteps}, the time the transformer was trained at (`{d.prediction}` prediction), "
+            "and `clip_sample` to [-1, 1]"
         )
     return (
         f"a `{scheduler_class}` with the training noise schedule ({d.beta_schedule}, {d.num_train_timesteps} steps, "

@@ -308,3 +308,42 @@ def test_a_flow_matching_model_exports_a_flow_scheduler_and_samples_in_diffusers
         )
         assert reference.std() > 0.1
         torch.testing.assert_close(scope["x"].clamp(-1, 1), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_a_continuous_time_model_exports_a_ddim_scheduler_on_its_own_schedule(loaded, tmp_path):
+    from model.continuous import ContinuousVP
+
+    spec, checkpoint, _ = loaded
+    raw = spec.to_dict()
+    raw["diffusion"] |= {"objective": "continuous", "beta_schedule": "linear", "prediction": "v_prediction"}
+    continuous_spec = spec_from_dict(raw)
+    noisy = noisy_checkpoint(checkpoint, tmp_path / "noisy")
+    ours = load_model(continuous_spec, noisy)
+    out = tmp_path / "diffusers"
+    export_diffusers(continuous_spec, noisy, out)
+    scheduler = DDIMScheduler.from_pretrained(out / "scheduler")
+    assert scheduler.config.prediction_type == "v_prediction"
+    k = torch.arange(100)
+    alpha, _ = ContinuousVP.alpha_sigma(k / 100)
+    torch.testing.assert_close(scheduler.alphas_cumprod.double(), alpha**2, rtol=1e-5, atol=1e-7)
+
+    # One DDIM step of the exported pair, from timestep 60 to 40, is the step orch's continuous DDIM takes from
+    # t = 0.6 to 0.4 with the same network: the scheduler's table and the network's time scale agree.
+    transformer = DiTTransformer2DModel.from_pretrained(out / "transformer").eval()
+    for block in transformer.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0  # the official DiT frequencies (the README's patch)
+    # (without clipping: diffusers' DDIM clips x0 and keeps its eps, orch's recomputes eps from the clipped x0)
+    scheduler = DDIMScheduler.from_pretrained(out / "scheduler", clip_sample=False)
+    scheduler.set_timesteps(5)  # leading spacing on 100 steps: 80, 60, 40, 20, 0
+    assert scheduler.timesteps.tolist() == [80, 60, 40, 20, 0]
+    x, y = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([1, 2])
+    with torch.no_grad():
+        step = scheduler.step(transformer(x, timestep=torch.tensor([60, 60]), class_labels=y).sample, 60, x)
+        process = ContinuousVP(prediction="v_prediction")
+        (a_t, s_t), (a_s, s_s) = (
+            ContinuousVP.alpha_sigma(torch.tensor(0.6)),
+            ContinuousVP.alpha_sigma(torch.tensor(0.4)),
+        )
+        x0, eps = process.predict_x0_eps(ours(x, torch.tensor([60.0, 60.0]), y).double(), x.double(), a_t, s_t)
+        expected = a_s * x0 + s_s * eps
+    torch.testing.assert_close(step.prev_sample.double(), expected, atol=1e-4, rtol=1e-4)
