@@ -312,7 +312,8 @@ def sample(
     progress: Callable[[int, int], None] | None = None,
     clip_denoised: bool = False,
 ) -> torch.Tensor:
-    """Draw images (N, C, H, W) in [-1, 1] for labels (N,) by running the reverse process from noise.
+    """Draw images (N, C, H, W) for labels (N,) by running the reverse process from noise: clipped to [-1, 1] with
+    clip_denoised (pixel space), as they come for latents, which are not bounded.
 
     `ddpm` is ancestral sampling (Ho et al. 2020, Algorithm 2), `ddim` the deterministic DDIM of Song
     et al. (2021) with eta = 0, `dpm_solver++` the deterministic multistep DPM-Solver++(2M) of Lu et
@@ -369,7 +370,7 @@ def sample_progression(
 
     Runs exactly as `sample` with the same arguments (same randomness, same result) and records, at
     steps round(linspace(0, S - 1, K)) of its S steps, the x0 that the (guided) prediction implies,
-    clamped to [-1, 1] for display. The last step of every sampler lands on alpha_bar = 1, where its
+    clamped to [-1, 1] (clip_denoised, pixel space). The last step of every sampler lands on alpha_bar = 1, where its
     output is its x0 prediction, so the last frame is the sample itself: frames[:, -1] == sample(...).
     """
     frames: list[torch.Tensor] = []
@@ -390,7 +391,7 @@ def sample_progression(
             else:
                 alpha_bar = noise_scheduler.alphas_cumprod[int(t)].item()
                 x0_hat = _predict_x0(prediction, x, alpha_bar, noise_scheduler.config.prediction_type)
-            frames.append(x0_hat.clamp(-1, 1))
+            frames.append(x0_hat.clamp(-1, 1) if clip_denoised else x0_hat)
 
     images = _reverse_process(
         model,
@@ -475,7 +476,7 @@ def _reverse_process(
         labels = torch.cat([labels, torch.full_like(labels, null_label)])  # (2N,)
     if flow:
         x = flow_sample(model, labels, x, noise_scheduler, sampler, num_steps, guidance_scale, progress, on_prediction)
-        return x.clamp(-1, 1)
+        return x.clamp(-1, 1) if clip_denoised else x  # latents are not bounded
     if continuous:
         x = continuous_sample(
             model,
@@ -490,7 +491,7 @@ def _reverse_process(
             progress,
             on_prediction,
         )
-        return x.clamp(-1, 1)
+        return x.clamp(-1, 1) if clip_denoised else x  # latents are not bounded
     scheduler = _sampler_scheduler(noise_scheduler, sampler, num_steps, device, clip_denoised)
     step_kwargs = {"generator": generator} if sampler == "ddpm" else {"eta": 0.0} if sampler == "ddim" else {}
 
@@ -522,7 +523,7 @@ def _reverse_process(
         x = scheduler.step(model_output, t, x, **step_kwargs).prev_sample  # (N, C, H, W)
         if progress is not None:
             progress(i + 1, total)
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1) if clip_denoised else x  # latents are not bounded
 
 
 def _sampler_scheduler(

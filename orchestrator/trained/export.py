@@ -164,17 +164,23 @@ def export_diffusers(spec: JobSpec, checkpoint: Path, out_dir: Path, ema: bool =
     model_input = model_input_of(spec, checkpoint, ema)
     scheduler = _scheduler(spec, clip=model_input.latent is None)
     kind = "ema" if ema else "raw"
-    if model_input.latent is not None:
+    if model_input.latent is not None and spec.diffusion.objective != "flow":
         return _export_pipeline(spec, checkpoint, out_dir, kind, model, transformer, scheduler, model_input)
 
     _prepare(out_dir, DIFFUSERS_NAMES)
     transformer.save_pretrained(out_dir / "transformer", safe_serialization=True)
     scheduler.save_pretrained(out_dir / "scheduler")
+    written = [out_dir / "transformer", out_dir / "scheduler"]
+    if model_input.latent is not None:  # a latent flow model: DiTPipeline cannot step a flow scheduler
+        from orchestrator.components.vae import load_vae
+
+        load_vae(model_input.latent.vae).save_pretrained(out_dir / "vae", safe_serialization=True)
+        written.append(out_dir / "vae")
     (out_dir / "spec.yaml").write_text(spec.to_yaml())
     info = _write_info(out_dir, "diffusers", spec, checkpoint, kind, model)
     readme = out_dir / "README.md"
-    readme.write_text(_diffusers_readme(spec, kind, model, type(scheduler).__name__))
-    return [out_dir / "transformer", out_dir / "scheduler", out_dir / "spec.yaml", readme, info]
+    readme.write_text(_diffusers_readme(spec, kind, model, type(scheduler).__name__, model_input))
+    return [*written, out_dir / "spec.yaml", readme, info]
 
 
 def _scheduler(spec: JobSpec, clip: bool):
@@ -244,11 +250,6 @@ def _export_pipeline(
 
     from orchestrator.components.vae import load_vae
 
-    if spec.diffusion.objective == "flow":
-        raise ExportError(
-            "diffusers' DiTPipeline samples DDPM-style models (it splits learned sigma and feeds integer timesteps); "
-            "a latent flow-matching model exports with --format safetensors"
-        )
     k = model.num_classes
     if k > PIPELINE_NULL_CLASS:
         raise ExportError(
@@ -326,8 +327,11 @@ def _scheduler_text(spec: JobSpec, scheduler_class: str) -> str:
     )
 
 
-def _diffusers_readme(spec: JobSpec, kind: str, model: torch.nn.Module, scheduler_class: str) -> str:
-    c, r, k = spec.data.num_channels, spec.data.resolution, model.num_classes
+def _diffusers_readme(spec: JobSpec, kind: str, model: torch.nn.Module, scheduler_class: str, model_input) -> str:
+    """The README of a transformer + scheduler export, with the sampling loop that is its pipeline; latent (flow)
+    models also get `vae/` and the decode."""
+    c, r, k = model_input.shape[0], model_input.shape[1], model.num_classes
+    latent = model_input.latent
     s = spec.sample
     guided = spec.model.class_dropout > 0
     step_args = ", generator=generator" if scheduler_class == "DDPMScheduler" else ""
@@ -343,13 +347,11 @@ def _diffusers_readme(spec: JobSpec, kind: str, model: torch.nn.Module, schedule
 - `scheduler/`: {_scheduler_text(spec, scheduler_class)}.
 - `spec.yaml`: the orch job spec it was trained with.
 
-The model works in **pixel space**: it denoises {c}-channel {r}x{r} images in [-1, 1] directly, with no
-VAE. diffusers' `DiTPipeline` always decodes its output with a VAE and takes the null class to be
-1000, so it cannot run this model; the loop below is the whole pipeline:
+{_space_text(c, r, latent)}
 
 ```python
 import torch
-from diffusers import DiTTransformer2DModel, {scheduler_class}
+from diffusers import {"AutoencoderKL, " if latent else ""}DiTTransformer2DModel, {scheduler_class}
 
 transformer = DiTTransformer2DModel.from_pretrained("transformer").eval()
 scheduler = {scheduler_class}.from_pretrained("scheduler")
@@ -369,9 +371,28 @@ with torch.no_grad():
             cond, uncond = out.chunk(2)
             out = uncond + guidance * (cond - uncond)
         x = scheduler.step(out, t, x{step_args}).prev_sample
-images = (x.clamp(-1, 1) + 1) / 2  # (4, {c}, {r}, {r}) in [0, 1]
+{_output_text(c, r, latent)}
 ```
 """
+
+
+def _space_text(c: int, r: int, latent) -> str:
+    if latent is None:
+        return f"""The model works in **pixel space**: it denoises {c}-channel {r}x{r} images in [-1, 1] directly, with
+no VAE. diffusers' `DiTPipeline` always decodes its output with a VAE and takes the null class to be
+1000, so it cannot run this model; the loop below is the whole pipeline:"""
+    return f"""The model works in the **latent space** of `vae/` ({latent.vae}): it denoises {c}x{r}x{r} latents scaled
+by {latent.scaling_factor}. diffusers' `DiTPipeline` steps DDPM-style schedulers only (it calls
+`scale_model_input`, which the flow schedulers lack), so the loop below is the whole pipeline:"""
+
+
+def _output_text(c: int, r: int, latent) -> str:
+    if latent is None:
+        return f"images = (x.clamp(-1, 1) + 1) / 2  # (4, {c}, {r}, {r}) in [0, 1]"
+    return f"""vae = AutoencoderKL.from_pretrained("vae").eval()
+with torch.no_grad():
+    images = vae.decode(x / {latent.scaling_factor}).sample
+images = (images.clamp(-1, 1) + 1) / 2  # (4, 3, H, W) in [0, 1]"""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -231,3 +231,44 @@ def test_latent_job_resumes_bitwise_after_sigkill_with_two_ranks_and_workers(tmp
         resources={"processes": 2},
     )
     kill_after_checkpoint_then_resume(tmp_path, spec, [], kill_at=4, total=8)
+
+
+def test_a_latent_flow_model_exports_transformer_scheduler_and_vae_whose_readme_loop_draws_orchs_images(
+    tmp_path, prepared, monkeypatch
+):
+    import re
+
+    import model.diffusion as diffusion_math
+    from orchestrator.components.model import make_diffusion
+    from orchestrator.components.vae import decode, load_vae
+    from orchestrator.jobs.checkpoints import resolve_checkpoint
+    from orchestrator.trained.sampling import load_model, model_input_of
+
+    root = tmp_path / "runs"
+    spec_file = latent_spec(
+        tmp_path, prepared, "latent-flow", diffusion={"objective": "flow"}, sample={"sampler": "euler"}
+    )
+    spec_file.write_text(spec_file.read_text().replace("beta_schedule: squaredcos_cap_v2", "beta_schedule: linear"))
+    result = orch("submit", str(spec_file), root=root, env={"HF_HUB_OFFLINE": "1"})
+    job = only_job(root)
+    assert result.returncode == 0, log_text(job)
+    out = tmp_path / "hf"
+    exported = orch("export", job.name, "--format", "diffusers", "--out", str(out), root=root)
+    assert exported.returncode == 0, exported.stderr
+    assert {p.name for p in out.iterdir()} >= {"transformer", "scheduler", "vae", "README.md"}
+
+    spec, checkpoint = resolve_checkpoint(job.name, root)
+    ours, model_input = load_model(spec, checkpoint, device="cpu"), model_input_of(spec, checkpoint)
+    monkeypatch.chdir(out)
+    code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
+    scope = {}
+    exec(
+        code.replace("labels, guidance = torch.tensor([0, 1, 2, 3])", "labels, guidance = torch.tensor([0, 1, 2, 2])"),
+        scope,
+    )
+    noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))  # the README's noise
+    latents = diffusion_math.sample(
+        ours, torch.tensor([0, 1, 2, 2]), (4, 8, 8), make_diffusion(spec), sampler="euler", num_steps=4, noise=noise
+    )
+    expected = (decode(load_vae(model_input.latent.vae), latents, model_input.latent.scaling_factor) + 1) / 2
+    torch.testing.assert_close(scope["images"], expected, atol=2e-3, rtol=0)

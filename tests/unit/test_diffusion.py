@@ -235,17 +235,23 @@ def test_guidance_extrapolates_from_the_null_class_towards_the_label(scale):
     torch.testing.assert_close(images, expected.expand(3, *SHAPE), atol=1e-4, rtol=0)
 
 
-def test_samples_are_clamped_to_the_data_range():
+def test_pixel_samples_are_clamped_to_the_data_range_and_latents_are_left_as_they_are():
     scheduler = make_noise_scheduler()
-    images = sample(
-        PointOracle(scheduler, points(3.0)),
-        torch.zeros(2, dtype=torch.long),
-        SHAPE,
-        scheduler,
-        sampler="ddim",
-        num_steps=10,
-    )
-    assert torch.equal(images, torch.ones(2, *SHAPE))
+
+    def draw(clip_denoised: bool) -> torch.Tensor:
+        return sample(
+            PointOracle(scheduler, points(3.0)),
+            torch.zeros(2, dtype=torch.long),
+            SHAPE,
+            scheduler,
+            sampler="ddim",
+            num_steps=10,
+            clip_denoised=clip_denoised,
+        )
+
+    assert torch.equal(draw(clip_denoised=True), torch.ones(2, *SHAPE))  # pixels live in [-1, 1]
+    latents = draw(clip_denoised=False)  # the data point itself (3.0 and a small ramp), unbounded
+    torch.testing.assert_close(latents, points(3.0).expand(2, *SHAPE), atol=1e-3, rtol=0)
 
 
 def test_ddpm_sampling_depends_only_on_the_generator():

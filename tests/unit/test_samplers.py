@@ -169,7 +169,7 @@ def test_progression_frames_are_x0_estimates_and_the_last_is_the_sample(sampler)
     )
     assert strip.shape == (3, 5, *SHAPE)
     assert torch.equal(strip[:, -1], images)
-    assert strip.abs().max() <= 1 and calls == list(range(1, 21))
+    assert calls == list(range(1, 21))
     assert not torch.allclose(strip[:, 0], strip[:, -1])
 
 
@@ -217,7 +217,7 @@ def ddpm_by_hand(
     x = torch.randn((2, *SHAPE), generator=generator)
     for t in steps.timesteps:
         x = steps.step(model(x, t.expand(2), None), t, x, generator=generator).prev_sample
-    return x.clamp(-1, 1)
+    return x  # the sampler clamps only with clip_denoised (pixel space)
 
 
 @pytest.mark.parametrize("v, variance_type", [(-1.0, "fixed_small"), (1.0, "fixed_large"), (7.0, "fixed_large")])
