@@ -104,7 +104,8 @@ def wait_for(predicate, timeout: float = 120, interval: float = 0.05, what: str 
 def kill_job_processes(job_dir: Path) -> None:
     """SIGKILL everything of a running job (supervisor and launched processes), as a dying node would."""
     record = state(job_dir)
-    for pgid in (record["launcher_pid"], record["supervisor_pid"]):
+    # the supervisor first: killed second, it could see its launcher die and record that, as no dead node does
+    for pgid in (record["supervisor_pid"], record["launcher_pid"]):
         if pgid:
             try:
                 os.killpg(pgid, signal.SIGKILL)
