@@ -93,6 +93,10 @@ def validate(spec_file: str, overrides: tuple[str, ...]) -> None:
         from orchestrator.specs.prepare import load_prepare_spec
 
         prepare_spec = load_prepare_spec(spec_file, overrides)
+        if prepare_spec.input.source == "hf_dataset":  # here, not at the first image: offline nodes, typos in columns
+            from orchestrator.data import hub
+
+            hub.check(prepare_spec.input, streaming=prepare_spec.input.streaming)
         click.echo(
             f"{spec_file}: valid — prepare {prepare_spec.input.source} {prepare_spec.input.path} -> "
             f"{prepare_spec.output.path}"
@@ -363,6 +367,10 @@ def prepare(spec_file: str, overrides: tuple[str, ...]) -> None:
     from orchestrator.specs.prepare import load_prepare_spec
 
     spec = load_prepare_spec(spec_file, overrides)  # fails fast, without torch
+    if spec.input.source == "hf_dataset":  # once, before the ranks: a missing dataset or column is one message
+        from orchestrator.data import hub
+
+        hub.check(spec.input, streaming=spec.input.streaming)  # and a local copy's cache is built once, not per rank
     from orchestrator.prepare import run_local
 
     sys.exit(run_local(spec_file, overrides, spec.resources.processes))

@@ -44,6 +44,7 @@ from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +57,9 @@ from orchestrator.components import vae as vae_loader
 from orchestrator.components.device import use_tf32
 from orchestrator.components.text import encode_texts, load_text_encoder
 from orchestrator.components.vae import require_local_folder
-from orchestrator.data import shardformat
+from orchestrator.data import hub, shardformat
 from orchestrator.data.imagefolder import IMAGE_EXTENSIONS
-from orchestrator.data.loader import center_crop
+from orchestrator.data.loader import square
 from orchestrator.errors import UserError
 from orchestrator.files import fsync_dir, write_atomic
 from orchestrator.specs.prepare import ImageSpec, InputSpec, PrepareSpec, VaeSpec, load_prepare_spec
@@ -92,6 +93,8 @@ class InputItem:
     caption: str | None = None
     span: tuple[int, int] | None = None
     """(offset, size) of the image bytes inside the .tar, for webdataset inputs."""
+    data: bytes | None = None
+    """The encoded image itself, for rows of a streamed hf_dataset (read once, in order)."""
 
 
 @dataclass(frozen=True)
@@ -101,21 +104,28 @@ class Inputs:
     num_classes: int | None
     has_captions: bool
     description: str  # "image_folder:/data/cats", for the index
+    rows: object | None = None  # hf_dataset: the datasets.Dataset whose row int(item.location) holds the image
+    image_column: str | None = None  # hf_dataset: its column of undecoded images
 
-    def digest(self) -> str:
-        """A hash of the list (sources, labels, captions): a restart must see the very same list."""
+    def identity(self) -> dict:
+        """What a restart must find again: the number of inputs and a hash of the list (sources, labels, captions)."""
         h = hashlib.sha256()
         for item in self.items:
             h.update(f"{item.source}\t{item.label}\t{item.caption}\n".encode())
-        return h.hexdigest()
+        return {"num_inputs": len(self.items), "inputs_digest": h.hexdigest()}
 
 
 def scan_inputs(spec: InputSpec) -> Inputs:
     """The sorted input list of a folder, table or webdataset; PrepareError if it is missing, empty or malformed."""
     path = Path(spec.path)
-    if not path.exists():
+    if not path.exists() and spec.source != "hf_dataset":  # a hf_dataset path may be a Hub name
         raise PrepareError(f"input.path {path} does not exist")
-    scan = {"image_folder": _scan_image_folder, "table": _scan_table, "webdataset": _scan_webdataset}[spec.source]
+    scan = {
+        "image_folder": _scan_image_folder,
+        "table": _scan_table,
+        "webdataset": _scan_webdataset,
+        "hf_dataset": _scan_hf_dataset,
+    }[spec.source]
     inputs = scan(spec, path)
     if not inputs.items:
         raise PrepareError(f"input.path {path} holds no inputs ({spec.source}); point it at the data")
@@ -304,6 +314,36 @@ def _scan_webdataset(spec: InputSpec, path: Path) -> Inputs:
     return Inputs(items, None, num_classes, has_captions, f"webdataset:{path}")
 
 
+def _scan_hf_dataset(spec: InputSpec, path: Path) -> Inputs:
+    """Every row of the split, in the dataset's order; images stay in the memory-mapped dataset until a worker reads
+    them. (Streaming datasets are not scanned: prepare reads them in order, see _prepare_stream.)"""
+    source = hub.source_of(spec)
+    data = hub.open_dataset(source)
+    columns = hub.columns_of(spec, data.features, f"dataset {source.describe()}")
+    labels = list(data[columns.label]) if columns.label else [None] * len(data)
+    captions = [_text(c) for c in data[columns.caption]] if columns.caption else [None] * len(data)
+    urls = [str(u or "") or None for u in data[columns.url]] if columns.url else None
+    items = [
+        InputItem(source=str(i), location=urls[i] if urls else str(i), label=label, caption=caption)
+        for i, (label, caption) in enumerate(zip(labels, captions))
+    ]
+    num_classes = len(columns.class_names) if columns.class_names else _max_label(labels)
+    return Inputs(
+        items,
+        columns.class_names,
+        num_classes,
+        any(c is not None for c in captions),
+        f"hf_dataset:{source.describe()}",
+        rows=hub.undecoded(data, columns.image),
+        image_column=columns.image,
+    )
+
+
+def _max_label(labels: list) -> int | None:
+    known = [label for label in labels if label is not None]
+    return max(known) + 1 if known else None
+
+
 def _read_label(tar: tarfile.TarFile, member: tarfile.TarInfo, tar_path: Path, key: str) -> int:
     text = tar.extractfile(member).read().decode("ascii", "replace").strip()
     try:
@@ -329,10 +369,12 @@ class _Skipped(Exception):
         self.skip = Skip(reason, detail)
 
 
-def load_pixels(item: InputItem, image: ImageSpec, input_spec: InputSpec) -> np.ndarray | Skip:
-    """The ADM centre crop of one input as (H, W, 3) uint8, or why it is skipped. Never raises for bad data."""
+def load_pixels(
+    item: InputItem, image: ImageSpec, input_spec: InputSpec, rows=None, image_column: str | None = None
+) -> np.ndarray | Skip:
+    """One input as (H, W, 3) uint8 (ADM centre crop or resize), or why it is skipped. Never raises for bad data."""
     try:
-        data = _read_bytes(item, input_spec)
+        data = _read_bytes(item, input_spec, rows, image_column)
         try:
             with Image.open(io.BytesIO(data)) as opened:
                 opened.load()
@@ -345,20 +387,27 @@ def load_pixels(item: InputItem, image: ImageSpec, input_spec: InputSpec) -> np.
             raise _Skipped(
                 "too_small", f"{picture.size[0]}x{picture.size[1]} is below {image.resolution} px on the short side"
             )
-        return np.asarray(center_crop(picture, image.resolution), dtype=np.uint8)  # (H, W, 3)
+        return np.asarray(square(picture, image.resolution, image.crop), dtype=np.uint8)  # (H, W, 3)
     except _Skipped as skipped:
         return skipped.skip
 
 
-def _read_bytes(item: InputItem, input_spec: InputSpec) -> bytes:
+def _read_bytes(item: InputItem, input_spec: InputSpec, rows=None, image_column: str | None = None) -> bytes:
+    from_urls = input_spec.source == "table" or (
+        input_spec.source == "hf_dataset" and "url_column" in input_spec.model_fields_set
+    )
     if item.location is None:
-        raise _Skipped(
-            "download_failed" if input_spec.source == "table" else "unreadable",
-            "no image (empty URL or no image member)",
-        )
-    if input_spec.source == "table":
+        raise _Skipped("download_failed" if from_urls else "unreadable", "no image (empty URL, cell or image member)")
+    if from_urls:
         return _download(item.location, input_spec.download_timeout, input_spec.download_retries)
     try:
+        if item.data is not None:
+            return item.data
+        if rows is not None:
+            data = hub.image_bytes(rows[int(item.location)][image_column])
+            if data is None:
+                raise _Skipped("unreadable", "no image (empty cell)")
+            return data
         if item.span is None:
             return Path(item.location).read_bytes()
         offset, size = item.span
@@ -483,9 +532,9 @@ def _tmp(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
-def claim_output(out: Path, spec: PrepareSpec, inputs: Inputs, rank: int) -> None:
-    """Create the output folder, or check that it holds this very preparation (same spec, same inputs)."""
-    manifest = {"spec": spec.data_fields(), "num_inputs": len(inputs.items), "inputs_digest": inputs.digest()}
+def claim_output(out: Path, spec: PrepareSpec, identity: dict, rank: int) -> None:
+    """Create the output folder, or check that it holds this very preparation (same spec, same inputs: `identity`)."""
+    manifest = {"spec": spec.data_fields(), **identity}
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -510,10 +559,10 @@ def claim_output(out: Path, spec: PrepareSpec, inputs: Inputs, rank: int) -> Non
             for key in sorted(set(before) | set(after))
             if before.get(key) != after.get(key)
         ]
-        if found.get("inputs_digest") != manifest["inputs_digest"]:
+        if {k: v for k, v in found.items() if k != "spec"} != identity:
             changes.append(
-                f"the input list ({found.get('num_inputs')} -> {manifest['num_inputs']} inputs, or their order, labels "
-                "or captions)"
+                f"the input list ({found.get('num_inputs')} -> {manifest.get('num_inputs')} inputs, or their order, "
+                "labels or captions; for a stream: its files or columns)"
             )
         raise PrepareError(
             f"{out} holds a preparation started with other settings ({'; '.join(changes)}); "
@@ -564,6 +613,7 @@ def write_index_if_complete(
             resolution=spec.image.resolution,
             source=inputs.description,
             flip=spec.image.flip,
+            crop=spec.image.crop,
             num_classes=inputs.num_classes,
             class_names=inputs.class_names,
             text_encoder=spec.text.encoder if encoders.text is not None else None,
@@ -577,20 +627,24 @@ def write_index_if_complete(
 def _write_shard(
     out: Path,
     k: int,
-    indices: range,
+    items: list[tuple[int, InputItem]],
     inputs: Inputs,
     spec: PrepareSpec,
     encoders: Encoders,
     pool: ThreadPoolExecutor,
     advance,
+    extra: dict | None = None,
 ) -> dict:
-    """Encode one shard's inputs into shard-k.tar (atomically) and its record shard-k.json; returns the record."""
-    items = [(i, inputs.items[i]) for i in indices]
+    """Encode one shard's inputs (index, item) into shard-k.tar (atomically) and its record shard-k.json (with `extra`
+    fields); returns the record."""
     batch = spec.resources.batch_size
     chunks = [items[start : start + batch] for start in range(0, len(items), batch)]
 
     def submit(chunk) -> list[Future]:
-        return [pool.submit(load_pixels, item, spec.image, spec.input) for _, item in chunk]
+        return [
+            pool.submit(load_pixels, item, spec.image, spec.input, inputs.rows, inputs.image_column)
+            for _, item in chunk
+        ]
 
     skips: list[dict] = []
     num_samples = 0
@@ -618,10 +672,11 @@ def _write_shard(
     record = {
         "shard": tar_path.name,
         "index": k,
-        "inputs": [indices.start, indices.stop],
+        "inputs": [items[0][0], items[-1][0] + 1] if items else [0, 0],
         "num_samples": num_samples,
         "skipped": dict(Counter(s["reason"] for s in skips)),
         "skips": skips,
+        **(extra or {}),
     }
     write_atomic(record_path(out, k), json.dumps(record, indent=2) + "\n", tmp=_tmp(record_path(out, k)))
     return record
@@ -681,10 +736,12 @@ def prepare(
         raise PrepareError(f"RANK {rank} is not in 0..{world_size - 1} (WORLD_SIZE {world_size})")
     started = time.perf_counter()
     out = Path(spec.output.path)
+    if spec.input.streaming:
+        return _prepare_stream(spec, out, resolve_device(spec.resources.device, local_rank), started, progress)
     inputs = scan_inputs(spec.input)
     device = resolve_device(spec.resources.device, local_rank)
     encoders = load_encoders(spec, device, captions=inputs.has_captions)
-    claim_output(out, spec, inputs, rank)
+    claim_output(out, spec, inputs.identity(), rank)
 
     ranges = shard_ranges(len(inputs.items), spec.output.shard_size)
     mine = shards_of_rank(len(ranges), rank, world_size)
@@ -710,13 +767,97 @@ def prepare(
         task = bar.add_task(f"rank {rank}/{world_size}", total=sum(len(ranges[k]) for k in todo)) if progress else None
         advance = (lambda n: bar.advance(task, n)) if progress else (lambda n: None)
         for k in todo:
-            record = _write_shard(out, k, ranges[k], inputs, spec, encoders, pool, advance)
+            items = [(i, inputs.items[i]) for i in ranges[k]]
+            record = _write_shard(out, k, items, inputs, spec, encoders, pool, advance)
             result.shards_written.append(k)
             result.samples += record["num_samples"]
             skipped.update(record["skipped"])
             log.debug("shard %d: %d samples, skipped %s", k, record["num_samples"], record["skipped"] or "none")
     result.skipped = dict(skipped)
     result.index = write_index_if_complete(out, len(ranges), spec, inputs, encoders)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _prepare_stream(spec: PrepareSpec, out: Path, device: str, started: float, progress: bool) -> PrepareResult:
+    """A streamed hf_dataset, on one process: shard k is rows [k*S, (k+1)*S) of the stream, as for a list.
+
+    The stream cannot be listed up front, so each shard's record keeps the stream's position after it
+    (datasets' IterableDataset.state_dict: the source file and the row within it) and whether it was the
+    last. A restart loads the position of the last finished shard and reads on from there: no row is
+    read past, none twice into the output (the half-written shard a kill left is redone from its start).
+    Chosen over re-reading and skipping the finished rows, which costs as much reading as the work done.
+    """
+    source = hub.source_of(spec.input)
+    stream = hub.open_dataset(source, streaming=True)
+    columns = hub.columns_of(spec.input, stream.features, f"dataset {source.describe()}")
+    encoders = load_encoders(spec, device, captions=columns.caption is not None)
+    identity = {"stream": f"hf_dataset:{source.describe()}", "columns": repr(columns), "n_shards": stream.n_shards}
+    claim_output(out, spec, identity, rank=0)
+    size = spec.output.shard_size
+    for k in range(10**9):  # what a killed run left half-written
+        _tmp(shard_path(out, k)).unlink(missing_ok=True)
+        _tmp(record_path(out, k)).unlink(missing_ok=True)
+        if not record_path(out, k).exists():
+            break
+    records = []
+    while record_path(out, len(records)).exists():
+        records.append(json.loads(record_path(out, len(records)).read_text()))
+    result = PrepareResult(device=device, shards_done_before=list(range(len(records))))
+    rows = hub.undecoded(stream, columns.image)
+    if records:
+        rows.load_state_dict(records[-1]["stream_state"])
+    log.info(
+        "streaming %s: %d shard(s) done before; reading on from row %d",
+        source.describe(),
+        len(records),
+        records[-1]["inputs"][1] if records else 0,
+    )
+
+    def item(n: int, row: dict) -> InputItem:
+        url = str(row[columns.url] or "") or None if columns.url else None
+        data = hub.image_bytes(row[columns.image]) if columns.image else None
+        return InputItem(
+            source=str(n),
+            location=url if columns.url else ("stream" if data is not None else None),
+            label=row[columns.label] if columns.label else None,
+            caption=_text(row[columns.caption]) if columns.caption else None,
+            data=data,
+        )
+
+    skipped = Counter()
+    finished = bool(records) and records[-1]["last"]
+    inputs = Inputs([], columns.class_names, None, columns.caption is not None, f"hf_dataset:{source.describe()}")
+    bar = _progress_bar() if progress else nullcontext()
+    with bar, ThreadPoolExecutor(spec.resources.workers, thread_name_prefix="prepare-read") as pool:
+        task = bar.add_task("stream", total=None) if progress else None
+        advance = (lambda n: bar.advance(task, n)) if progress else (lambda n: None)
+        iterator = iter(rows)
+        peeked = []
+        first = records[-1]["inputs"][1] if records else 0
+        while not finished:
+            chunk = peeked + list(islice(iterator, size - len(peeked)))
+            state = rows.state_dict()  # the position after this shard's rows, before the look-ahead row
+            peeked = list(islice(iterator, 1))
+            finished = not peeked
+            if not chunk and records:  # the stream ended exactly after the last recorded shard
+                raise PrepareError(f"{out}: the stream has no rows after shard {len(records) - 1}, which was not last")
+            if not chunk:
+                raise PrepareError(f"input dataset {source.describe()} has no rows")
+            items = [(first + j, item(first + j, row)) for j, row in enumerate(chunk)]
+            labels = [it.label for _, it in items if it.label is not None]
+            extra = {"stream_state": state, "last": finished, "max_label": max(labels) if labels else None}
+            record = _write_shard(out, len(records), items, inputs, spec, encoders, pool, advance, extra)
+            records.append(record)
+            result.shards_written.append(record["index"])
+            result.samples += record["num_samples"]
+            skipped.update(record["skipped"])
+            first += len(chunk)
+    labels = [r["max_label"] for r in records if r.get("max_label") is not None]
+    num_classes = len(columns.class_names) if columns.class_names else (max(labels) + 1 if labels else None)
+    inputs = Inputs([], columns.class_names, num_classes, inputs.has_captions, inputs.description)
+    result.skipped = dict(skipped)
+    result.index = write_index_if_complete(out, len(records), spec, inputs, encoders)
     result.seconds = time.perf_counter() - started
     return result
 

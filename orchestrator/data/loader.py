@@ -9,6 +9,7 @@ for the same reason, so they are identical with any number of DataLoader workers
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,11 +64,11 @@ class DigitsDataset(Dataset):
 class ImageFolderDataset(Dataset):
     """One sub-folder of images per class; ADM-style centre crop to the resolution."""
 
-    def __init__(self, root: Path, resolution: int, channels: int):
+    def __init__(self, root: Path, resolution: int, channels: int, crop: str = "center_crop"):
         index = scan_image_folder(root)
         self.items = index.items
         self.classes = index.classes
-        self.resolution = resolution
+        self.resolution, self.crop = resolution, crop
         self.mode = "L" if channels == 1 else "RGB"
 
     def __len__(self) -> int:
@@ -78,12 +79,10 @@ class ImageFolderDataset(Dataset):
         path, label = self.items[index]
         try:
             with Image.open(path) as image:
-                image = center_crop(image.convert(self.mode), self.resolution)
+                image = square(image.convert(self.mode), self.resolution, self.crop)
         except OSError as err:
             raise DataError(f"cannot read image {path}: {err}") from None
-        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W) or (H, W, 3) in [-1, 1]
-        tensor = torch.from_numpy(array).reshape(self.resolution, self.resolution, -1).permute(2, 0, 1)  # (C, H, W)
-        return (tensor.flip(-1) if flip else tensor).contiguous(), torch.tensor(label)
+        return _to_tensor(image, self.resolution, flip), torch.tensor(label)
 
 
 def center_crop(image: Image.Image, resolution: int) -> Image.Image:
@@ -97,10 +96,62 @@ def center_crop(image: Image.Image, resolution: int) -> Image.Image:
     return image.crop((left, top, left + resolution, top + resolution))
 
 
-def build_dataset(data: DataSpec) -> DigitsDataset | ImageFolderDataset:
+def square(image: Image.Image, resolution: int, crop: str = "center_crop") -> Image.Image:
+    """The image as resolution x resolution: ADM's centre crop, or `resize`, the whole image stretched to the square
+    (bilinear with PIL's antialiasing, what torchvision's Resize((R, R)) does to a PIL image)."""
+    if crop == "resize":
+        return image.resize((resolution, resolution), resample=Image.BILINEAR)
+    return center_crop(image, resolution)
+
+
+class HubImageDataset(Dataset):
+    """The images (and class labels) of a Hugging Face `datasets` split, read by index from its memory-mapped cache."""
+
+    def __init__(self, data: DataSpec):
+        from orchestrator.data import hub
+
+        columns = hub.check(data)
+        rows = hub.open_dataset(hub.source_of(data))
+        self.images = hub.undecoded(rows.select_columns([columns.image]), columns.image)
+        self.image_column = columns.image
+        self.labels = list(rows[columns.label]) if columns.label else [0] * len(rows)
+        self.classes = tuple(columns.class_names or (str(c) for c in range(max(self.labels) + 1)))
+        self.resolution, self.crop = data.resolution, data.crop
+        self.mode = "L" if data.num_channels == 1 else "RGB"
+        self.what = f"dataset {hub.source_of(data).describe()}"
+        self.fingerprint = getattr(rows, "_fingerprint", None)  # datasets' hash of the content and its transforms
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: tuple[int, bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        from orchestrator.data import hub
+
+        index, flip = key
+        try:
+            with Image.open(io.BytesIO(hub.image_bytes(self.images[index][self.image_column]) or b"")) as image:
+                image = square(image.convert(self.mode), self.resolution, self.crop)
+        except Exception as err:  # PIL raises many types for corrupt data; a training sample must not be guessed
+            raise DataError(
+                f"row {index} of {self.what} is not a readable image ({type(err).__name__}: {err}); fix or drop it "
+                "(`orch prepare` skips and counts such rows)"
+            ) from None
+        return _to_tensor(image, self.resolution, flip), torch.tensor(self.labels[index])
+
+
+def _to_tensor(image: Image.Image, resolution: int, flip: bool) -> torch.Tensor:
+    """A PIL image -> (C, H, W) in [-1, 1], mirrored on request."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W) or (H, W, 3) in [-1, 1]
+    tensor = torch.from_numpy(array).reshape(resolution, resolution, -1).permute(2, 0, 1)  # (C, H, W)
+    return (tensor.flip(-1) if flip else tensor).contiguous()
+
+
+def build_dataset(data: DataSpec) -> DigitsDataset | ImageFolderDataset | HubImageDataset:
     if data.source == "digits":
         return DigitsDataset(data.resolution)
-    return ImageFolderDataset(Path(data.path), data.resolution, data.num_channels)
+    if data.source == "hf_dataset":
+        return HubImageDataset(data)
+    return ImageFolderDataset(Path(data.path), data.resolution, data.num_channels, data.crop)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ class DatasetIndex:
     resolution: int  # side of the images that were encoded, in pixels
     source: str  # what was prepared (folder, table or webdataset)
     flip: bool  # whether flipped copies were added
+    crop: str = "center_crop"  # how images became resolution x resolution: center_crop (ADM's) or resize
     num_classes: int | None = None  # classes 0..n-1 when the inputs had them
     class_names: list[str] | None = None
     text_encoder: str | None = None  # sentence-transformers model, when captions were encoded

@@ -149,6 +149,23 @@ def reference_set(spec: JobSpec) -> ReferenceSet:
     if data.source == "image_folder":
         files = [path for path, _ in scan_image_folder(Path(data.path)).items]
         return _files_set(files, spec, f"the training data ({data.path})")
+    if data.source == "hf_dataset":
+        from orchestrator.data.loader import HubImageDataset
+
+        dataset = HubImageDataset(data)
+        chosen = spread(len(dataset), e.reference_samples)
+
+        def read(indices: list[int]) -> np.ndarray:
+            images = [dataset[(chosen[i], False)][0].numpy().transpose(1, 2, 0) for i in indices]  # (H, W, C)
+            return np.clip(np.round((np.stack(images) + 1) * 127.5), 0, 255).astype(np.uint8)  # as decoded
+
+        return ReferenceSet(
+            description=f"the training data ({dataset.what}): {len(chosen)} of {len(dataset)} images at "
+            f"{data.resolution} px",
+            key=_digest(["hf_dataset", dataset.what, dataset.fingerprint, data.resolution, data.crop, len(chosen)]),
+            count=len(chosen),
+            read=read,
+        )
     raise ReferenceError("a webdataset source holds latents: set eval.reference to real images")
 
 
@@ -171,9 +188,10 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _files_set(files: list[Path], spec: JobSpec, what: str) -> ReferenceSet:
-    from orchestrator.data.loader import center_crop
+    from orchestrator.data.loader import square
 
     resolution, mode = spec.data.resolution, "L" if spec.data.num_channels == 1 else "RGB"
+    crop = spec.data.crop  # the real images are cut as the training images were
     chosen = [files[i] for i in spread(len(files), spec.eval.reference_samples)]
 
     def read(indices: list[int]) -> np.ndarray:
@@ -183,7 +201,7 @@ def _files_set(files: list[Path], spec: JobSpec, what: str) -> ReferenceSet:
         for i in indices:
             try:
                 with Image.open(chosen[i]) as image:
-                    image = center_crop(image.convert(mode), resolution)
+                    image = square(image.convert(mode), resolution, crop)
             except OSError as err:
                 raise ReferenceError(f"cannot read reference image {chosen[i]}: {err}") from None
             images.append(np.asarray(image, dtype=np.uint8).reshape(resolution, resolution, -1))
@@ -195,7 +213,7 @@ def _files_set(files: list[Path], spec: JobSpec, what: str) -> ReferenceSet:
         stamps.append([str(path), stat.st_size, stat.st_mtime_ns])
     return ReferenceSet(
         description=f"{what}: {len(chosen)} of {len(files)} images at {resolution} px",
-        key=_digest(["files", resolution, mode, stamps]),
+        key=_digest(["files", resolution, mode, stamps] + ([crop] if crop != "center_crop" else [])),
         count=len(chosen),
         read=read,
     )

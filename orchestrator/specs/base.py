@@ -24,6 +24,29 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
+HUB_FIELDS = ("config", "split", "revision", "image_column")
+CROPS = ("center_crop", "resize")
+
+
+class HubDatasetFields(Section):
+    """The fields of a Hugging Face `datasets` source (`source: hf_dataset`), shared by the prepare and job specs."""
+
+    config: str | None = None
+    """hf_dataset: the dataset's configuration (subset) name, where it has several."""
+    split: str = "train"
+    """hf_dataset: the split to read."""
+    revision: str | None = None
+    """hf_dataset: a Hub branch, tag or commit, to pin the data a job was trained on."""
+    image_column: str = "image"
+    """hf_dataset: the column of images (a datasets Image feature)."""
+
+    def hub_fields_misplaced(self, source: str) -> list[str]:
+        """The hf_dataset fields given other than their defaults (compared by value: a job's saved spec holds them
+        all) while the source is another."""
+        fields = type(self).model_fields
+        return [f for f in HUB_FIELDS if getattr(self, f) != fields[f].default and source != "hf_dataset"]
+
+
 def load_yaml_with_lines(
     text: str, source: str, empty_hint: str = "it needs its sections"
 ) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:

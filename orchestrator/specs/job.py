@@ -23,6 +23,8 @@ from launch.deepspeed import DEFAULT_BUCKET_SIZE
 from launch.torchrun import check_host_port
 from model.sizes import DIT_PRESETS
 from orchestrator.specs.base import (
+    CROPS,
+    HubDatasetFields,
     Section,
     SpecError,
     did_you_mean,
@@ -269,15 +271,23 @@ class DiffusionSpec(Section):
         return {"flow": FLOW_SAMPLERS, "continuous": CONTINUOUS_SAMPLERS}.get(self.objective, DDPM_SAMPLERS)
 
 
-class DataSpec(Section):
-    source: Literal["digits", "image_folder", "webdataset"] = "digits"
+class DataSpec(HubDatasetFields):
+    source: Literal["digits", "image_folder", "webdataset", "hf_dataset"] = "digits"
     """`digits`: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes). `image_folder`: one
-    sub-folder of images per class. `webdataset`: VAE latents (and caption embeddings) in shards written by `orch
-    prepare`; the model then works in latent space."""
+    sub-folder of images per class. `hf_dataset`: images of a Hugging Face `datasets` dataset (a Hub name such as
+    `ylecun/mnist`, or a local save_to_disk folder or parquet / arrow files), read with random access from its
+    memory-mapped cache. `webdataset`: VAE latents (and caption embeddings) in shards written by `orch prepare`; the
+    model then works in latent space."""
     path: str | None = None
-    """Folder of an `image_folder` source; for `webdataset`, the folder `orch prepare` wrote (shards and index.json) or
-    a brace pattern of some of its shards (`data/cats/shard-{000000..000099}.tar`). Relative paths are relative to the
-    spec file."""
+    """Folder of an `image_folder` source; for `hf_dataset` the Hub name or local path; for `webdataset`, the folder
+    `orch prepare` wrote (shards and index.json) or a brace pattern of some of its shards
+    (`data/cats/shard-{000000..000099}.tar`). Relative paths are relative to the spec file."""
+    label_column: str | None = None
+    """hf_dataset: the column of class labels (a ClassLabel, whose names are the classes, or integers); empty: `label`
+    when the dataset has one. An unconditional model (model.condition none) reads none."""
+    crop: Literal[CROPS] = "center_crop"
+    """image_folder, hf_dataset: how an image becomes resolution x resolution: `center_crop` (ADM's) or `resize` (the
+    whole image stretched to the square, as torchvision's Resize((R, R)))."""
     resolution: int = Field(8, ge=2)
     """Side of the square training images, in pixels (for `webdataset`: of the images that were encoded; the latents'
     side is what the model sees)."""
@@ -294,13 +304,20 @@ class DataSpec(Section):
 
     @model_validator(mode="after")
     def _source_fields(self) -> DataSpec:
-        if self.source in ("image_folder", "webdataset") and not self.path:
-            what = (
-                "a folder with one sub-folder per class"
-                if self.source == "image_folder"
-                else "the folder `orch prepare` wrote"
-            )
+        if self.source in ("image_folder", "webdataset", "hf_dataset") and not self.path:
+            what = {
+                "image_folder": "a folder with one sub-folder per class",
+                "webdataset": "the folder `orch prepare` wrote",
+                "hf_dataset": "a Hub dataset name or a local copy",
+            }[self.source]
             raise ValueError(f"source {self.source} needs data.path ({what})")
+        misplaced = self.hub_fields_misplaced(self.source)
+        misplaced += ["label_column"] if self.label_column is not None and self.source != "hf_dataset" else []
+        misplaced += (
+            ["crop"] if self.crop != "center_crop" and self.source not in ("image_folder", "hf_dataset") else []
+        )
+        if misplaced:
+            raise ValueError(f"data.{', data.'.join(sorted(misplaced))} do(es) not apply to source {self.source}")
         if self.source == "digits" and self.path:
             raise ValueError("source digits ships with scikit-learn and takes no data.path; remove it")
         if self.source == "digits" and self.channels == 3:
@@ -313,6 +330,11 @@ class DataSpec(Section):
                 "remove data.hflip"
             )
         return self
+
+    @property
+    def explicit_columns(self) -> tuple[str, ...]:
+        """The column fields the spec sets: those must exist in the data."""
+        return ("image_column",) + (("label_column",) if self.label_column is not None else ())
 
     @property
     def latent(self) -> bool:
@@ -484,8 +506,8 @@ class EvalSpec(Section):
     reference: str | None = None
     """The real images the samples are compared with: a reference batch in the ADM suite's .npz layout (`arr_0`: uint8
     N x H x W x 3, with `mu` and `sigma` of its Inception features, as the published ImageNet references have; FID then
-    uses those statistics), or a folder of images. Empty: the job's own training data (image_folder, digits). Relative
-    paths are relative to the spec file."""
+    uses those statistics), or a folder of images. Empty: the job's own training data (image_folder, hf_dataset,
+    digits). Relative paths are relative to the spec file."""
     reference_samples: int = Field(50_000, ge=2)
     """At most this many real images make the reference (evenly spread over the training data); their features are
     computed once and cached under $ORCH_CACHE/reference, keyed by the data, the feature network and the resolution."""
@@ -773,6 +795,11 @@ class JobSpec(Section):
             )
         if t.lr_schedule != "one_cycle" and t.one_cycle != OneCycleSpec():
             raise ValueError("train.one_cycle shapes lr_schedule one_cycle: set lr_schedule: one_cycle or remove it")
+        if self.data.label_column is not None and m.condition == "none":
+            raise ValueError(
+                f"data.label_column {self.data.label_column!r} gives labels, but model.condition is none (an "
+                "unconditional model reads none): remove label_column, or set model.condition: class"
+            )
         if m.learn_sigma and self.diffusion.objective == "flow":
             raise ValueError("model.learn_sigma trains a DDPM variance; objective flow has none: remove it")
         if m.arch == "dit" and not self.data.latent and self.data.resolution % m.patch_size:
@@ -971,7 +998,10 @@ def parse_spec(text: str, source: str = "<spec>", overrides=(), base_dir: Path |
         ("eval.reference", spec.eval.reference),
         ("eval.weights_dir", spec.eval.weights_dir),
     ):
-        if base_dir is not None and value and not Path(value).is_absolute():
+        hub_name = (  # a hf_dataset path is a Hub name unless such a file or folder exists beside the spec
+            key_path == "data.path" and spec.data.source == "hf_dataset" and value and not (base_dir / value).exists()
+        )
+        if base_dir is not None and value and not Path(value).is_absolute() and not hub_name:
             spec = replace(spec, key_path, str((base_dir / value).resolve()))  # relative to the spec file
     return spec
 

@@ -19,7 +19,16 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from orchestrator.specs.base import Section, SpecError, load_yaml_with_lines, parse_override, set_path, validate_tree
+from orchestrator.specs.base import (
+    CROPS,
+    HubDatasetFields,
+    Section,
+    SpecError,
+    load_yaml_with_lines,
+    parse_override,
+    set_path,
+    validate_tree,
+)
 
 PREPARE_VERSION = 1
 TABLE_FORMATS = (".jsonl", ".csv", ".parquet")
@@ -27,48 +36,66 @@ DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 DEFAULT_TEXT_ENCODER = "sentence-transformers/clip-ViT-L-14"
 
 
-class InputSpec(Section):
-    source: Literal["image_folder", "table", "webdataset"]
+class InputSpec(HubDatasetFields):
+    source: Literal["image_folder", "table", "webdataset", "hf_dataset"]
     """`image_folder`: images in class sub-folders (or directly in the folder), captions in `captions.jsonl` ({"file":
     ..., "caption": ...}) or a `.txt` beside each image. `table`: a .jsonl, .csv or .parquet of `url, caption[, label]`
-    rows whose images are downloaded. `webdataset`: .tar shards of jpg/png samples with optional cls and txt."""
+    rows whose images are downloaded. `webdataset`: .tar shards of jpg/png samples with optional cls and txt.
+    `hf_dataset`: a Hugging Face `datasets` dataset: a Hub name (`huggan/cats`) or a local copy (a save_to_disk folder,
+    parquet / arrow files), with images in image_column (or URLs in url_column)."""
     path: str
-    """The folder, table file, or webdataset (a .tar or a folder of .tar shards); relative paths are relative to the
-    spec file."""
+    """The folder, table file, or webdataset (a .tar or a folder of .tar shards); for hf_dataset a Hub name or a local
+    path. Relative paths are relative to the spec file."""
     classes: bool = True
     """image_folder: the sub-folder names are the classes (label = index in their sorted list); false finds images in
     all sub-folders without labels."""
     url_column: str = "url"
-    """table: the column holding each image's URL (http, https or file)."""
+    """table: the column holding each image's URL (http, https or file); hf_dataset: set it to read images from URLs
+    instead of image_column."""
     caption_column: str = "caption"
-    """table: the column holding captions (optional in the table)."""
+    """table, hf_dataset: the column holding captions (used when the data has it; an explicit name must exist)."""
     label_column: str = "label"
-    """table: the column holding labels (optional in the table): integers are kept, names become indices into their
-    sorted list."""
+    """table, hf_dataset: the column holding labels (used when the data has it; an explicit name must exist): integers
+    are kept, names become indices into their sorted list; a datasets ClassLabel gives the class names."""
+    streaming: bool = False
+    """hf_dataset: read the rows as a stream instead of downloading and converting the whole dataset first (for
+    datasets larger than the disk); one process, and a restart continues from the stream position recorded with the
+    last finished shard."""
     download_timeout: float = Field(10.0, gt=0)
-    """table: seconds to wait for one image's server before giving up on that attempt."""
+    """table, hf_dataset with url_column: seconds to wait for one image's server before giving up on that attempt."""
     download_retries: int = Field(1, ge=0)
-    """table: further attempts after a failed download (not after a 4xx answer, which will not change)."""
+    """table, hf_dataset with url_column: further attempts after a failed download (not after a 4xx answer, which will
+    not change)."""
 
     @model_validator(mode="after")
     def _source_fields(self) -> InputSpec:
         if self.source == "table" and Path(self.path).suffix.lower() not in TABLE_FORMATS:
             raise ValueError(f"a table is read from {', '.join(TABLE_FORMATS)} files; {self.path} is none of them")
-        table_only = ("url_column", "caption_column", "label_column", "download_timeout", "download_retries")
+        columns = ("url_column", "caption_column", "label_column", "download_timeout", "download_retries")
         misplaced = [
             f
             for f in self.model_fields_set
-            if (f in table_only and self.source != "table") or (f == "classes" and self.source != "image_folder")
-        ]
+            if (f in columns and self.source not in ("table", "hf_dataset"))
+            or (f == "classes" and self.source != "image_folder")
+            or (f == "streaming" and self.source != "hf_dataset")
+        ] + self.hub_fields_misplaced(self.source)
         if misplaced:
             raise ValueError(f"{', '.join(sorted(misplaced))} do(es) not apply to source {self.source}; remove it")
         return self
 
+    @property
+    def explicit_columns(self) -> tuple[str, ...]:
+        """The column fields the spec sets: those must exist in the data."""
+        fields = ("image_column", "url_column", "caption_column", "label_column")
+        return tuple(f for f in fields if f in self.model_fields_set)
+
 
 class ImageSpec(Section):
     resolution: int = Field(256, ge=8)
-    """Side of the square images the VAE encodes (ADM centre crop); a multiple of the VAE's downsampling factor (8 for
-    SD's VAE)."""
+    """Side of the square images the VAE encodes; a multiple of the VAE's downsampling factor (8 for SD's VAE)."""
+    crop: Literal[CROPS] = "center_crop"
+    """How an image becomes resolution x resolution: `center_crop` (ADM's: scale the short side, cut the middle) or
+    `resize` (stretch the whole image to the square, bilinear, as torchvision's Resize((R, R)) does)."""
     flip: bool = False
     """Also encode a horizontally flipped copy of every image (key `...-flip`), doubling the samples."""
     upscale_small: bool = False
@@ -134,6 +161,11 @@ class PrepareSpec(Section):
 
     @model_validator(mode="after")
     def _cross_section_checks(self) -> PrepareSpec:
+        if self.input.streaming and self.resources.processes != 1:
+            raise ValueError(
+                "input.streaming reads the dataset as one sequence, on one process; set resources.processes: 1, or "
+                "drop streaming (the dataset is then converted once and every process takes its shards)"
+            )
         if self.vae.dtype == "float16" and self.resources.device == "cpu":
             raise ValueError("vae.dtype float16 needs a GPU; on resources.device cpu use float32 or bfloat16")
         return self
@@ -186,7 +218,14 @@ def parse_prepare_spec(text: str, source: str = "<spec>", overrides=(), base_dir
 
     return spec.model_copy(
         update={
-            "input": spec.input.model_copy(update={"path": local(spec.input.path, False)}),
+            # a hf_dataset path is a Hub name unless such a file or folder exists beside the spec
+            "input": spec.input.model_copy(
+                update={
+                    "path": spec.input.path
+                    if spec.input.source == "hf_dataset" and not (base_dir / spec.input.path).exists()
+                    else local(spec.input.path, False)
+                }
+            ),
             "output": spec.output.model_copy(update={"path": local(spec.output.path, False)}),
             "vae": spec.vae.model_copy(update={"name": local(spec.vae.name, True)}),
             "text": spec.text.model_copy(update={"encoder": local(spec.text.encoder, True)}),

@@ -30,9 +30,10 @@ from orchestrator.components.text import encode_texts
 from orchestrator.components.vae import ModelLoadError
 from orchestrator.data import shardformat
 from orchestrator.data.loader import center_crop
+from orchestrator.errors import UserError
 from orchestrator.prepare import PrepareError, prepare, run_local
 from orchestrator.specs.prepare import SpecError, load_prepare_spec
-from tests.helpers import wait_for
+from tests.helpers import orch, wait_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -564,6 +565,184 @@ def test_sigkill_mid_run_then_restart_writes_every_sample_exactly_once(tmp_path,
     for key in straight:
         np.testing.assert_array_equal(killed[key]["latent.npy"], straight[key]["latent.npy"])
     assert shardformat.DatasetIndex.read(out).num_samples == 8
+
+
+# ---- Hugging Face `datasets` sources -----------------------------------------------------------
+
+
+def hf_copy_of_folder(folder: Path, out: Path) -> list[Path]:
+    """The image folder's files as a datasets split (encoded bytes in an Image column, a ClassLabel label), in the
+    order `orch prepare` lists the folder, saved with save_to_disk; returns the files in row order."""
+    import datasets
+
+    files = sorted(folder.rglob("*.*"), key=lambda p: (p.parent.name, p.name))
+    names = sorted({p.parent.name for p in files})
+    rows = datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": p.read_bytes(), "path": None} for p in files],
+            "label": [names.index(p.parent.name) for p in files],
+            "caption": [f"a {p.parent.name} called {p.stem}" for p in files],
+        },
+        features=datasets.Features(
+            image=datasets.Image(), label=datasets.ClassLabel(names=names), caption=datasets.Value("string")
+        ),
+    )
+    datasets.DatasetDict(train=rows, test=rows.select(range(2))).save_to_disk(str(out))
+    return files
+
+
+def test_a_saved_hf_dataset_prepares_exactly_like_the_same_images_in_a_folder(tmp_path, vae_dir):
+    image_folder(tmp_path / "images")
+    hf_copy_of_folder(tmp_path / "images", tmp_path / "saved")
+    prepare(load_prepare_spec(folder_spec(tmp_path, vae_dir, out="folder")))
+    hub_spec = folder_spec(
+        tmp_path,
+        vae_dir,
+        out="hub",
+        input={"source": "hf_dataset", "path": "saved"},
+        text={"enabled": False},
+    )
+    result = prepare(load_prepare_spec(hub_spec))
+    folder, hub = shardformat.DatasetIndex.read(tmp_path / "folder"), shardformat.DatasetIndex.read(tmp_path / "hub")
+    assert result.samples == 5 and hub.skipped == folder.skipped == {"unreadable": 1, "too_small": 1}
+    assert hub.class_names == ["cat", "dog"] and hub.num_classes == 2 and hub.source.startswith("hf_dataset:")
+    a, b = read_samples(tmp_path / "folder"), read_samples(tmp_path / "hub")
+    assert sorted(a) == sorted(b)
+    for key in a:  # the same pixels through the same VAE: the same latents, labels and captions (txt kept)
+        np.testing.assert_array_equal(a[key]["latent.npy"], b[key]["latent.npy"])
+        assert a[key]["cls"] == b[key]["cls"]
+    assert b["000000001"]["txt"] == "a cat called b" and b["000000001"]["json"]["source"] == "1"
+
+    # streaming the same split gives the same samples; `resize` stretches instead of cropping, and says so
+    streamed = folder_spec(
+        tmp_path,
+        vae_dir,
+        out="streamed",
+        input={"source": "hf_dataset", "path": "saved", "streaming": True},
+        image={"resolution": RES, "crop": "resize"},
+        text={"enabled": False},
+    )
+    prepare(load_prepare_spec(streamed))
+    index, samples = shardformat.DatasetIndex.read(tmp_path / "streamed"), read_samples(tmp_path / "streamed")
+    assert index.crop == "resize" and sorted(samples) == sorted(a) and index.class_names == ["cat", "dog"]
+    stretched = Image.open(tmp_path / "images" / "cat" / "c.png").convert("RGB").resize((RES, RES), Image.BILINEAR)
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    with torch.no_grad():
+        pixels = torch.from_numpy(np.asarray(stretched, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+        mean = vae.encode(pixels).latent_dist.mean[0].numpy()
+    np.testing.assert_allclose(samples["000000002"]["latent.npy"][0], mean, rtol=2e-3, atol=2e-3)
+
+
+def test_hf_dataset_mistakes_are_named_before_anything_is_written(tmp_path, vae_dir):
+    import datasets
+
+    image_folder(tmp_path / "images")
+    hf_copy_of_folder(tmp_path / "images", tmp_path / "saved")
+
+    def error(**input_fields) -> str:
+        spec = folder_spec(tmp_path, vae_dir, input={"source": "hf_dataset", "path": "saved", **input_fields})
+        result = orch("validate", str(spec), root=tmp_path / "runs", env={"HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout + result.stderr
+        with pytest.raises(UserError) as caught:
+            prepare(load_prepare_spec(spec))
+        assert not (tmp_path / "out").exists(), "nothing may be written before the checks pass"
+        assert str(caught.value).split(";")[0] in result.stderr
+        return result.stderr
+
+    message = error(split="validation")
+    assert "no split 'validation'" in message and "train, test" in message
+    message = error(label_column="breed")
+    assert "no column 'breed' (label_column)" in message and "image (Image), label (ClassLabel of 2)" in message
+    assert "holds ClassLabel of 2, not images" in error(image_column="label")
+    assert "not class labels" in error(label_column="caption")
+    rows = datasets.Dataset.from_dict({"image": ["not", "images"]})
+    rows.to_parquet(str(tmp_path / "strings.parquet"))
+    assert "holds string, not images" in error(path="strings.parquet")
+
+    # a Hub dataset that is not in the (empty) cache of an offline node: the cache, and the command that fetches it
+    spec = folder_spec(tmp_path, vae_dir, input={"source": "hf_dataset", "path": "nobody/no-such-cats", "config": "x"})
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    for command in ("validate", "prepare"):
+        result = orch(command, str(spec), root=tmp_path / "runs", env=env)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "nobody/no-such-cats (split train, config x) is not in the Hugging Face cache" in result.stderr
+        assert str(tmp_path / "hf-home") in result.stderr and "HF_HUB_OFFLINE=1" in result.stderr
+        assert "datasets.load_dataset('nobody/no-such-cats', 'x', split='train')" in result.stderr
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SpecError, match="input.streaming reads the dataset as one sequence, on one process"):
+        load_prepare_spec(
+            folder_spec(
+                tmp_path,
+                vae_dir,
+                input={"source": "hf_dataset", "path": "saved", "streaming": True},
+                resources={"processes": 2},
+            )
+        )
+
+
+@pytest.mark.slow
+def test_a_streamed_dataset_killed_mid_run_continues_without_losing_or_repeating_a_row(tmp_path, vae_dir, image_server):
+    """Parquet files of image URLs, streamed: shard 1 waits on a slow download; the run is killed there and run again.
+    Its rows span two files, so the recorded stream position crosses a file boundary."""
+    import datasets
+
+    urls = []
+    for i in range(8):
+        buffer = io.BytesIO()
+        noise_image(16 + i, 16, i).save(buffer, format="PNG")
+        path = f"/slow/{i}.png" if i == 3 else f"/{i}.png"  # input 3: shard 1 (inputs 2, 3)
+        image_server.files[path] = buffer.getvalue()
+        urls.append(image_server.url + path)
+    (tmp_path / "pq").mkdir()
+    for part, rows in enumerate((range(0, 3), range(3, 8))):
+        table = datasets.Dataset.from_dict({"url": [urls[i] for i in rows], "label": [i % 3 for i in rows]})
+        table.to_parquet(str(tmp_path / "pq" / f"train-{part}.parquet"))
+
+    def spec(out: str, streaming: bool) -> Path:
+        return write_spec(
+            tmp_path / f"{out}.yaml",
+            input={"source": "hf_dataset", "path": "pq", "url_column": "url", "streaming": streaming},
+            vae={"name": str(vae_dir)},
+            output={"path": out, "shard_size": 2},
+            resources={"batch_size": 1, "workers": 2, "device": "cpu"},
+        )
+
+    out = tmp_path / "killed"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.prepare", str(spec("killed", True))],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        wait_for(
+            lambda: (
+                (out / "shard-000000.json").exists()
+                and (out / "shard-000001.tar.tmp").exists()
+                or run.poll() is not None
+            ),
+            timeout=90,
+            what="shard 0 done, shard 1 begun",
+        )
+        assert run.poll() is None, run.stdout.read().decode()
+        run.send_signal(signal.SIGKILL)
+        run.wait(timeout=30)
+    finally:
+        run.kill()
+        image_server.release.set()
+    assert not (out / "index.json").exists() and "stream_state" in json.loads((out / "shard-000000.json").read_text())
+
+    resumed = prepare(load_prepare_spec(spec("killed", True)))
+    assert resumed.shards_done_before == [0] and resumed.shards_written == [1, 2, 3] and resumed.index is not None
+    prepare(load_prepare_spec(spec("listed", False)))  # the same rows, not streamed, in one go
+    killed, listed = read_samples(out), read_samples(tmp_path / "listed")
+    assert sorted(killed) == sorted(listed) == [f"{i:09d}" for i in range(8)]
+    for key in listed:
+        np.testing.assert_array_equal(killed[key]["latent.npy"], listed[key]["latent.npy"])
+        assert killed[key]["cls"] == listed[key]["cls"] == str(int(key) % 3)
+    index = shardformat.DatasetIndex.read(out)
+    assert index.num_samples == 8 and index.num_classes == 3
 
 
 # ---- a real HTTP server on 127.0.0.1 -----------------------------------------------------------
