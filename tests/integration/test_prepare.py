@@ -33,7 +33,7 @@ from orchestrator.data.loader import center_crop
 from orchestrator.errors import UserError
 from orchestrator.prepare import PrepareError, prepare, run_local
 from orchestrator.specs.prepare import SpecError, load_prepare_spec
-from tests.helpers import orch, wait_for
+from tests.helpers import orch, wait_for, write_tiny_vae
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -44,19 +44,7 @@ RES = 16
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory) -> Path:
     """A randomly initialised AutoencoderKL that halves once: 16x16 images -> 4x8x8 latents."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=RES,
-    )
-    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
-    vae.save_pretrained(path)
-    return path
+    return write_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae", RES)
 
 
 @pytest.fixture(scope="module")
@@ -631,6 +619,23 @@ def test_a_saved_hf_dataset_prepares_exactly_like_the_same_images_in_a_folder(tm
         pixels = torch.from_numpy(np.asarray(stretched, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
         mean = vae.encode(pixels).latent_dist.mean[0].numpy()
     np.testing.assert_allclose(samples["000000002"]["latent.npy"][0], mean, rtol=2e-3, atol=2e-3)
+
+
+def test_truncated_and_empty_images_in_a_hf_dataset_are_skipped_and_counted(tmp_path, vae_dir):
+    import datasets
+
+    photo = io.BytesIO()
+    noise_image(24, 24, 0).save(photo, format="JPEG")
+    cells = [{"bytes": photo.getvalue(), "path": None}, {"bytes": photo.getvalue()[:300], "path": None}, None]
+    datasets.Dataset.from_dict({"image": cells}, features=datasets.Features(image=datasets.Image())).save_to_disk(
+        str(tmp_path / "photos")
+    )
+    spec = folder_spec(tmp_path, vae_dir, input={"source": "hf_dataset", "path": "photos"})
+    result = prepare(load_prepare_spec(spec))
+    assert result.samples == 1 and result.skipped == {"unreadable": 2}
+    skips = json.loads((tmp_path / "out" / "shard-000000.json").read_text())["skips"]
+    assert [s["source"] for s in skips] == ["1", "2"] and "Truncated" in skips[0]["detail"]
+    assert shardformat.DatasetIndex.read(tmp_path / "out").skipped == {"unreadable": 2}
 
 
 def test_hf_dataset_mistakes_are_named_before_anything_is_written(tmp_path, vae_dir):

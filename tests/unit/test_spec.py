@@ -262,3 +262,25 @@ eval: {every: 5, reference: /data/ref.npz}
 """
     with pytest.raises(SpecError, match="a text-conditioned model needs captions"):
         parse_spec(text)
+
+
+def test_hf_dataset_fields_belong_to_their_source_and_labels_to_a_conditional_model(tmp_path):
+    base = "name: x\ntrain: {steps: 1}\n"
+    spec = parse_spec(
+        base + "data: {source: hf_dataset, path: ylecun/mnist, channels: 1, crop: resize}", base_dir=tmp_path
+    )
+    assert spec.data.path == "ylecun/mnist", "a Hub name is not a path beside the spec"
+    assert (spec.data.split, spec.data.image_column, spec.data.label_column) == ("train", "image", None)
+    (tmp_path / "mnist").mkdir()
+    local = parse_spec(base + "data: {source: hf_dataset, path: mnist}", base_dir=tmp_path)
+    assert local.data.path == str(tmp_path / "mnist"), "a local copy beside the spec is made absolute"
+    assert spec_from_dict(spec.to_dict()) == spec, "the recorded spec (every field written out) reads back"
+
+    with pytest.raises(SpecError, match="data.label_column 'label' gives labels, but model.condition is none"):
+        parse_spec(base + "model: {condition: none}\ndata: {source: hf_dataset, path: m, label_column: label}")
+    with pytest.raises(SpecError, match=r"data.split do\(es\) not apply to source digits"):
+        parse_spec(base + "data: {source: digits, split: test}")
+    with pytest.raises(SpecError, match=r"data.crop do\(es\) not apply to source webdataset"):
+        parse_spec(base + "data: {source: webdataset, path: d, crop: resize}")
+    with pytest.raises(SpecError, match="source hf_dataset needs data.path"):
+        parse_spec(base + "data: {source: hf_dataset}")
