@@ -10,6 +10,9 @@ normalization.py, embeddings.py):
 - diffusers keeps a timestep/label embedder in every block (`norm1.emb`) and its final layer reads
   block 0's; we copy ours into every block, and read block 0's back (refusing, unless strict=False,
   when the copies have drifted apart by training in that layout).
+- dropout (training only) is carried as the config's `dropout`; diffusers applies it after the
+  attention output projection and after the feed-forward's GELU, as we do, but not after the
+  feed-forward's output projection (our drop2, timm's): fine-tuning the export drops less.
 - diffusers' label table always has a null row (CombinedTimestepLabelEmbeddings hard-codes dropout
   0.1); a model without one gets a zero row on export, dropped again on import.
 - not equal by design: diffusers' timestep features use `downscale_freq_shift=1` (frequencies
@@ -48,6 +51,7 @@ def to_diffusers(model: DiT) -> DiTTransformer2DModel:
             norm_type="ada_norm_zero",
             norm_elementwise_affine=False,
             norm_eps=DIFFUSERS_NORM_EPS,
+            dropout=model.dropout,
         )
     state = {name: tensor.detach().clone() for name, tensor in diffusers_state_dict(model).items()}
     transformer.load_state_dict(state, strict=True, assign=True)
@@ -104,6 +108,7 @@ def from_diffusers(transformer: DiTTransformer2DModel, class_dropout_prob: float
             class_dropout_prob=class_dropout_prob,
             num_classes=config.num_embeds_ada_norm,
             learn_sigma=transformer.out_channels == 2 * config.in_channels,
+            dropout=config.dropout,
         )
     ours = official_state_dict(state, depth, has_null_class=class_dropout_prob > 0)
     reference = state["pos_embed.proj.weight"]

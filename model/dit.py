@@ -4,7 +4,8 @@ The default configuration is the published model: its parameter names follow the
 facebookresearch/DiT, so their state dicts load as they are. Constructor options give the variants
 of the paper's section 3.2 and a few more: conditioning by adaLN (with or without zero init), by
 cross-attention or in context; a class label, a text embedding or nothing as the condition; an MLP
-or a depthwise-convolutional feed-forward network; fixed or learned position embeddings.
+or a depthwise-convolutional feed-forward network; fixed or learned position embeddings; dropout in
+the attention and feed-forward outputs.
 Sections: helpers, embedders, attention and feed-forward, blocks and final layer, the model, 2-D
 sin-cos position embedding, named configs.
 """
@@ -250,21 +251,29 @@ class TextEmbedder(nn.Module):
 #################################################################################
 
 
+def dropout_layer(p: float) -> nn.Module:
+    """nn.Dropout(p), or nn.Identity() for p = 0 (the published DiT: no layer, the same outputs bitwise); neither holds
+    parameters, so state dicts are the same either way."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def _key_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     """A key mask (N, S), True = attend, as an SDPA mask (N, 1, 1, S) broadcast over heads and queries."""
     return None if mask is None else mask[:, None, None, :]
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (timm's layout, without timm)."""
+    """Multi-head self-attention with a fused qkv projection (timm's layout, without timm); proj_drop: dropout on the
+    output projection, as timm's."""
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, proj_drop: float = 0.0):
         super().__init__()
         assert dim % num_heads == 0, f"width {dim} must be divisible by num_heads {num_heads}"
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
+        self.proj_drop = dropout_layer(proj_drop)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attend from every token of x (N, T, D) to the tokens where the key mask (N, T) is True (all if None)."""
@@ -274,13 +283,14 @@ class Attention(nn.Module):
         # (N, H, T, Dh), softmax(q k^T / sqrt(Dh)) v
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask(mask))
         x = x.transpose(1, 2).reshape(n, t, d)  # (N, T, D)
-        return self.proj(x)  # (N, T, D)
+        return self.proj_drop(self.proj(x))  # (N, T, D)
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention from image tokens (queries) to condition tokens (keys and values)."""
+    """Multi-head attention from image tokens (queries) to condition tokens (keys and values); proj_drop as
+    Attention's."""
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, proj_drop: float = 0.0):
         super().__init__()
         assert dim % num_heads == 0, f"width {dim} must be divisible by num_heads {num_heads}"
         self.num_heads = num_heads
@@ -288,6 +298,7 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(dim, dim, bias=True)
         self.kv = nn.Linear(dim, 2 * dim, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
+        self.proj_drop = dropout_layer(proj_drop)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         n, t, d = x.shape
@@ -297,20 +308,24 @@ class CrossAttention(nn.Module):
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (N, H, S, Dh)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask(mask))  # (N, H, T, Dh)
         x = x.transpose(1, 2).reshape(n, t, d)  # (N, T, D)
-        return self.proj(x)  # (N, T, D)
+        return self.proj_drop(self.proj(x))  # (N, T, D)
 
 
 class Mlp(nn.Module):
-    """Two-layer feed-forward network with tanh-approximated GELU."""
+    """Two-layer feed-forward network with tanh-approximated GELU; drop: dropout after the activation and after fc2,
+    as timm's Mlp (drop1, drop2)."""
 
-    def __init__(self, in_features: int, hidden_features: int):
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features, bias=True)
         self.act = nn.GELU(approximate="tanh")
+        self.drop1 = dropout_layer(drop)
         self.fc2 = nn.Linear(hidden_features, in_features, bias=True)
+        self.drop2 = dropout_layer(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))  # (N, T, D)
+        x = self.drop1(self.act(self.fc1(x)))  # (N, T, F)
+        return self.drop2(self.fc2(x))  # (N, T, D)
 
 
 class ConvMlp(nn.Module):
@@ -319,10 +334,11 @@ class ConvMlp(nn.Module):
     1x1 expand (fc1), 3x3 depthwise conv, GELU, 1x1 project (fc2); LocalViT also puts a norm and an
     activation after the expansion, left out here so that the block stays a drop-in for Mlp. The
     first `num_prefix_tokens` tokens (in-context condition tokens) have no place on the grid: they
-    go through fc1, GELU and fc2 only, with the same weights.
+    go through fc1, GELU and fc2 only, with the same weights. drop: dropout after the GELU and after
+    fc2, as Mlp's.
     """
 
-    def __init__(self, in_features: int, hidden_features: int, grid_size: int):
+    def __init__(self, in_features: int, hidden_features: int, grid_size: int, drop: float = 0.0):
         super().__init__()
         self.grid_size = grid_size
         self.fc1 = nn.Linear(in_features, hidden_features, bias=True)
@@ -330,7 +346,9 @@ class ConvMlp(nn.Module):
             hidden_features, hidden_features, kernel_size=3, padding=1, groups=hidden_features, bias=True
         )
         self.act = nn.GELU(approximate="tanh")
+        self.drop1 = dropout_layer(drop)
         self.fc2 = nn.Linear(hidden_features, in_features, bias=True)
+        self.drop2 = dropout_layer(drop)
 
     def forward(self, x: torch.Tensor, num_prefix_tokens: int = 0) -> torch.Tensor:
         x = self.fc1(x)  # (N, S + T, F)
@@ -340,17 +358,18 @@ class ConvMlp(nn.Module):
         grid = patches.transpose(1, 2).reshape(n, f, self.grid_size, self.grid_size)  # (N, F, h, w), row-major tokens
         patches = self.dwconv(grid).flatten(2).transpose(1, 2)  # (N, T, F)
         x = torch.cat([prefix, patches], dim=1)  # (N, S + T, F)
-        return self.fc2(self.act(x))  # (N, S + T, D)
+        x = self.drop1(self.act(x))  # (N, S + T, F)
+        return self.drop2(self.fc2(x))  # (N, S + T, D)
 
 
-def make_ffn(ffn: str, hidden_size: int, mlp_ratio: float, grid_size: int | None) -> nn.Module:
-    """The feed-forward network of a block: "mlp" or "conv" (needs the patch grid size)."""
+def make_ffn(ffn: str, hidden_size: int, mlp_ratio: float, grid_size: int | None, drop: float = 0.0) -> nn.Module:
+    """The feed-forward network of a block: "mlp" or "conv" (needs the patch grid size), with dropout `drop`."""
     hidden_features = int(hidden_size * mlp_ratio)
     if ffn == "mlp":
-        return Mlp(hidden_size, hidden_features)
+        return Mlp(hidden_size, hidden_features, drop=drop)
     if ffn == "conv":
         assert grid_size is not None, "a conv FFN needs the patch grid size"
-        return ConvMlp(hidden_size, hidden_features, grid_size)
+        return ConvMlp(hidden_size, hidden_features, grid_size, drop=drop)
     raise ValueError(f"unknown ffn {ffn!r} (valid: {', '.join(FFNS)})")
 
 
@@ -363,13 +382,19 @@ class DiTBlock(nn.Module):
     """Transformer block whose norms are modulated, and whose branches are gated, by the condition (adaLN-Zero)."""
 
     def __init__(
-        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, ffn: str = "mlp", grid_size: int | None = None
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        ffn: str = "mlp",
+        grid_size: int | None = None,
+        dropout: float = 0.0,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads)
+        self.attn = Attention(hidden_size, num_heads=num_heads, proj_drop=dropout)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = make_ffn(ffn, hidden_size, mlp_ratio, grid_size)
+        self.mlp = make_ffn(ffn, hidden_size, mlp_ratio, grid_size, drop=dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -384,15 +409,21 @@ class CrossAttentionBlock(nn.Module):
     """Pre-norm transformer block: self-attention, cross-attention to the condition tokens, feed-forward."""
 
     def __init__(
-        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, ffn: str = "mlp", grid_size: int | None = None
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        ffn: str = "mlp",
+        grid_size: int | None = None,
+        dropout: float = 0.0,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=True, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads)
+        self.attn = Attention(hidden_size, num_heads=num_heads, proj_drop=dropout)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=True, eps=1e-6)
-        self.cross_attn = CrossAttention(hidden_size, num_heads=num_heads)
+        self.cross_attn = CrossAttention(hidden_size, num_heads=num_heads, proj_drop=dropout)
         self.norm3 = nn.LayerNorm(hidden_size, elementwise_affine=True, eps=1e-6)
-        self.mlp = make_ffn(ffn, hidden_size, mlp_ratio, grid_size)
+        self.mlp = make_ffn(ffn, hidden_size, mlp_ratio, grid_size, drop=dropout)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))  # (N, T, D)
@@ -405,13 +436,19 @@ class InContextBlock(nn.Module):
     """Plain pre-norm transformer block over condition tokens followed by patch tokens."""
 
     def __init__(
-        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, ffn: str = "mlp", grid_size: int | None = None
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        ffn: str = "mlp",
+        grid_size: int | None = None,
+        dropout: float = 0.0,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=True, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads)
+        self.attn = Attention(hidden_size, num_heads=num_heads, proj_drop=dropout)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=True, eps=1e-6)
-        self.mlp = make_ffn(ffn, hidden_size, mlp_ratio, grid_size)
+        self.mlp = make_ffn(ffn, hidden_size, mlp_ratio, grid_size, drop=dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, num_prefix_tokens: int) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), mask)  # (N, S + T, D)
@@ -469,6 +506,9 @@ class DiT(nn.Module):
     - pos_embed: "sincos" (fixed, a frozen Parameter) or "learned" (trainable, initialised from the
       same sin-cos table, so that training starts from the fixed model). Condition tokens in context
       or in the cross-attention carry no position embedding.
+    - dropout: in training, dropout on the output of every attention (self and cross) and
+      feed-forward sublayer, where timm's Attention (proj_drop) and Mlp (drop1 after the activation,
+      drop2 after fc2) put it; 0, the paper's, adds no layer (outputs and state dict unchanged).
     The output layer is zero-initialised in every variant: the model's output starts at zero.
     """
 
@@ -490,6 +530,7 @@ class DiT(nn.Module):
         pos_embed: str = "sincos",
         text_dim: int | None = None,
         text_tokens: int = 77,
+        dropout: float = 0.0,
     ):
         super().__init__()
         _check_sizes(
@@ -502,6 +543,7 @@ class DiT(nn.Module):
             mlp_ratio,
             class_dropout_prob,
             num_classes,
+            dropout,
         )
         _check_variant(conditioning, condition, ffn, pos_embed, text_dim, text_tokens)
         self.input_size = input_size
@@ -517,6 +559,7 @@ class DiT(nn.Module):
         self.pos_embed_type = pos_embed
         self.text_dim = text_dim
         self.text_tokens = text_tokens
+        self.dropout = dropout
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -540,7 +583,7 @@ class DiT(nn.Module):
         self.activation_checkpointing = False  # recompute each block in backward (run_block); set by the trainer
         self.blocks = nn.ModuleList(
             [
-                block_class(hidden_size, num_heads, mlp_ratio=mlp_ratio, ffn=ffn, grid_size=grid_size)
+                block_class(hidden_size, num_heads, mlp_ratio=mlp_ratio, ffn=ffn, grid_size=grid_size, dropout=dropout)
                 for _ in range(depth)
             ]
         )
@@ -692,7 +735,16 @@ class DiT(nn.Module):
 
 
 def _check_sizes(
-    input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, class_dropout_prob, num_classes
+    input_size,
+    patch_size,
+    in_channels,
+    hidden_size,
+    depth,
+    num_heads,
+    mlp_ratio,
+    class_dropout_prob,
+    num_classes,
+    dropout,
 ) -> None:
     """Raise ValueError for a DiT shape that cannot be built."""
     for name, value in (
@@ -721,6 +773,8 @@ def _check_sizes(
         raise ValueError(f"DiT mlp_ratio must be positive, got {mlp_ratio}")
     if not 0 <= class_dropout_prob < 1:
         raise ValueError(f"DiT class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"DiT dropout must be in [0, 1), got {dropout}")
 
 
 def _check_variant(conditioning, condition, ffn, pos_embed, text_dim, text_tokens) -> None:

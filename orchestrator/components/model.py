@@ -33,6 +33,7 @@ def build_model(spec: JobSpec, model_input: ModelInput) -> torch.nn.Module:
             num_classes=None if m.condition == "none" else num_classes,
             class_dropout_prob=m.class_dropout,
             norm_groups=u.norm_groups,
+            dropout=m.dropout,
         )
     return DiT(
         input_size=model_input.size,
@@ -51,6 +52,7 @@ def build_model(spec: JobSpec, model_input: ModelInput) -> torch.nn.Module:
         pos_embed=m.pos_embed,
         text_dim=model_input.text_dim,
         text_tokens=model_input.text_tokens or 77,
+        dropout=m.dropout,
     )
 
 

@@ -141,6 +141,10 @@ class ModelSpec(Section):
     guidance off)."""
     num_classes: int | None = Field(None, ge=1)
     """Number of classes; empty means: as many as the data has."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout in training only. DiT: on the output of every attention and feed-forward sublayer (timm's proj_drop and
+    Mlp drop: after the activation and after fc2); 0, the DiT paper's, adds no layer. U-Net: in every ResNet block,
+    before its second convolution (Ho et al. 2020 use 0.1 on CIFAR-10)."""
 
     @model_validator(mode="before")
     @classmethod
