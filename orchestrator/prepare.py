@@ -334,7 +334,7 @@ def _scan_hf_dataset(spec: InputSpec, path: Path) -> Inputs:
         num_classes,
         any(c is not None for c in captions),
         f"hf_dataset:{source.describe()}",
-        rows=hub.undecoded(data, columns.image),
+        rows=hub.undecoded(data.select_columns([columns.image]), columns.image) if columns.image else None,
         image_column=columns.image,
     )
 
