@@ -1002,11 +1002,11 @@ def parse_spec(text: str, source: str = "<spec>", overrides=(), base_dir: Path |
         ("eval.reference", spec.eval.reference),
         ("eval.weights_dir", spec.eval.weights_dir),
     ):
-        hub_name = (  # a hf_dataset path is a Hub name unless such a file or folder exists beside the spec
-            key_path == "data.path" and spec.data.source == "hf_dataset" and value and not (base_dir / value).exists()
-        )
-        if base_dir is not None and value and not Path(value).is_absolute() and not hub_name:
-            spec = replace(spec, key_path, str((base_dir / value).resolve()))  # relative to the spec file
+        if base_dir is None or not value or Path(value).is_absolute():
+            continue
+        if key_path == "data.path" and spec.data.source == "hf_dataset" and not (base_dir / value).exists():
+            continue  # a Hub name, unless such a file or folder exists beside the spec
+        spec = replace(spec, key_path, str((base_dir / value).resolve()))  # relative to the spec file
     return spec
 
 
