@@ -39,7 +39,12 @@ def torchrun_command(
         argv += ["--rdzv_backend", "c10d", "--rdzv_endpoint", rdzv_endpoint, "--rdzv_id", rdzv_id]
         argv += ["--node_rank", str(node_rank)]
     argv += entry  # starts with "-m": torchrun's own --module flag, then the module and its arguments
-    return LaunchCommand(argv=tuple(argv), env=thread_env(threads))
+    env = thread_env(threads)
+    if max_restarts:
+        # Restarted ranks must not share the rendezvous store with the ranks before them: its keys of the previous
+        # round point them at dead peers ("Gloo connectFullMesh failed ... Connection refused"; pytorch#135712).
+        env = {**env, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    return LaunchCommand(argv=tuple(argv), env=env)
 
 
 def check_host_port(name: str, endpoint: str) -> None:

@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.jobs.supervisor import register_rank
 
     register_rank(job, rank)
+    if rank == 0 and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:  # torchrun restarted every rank
+        job.update(restarts=job.read().restarts + 1, attempts=job.read().attempts + 1, stop_reason=None)
     slurm_run = os.environ.get("ORCH_SLURM_RESTART_COUNT")  # set by the sbatch script: 0, then 1, 2... after requeues
     if slurm_run is not None and rank == 0:
         _record_slurm_start(job, int(slurm_run), plan)
@@ -117,6 +119,7 @@ def _record_slurm_start(job: JobDir, restarts: int, plan: dict) -> None:
 
 
 def _train(job: JobDir, spec, plan: dict, rank: int) -> int:
+    from orchestrator.train.engine import TrainingDiverged
     from orchestrator.train.loop import train
 
     try:
@@ -130,6 +133,11 @@ def _train(job: JobDir, spec, plan: dict, rank: int) -> int:
         if rank == 0:
             job.update(stop_reason=f"error: {err}")
         return EXIT_USER_ERROR
+    except TrainingDiverged as err:
+        log.error("training stopped: %s", err)
+        if rank == 0:
+            job.update(stop_reason=f"error: {err}")
+        return 1
     except Exception as err:
         log.exception("training failed")
         if rank == 0:

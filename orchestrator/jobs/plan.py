@@ -241,6 +241,7 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
                 rdzv_endpoint=resources.rdzv_endpoint,
                 rdzv_id=job_path.name if resources.rdzv_endpoint else None,
                 threads=threads,
+                max_restarts=resources.max_restarts,  # torchrun's elastic agent restarts every rank of the node
             )
             for node in range(resources.nodes)
         )

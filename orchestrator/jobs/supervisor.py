@@ -80,30 +80,74 @@ def run(job: JobDir, progress: bool) -> JobRecord:
             world_size=plan["world_size"],
         )
         write_launch_files(plan)
-        clear_rank_registry(job)
-        with open(job.log_file, "ab") as log:
-            log.write(
-                f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {previous.attempts + 1}: "
-                f"{' '.join(plan['command']['argv'])}\n".encode()
+        restarts_left = max_restarts(job) if plan["launcher"] in SUPERVISOR_RESTARTS else 0
+        attempt = previous.attempts + 1
+        while True:
+            returncode = _launch_and_wait(job, plan, attempt, progress)
+            record = record_end(job, returncode)
+            if restarts_left == 0 or not restartable(record, returncode):
+                return record
+            restarts_left -= 1
+            attempt += 1
+            job.transition(
+                JobState.RUNNING,
+                ended_at=None,
+                exit_code=None,
+                message="",
+                stop_reason=None,
+                attempts=attempt,
+                restarts=record.restarts + 1,
             )
-            log.flush()
-            process = subprocess.Popen(
-                plan["command"]["argv"],
-                env={**os.environ, **plan["command"]["env"]},
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        job.update(launcher_pid=process.pid)
-        forwarder = _SignalForwarder(process, _rank_finder(job, plan["launcher"], process))
-        try:
-            _wait(job, process, progress)
-        finally:
-            forwarder.restore()
-        return record_end(job, process.returncode)
+            with open(job.log_file, "ab") as log:
+                log.write(f"\n=== restart {record.restarts + 1} after: {record.message}\n".encode())
     finally:
         lock.close()
+
+
+# Launchers whose restarts the supervisor makes (torchrun makes its own: --max-restarts; Slurm requeues).
+SUPERVISOR_RESTARTS = ("local", "deepspeed")
+
+
+def max_restarts(job: JobDir) -> int:
+    """resources.max_restarts of the job's spec."""
+    import yaml
+
+    from orchestrator.specs.job import spec_from_dict
+
+    return spec_from_dict(yaml.safe_load(job.spec_file.read_text()), str(job.spec_file)).resources.max_restarts
+
+
+def restartable(record: JobRecord, returncode: int) -> bool:
+    """A failed run that another run from the newest checkpoint can get past: not a spec or data error (exit code 2),
+    not a loss or weights that are not finite (the same steps would give them again)."""
+    from orchestrator.jobs.directory import EXIT_USER_ERROR
+
+    diverged = (record.stop_reason or "").startswith(("error: loss not finite", "error: the weights are not finite"))
+    return record.state == JobState.FAILED and returncode != EXIT_USER_ERROR and not diverged
+
+
+def _launch_and_wait(job: JobDir, plan: dict, attempt: int, progress: bool) -> int:
+    """Start the planned command in its own process group, its output into the job's log; its exit code."""
+    clear_rank_registry(job)
+    with open(job.log_file, "ab") as log:
+        command = " ".join(plan["command"]["argv"])
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {attempt}: {command}\n".encode())
+        log.flush()
+        process = subprocess.Popen(
+            plan["command"]["argv"],
+            env={**os.environ, **plan["command"]["env"]},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    job.update(launcher_pid=process.pid)
+    forwarder = _SignalForwarder(process, _rank_finder(job, plan["launcher"], process))
+    try:
+        _wait(job, process, progress)
+    finally:
+        forwarder.restore()
+    return process.returncode
 
 
 def run_node(job: JobDir, node_rank: int) -> int:

@@ -400,6 +400,11 @@ class TrainSpec(Section):
     seed: int = 0
     """Seed of weights, data order and noise; the same seed gives bitwise the same run on the same hardware and thread
     count: always on the CPU, on CUDA with resources.deterministic."""
+    max_nonfinite_steps: int = Field(25, ge=1)
+    """A step whose gradients are not finite (NaN or inf, from any rank's loss) is skipped: no optimizer or EMA update,
+    counted as `skipped_steps` in MLflow. After this many skipped steps in a row the job stops as failed ("loss
+    not finite since step N"); no checkpoint with non-finite weights is ever written. fp16's loss-scale overflows count
+    too (a few in a row are normal while the scale settles)."""
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -666,6 +671,16 @@ class ResourcesSpec(Section):
     collective_timeout_s: int = Field(600, ge=10)
     """Seconds a collective may wait for the other ranks (a stuck or vanished rank on another node) before the job
     fails, resumable, instead of hanging."""
+    hang_timeout_s: float | None = Field(1800, ge=10)
+    """Seconds without a finished training step after which every rank writes its threads' Python stacks into the job's
+    log and the job stops (and starts again from its newest checkpoint while max_restarts remain): a rank stuck in a
+    collective or a data read. Checkpoints, sample grids, evaluations and the first step (compiling) are not watched;
+    they have their own timeouts. Empty: no watchdog."""
+    max_restarts: int = Field(0, ge=0)
+    """Times a failed run (a crash, a lost or hung rank) starts again by itself from the newest checkpoint: torchrun's
+    elastic restarts (--max-restarts, all ranks) for launcher torchrun, the supervisor for local and deepspeed. Counted
+    in the job's state (`restarts`, shown by `orch status`) and the MLflow tag `orch.restarts`. The supervisor does not
+    restart a spec error or a loss that is not finite (it would fail again the same way)."""
     rank0_timeout_s: int = Field(3600, ge=10)
     """Seconds the other ranks wait while rank 0 works alone (drawing a sample grid, converting a ZeRO checkpoint to
     another world size), outside NCCL's collective timeout; a DDPM-1000 grid of a large model can take minutes."""

@@ -27,6 +27,10 @@ import torch.distributed as dist
 from orchestrator.errors import UserError
 
 
+class TrainingDiverged(Exception):
+    """The loss or the weights stopped being finite: the job ends as failed, its last good checkpoint kept."""
+
+
 class WorldSizeMismatch(UserError):
     """The launcher started a different number of ranks than the plan asked for."""
 

@@ -120,9 +120,12 @@ class FsdpEngine(Engine):
         norm = torch.nn.utils.clip_grad_norm_(
             [p for p in model.parameters() if p.grad is not None], max_norm if max_norm else float("inf")
         )
-        optimizer.step()
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # over every rank's shards
+        self.last_step_skipped = not bool(torch.isfinite(norm))  # the same on every rank: skip the update
+        if not self.last_step_skipped:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return norm
 
     # ------------------------------------------------------------------ full weights and EMA
     def full_state_dict(self, model: torch.nn.Module, on_host: bool = True) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ threads).
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import time
 from contextlib import nullcontext
@@ -31,16 +32,32 @@ from orchestrator.jobs.directory import JobDir
 from orchestrator.jobs.evaluations import EvaluationRecord, best_checkpoints, ranking_metric, steps_to_keep
 from orchestrator.specs.job import JobSpec
 from orchestrator.tracking import NullTracker, Tracker
-from orchestrator.train.engine import Engine
+from orchestrator.train.engine import Engine, TrainingDiverged
 from orchestrator.train.grids import GridMaker
 from orchestrator.train.run_tracking import start_tracker
 from orchestrator.train.schedule import lr_factor, step_seed
 from orchestrator.train.signals import StopRequest
 from orchestrator.train.state import TrainerState, load_checkpoint, prune_checkpoints, save_checkpoint
 from orchestrator.train.strategy import make_engine
+from orchestrator.train.watchdog import HangWatchdog
 
 log = logging.getLogger(__name__)
 HYBRID_VLB_WEIGHT = 1e-3  # lambda of L_hybrid (Nichol & Dhariwal 2021, Sec. 3.1)
+# Fault injection for the fault suite (tests/faults): the losses of these steps ("5" or "5-9", 0-based) become NaN on
+# the rank ORCH_FAULT_RANK (default: every rank), a real NaN through the real backward pass and gradient all-reduce.
+FAULT_NONFINITE_STEPS = "ORCH_FAULT_NONFINITE_STEPS"
+FAULT_RANK = "ORCH_FAULT_RANK"
+
+
+def injected_nonfinite_steps(rank: int) -> range:
+    """The 0-based steps whose loss the fault suite turns into NaN on this rank (empty unless asked for)."""
+    import os
+
+    steps = os.environ.get(FAULT_NONFINITE_STEPS, "")
+    if not steps or os.environ.get(FAULT_RANK, str(rank)) != str(rank):
+        return range(0)
+    first, _, last = steps.partition("-")
+    return range(int(first), int(last or first) + 1)
 
 
 @dataclass(frozen=True)
@@ -74,6 +91,9 @@ def train(spec: JobSpec, job: JobDir, device: str, tracking_uri: str | None) -> 
         except BaseException:
             trainer.tracker.close(status="FAILED", timeout=10)
             raise
+        finally:
+            if trainer.watchdog is not None:
+                trainer.watchdog.close()  # what follows (waiting out a tracking outage) is not a training step
         # A finished job waits out a short MLflow outage; a stopping one (preempted: its grace time is short) does not.
         trainer.tracker.close(status="FINISHED" if outcome.finished else "KILLED", outlast_outage=outcome.finished)
         return outcome
@@ -162,6 +182,9 @@ class Trainer:
         self.grid = GridMaker(spec, self.model_input, engine.device) if engine.is_main else None
         self.evaluator = Evaluator(spec, self.model_input, engine) if spec.eval.every else None
         self.tracker: Tracker = NullTracker()
+        self.nonfinite_steps = injected_nonfinite_steps(engine.rank)
+        hang_timeout = spec.resources.hang_timeout_s
+        self.watchdog = HangWatchdog(hang_timeout, self._record_hang) if hang_timeout else None
 
     def _restore(self, checkpoint: Path) -> None:
         state, ema_weights = load_checkpoint(self.engine, checkpoint)
@@ -191,6 +214,7 @@ class Trainer:
         spec, t, engine, model = self.spec, self.spec.train, self.engine, self.model
         loss_sum = torch.zeros((), device=engine.device)
         window_start, window_steps, paused, data_wait, skipped_steps = time.perf_counter(), 0, 0.0, 0.0, 0
+        skipped_since = None  # the first of the steps skipped in a row (non-finite gradients), if the last one was
         if engine.is_main:
             self.job.update(step=self.step, total_steps=t.steps)
         log.info(
@@ -227,13 +251,27 @@ class Trainer:
                             vlb_weight=self.vlb_weight,
                             snr_gamma=spec.diffusion.min_snr_gamma,
                         )
+                    if self.step in self.nonfinite_steps:
+                        loss = loss * float("nan")  # the fault suite's injected NaN
                     engine.backward(loss / t.grad_accum_steps)
                 loss_sum += loss.detach().float() / t.grad_accum_steps
             grad_norm = engine.step(model, self.optimizer, t.grad_clip)
             self.step += 1
-            if engine.last_step_skipped:  # fp16: the grad scaler found inf/NaN gradients and skipped the update
+            if self.watchdog is not None:
+                self.watchdog.progress(self.step)
+            # Non-finite gradients (the same on every rank: they are all-reduced before their norm) were not applied.
+            if engine.last_step_skipped:
                 skipped_steps += 1
+                skipped_since = self.step - 1 if skipped_since is None else skipped_since
+                log.warning("step %d: gradients not finite (grad norm %s): update skipped", self.step - 1, grad_norm)
+                if self.step - skipped_since >= t.max_nonfinite_steps:
+                    raise TrainingDiverged(
+                        f"loss not finite since step {skipped_since} ({self.step - skipped_since} updates in a row "
+                        f"skipped, train.max_nonfinite_steps {t.max_nonfinite_steps}); the last checkpoint holds the "
+                        "weights before it: lower the learning rate or check the data, then `orch resume`"
+                    )
             else:  # the schedule and the EMA follow the updates that happened
+                skipped_since = None
                 self.scheduler.step()
                 # under ZeRO and FSDP the full weights are gathered for it
                 engine.update_ema(self.ema, model, self.step)
@@ -258,6 +296,7 @@ class Trainer:
                 window_start, window_steps, paused, data_wait, skipped_steps = time.perf_counter(), 0, 0.0, 0.0, 0
 
             began = time.perf_counter()
+            unwatched = self.watchdog.paused if self.watchdog is not None else lambda what: nullcontext()
             evaluating = self.evaluator is not None and (self.step % spec.eval.every == 0 or done) and not stopping
             # keep_best keeps checkpoints by their evaluation: every evaluated step has one
             checkpointing = (
@@ -267,12 +306,13 @@ class Trainer:
                 or (evaluating and spec.checkpoint.keep_best is not None)
             )
             sampling = (self.step % spec.sample.every == 0 or done) and not stopping
-            if checkpointing:
-                self._checkpoint()
-            if sampling:  # after the checkpoint: a grid that fails or runs long never costs it
-                self._draw_grids(progression=done and spec.sample.steps >= 2)
-            if evaluating:
-                self._evaluate()
+            with unwatched("checkpoint, grid and evaluation"):  # progress of their own, with their own timeouts
+                if checkpointing:
+                    self._checkpoint()
+                if sampling:  # after the checkpoint: a grid that fails or runs long never costs it
+                    self._draw_grids(progression=done and spec.sample.steps >= 2)
+                if evaluating:
+                    self._evaluate()
             paused += time.perf_counter() - began
             if (checkpointing or sampling) and engine.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(engine.device)  # peak_memory_gb: the training steps', not the grid's
@@ -281,6 +321,11 @@ class Trainer:
                     finished=False, step=self.step, stop_signal=self.stop.signal_name or "a signal on another rank"
                 )
         return Outcome(finished=True, step=self.step)
+
+    def _record_hang(self, message: str) -> None:
+        """What the watchdog records before it ends this rank (rank 0 keeps the job's state)."""
+        if self.engine.is_main:
+            self.job.update(stop_reason=f"error: {message}")
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]:
         """The next micro batch on the device: the network's inputs and the condition its `y` takes."""
@@ -379,8 +424,7 @@ class Trainer:
             "peak_memory_gb": max(memory for memory, _ in per_rank),
             "data_wait_s": max(wait for _, wait in per_rank),
         }
-        if self.spec.train.mixed_precision == "fp16":
-            metrics["fp16_skipped_steps"] = float(skipped_steps)  # updates the grad scaler skipped in this window
+        metrics["skipped_steps"] = float(skipped_steps)  # updates skipped in this window: non-finite gradients
         for node, ranks in enumerate(per_node):  # torchrun, DeepSpeed's runner and Slurm number ranks node by node
             metrics[f"node{node}/peak_memory_gb"] = max(memory for memory, _ in ranks)
             metrics[f"node{node}/data_wait_s"] = max(wait for _, wait in ranks)
@@ -407,6 +451,12 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         ema_checksum = sum(float(p.double().sum()) for p in self.ema.module.parameters())
+        local_checksum = sum(float(p.detach().double().sum()) for p in self.model.parameters())  # this rank's shard
+        if self.engine.any(not (math.isfinite(ema_checksum) and math.isfinite(local_checksum))):
+            raise TrainingDiverged(
+                f"the weights are not finite at step {self.step}: no checkpoint written (the previous one is intact); "
+                "lower the learning rate or check the data, then `orch resume`"
+            )
         assert self.engine.same_on_all_ranks(ema_checksum), f"EMA weights differ across ranks at step {self.step}"
         position = self.stream.position
         state = TrainerState(

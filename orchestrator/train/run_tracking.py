@@ -29,6 +29,7 @@ def start_tracker(spec: JobSpec, job: JobDir, engine: Engine, uri: str | None, r
         "orch.launcher": record.launcher,
         "orch.world_size": str(engine.world_size),
         "orch.attempt": str(record.attempts),
+        "orch.restarts": str(record.restarts),
     }
     if record.slurm_job_id is not None:
         tags.update({"orch.slurm_job_id": record.slurm_job_id, "orch.slurm_restarts": str(record.restarts)})

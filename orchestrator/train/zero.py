@@ -47,7 +47,7 @@ from launch.deepspeed import offloaded
 from orchestrator.errors import UserError
 from orchestrator.layout import MODEL_FILE
 from orchestrator.specs.job import precision_refusal
-from orchestrator.train.engine import Engine
+from orchestrator.train.engine import Engine, TrainingDiverged
 
 MODEL_TAG = "pytorch_model"  # the sub-directory accelerate's save_state gives DeepSpeed's checkpoint (its MODEL_NAME)
 UNIVERSAL_TAG = (
@@ -200,9 +200,19 @@ class ZeroEngine(Engine):
                 f"the DeepSpeed config clips at {self.config['gradient_clipping']}, the caller asked for {max_norm}"
             )
         self.ds.set_gradient_accumulation_boundary(True)
+        skipped_before = self.ds.skipped_steps
         self.ds.step()
+        # ZeRO-1/2 skip a step with non-finite gradients themselves (fp16 and fp32 always, bf16 with the
+        # check_grad_overflow DeepSpeed defaults to) and count it; ZeRO-3 only under fp16.
+        self.last_step_skipped = self.ds.skipped_steps > skipped_before
         norm = self.ds.get_global_grad_norm()
-        return torch.as_tensor(float("nan") if norm is None else float(norm))
+        norm = torch.as_tensor(float("nan") if norm is None else float(norm))
+        if not self.last_step_skipped and not torch.isfinite(norm) and self.stage == 3:
+            raise TrainingDiverged(
+                "ZeRO-3 applied an update with non-finite gradients (DeepSpeed checks them only under fp16): the "
+                "weights are lost from this step; `orch resume` continues from the last checkpoint"
+            )
+        return norm
 
     # ------------------------------------------------------------------ full weights and EMA
     def _full_fp32(self, module: torch.nn.Module, on_host: bool = True) -> dict[str, torch.Tensor]:
