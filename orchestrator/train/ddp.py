@@ -56,7 +56,12 @@ class DdpEngine(Engine):
         then tells the loop not to advance the LR schedule or the EMA for it.
         """
         grad_norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm else float("inf"))
-        if self.accelerator.mixed_precision != "fp16" and not torch.isfinite(grad_norm):  # fp16: the scaler's job
+        # fp16: the scaler's job; a meta tensor (the device-placement test's) has no value to look at
+        if (
+            self.accelerator.mixed_precision != "fp16"
+            and grad_norm.device.type != "meta"
+            and not torch.isfinite(grad_norm)
+        ):
             optimizer.zero_grad(set_to_none=True)  # every rank agrees: the norm is of the all-reduced gradients
             self.last_step_skipped = True
             return grad_norm
