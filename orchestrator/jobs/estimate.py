@@ -137,25 +137,55 @@ def dit_forward_macs(
     learn_sigma: bool,
     mlp_ratio: float = 4.0,
     frequency_embedding_size: int = 256,
+    *,
+    conditioning: str = "adaln_zero",
+    ffn: str = "mlp",
+    condition_tokens: int = 1,
+    text_dim: int | None = None,
 ) -> int:
-    """Multiply-accumulates of one image's forward pass through the published adaLN-Zero DiT (matmuls only).
+    """Multiply-accumulates of one image's forward pass through model/dit.py's DiT (matmuls and convolutions only).
 
-    The DiT paper's Table 4 "Gflops" are these (fvcore counts a multiply-add as one flop):
-    DiT-XL/2 at 32x32x4 gives 118.6e9. Multiply by 2 for FLOPs. Leaves out norms, activations,
-    softmax and the label lookup (each O(T * D), under 0.5 % here).
+    With the defaults, the published adaLN-Zero DiT: the DiT paper's Table 4 "Gflops" are these (fvcore
+    counts a multiply-add as one flop): DiT-XL/2 at 32x32x4 gives 118.6e9. Multiply by 2 for FLOPs.
+    The variants: ffn "conv" adds a 3x3 depthwise convolution over the T patch positions; conditioning
+    "cross_attention" drops the blocks' adaLN and adds cross-attention from the T image tokens to the
+    S = 1 + condition_tokens condition tokens (the timestep and the class token, or the caption
+    tokens; 0 for condition none); "in_context" runs every block over S + T tokens and ends in an
+    unmodulated final layer. text_dim (condition text): the projection of the caption tokens and the
+    pooled caption to the width. Leaves out norms, activations, softmax and the label lookup (each
+    O(T * D), under 0.5 % here).
     """
     D = hidden_size
     F = int(hidden_size * mlp_ratio)
     T = (input_size // patch_size) ** 2
     C_out = 2 * in_channels if learn_sigma else in_channels
+    S = 1 + condition_tokens  # the timestep token and the condition tokens (cross-attention and in-context)
     patch_embed = T * (in_channels * patch_size * patch_size) * D  # one (C p p) -> D projection per token
     t_embed = frequency_embedding_size * D + D * D  # once per image
+    y_embed = (condition_tokens + 1) * text_dim * D if text_dim else 0  # caption tokens and pooled caption -> D
     per_token = D * 3 * D + D * D + D * F + F * D  # qkv, proj, fc1, fc2 per token
-    attention = 2 * T * T * D  # q k^T and softmax(.) v, over all heads: T x T x D each
-    adaln = D * 6 * D  # once per image, not per token
-    block = T * per_token + attention + adaln
-    final = D * 2 * D + T * D * patch_size * patch_size * C_out
-    return patch_embed + t_embed + depth * block + final
+    if ffn not in ("mlp", "conv"):
+        raise ValueError(f"unknown ffn {ffn!r} (valid: mlp, conv)")
+    depthwise = 9 * F * T if ffn == "conv" else 0  # 3x3 depthwise conv over the patch grid (prefix tokens skip it)
+    if conditioning in ("adaln_zero", "adaln"):
+        attention = 2 * T * T * D  # q k^T and softmax(.) v, over all heads: T x T x D each
+        adaln = D * 6 * D  # once per image, not per token
+        block = T * per_token + attention + adaln + depthwise
+        final_adaln = D * 2 * D
+    elif conditioning == "cross_attention":
+        # q and proj per image token, k and v per condition token; attention T x S x D twice
+        cross = T * 2 * D * D + S * 2 * D * D + 2 * T * S * D
+        block = T * per_token + 2 * T * T * D + cross + depthwise
+        final_adaln = D * 2 * D  # the final layer is still modulated
+    elif conditioning == "in_context":
+        block = (S + T) * per_token + 2 * (S + T) * (S + T) * D + depthwise
+        final_adaln = 0  # a plain LayerNorm
+    else:
+        raise ValueError(
+            f"unknown conditioning {conditioning!r} (valid: adaln_zero, adaln, cross_attention, in_context)"
+        )
+    final = final_adaln + T * D * patch_size * patch_size * C_out
+    return patch_embed + t_embed + y_embed + depth * block + final
 
 
 def training_flops_per_image(forward_macs: int, checkpointing: bool = False) -> int:
@@ -372,3 +402,42 @@ def comm_bytes_per_step(
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     payload = collective_payload_bytes_per_step(params, strategy, grad_bytes, param_bytes, grad_accum_steps)
     return round(payload * (world_size - 1) / world_size)
+
+
+#################################################################################
+#                         Wall time of a whole job                              #
+#################################################################################
+
+# Dense peaks of one A100 (NVIDIA A100 Tensor Core GPU datasheet, SXM; "dense": without 2:4 structured
+# sparsity, which doubles the tensor-core figures): bf16 and fp16 tensor cores 312 TFLOP/s, TF32 tensor
+# cores 156, plain fp32 on the CUDA cores 19.5.
+A100_PEAK_FLOPS = {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}
+
+# An assumption, not a measurement: the share of that peak a DiT training step reaches (model FLOPs
+# utilisation). No MFU has been measured in this repository yet (bench/gpu_throughput.py measures it on a
+# GPU). For scale: fast-DiT's ~108 images/s for DiT-XL/2 on one A100 (fp16, activation checkpointing) is
+# ~25 % counting 3 x forward, ~33 % counting the recompute; bench/scaling.py assumes 40 %.
+ASSUMED_MFU = 0.35
+
+
+def matmul_arithmetic(precision: str, tf32: bool) -> str:
+    """The A100_PEAK_FLOPS key that bounds a step's matmuls: bf16 / fp16 under autocast, else TF32 when allowed
+    (resources.tf32), else fp32."""
+    precision = _precision(precision)
+    if precision != "fp32":
+        return precision
+    return "tf32" if tf32 else "fp32"
+
+
+def training_time_s(
+    flops_per_image: int, global_batch: int, steps: int, gpus: int, peak_flops: float, mfu: float = ASSUMED_MFU
+) -> float:
+    """Seconds the training steps of a whole job take: flops_per_image x global_batch x steps FLOPs done by `gpus`
+    GPUs at `mfu` of `peak_flops` each.
+
+    Training steps only: leaves out in-loop evaluation and sample grids, checkpoint writes, data loading
+    stalls, start-up and compilation. A formula, not a measurement: the MFU is the assumption that decides it.
+    """
+    if gpus < 1 or not 0 < mfu <= 1 or peak_flops <= 0:
+        raise ValueError(f"bad settings: gpus={gpus}, mfu={mfu}, peak_flops={peak_flops}")
+    return flops_per_image * global_batch * steps / (gpus * peak_flops * mfu)

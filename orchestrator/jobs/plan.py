@@ -15,7 +15,9 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 from launch import LaunchCommand
 from launch.accelerate import accelerate_command
@@ -31,6 +33,10 @@ from orchestrator.specs.job import JobSpec, device_precision_refusal
 
 class PlanError(UserError):
     """The spec is valid but cannot run here (no data, no GPU for fp16, unreachable tracking)."""
+
+
+# An opened hf_dataset source, (the split as a datasets.Dataset, its checked hub.Columns), or the HubError met.
+HubData = tuple[Any, Any] | UserError
 
 
 def require_runnable(plan: "Plan") -> None:
@@ -71,6 +77,8 @@ class Plan:
     cpus_per_task: int | None = (
         None  # launcher slurm: the CPUs asked for each node's task (its ranks and their loaders)
     )
+    data: str = ""  # samples, steps per epoch and the epochs train.steps cover (data_description)
+    time: str = ""  # the whole job's training time on one node of 8 A100s, by formula (time_description)
 
     def describe(self) -> list[str]:
         """Human-readable lines, as `orch plan` prints them."""
@@ -88,10 +96,12 @@ class Plan:
             f"{self.world_size // self.processes_per_node} node(s))",
             f"batch           {self.global_batch_size} global = {self.micro_batch_size} per rank x {self.world_size} "
             f"rank(s) x {self.grad_accum_steps} accumulation step(s)",
+            *([f"data            {self.data}"] if self.data else []),
             f"threads         {threads}",
             f"compute         {self.compute}",
             *self.strategy_lines,
             *self.estimate,
+            *([f"time (8xA100)   {self.time}"] if self.time else []),
             f"tracking        {self.tracking_uri or 'off'}",
             *(
                 [
@@ -200,8 +210,10 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
     refusal = device_precision_refusal(device, spec.train.mixed_precision)
     if refusal:
         problems.append(refusal)
+    # an hf_dataset is opened once per plan: one out of reach costs the Hub client's retries (~20 s) each time
+    hub_data = _hub_data(spec) if spec.data.source == "hf_dataset" else None
     try:
-        check_data(spec)
+        check_data(spec, hub_data)
     except PlanError as err:
         problems.append(str(err))
     deepspeed_lines: list[str] = []
@@ -278,13 +290,15 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
         compute=compute_description(spec, device),
         command=command,
         node_commands=node_commands or (command,),
-        estimate=tuple(model_estimate(spec, resources.world_size)),
+        estimate=tuple(model_estimate(spec, resources.world_size, hub_data)),
         strategy_lines=tuple(deepspeed_lines or strategy_description(spec)),
         sbatch_script=sbatch_script,
         launch_files=launch_files,
         hosts=hosts,
         problems=tuple(problems),
         cpus_per_task=cpus_per_task,
+        data=data_description(spec, hub_data),
+        time=time_description(spec),
     )
 
 
@@ -464,13 +478,13 @@ def _slurm_command(
     return LaunchCommand(argv=job.argv, env={}), job.script
 
 
-def model_estimate(spec: JobSpec, world_size: int) -> list[str]:
+def model_estimate(spec: JobSpec, world_size: int, hub_data: HubData | None = None) -> list[str]:
     """`orch plan`'s lines on the network's size and its memory per rank (a computed lower bound, not a measurement)."""
     from orchestrator.jobs import estimate
 
     m = spec.model
-    shape = _input_shape(spec)
-    if m.arch != "dit" or shape is None:
+    shape = _input_shape(spec, hub_data) if m.arch == "dit" else None
+    if shape is None:
         return []  # the U-Net has no closed form here, and a latent job needs its prepared data to know its input
     channels, size, classes, text_dim = shape
     count = dict(
@@ -530,7 +544,7 @@ def model_estimate(spec: JobSpec, world_size: int) -> list[str]:
     ]
 
 
-def _input_shape(spec: JobSpec) -> tuple[int, int, int, int | None] | None:
+def _input_shape(spec: JobSpec, hub_data: HubData | None = None) -> tuple[int, int, int, int | None] | None:
     """(channels, side, classes, text width) of the network's input, or None where the data is not here to say."""
     if spec.data.latent:
         from orchestrator.data.shards import ShardError, open_shards
@@ -544,6 +558,12 @@ def _input_shape(spec: JobSpec) -> tuple[int, int, int, int | None] | None:
     data_classes = None
     if spec.model.num_classes is None and spec.data.source == "digits":
         data_classes = 10
+    elif spec.model.num_classes is None and spec.data.source == "hf_dataset":
+        if spec.model.condition == "class":  # only a class-conditional network has a table sized by the data
+            hub_data = _hub_data(spec, hub_data)
+            if isinstance(hub_data, UserError):
+                return None
+            data_classes = _hub_classes(*hub_data)
     elif spec.model.num_classes is None:
         try:
             data_classes = len(scan_image_folder(Path(spec.data.path)).classes)
@@ -552,8 +572,36 @@ def _input_shape(spec: JobSpec) -> tuple[int, int, int, int | None] | None:
     return spec.data.num_channels, spec.data.resolution, classes_to_build(spec, data_classes), None
 
 
-def check_data(spec: JobSpec) -> None:
-    """The data the spec names exists and is usable (for prepared latents: reading index.json only)."""
+def _hub_data(spec: JobSpec, opened: HubData | None = None) -> HubData:
+    """The hf_dataset source opened and its columns checked, or the HubError why not; `opened` where the caller has
+    it already."""
+    if opened is not None:
+        return opened
+    from orchestrator.data import hub
+
+    source = hub.source_of(spec.data)
+    try:
+        rows = hub.open_dataset(source)
+        return rows, hub.columns_of(spec.data, rows.features, f"dataset {source.describe()}")
+    except hub.HubError as err:
+        return err
+
+
+def _hub_classes(rows, columns) -> int | None:
+    """Classes of an hf_dataset split, as training counts them (HubImageDataset): a ClassLabel's names, else the
+    largest integer label + 1, else None (no label column)."""
+    if columns.class_names is not None:
+        return len(columns.class_names)
+    if columns.label is None or len(rows) == 0:
+        return None
+    import pyarrow.compute as pc
+
+    return int(pc.max(rows.with_format("arrow")[columns.label]).as_py()) + 1  # a column scan, not a Python loop
+
+
+def check_data(spec: JobSpec, hub_data: HubData | None = None) -> None:
+    """The data the spec names exists and is usable (for prepared latents: reading index.json only; an hf_dataset is
+    opened, or `hub_data` is what opening it gave)."""
     if spec.data.latent:
         from orchestrator.components.model_input import latent_problems
         from orchestrator.data.shards import ShardError, check_dataset, open_shards
@@ -585,3 +633,195 @@ def check_data(spec: JobSpec) -> None:
                 f"model.num_classes is {spec.model.num_classes} but {spec.data.path} has {len(index.classes)} class "
                 "folders"
             )
+    if spec.data.source == "hf_dataset":
+        hub_data = _hub_data(spec, hub_data)
+        if isinstance(hub_data, UserError):
+            raise PlanError(str(hub_data)) from None
+        rows, columns = hub_data
+        if spec.model.condition == "class" and spec.model.num_classes is not None:
+            classes = _hub_classes(rows, columns)
+            if classes is not None and spec.model.num_classes < classes:
+                raise PlanError(
+                    f"model.num_classes is {spec.model.num_classes} but {spec.data.path} has {classes} classes (column "
+                    f"{columns.label!r})"
+                )
+
+
+#################################################################################
+#                 The data's epochs and the job's time on 8 x A100              #
+#################################################################################
+
+DIGITS_SAMPLES = 1797  # scikit-learn's load_digits(): 1,797 images (counted here without importing scikit-learn)
+
+# An input's side in latents per side in pixels, and the latent channels, of the VAEs `orch prepare` is used with
+# (stabilityai/sd-vae-ft-mse, madebyollin/sdxl-vae-fp16-fix): what the time formula assumes without an index.json.
+SD_VAE_DOWNSAMPLE, SD_VAE_CHANNELS = 8, 4
+
+
+def steps_per_epoch(num_samples: int, micro_batch: int, world_size: int, grad_accum_steps: int) -> Fraction:
+    """Optimizer steps per epoch of a pixel source, as the training stream (loader.EpochBatches) draws them: each rank
+    gets floor(N / (micro batch x ranks)) micro batches per epoch (the rest of each epoch's shuffle is left out),
+    and a step takes grad_accum_steps of them (the stream runs on across epochs, so a step may span two)."""
+    return Fraction(num_samples // (micro_batch * world_size), grad_accum_steps)
+
+
+def _number(value: Fraction | float) -> str:
+    """1,234 / 7.5 / 0.25: whole numbers without decimals, others with at most two."""
+    if isinstance(value, Fraction) and value.denominator == 1:
+        return f"{value.numerator:,}"
+    return f"{float(value):,.2f}".rstrip("0").rstrip(".")
+
+
+def _epochs(value: Fraction) -> str:
+    return f"{float(value):,.0f}" if value >= 100 else _number(round(float(value), 1) if value >= 1 else value)
+
+
+def data_description(spec: JobSpec, hub_data: HubData | None = None) -> str:
+    """`orch plan`'s data line: the source's training samples, steps per epoch at the global batch, and the epochs
+    train.steps cover; where the data is not here, what is known without it (the data problem says why)."""
+    data, train = spec.data, spec.train
+    world, micro, accum = spec.resources.world_size, spec.micro_batch_size, train.grad_accum_steps
+    batch = f"global batch {train.global_batch_size:,}"
+    counted = _sample_count(spec, hub_data)
+    if counted is None:
+        return (
+            f"{data.source} {data.path}: not readable here (see the problem below); {train.steps:,} steps x {batch} = "
+            f"{train.steps * train.global_batch_size:,} samples drawn: divide by the dataset's size for epochs"
+        )
+    samples, what, micro_batches = counted
+    if micro_batches is None:  # a pixel source: EpochBatches
+        micro_batches = samples // (micro * world)
+        drawn = f"floor, as the training stream draws: {micro_batches * micro * world:,} samples per epoch, the "
+        drawn += f"other {samples - micro_batches * micro * world:,} left out at random"
+    elif isinstance(micro_batches, str):  # prepared shards that cannot be laid out with these settings
+        return f"{samples:,} samples ({what}); {micro_batches} (see the problem below)"
+    else:  # prepared shards: epoch 0's deal of the shards to the ranks and workers
+        drawn = (
+            f"floor, as the shard stream draws epoch 0: {micro_batches * micro * world:,} samples, each DataLoader "
+            "worker drops its last partial batch; later epochs deal the shards anew"
+        )
+    per_epoch = Fraction(micro_batches, accum)
+    if per_epoch == 0:
+        return (
+            f"{samples:,} samples ({what}): fewer than one global batch ({micro} per rank x {world} rank(s)); training "
+            "would refuse to start: lower train.global_batch_size or add data"
+        )
+    return (
+        f"{samples:,} samples ({what}); {_number(per_epoch)} steps per epoch at {batch} ({drawn}); "
+        f"{train.steps:,} steps = {_epochs(train.steps / per_epoch)} epochs"
+    )
+
+
+def _sample_count(spec: JobSpec, hub_data: HubData | None = None) -> tuple[int, str, int | str | None] | None:
+    """(samples, what they are, micro batches per rank in an epoch where the source decides it itself (prepared
+    shards; a reason where it cannot), else None), or None where the data is not here."""
+    data = spec.data
+    if data.source == "digits":
+        return DIGITS_SAMPLES, "scikit-learn's digits", None
+    if data.source == "image_folder":
+        try:
+            return len(scan_image_folder(Path(data.path)).items), f"image_folder {data.path}", None
+        except DataError:
+            return None
+    if data.source == "hf_dataset":
+        from orchestrator.data import hub
+
+        hub_data = _hub_data(spec, hub_data)
+        if isinstance(hub_data, UserError):
+            return None
+        return len(hub_data[0]), f"hf_dataset {hub.source_of(data).describe()}", None
+    from orchestrator.data.shards import ShardError, open_shards, plan_epoch
+
+    try:
+        shards = open_shards(data.path)
+    except (ShardError, ValueError):
+        return None
+    try:
+        batches = plan_epoch(
+            shards.counts,
+            0,
+            seed=spec.train.seed,
+            world_size=spec.resources.world_size,
+            num_workers=data.num_workers,
+            micro_batch=spec.micro_batch_size,
+        ).batches
+    except ShardError:
+        batches = "these shards cannot feed the ranks and workers"
+    return shards.index.num_samples, f"prepared shards {data.path}", batches
+
+
+def time_description(spec: JobSpec) -> str:
+    """`orch plan`'s line on the whole job's training time on one node of 8 A100s: FLOPs per image (estimate.py) x
+    global batch x train.steps at the A100's peak and an assumed MFU. A formula, not a measurement."""
+    from orchestrator.jobs import estimate
+
+    m, r, train = spec.model, spec.resources, spec.train
+    if m.arch != "dit":
+        return "the formula covers DiT only (estimate.py counts no U-Net FLOPs)"
+    assumed = ""
+    if spec.data.latent:
+        from orchestrator.data.shards import ShardError, open_shards
+
+        try:
+            index = open_shards(spec.data.path).index
+        except (ShardError, ValueError):
+            index = None
+        if index is not None:
+            channels, size, _ = index.latent_shape
+            text_dim, text_tokens = index.text_dim, index.max_text_tokens or 1
+        elif m.condition == "text" and m.conditioning in ("cross_attention", "in_context"):
+            return "needs the prepared data's caption tokens (its index.json is not here)"
+        else:
+            channels, size = SD_VAE_CHANNELS, spec.data.resolution // SD_VAE_DOWNSAMPLE
+            text_dim, text_tokens = None, 1  # adaLN: the caption's projection only, under 0.1 % of the work
+            assumed = (
+                f"; input assumed {channels}x{size}x{size}, an SD-VAE's latents of {spec.data.resolution} px (the "
+                "prepared index.json is not here)"
+            )
+    else:
+        channels, size, text_dim, text_tokens = spec.data.num_channels, spec.data.resolution, None, 1
+    macs = estimate.dit_forward_macs(
+        m.depth,
+        m.hidden_size,
+        m.patch_size,
+        channels,
+        size,
+        m.learn_sigma,
+        m.mlp_ratio,
+        conditioning=m.conditioning,
+        ffn=m.ffn,
+        condition_tokens={"class": 1, "text": text_tokens, "none": 0}[m.condition],
+        text_dim=text_dim if m.condition == "text" else None,
+    )
+    per_image = estimate.training_flops_per_image(macs, checkpointing=r.activation_checkpointing)
+    arithmetic = estimate.matmul_arithmetic(train.mixed_precision, r.tf32)
+    peak = estimate.A100_PEAK_FLOPS[arithmetic]
+    gpus = 8
+    seconds = estimate.training_time_s(per_image, train.global_batch_size, train.steps, gpus, peak)
+    passes = "4 passes (checkpointed)" if r.activation_checkpointing else "3 passes"
+    return (
+        f"{_duration(seconds)} on {gpus} x A100: {_si(per_image)}FLOPs per image ({passes} x 2 x "
+        f"{_si(macs)} multiply-adds) x {train.global_batch_size:,} x {train.steps:,} steps = "
+        f"{per_image * train.global_batch_size * train.steps:.2e} FLOPs ({arithmetic} peak {peak / 1e12:g} TFLOP/s at "
+        f"an assumed {estimate.ASSUMED_MFU:.0%} MFU; training steps only; formula, not a measurement{assumed})"
+    )
+
+
+def _si(value: float) -> str:
+    """123 G / 45.6 M / 789 k: three significant digits and a prefix."""
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g} {prefix}"
+    return f"{value:.3g} "
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return "under 1 s"
+    if seconds < 60:
+        return f"~{seconds:.2g} s"
+    if seconds < 90 * 60:
+        return f"~{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"~{seconds / 3600:.1f} h"
+    return f"~{seconds / 86400:.1f} days"

@@ -10,13 +10,17 @@ import torch
 
 from model.dit import DiT, DiT_models
 from orchestrator.jobs.estimate import (
+    A100_PEAK_FLOPS,
+    ASSUMED_MFU,
     GB,
     comm_bytes_per_step,
     dit_activation_bytes_per_sample,
     dit_forward_macs,
     dit_parameter_count,
+    matmul_arithmetic,
     memory_per_gpu,
     training_flops_per_image,
+    training_time_s,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,6 +97,74 @@ def test_forward_macs_reproduce_the_dit_paper_gflops():
     assert dit_forward_macs(**{**XL_2, "input_size": 64}, learn_sigma=True) / 1e9 == pytest.approx(524.6, rel=5e-3)
     assert training_flops_per_image(1000) == 6000  # 3 passes x 2 FLOPs per multiply-add
     assert training_flops_per_image(1000, checkpointing=True) == 8000
+
+
+FLOP_VARIANTS = [
+    {},
+    {"learn_sigma": True, "mlp_ratio": 2.5},
+    {"ffn": "conv"},
+    {"conditioning": "adaln"},
+    {"conditioning": "cross_attention"},
+    {"conditioning": "cross_attention", "condition": "none"},
+    {"conditioning": "in_context", "ffn": "conv"},
+    {"conditioning": "cross_attention", "condition": "text", "text_dim": 24, "ffn": "conv"},
+    {"conditioning": "in_context", "condition": "text", "text_dim": 24},
+]
+
+
+@pytest.mark.parametrize("variant", FLOP_VARIANTS, ids=lambda v: ",".join(f"{k}={v[k]}" for k in v) or "default")
+def test_forward_macs_match_torchs_flop_counter_for_every_variant(variant):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kwargs = {**TINY, **variant}
+    n, text_tokens = 3, 5
+    with torch.device("meta"):  # shapes only; attention runs as the math path, whose two bmm the counter counts
+        model = DiT(**kwargs, text_tokens=text_tokens if kwargs.get("condition") == "text" else None)
+        x = torch.zeros(n, kwargs["in_channels"], kwargs["input_size"], kwargs["input_size"])
+        t = torch.zeros(n, dtype=torch.long)
+        y = {
+            "class": torch.zeros(n, dtype=torch.long),
+            "text": {"tokens": torch.zeros(n, text_tokens, 24), "pooled": torch.zeros(n, 24)},
+            "none": None,
+        }[kwargs.get("condition", "class")]
+        with FlopCounterMode(display=False) as counter:
+            model(x, t, y)
+    condition_tokens = {"class": 1, "text": text_tokens, "none": 0}[kwargs.get("condition", "class")]
+    macs = dit_forward_macs(
+        kwargs["depth"],
+        kwargs["hidden_size"],
+        kwargs["patch_size"],
+        kwargs["in_channels"],
+        kwargs["input_size"],
+        kwargs["learn_sigma"],
+        kwargs.get("mlp_ratio", 4.0),
+        conditioning=kwargs.get("conditioning", "adaln_zero"),
+        ffn=kwargs.get("ffn", "mlp"),
+        condition_tokens=condition_tokens,
+        text_dim=kwargs.get("text_dim"),
+    )
+    assert counter.get_total_flops() == 2 * n * macs  # the counter counts 2 FLOPs per multiply-add
+
+
+def test_job_time_of_dit_xl_2_is_the_hand_computation():
+    # DiT-XL/2 at 256 px, the paper's 400K steps of batch 256, bf16 on one node of 8 A100s at 35 % MFU:
+    # 3 passes x 2 FLOPs x 118.6e9 multiply-adds (DiT paper Table 4) = 711.6 GFLOPs per image,
+    # x 256 x 400,000 = 7.287e19 FLOPs, / (8 x 312e12 x 0.35 = 8.736e14 FLOP/s) = 83,411 s = 23.2 h.
+    per_image = training_flops_per_image(dit_forward_macs(**XL_2, learn_sigma=True))
+    seconds = training_time_s(per_image, 256, 400_000, 8, A100_PEAK_FLOPS["bf16"])
+    assert ASSUMED_MFU == 0.35
+    assert seconds == pytest.approx(3 * 2 * 118.6e9 * 256 * 400_000 / (8 * 312e12 * 0.35), rel=5e-3)
+    assert seconds / 3600 == pytest.approx(23.2, abs=0.1)
+    assert training_time_s(per_image, 256, 400_000, 8, A100_PEAK_FLOPS["bf16"], mfu=0.7) == pytest.approx(seconds / 2)
+    with pytest.raises(ValueError, match="mfu"):
+        training_time_s(per_image, 256, 1, 8, A100_PEAK_FLOPS["bf16"], mfu=35)
+
+
+def test_the_a100_peak_follows_autocast_and_the_tf32_switch():
+    assert matmul_arithmetic("bf16", tf32=False) == "bf16" and matmul_arithmetic("fp16", tf32=True) == "fp16"
+    assert matmul_arithmetic("no", tf32=True) == "tf32" and matmul_arithmetic("no", tf32=False) == "fp32"
+    # NVIDIA A100 datasheet, dense: bf16/fp16 tensor cores 312 TFLOP/s, TF32 156, fp32 19.5
+    assert A100_PEAK_FLOPS == {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}
 
 
 def test_memory_matches_figure_1_of_the_zero_paper():
