@@ -311,6 +311,7 @@ def sample(
     noise: torch.Tensor | None = None,
     progress: Callable[[int, int], None] | None = None,
     clip_denoised: bool = False,
+    on_x0: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Draw images (N, C, H, W) for labels (N,) by running the reverse process from noise: clipped to [-1, 1] with
     clip_denoised (pixel space), as they come for latents, which are not bounded.
@@ -332,7 +333,14 @@ def sample(
     through `model.forward_with_cfg` (Ho & Salimans 2022). The model runs in the mode the caller left
     it in: call `.eval()` first, or label dropout corrupts the conditioning. Randomness comes only from
     `generator` (its device must be labels' device) or from `noise`, fixed initial noise of shape (N, C, H, W).
+    on_x0(i, S, x0_hat) sees, at each step i of the S network calls, the x0 that the (guided) prediction implies
+    (`predicted_x0`, clipped to [-1, 1] with clip_denoised); it only reads, so the images are the same with it.
     """
+
+    def report_x0(i: int, t: torch.Tensor, x: torch.Tensor, prediction: torch.Tensor, total: int) -> None:
+        x0_hat = predicted_x0(noise_scheduler, t, x, prediction)  # (N, C, H, W)
+        on_x0(i, total, x0_hat.clamp(-1, 1) if clip_denoised else x0_hat)
+
     return _reverse_process(
         model,
         labels,
@@ -346,7 +354,25 @@ def sample(
         noise,
         progress,
         clip_denoised,
+        on_prediction=None if on_x0 is None else report_x0,
     )
+
+
+def predicted_x0(
+    noise_scheduler: DDPMScheduler | FlowMatching | ContinuousVP,
+    t: torch.Tensor,
+    x_t: torch.Tensor,
+    prediction: torch.Tensor,
+) -> torch.Tensor:
+    """The x0 a sampler step's prediction implies for x_t (N, C, H, W), as _reverse_process's on_prediction hands
+    them over: flow matching x_t - t v (x_t = (1 - t) x0 + t eps, v = eps - x0, t in [0, 1]); continuous time the
+    sampler's own x0 estimate; DDPM the prediction converted at the timestep's alpha_bar."""
+    if isinstance(noise_scheduler, FlowMatching):
+        return x_t - t.to(x_t.dtype) * prediction  # t a 0-d tensor on x_t's device: no wait for the GPU
+    if isinstance(noise_scheduler, ContinuousVP):
+        return prediction
+    alpha_bar = noise_scheduler.alphas_cumprod[int(t)].item()
+    return _predict_x0(prediction, x_t, alpha_bar, noise_scheduler.config.prediction_type)
 
 
 @torch.no_grad()
@@ -368,32 +394,11 @@ def sample_progression(
     """A denoising progression strip: each sample's x0 prediction at num_frames evenly spaced steps, (N, K, C, H, W) in
     [-1, 1].
 
-    Runs exactly as `sample` with the same arguments (same randomness, same result) and records, at
-    steps round(linspace(0, S - 1, K)) of its S steps, the x0 that the (guided) prediction implies,
-    clamped to [-1, 1] (clip_denoised, pixel space). The last step of every sampler lands on alpha_bar = 1, where its
-    output is its x0 prediction, so the last frame is the sample itself: frames[:, -1] == sample(...).
+    Runs exactly as `sample` with the same arguments (same randomness, same result) and records the frames with an
+    `X0Progression`: the last frame is the sample itself, frames[:, -1] == sample(...).
     """
-    frames: list[torch.Tensor] = []
-    state: dict[str, list[int]] = {}
-
-    def record(i: int, t: torch.Tensor, x: torch.Tensor, prediction: torch.Tensor, total: int) -> None:
-        if i == 0:
-            if not 2 <= num_frames <= total:
-                raise ValueError(
-                    f"num_frames must be between 2 and the number of sampler steps ({total}), got {num_frames}"
-                )
-            state["at"] = torch.linspace(0, total - 1, num_frames).round().long().tolist()
-        if i in state["at"][:-1]:
-            if isinstance(noise_scheduler, FlowMatching):  # t is the time in [0, 1]; prediction the velocity
-                x0_hat = x - float(t) * prediction  # (N, C, H, W)
-            elif isinstance(noise_scheduler, ContinuousVP):  # the sampler hands over its x0 estimate
-                x0_hat = prediction
-            else:
-                alpha_bar = noise_scheduler.alphas_cumprod[int(t)].item()
-                x0_hat = _predict_x0(prediction, x, alpha_bar, noise_scheduler.config.prediction_type)
-            frames.append(x0_hat.clamp(-1, 1) if clip_denoised else x0_hat)
-
-    images = _reverse_process(
+    recorder = X0Progression(num_frames)
+    images = sample(
         model,
         labels,
         image_shape,
@@ -406,9 +411,39 @@ def sample_progression(
         noise,
         progress,
         clip_denoised,
-        on_prediction=record,
+        on_x0=recorder,
     )  # (N, C, H, W)
-    return torch.stack([*frames, images], dim=1)  # (N, K, C, H, W)
+    return recorder.strip(images)  # (N, K, C, H, W)
+
+
+class X0Progression:
+    """An `on_x0` for `sample` that keeps the x0 prediction of the samples `keep` (all by default) at num_frames evenly
+    spaced steps, round(linspace(0, S - 1, K)) of the S network calls: the first and the last among them (the DDPM
+    paper's Fig. 6). The last step of every sampler lands on its x0 prediction (alpha_bar = 1, sigma = 0), so
+    `strip` puts the sample itself there: the frame then shows exactly what the sample grid shows.
+    """
+
+    def __init__(self, num_frames: int, keep: torch.Tensor | None = None):
+        self.num_frames, self.keep = num_frames, keep
+        self.steps: list[int] = []
+        self.frames: list[torch.Tensor] = []  # K - 1 x (R, C, H, W)
+
+    def __call__(self, i: int, total: int, x0_hat: torch.Tensor) -> None:
+        if i == 0:
+            if not 2 <= self.num_frames <= total:
+                raise ValueError(
+                    f"num_frames must be between 2 and the number of sampler steps ({total}), got {self.num_frames}"
+                )
+            self.steps = torch.linspace(0, total - 1, self.num_frames).round().long().tolist()
+            self.frames = []
+        if i in self.steps[:-1]:
+            self.frames.append(x0_hat if self.keep is None else x0_hat[self.keep])  # (R, C, H, W)
+
+    def strip(self, images: torch.Tensor) -> torch.Tensor:
+        """(R, K, C, H, W): the kept samples' frames, then their final images (N, C, H, W) as the last frame."""
+        assert len(self.frames) == self.num_frames - 1, f"{len(self.frames)} of {self.num_frames - 1} frames recorded"
+        last = images if self.keep is None else images[self.keep]  # (R, C, H, W)
+        return torch.stack([*self.frames, last], dim=1)  # (R, K, C, H, W)
 
 
 def _reverse_process(
@@ -426,7 +461,7 @@ def _reverse_process(
     clip_denoised: bool,
     on_prediction: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int], None] | None = None,
 ) -> torch.Tensor:
-    """The loop behind sample and sample_progression; on_prediction(i, t, x_t, prediction, S) sees every step."""
+    """The loop behind sample; on_prediction(i, t, x_t, prediction, S) sees every step (read `predicted_x0`)."""
     flow = isinstance(noise_scheduler, FlowMatching)
     continuous = isinstance(noise_scheduler, ContinuousVP)
     valid = FLOW_SAMPLERS if flow else CONTINUOUS_SAMPLERS if continuous else SAMPLERS

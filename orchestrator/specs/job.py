@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from launch.deepspeed import DEFAULT_BUCKET_SIZE
 from launch.torchrun import check_host_port
@@ -485,6 +485,27 @@ class SampleSpec(Section):
     """Images per grid row."""
     seed: int = 0
     """Seed of the fixed noise the grids start from, so grids of different steps are comparable."""
+    progression: int = Field(0, ge=0)
+    """With every grid, also log a strip per grid row (an unconditional model: its first 8 images) of the model's x0
+    prediction at this many evenly spaced steps of the grid's own reverse process, the first and the last among them
+    (the DDPM paper's Fig. 6): `progression` in MLflow, samples/progression-N.png. 0: only with the grid at the end of
+    training, at 8 steps (fewer if the sampler has fewer)."""
+
+    @field_validator("progression")
+    @classmethod
+    def _progression_fits_the_sampler(cls, progression: int, info: ValidationInfo) -> int:
+        steps = info.data.get("steps")  # absent where steps itself is wrong (that error is reported)
+        if progression == 1:
+            raise ValueError(
+                "1 would show the sample alone: a strip needs at least 2 points (the first and the last step); set 2 "
+                "or more, or 0 for a strip at the end of training only"
+            )
+        if steps is not None and progression > steps:
+            raise ValueError(
+                f"{progression} asks for more x0 predictions than the sampler's {steps} steps (sample.steps) give: "
+                f"lower it to at most {steps}, or raise sample.steps"
+            )
+        return progression
 
 
 class EvalSpec(Section):

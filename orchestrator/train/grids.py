@@ -7,7 +7,7 @@ import logging
 import torch
 from PIL import Image
 
-from model.diffusion import sample, sample_progression
+from model.diffusion import X0Progression, sample
 from orchestrator.components.images import make_grid
 from orchestrator.components.model_input import ModelInput
 from orchestrator.components.sampler import SamplerSettings
@@ -15,6 +15,9 @@ from orchestrator.data.imagefolder import DataError
 from orchestrator.specs.job import JobSpec
 
 log = logging.getLogger(__name__)
+
+FINAL_PROGRESSION_FRAMES = 8  # the strip at the end of training where sample.progression asks for none with every grid
+UNCONDITIONAL_STRIP_ROWS = 8  # rows of an unconditional model's strip: its grid's first images
 
 
 class GridMaker:
@@ -41,6 +44,10 @@ class GridMaker:
             self.rows = len(classes)
             self.labels = torch.tensor([c for c in classes for _ in range(s.per_class)], device=device)  # (N,)
             self.conditions = self.labels
+        if self.condition_kind == "none":  # rows mean nothing: the strip shows the grid's first few images
+            self.strip_rows = torch.arange(min(len(self.labels), UNCONDITIONAL_STRIP_ROWS), device=device)  # (R,)
+        else:  # the first image of each row
+            self.strip_rows = torch.arange(self.rows, device=device) * s.per_class  # (R,)
         generator = torch.Generator().manual_seed(s.seed)
         self.noise = torch.randn((len(self.labels), *model_input.shape), generator=generator).to(device)  # (N, C, H, W)
         self.settings = SamplerSettings.of(spec, model_input)  # spec.sample's sampler, steps and guidance
@@ -64,26 +71,27 @@ class GridMaker:
 
         return decode(self._vae, x, latent.scaling_factor)
 
-    @torch.no_grad()
-    def draw(self, ema_model: torch.nn.Module) -> Image.Image:
-        """The grid: rows of classes (or captions), columns of fixed noise."""
-        x = sample(ema_model, self.conditions, noise=self.noise, **self._settings())  # (N, C, H, W)
-        return make_grid(self._to_images(x), rows=self.rows)
+    def progression_frames(self, final: bool) -> int:
+        """Frames of the x0 progression strip drawn with a grid: sample.progression with every grid, else 8 (fewer
+        with fewer sampler steps) with the grid at the end of training; 0: no strip."""
+        if self.spec.progression:
+            return self.spec.progression
+        return min(FINAL_PROGRESSION_FRAMES, self.spec.steps) if final and self.spec.steps >= 2 else 0
 
     @torch.no_grad()
-    def progression(self, ema_model: torch.nn.Module, frames: int = 8) -> Image.Image:
-        """The denoising progression strip: one row per class, the x0 prediction across the timesteps."""
-        first = torch.arange(self.rows, device=self.labels.device) * self.spec.per_class  # first image of each row
-        frames = min(frames, self.spec.steps)
-        conditions = (
-            self.conditions[first]
-            if isinstance(self.conditions, torch.Tensor)
-            else {k: v[first] for k, v in self.conditions.items()}
-        )
-        strip = sample_progression(
-            ema_model, conditions, noise=self.noise[first], num_frames=frames, **self._settings()
-        )  # (R, K, C, H, W)
-        return make_grid(self._to_images(strip.flatten(0, 1)), rows=self.rows)  # (R * K, C, H, W)
+    def draw(self, ema_model: torch.nn.Module, final: bool = False) -> dict[str, Image.Image]:
+        """The grid (rows of classes or captions, columns of fixed noise) under `samples`; with a progression (see
+        progression_frames) also, under `progression`, the x0 prediction at evenly spaced steps of the same reverse
+        process of each row's first image (an unconditional model's first 8 images), one row each. The recording
+        only reads: the grid is the same without it."""
+        frames = self.progression_frames(final)
+        recorder = X0Progression(frames, keep=self.strip_rows) if frames else None
+        x = sample(ema_model, self.conditions, noise=self.noise, on_x0=recorder, **self._settings())  # (N, C, H, W)
+        grids = {"samples": make_grid(self._to_images(x), rows=self.rows)}
+        if recorder is not None:
+            strip = recorder.strip(x)  # (R, K, C, H, W)
+            grids["progression"] = make_grid(self._to_images(strip.flatten(0, 1)), rows=len(self.strip_rows))
+        return grids
 
 
 def first_captions(path: str, count: int) -> tuple[list[str], dict[str, torch.Tensor]]:

@@ -231,7 +231,8 @@ class Trainer:
             and self.step % spec.sample.every == 0
             and engine.any(engine.is_main and not self._grid_file("samples").exists())
         ):
-            self._draw_grids(progression=False)  # the stop came between the checkpoint and its grid: draw the grid now
+            # the stop came between the checkpoint and its grid: draw the grid now
+            self._draw_grids(final=self.step == t.steps)
 
         while self.step < t.steps:
             torch.manual_seed(step_seed(t.seed, self.step, engine.rank))
@@ -310,7 +311,7 @@ class Trainer:
                 if checkpointing:
                     self._checkpoint()
                 if sampling:  # after the checkpoint: a grid that fails or runs long never costs it
-                    self._draw_grids(progression=done and spec.sample.steps >= 2)
+                    self._draw_grids(final=done)
                 if evaluating:
                     self._evaluate()
             paused += time.perf_counter() - began
@@ -338,19 +339,17 @@ class Trainer:
         condition = batch.condition(self.spec.model.condition)
         return batch.latents, batch.labels if condition is None else condition
 
-    def _draw_grids(self, progression: bool) -> None:
-        """The sample grid (and at the end the denoising progression) from the EMA, drawn by rank 0 in the training
-        precision while the other ranks wait outside NCCL; saved under samples/ in the job directory and logged to
-        MLflow. A grid that fails (say, out of memory) is logged with its traceback and skipped: it never stops
-        training."""
+    def _draw_grids(self, final: bool) -> None:
+        """The sample grid (and the x0 progression strip with every grid when sample.progression asks, else at the
+        end) from the EMA, drawn by rank 0 in the training precision while the other ranks wait outside NCCL; saved
+        under samples/ in the job directory and logged to MLflow. A grid that fails (say, out of memory) is logged
+        with its traceback and skipped: it never stops training."""
         with self.engine.rank0_alone(f"the sample grid of step {self.step}"):
             if self.engine.is_main:
                 began = time.perf_counter()
                 try:
                     with self.engine.autocast():
-                        grids = {"samples": self.grid.draw(self.ema.module)}
-                        if progression:
-                            grids["progression"] = self.grid.progression(self.ema.module)
+                        grids = self.grid.draw(self.ema.module, final=final)  # samples (and progression)
                 except Exception:
                     log.exception("drawing the sample grid of step %d failed; training goes on without it", self.step)
                     return

@@ -76,6 +76,8 @@ def test_a_class_conditional_dit_trains_on_latents_and_samples_decoded_images(tm
     )
     job = only_job(root)
     assert result.returncode == 0, log_text(job)
+    strip = Image.open(job / "samples" / "progression-0000004.png")  # the x0 strip of the end: 3 rows x 4 steps
+    assert strip.mode == "RGB" and strip.size == (8 * (4 * 17 + 1), 8 * (3 * 17 + 1))  # decoded 16-px images, x8
     checkpoint = job / "checkpoints" / "step-0000004"
     recorded = json.loads((checkpoint / "model_input.json").read_text())
     assert recorded["channels"] == 4 and recorded["size"] == 8 and recorded["num_classes"] == 3

@@ -9,6 +9,7 @@ import urllib.request
 
 import pytest
 from mlflow import MlflowClient
+from PIL import Image
 
 from tests.helpers import ORCH, log_text, only_job, orch, state, tiny_spec, wait_for
 from tests.mlflow_server import answers_health, free_port
@@ -32,7 +33,8 @@ def test_job_logs_one_run_with_params_metrics_and_grids_and_resume_appends(tmp_p
         sample={"every": 2},
         tracking={"enabled": True, "uri": mlflow_server.uri, "experiment": "orch-tests", "log_every": 1},
     )
-    first = orch("submit", str(spec), root=root)
+    # sample.progression: the x0 strip with every grid, 4 of the 5 sampler steps (not square: rows vs columns show)
+    first = orch("submit", str(spec), "--set", "sample.progression=4", root=root)
     job = only_job(root)
     assert first.returncode == 0, first.stderr + log_text(job)
     run_id = state(job)["mlflow_run_id"]
@@ -64,7 +66,11 @@ def test_job_logs_one_run_with_params_metrics_and_grids_and_resume_appends(tmp_p
 
     artifacts = artifact_paths(client, run_id)
     assert {"samples/step_0000002.png", "samples/step_0000004.png", "samples/step_0000006.png"} <= artifacts
-    assert {"progression/step_0000004.png", "progression/step_0000006.png"} <= artifacts  # at the end of each attempt
+    strips = {f"progression/step_000000{step}.png" for step in (2, 4, 6)}
+    assert strips <= artifacts  # with every grid, the resumed attempt's included
+    strip = Image.open(client.download_artifacts(run_id, "progression/step_0000002.png", str(tmp_path)))
+    # 3 grid rows (classes 0, 1, 2) x 4 steps of 8-px digits, 1-px gaps, upscaled x14 to reach 512 px
+    assert strip.size == (14 * (4 * 9 + 1), 14 * (3 * 9 + 1)) and strip.mode == "L"
     assert "spec.yaml" in artifacts and any(p.startswith("spec.attempt-2") for p in artifacts)
     assert any(p.startswith("images/") for p in artifacts)  # the step-slider image card
 

@@ -116,11 +116,11 @@ def test_a_failing_grid_costs_neither_the_checkpoint_nor_the_run(tmp_path, one_t
     trainer = make_trainer(tmp_path, DdpEngine, train={"steps": 4}, checkpoint={"every": 2}, sample={"every": 2})
     drawn = []
 
-    def draw(ema_model):
+    def draw(ema_model, final=False):
         drawn.append(trainer.step)
         if trainer.step == 2:
             raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
-        return original_draw(ema_model)
+        return original_draw(ema_model, final)
 
     original_draw, trainer.grid.draw = trainer.grid.draw, draw
     outcome = trainer.run()
@@ -139,8 +139,7 @@ def test_an_update_the_grad_scaler_skipped_advances_neither_the_lr_schedule_nor_
     trainer = make_trainer(
         tmp_path, SkipSecondStepEngine, train={"steps": 3}, checkpoint={"every": 100}, sample={"every": 100}
     )
-    trainer.grid.draw = trainer.grid.progression = lambda ema_model: None  # no grids: not what this test is about
-    trainer._draw_grids = lambda progression: None
+    trainer._draw_grids = lambda final: None  # no grids: not what this test is about
     assert trainer.run().finished
     assert trainer.step == 3, "the skipped step still counts as a step (its batch was consumed)"
     assert trainer.scheduler.last_epoch == 2 and trainer.ema.num_updates == 2

@@ -8,9 +8,11 @@ import torch
 import torch.nn as nn
 from diffusers import DDPMScheduler
 
+from model.continuous import ContinuousVP
 from model.diffusion import (
     BETA_SCHEDULES,
     PREDICTION_TYPES,
+    X0Progression,
     diffusion_loss,
     discretized_gaussian_log_likelihood,
     hybrid_loss,
@@ -20,6 +22,7 @@ from model.diffusion import (
     sample_progression,
     variational_bound,
 )
+from model.flow import FlowMatching
 from tests.unit.test_diffusion import SHAPE, PointOracle, points
 
 
@@ -202,6 +205,64 @@ def test_progression_rejects_more_frames_than_steps(num_frames):
             num_steps=10,
             num_frames=num_frames,
         )
+
+
+# Every objective with every sampler: (process, sampler, clip_denoised); the ancestral ones draw from a generator.
+EVERY_SAMPLER = [
+    (make_noise_scheduler(100, beta_schedule="squaredcos_cap_v2"), "ddpm", True),
+    (make_noise_scheduler(100, prediction_type="v_prediction"), "ddim", False),
+    (make_noise_scheduler(100, prediction_type="sample"), "dpm_solver++", True),
+    (FlowMatching(shift=3.0), "euler", False),
+    (FlowMatching(), "heun", True),
+    (ContinuousVP(prediction="epsilon", time_scale=100), "ddim", False),
+    (ContinuousVP(time_scale=100), "ddpm", True),
+]
+SAMPLER_IDS = [f"{type(process).__name__}-{sampler}" for process, sampler, _ in EVERY_SAMPLER]
+
+
+def draw(process, sampler: str, clip_denoised: bool, on_x0=None) -> torch.Tensor:
+    """Five steps of the Shrinker (its output is eps, v, x0 or the velocity, as the process reads it) for 3 labels."""
+    return sample(
+        Shrinker(),
+        torch.tensor([0, 1, 2]),
+        SHAPE,
+        process,
+        sampler=sampler,
+        num_steps=5,
+        generator=torch.Generator().manual_seed(3),
+        clip_denoised=clip_denoised,
+        on_x0=on_x0,
+    )
+
+
+@pytest.mark.parametrize("process, sampler, clip_denoised", EVERY_SAMPLER, ids=SAMPLER_IDS)
+def test_the_x0_prediction_of_the_last_step_is_the_sample_under_every_objective_and_sampler(
+    process, sampler, clip_denoised
+):
+    # The last step of every sampler lands where its x0 prediction is the sample: DDPM and DDIM step to alpha_bar = 1
+    # (the posterior mean's x_t coefficient is 0 at t = 0), DPM-Solver++ to sigma = 0, the flow's Euler (and Heun's
+    # last, first-order, step) from sigma_min to 0 along x_t - sigma v, the continuous samplers to alpha = 1, sigma = 0.
+    # The samplers compute that last step in their own arithmetic, so it is equal up to float32 rounding: bitwise here
+    # for all but DDPM's ancestral step, whose x0 coefficient beta_0 / (1 - alpha_bar_0) is 1 within an ulp.
+    seen = []
+    images = draw(process, sampler, clip_denoised, on_x0=lambda i, total, x0: seen.append((i, total, x0)))
+    i, total, last_x0 = seen[-1]
+    assert [step for step, _, _ in seen] == list(range(total)) and i == total - 1
+    assert total == (9 if sampler == "heun" else 5)  # Heun calls the network twice per step but the last
+    torch.testing.assert_close(last_x0, images, atol=1e-5, rtol=0)
+    assert not torch.allclose(seen[0][2], images, atol=1e-2)  # the first x0 prediction is still far from the sample
+    if clip_denoised:
+        assert all(x0.abs().max() <= 1 for _, _, x0 in seen)
+
+
+@pytest.mark.parametrize("process, sampler, clip_denoised", EVERY_SAMPLER, ids=SAMPLER_IDS)
+def test_recording_the_x0_predictions_leaves_the_samples_bitwise_unchanged(process, sampler, clip_denoised):
+    recorder = X0Progression(3, keep=torch.tensor([0, 2]))
+    recorded = draw(process, sampler, clip_denoised, on_x0=recorder)
+    assert torch.equal(recorded, draw(process, sampler, clip_denoised))
+    strip = recorder.strip(recorded)
+    assert strip.shape == (2, 3, *SHAPE) and torch.equal(strip[:, -1], recorded[[0, 2]])
+    assert recorder.steps == ([0, 4, 8] if sampler == "heun" else [0, 2, 4])  # the first and the last among them
 
 
 # --- learned variance in DDPM sampling --------------------------------------------------------------

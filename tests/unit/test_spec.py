@@ -77,6 +77,16 @@ def test_cross_field_checks_explain_the_fix():
     )
 
 
+def test_a_progression_strip_needs_two_to_sample_steps_points_and_says_so():
+    assert parse_spec(MINIMAL, overrides=["sample.steps=4", "sample.progression=4"]).sample.progression == 4
+    assert parse_spec(MINIMAL).sample.progression == 0  # the strip at the end of training only
+    message = problems(MINIMAL, ["sample.steps=4", "sample.progression=5"])
+    assert "--set sample.progression=5: sample.progression: 5 asks for more x0 predictions than" in message
+    assert "lower it to at most 4, or raise sample.steps" in message
+    message = problems(MINIMAL + "sample:\n  progression: 1\n")
+    assert "line 5: sample.progression: 1 would show the sample alone" in message and "set 2 or more" in message
+
+
 def test_overrides_beat_yaml_which_beats_defaults():
     spec = parse_spec(MINIMAL + "  learning_rate: 1e-3\n", overrides=["train.lr=3e-4", "resources.processes=2"])
     assert spec.train.learning_rate == 3e-4  # --set (through the `lr` alias) beats the YAML
