@@ -24,7 +24,7 @@ from tests.helpers import (
 pytestmark = pytest.mark.slow
 
 LONG = dict(
-    train={"steps": 300, "global_batch_size": 32, "seed": 3},
+    train={"steps": 200, "global_batch_size": 32, "seed": 3},
     checkpoint={"every": 100, "keep": 3},
     sample={"every": 1000},
 )
