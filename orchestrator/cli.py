@@ -661,6 +661,13 @@ def status(root: Path, job_ref: str | None, as_json: bool) -> None:
         ("checkpoint", facts["checkpoint"] or "-"),
         ("best", _best_text(facts)),
         ("launcher", f"{facts['launcher'] or '-'} ({facts['world_size']} rank(s)), attempt {facts['attempts']}"),
+        ("restarts", str(facts["restarts"])),
+    ]
+    if facts["bad_samples"]:
+        rows.append(("bad data", f"{facts['bad_samples']} unreadable sample(s) replaced (see the job log)"))
+    if facts["checkpoint_failures"]:
+        rows.append(("not saved", f"{facts['checkpoint_failures']} checkpoint(s): {facts['checkpoint_error']}"))
+    rows += [
         ("MLflow run", f"{facts['mlflow_run_id']} at {facts['mlflow_uri']}" if facts["mlflow_run_id"] else "-"),
         ("message", facts["message"] or "-"),
     ]

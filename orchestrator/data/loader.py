@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from orchestrator.data.bad_samples import BadSample, replace_bad
 from orchestrator.data.imagefolder import DataError, scan_image_folder
 from orchestrator.specs.job import DataSpec
 
@@ -61,7 +62,25 @@ class DigitsDataset(Dataset):
         return (image.flip(-1) if flip else image), self.labels[index]
 
 
-class ImageFolderDataset(Dataset):
+class ImageDataset(Dataset):
+    """Images read (and decoded) per sample while training: one that cannot be read fails the job, or with
+    data.on_bad_sample skip becomes a BadSample that collate_images replaces in its batch."""
+
+    skip_bad: bool = False
+
+    def unreadable(self, reason: str) -> BadSample:
+        if not self.skip_bad:
+            raise DataError(reason)
+        return BadSample(reason)
+
+
+def collate_images(samples: list) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """(images (B, C, H, W), labels (B,), reasons of the samples replaced) of one micro batch."""
+    samples, replaced = replace_bad(samples)
+    return torch.stack([image for image, _ in samples]), torch.stack([label for _, label in samples]), replaced
+
+
+class ImageFolderDataset(ImageDataset):
     """One sub-folder of images per class; ADM-style centre crop to the resolution."""
 
     def __init__(self, root: Path, resolution: int, channels: int, crop: str = "center_crop"):
@@ -81,7 +100,7 @@ class ImageFolderDataset(Dataset):
             with Image.open(path) as image:
                 image = square(image.convert(self.mode), self.resolution, self.crop)
         except OSError as err:
-            raise DataError(f"cannot read image {path}: {err}") from None
+            return self.unreadable(f"cannot read image {path}: {err}")
         return _to_tensor(image, self.resolution, flip), torch.tensor(label)
 
 
@@ -104,7 +123,7 @@ def square(image: Image.Image, resolution: int, crop: str = "center_crop") -> Im
     return center_crop(image, resolution)
 
 
-class HubImageDataset(Dataset):
+class HubImageDataset(ImageDataset):
     """The images (and class labels) of a Hugging Face `datasets` split, read by index from its memory-mapped cache."""
 
     def __init__(self, data: DataSpec):
@@ -132,10 +151,10 @@ class HubImageDataset(Dataset):
             with Image.open(io.BytesIO(hub.image_bytes(self.images[index][self.image_column]) or b"")) as image:
                 image = square(image.convert(self.mode), self.resolution, self.crop)
         except Exception as err:  # PIL raises many types for corrupt data; a training sample must not be guessed
-            raise DataError(
+            return self.unreadable(
                 f"row {index} of {self.what} is not a readable image ({type(err).__name__}: {err}); fix or drop it "
                 "(`orch prepare` skips and counts such rows)"
-            ) from None
+            )
         return _to_tensor(image, self.resolution, flip), torch.tensor(self.labels[index])
 
 
@@ -150,8 +169,11 @@ def build_dataset(data: DataSpec) -> DigitsDataset | ImageFolderDataset | HubIma
     if data.source == "digits":
         return DigitsDataset(data.resolution)
     if data.source == "hf_dataset":
-        return HubImageDataset(data)
-    return ImageFolderDataset(Path(data.path), data.resolution, data.num_channels, data.crop)
+        dataset = HubImageDataset(data)
+    else:
+        dataset = ImageFolderDataset(Path(data.path), data.resolution, data.num_channels, data.crop)
+    dataset.skip_bad = data.on_bad_sample == "skip"
+    return dataset
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,14 +241,17 @@ class EpochBatches:
 
 
 class BatchStream:
-    """Iterator of (images, labels) micro batches that knows the position of the next one."""
+    """Iterator of (images, labels) micro batches that knows the position of the next one; `replaced` collects the
+    reasons of the unreadable samples replaced since the trainer last took them (data.on_bad_sample skip)."""
 
     def __init__(self, dataset: Dataset, batches: EpochBatches, num_workers: int, seed: int, pin_memory: bool = False):
         self.batches = batches
         self.position = batches.start
+        self.replaced: list[str] = []
         loader = DataLoader(
             dataset,
             batch_sampler=batches,
+            collate_fn=collate_images,
             num_workers=num_workers,
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
@@ -239,6 +264,7 @@ class BatchStream:
         self._iterator = None
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = next(self._iterator)
+        images, labels, replaced = next(self._iterator)
+        self.replaced.extend(replaced)
         self.position = self.batches.advance(self.position)
         return images, labels

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.data.bad_samples import BadSample, replace_bad
 from orchestrator.data.imagefolder import DataError
 from orchestrator.data.shardformat import (
     INDEX_FILE,
@@ -379,6 +380,7 @@ class LatentBatch:
     text_tokens: torch.Tensor | None = None  # (B, L, D) float32, L = max_text_tokens, zero padded
     text_mask: torch.Tensor | None = None  # (B, L) bool, True = a real token
     has_text: torch.Tensor | None = None  # (B,) bool: the sample has a caption (else train it as a dropped caption)
+    replaced: tuple[str, ...] = ()  # why each unreadable sample replaced in this batch was (data.on_bad_sample skip)
 
     def condition(self, kind: str) -> torch.Tensor | dict[str, torch.Tensor] | None:
         """The `y` a DiT of model.condition `kind` takes: labels, a text dict (tokens, mask, pooled) or None."""
@@ -403,7 +405,9 @@ class LatentBatch:
             for name in ("latents", "labels", "text_pooled", "text_tokens", "text_mask", "has_text")
         }
         return LatentBatch(
-            keys=self.keys, **{name: None if value is None else f(value) for name, value in fields.items()}
+            keys=self.keys,
+            replaced=self.replaced,
+            **{name: None if value is None else f(value) for name, value in fields.items()},
         )
 
 
@@ -474,14 +478,17 @@ def decode_sample(raw: dict[str, Any], url: str, index: DatasetIndex, seed: int,
     return sample
 
 
-def collate(samples: list[dict[str, Any]], index: DatasetIndex) -> LatentBatch:
-    """Stack decoded samples into a LatentBatch; text tokens padded to index.max_text_tokens."""
+def collate(samples: list[dict[str, Any] | BadSample], index: DatasetIndex) -> LatentBatch:
+    """Stack decoded samples into a LatentBatch (unreadable ones replaced); text tokens padded to
+    index.max_text_tokens."""
     import torch
 
+    samples, replaced = replace_bad(samples)
     batch = LatentBatch(
         latents=torch.stack([s["latent"] for s in samples]),  # (B, C, h, w)
         labels=torch.tensor([s["label"] for s in samples], dtype=torch.int64),  # (B,)
         keys=tuple(s["key"] for s in samples),
+        replaced=replaced,
     )
     if index.text_dim:
         texts = [s.get("text") for s in samples]
@@ -547,6 +554,7 @@ class StreamConfig:
     num_workers: int
     micro_batch: int
     shuffle_buffer: int
+    skip_bad: bool = False  # data.on_bad_sample skip: unreadable samples are replaced in their batch, not fatal
 
     def plan(self, epoch: int) -> EpochPlan:
         return plan_epoch(
@@ -579,31 +587,55 @@ def worker_batches(
         wanted = worker_sample_order(plan, counts, rank, worker, config.seed, config.shuffle_buffer)[first * size :]
         wanted_set = set(wanted)
         shards_needed = {j for j, _ in wanted}
-        pending: dict[tuple[int, int], dict] = {}  # read, wanted, not yet batched: at most ~shuffle_buffer samples
+        pending: dict[tuple[int, int], dict | BadSample] = {}  # read, wanted, not yet batched: ~shuffle_buffer samples
         done, samples = 0, []
+
+        def decoded(item: tuple[int, int]) -> dict | BadSample:
+            raw = pending.pop(item)
+            if isinstance(raw, BadSample):
+                return raw
+            try:
+                return decode_sample(raw, urls[item[0]], config.shards.index, config.seed, epoch)
+            except ShardError as err:
+                if not config.skip_bad:
+                    raise
+                return BadSample(str(err))
+
+        def ready() -> Iterator[tuple[tuple[int, int, int], LatentBatch]]:
+            """The batches that the samples read so far complete, in the wanted order."""
+            nonlocal done, k, samples
+            while done < len(wanted) and wanted[done] in pending:
+                samples.append(decoded(wanted[done]))
+                done += 1
+                if len(samples) == size:
+                    yield (epoch, worker, k), collate(samples, config.shards.index)
+                    k, samples = k + 1, []
+
         for j in plan.shards[rank][worker]:
             if done == len(wanted):
                 break
             if j not in shards_needed:  # the cheap skip: none of its samples is in the batches to come
                 continue
-            for i, raw in enumerate(read_shard(urls[j], counts[j])):
-                if (j, i) in wanted_set:
-                    pending[(j, i)] = raw
-                while done < len(wanted) and wanted[done] in pending:
-                    item = wanted[done]
-                    samples.append(
-                        decode_sample(pending.pop(item), urls[item[0]], config.shards.index, config.seed, epoch)
-                    )
-                    done += 1
-                    if len(samples) == size:
-                        yield (epoch, worker, k), collate(samples, config.shards.index)
-                        k, samples = k + 1, []
-                if done == len(wanted):
-                    break
+            read = 0
+            try:
+                for raw in read_shard(urls[j], counts[j]):
+                    if (j, read) in wanted_set:
+                        pending[(j, read)] = raw
+                    read += 1
+                    yield from ready()
+                    if done == len(wanted):
+                        break
+            except ShardError as err:
+                if not config.skip_bad:
+                    raise
+                for i in range(read, counts[j]):  # what the damage hides: every wanted sample not yet read
+                    if (j, i) in wanted_set:
+                        pending[(j, i)] = BadSample(str(err))
+                yield from ready()
         assert done == len(wanted) and not samples, (
             f"worker {worker} of rank {rank} made {done} of {len(wanted)} samples in epoch {epoch}"
         )
-    except ShardError as err:
+    except DataError as err:  # a ShardError, or a batch of which no sample could be read
         yield (epoch, worker, k), _Failure(str(err))
 
 
@@ -662,6 +694,7 @@ class ShardStream:
         start: DataPosition | None = None,
         index: str | Path | None = None,
         pin_memory: bool = False,
+        skip_bad: bool = False,
     ):
         import torch
         from torch.utils.data import DataLoader, IterableDataset
@@ -674,8 +707,9 @@ class ShardStream:
                 f"num_workers={num_workers}, rank={rank} of {world_size}"
             )
         shards = source if isinstance(source, ShardSet) else open_shards(source, index)
-        self.config = StreamConfig(shards, seed, world_size, num_workers, micro_batch, shuffle_buffer)
+        self.config = StreamConfig(shards, seed, world_size, num_workers, micro_batch, shuffle_buffer, skip_bad)
         self.rank = rank
+        self.replaced: list[str] = []  # reasons of the unreadable samples replaced since the trainer last took them
         self._position_type = DataPosition
         start = start or DataPosition()
         plan = self.config.plan(start.epoch)  # fails here, before training, if the shards cannot feed the workers
@@ -730,6 +764,7 @@ class ShardStream:
             # DataLoader waits 5 s per worker, as the queues it signals them through may be closed first.
             self.close()
             raise
+        self.replaced.extend(batch.replaced)
         epoch, index = self.position.epoch, self.position.batch
         if index + 1 < self._plan.batches:
             self.position = self._position_type(epoch, index + 1)

@@ -100,6 +100,9 @@ class JobRecord:
     stop_reason: str | None = None
     slurm_job_id: str | None = None  # launcher slurm: the job's id in Slurm (the same across requeues)
     restarts: int = 0  # launcher slurm: runs after the first (requeues after preemption, time limit, node failure)
+    bad_samples: int = 0  # unreadable samples replaced in the latest run, all ranks (data.on_bad_sample skip)
+    checkpoint_failures: int = 0  # checkpoints not written by the latest run (checkpoint.on_write_error continue)
+    checkpoint_error: str | None = None  # why the last of them was not written
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)

@@ -292,6 +292,14 @@ class DataSpec(HubDatasetFields):
     crop: Literal[CROPS] = "center_crop"
     """image_folder, hf_dataset: how an image becomes resolution x resolution: `center_crop` (ADM's) or `resize` (the
     whole image stretched to the square, as torchvision's Resize((R, R)))."""
+    on_bad_sample: Literal["skip", "fail"] = "skip"
+    """A sample found unreadable while training (a corrupt image, a damaged shard: everything a shard's damage hides
+    counts): `skip` replaces it in its micro batch by the next readable sample of that batch (batch shapes and bitwise
+    resume hold), with a warning naming it and `bad_samples` in MLflow and `orch status`; more than max_bad_samples in a
+    run fail the job, as does a micro batch with no readable sample (a damaged shard much larger than
+    data.shuffle_buffer can fill whole batches). `fail`: the first one fails the job, naming it."""
+    max_bad_samples: int = Field(1000, ge=0)
+    """on_bad_sample skip: the most unreadable samples one run replaces before it fails the job."""
     resolution: int = Field(8, ge=2)
     """Side of the square training images, in pixels (for `webdataset`: of the images that were encoded; the latents'
     side is what the model sees)."""
@@ -463,6 +471,11 @@ class CheckpointSpec(Section):
     keep_best: KeepBestSpec | None = None
     """Also keep the best checkpoints by an evaluation metric (needs eval.every; every evaluation step then writes a
     checkpoint). `orch sample/export/eval JOB --checkpoint best` take the best one; `orch status` names it."""
+    on_write_error: Literal["stop", "continue"] = "stop"
+    """A checkpoint that cannot be written (a full disk or quota: checked before each write against the size of the
+    newest checkpoint) leaves the previous one intact. `stop`: the job fails with the path and the bytes needed.
+    `continue`: training goes on without that checkpoint (a warning, `checkpoint_failures` in MLflow and `orch status`)
+    and tries again at the next one; the final checkpoint and one on a stop signal must still be written."""
 
 
 class SampleSpec(Section):

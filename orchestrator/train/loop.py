@@ -26,6 +26,7 @@ from orchestrator.components.device import check_node_devices, set_determinism, 
 from orchestrator.components.model import build_model, make_diffusion
 from orchestrator.components.model_input import classes_to_build, latent_input, pixel_input
 from orchestrator.components.weights import load_weights, read_weights
+from orchestrator.data.imagefolder import DataError
 from orchestrator.data.loader import BatchStream, DataPosition, EpochBatches, build_dataset
 from orchestrator.evaluation.evaluator import Evaluator
 from orchestrator.jobs.directory import JobDir
@@ -37,7 +38,13 @@ from orchestrator.train.grids import GridMaker
 from orchestrator.train.run_tracking import start_tracker
 from orchestrator.train.schedule import lr_factor, step_seed
 from orchestrator.train.signals import StopRequest
-from orchestrator.train.state import TrainerState, load_checkpoint, prune_checkpoints, save_checkpoint
+from orchestrator.train.state import (
+    CheckpointError,
+    TrainerState,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from orchestrator.train.strategy import make_engine
 from orchestrator.train.watchdog import HangWatchdog
 
@@ -173,6 +180,7 @@ class Trainer:
                 shuffle_buffer=spec.data.shuffle_buffer,
                 start=position,
                 pin_memory=pinned,
+                skip_bad=spec.data.on_bad_sample == "skip",
             )
         else:
             batches = EpochBatches(
@@ -183,6 +191,8 @@ class Trainer:
         self.evaluator = Evaluator(spec, self.model_input, engine) if spec.eval.every else None
         self.tracker: Tracker = NullTracker()
         self.nonfinite_steps = injected_nonfinite_steps(engine.rank)
+        self.bad_samples = 0  # unreadable samples this rank replaced in this run (data.on_bad_sample skip)
+        self.checkpoint_failures = 0  # checkpoints not written in this run (checkpoint.on_write_error continue)
         hang_timeout = spec.resources.hang_timeout_s
         self.watchdog = HangWatchdog(hang_timeout, self._record_hang) if hang_timeout else None
 
@@ -309,7 +319,7 @@ class Trainer:
             sampling = (self.step % spec.sample.every == 0 or done) and not stopping
             with unwatched("checkpoint, grid and evaluation"):  # progress of their own, with their own timeouts
                 if checkpointing:
-                    self._checkpoint()
+                    self._checkpoint(required=done or stopping)
                 if sampling:  # after the checkpoint: a grid that fails or runs long never costs it
                     self._draw_grids(final=done)
                 if evaluating:
@@ -332,12 +342,29 @@ class Trainer:
         """The next micro batch on the device: the network's inputs and the condition its `y` takes."""
         device = self.engine.device
         batch = next(self.stream)  # in pinned memory on CUDA: the copies below do not block the host
+        if self.stream.replaced:
+            self._count_bad_samples()
         if isinstance(batch, tuple):  # pixels: (images, labels)
             images, labels = batch
             return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         batch = batch.to(device, non_blocking=True)  # a LatentBatch
         condition = batch.condition(self.spec.model.condition)
         return batch.latents, batch.labels if condition is None else condition
+
+    def _count_bad_samples(self) -> None:
+        """Warn of the unreadable samples the stream replaced, and fail past data.max_bad_samples in this run."""
+        for reason in self.stream.replaced:
+            log.warning("step %d: an unreadable sample was replaced in its batch: %s", self.step, reason)
+        self.bad_samples += len(self.stream.replaced)
+        last = self.stream.replaced[-1]
+        self.stream.replaced.clear()
+        limit = self.spec.data.max_bad_samples
+        if self.bad_samples > limit:
+            raise DataError(
+                f"{self.bad_samples} unreadable samples on rank {self.engine.rank} in this run, more than "
+                f"data.max_bad_samples {limit} (the last: {last}); repair the data (or raise the limit), then "
+                "`orch resume`"
+            )
 
     def _draw_grids(self, final: bool) -> None:
         """The sample grid (and the x0 progression strip with every grid when sample.progression asks, else at the
@@ -407,7 +434,7 @@ class Trainer:
         memory is what tells the straggler (a slow filesystem, a rank near its memory limit) apart.
         """
         # (world size, 2), rank-major
-        per_rank = self.engine.gather_floats([self._peak_memory_bytes() / 1e9, data_wait])
+        per_rank = self.engine.gather_floats([self._peak_memory_bytes() / 1e9, data_wait, float(self.bad_samples)])
         per_node = [
             per_rank[n : n + self.spec.resources.processes]
             for n in range(0, len(per_rank), self.spec.resources.processes)
@@ -420,16 +447,22 @@ class Trainer:
             "samples_per_sec": self.spec.train.global_batch_size / step_time,
             "samples_per_sec_per_node": self.spec.train.global_batch_size / step_time / self.spec.resources.nodes,
             "epoch": float(self.stream.position.epoch),
-            "peak_memory_gb": max(memory for memory, _ in per_rank),
-            "data_wait_s": max(wait for _, wait in per_rank),
+            "peak_memory_gb": max(memory for memory, _, _ in per_rank),
+            "data_wait_s": max(wait for _, wait, _ in per_rank),
+            "bad_samples": sum(bad for _, _, bad in per_rank),  # unreadable samples replaced in this run, all ranks
         }
         metrics["skipped_steps"] = float(skipped_steps)  # updates skipped in this window: non-finite gradients
         for node, ranks in enumerate(per_node):  # torchrun, DeepSpeed's runner and Slurm number ranks node by node
-            metrics[f"node{node}/peak_memory_gb"] = max(memory for memory, _ in ranks)
-            metrics[f"node{node}/data_wait_s"] = max(wait for _, wait in ranks)
+            metrics[f"node{node}/peak_memory_gb"] = max(memory for memory, _, _ in ranks)
+            metrics[f"node{node}/data_wait_s"] = max(wait for _, wait, _ in ranks)
         if self.engine.is_main:
             self.tracker.log_metrics(metrics, self.step)
-            self.job.update(step=self.step, loss=loss, samples_per_sec=metrics["samples_per_sec"])
+            self.job.update(
+                step=self.step,
+                loss=loss,
+                samples_per_sec=metrics["samples_per_sec"],
+                bad_samples=int(metrics["bad_samples"]),
+            )
             log.info(
                 "step %d: loss %.4f, %.1f samples/s, %.4f s/step, peak memory %.2f GB, data wait %.4f s/step",
                 self.step,
@@ -448,7 +481,21 @@ class Trainer:
 
         return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, required: bool) -> None:
+        """Write the checkpoint of this step. One that cannot be written stops the job, unless it is not `required`
+        (neither the last step's nor a stopping job's) and checkpoint.on_write_error says to continue without it."""
+        try:
+            self._write_checkpoint()
+        except CheckpointError as err:
+            if required or self.spec.checkpoint.on_write_error == "stop":
+                raise
+            self.checkpoint_failures += 1
+            log.warning("%s; training goes on (checkpoint.on_write_error: continue)", err)
+            if self.engine.is_main:
+                self.job.update(checkpoint_failures=self.checkpoint_failures, checkpoint_error=str(err))
+                self.tracker.log_metrics({"checkpoint_failures": float(self.checkpoint_failures)}, step=self.step)
+
+    def _write_checkpoint(self) -> None:
         ema_checksum = sum(float(p.double().sum()) for p in self.ema.module.parameters())
         local_checksum = sum(float(p.detach().double().sum()) for p in self.model.parameters())  # this rank's shard
         if self.engine.any(not (math.isfinite(ema_checksum) and math.isfinite(local_checksum))):

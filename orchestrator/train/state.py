@@ -68,6 +68,14 @@ def save_checkpoint(
     tmp = directory / f"{final.name}.tmp"
     if engine.is_main and tmp.exists():
         shutil.rmtree(tmp)  # left by a crash mid-write
+    previous = latest_checkpoint(directory)
+    # The next checkpoint takes what the newest one takes (same model, same optimizer), checked by rank 0 before
+    # writing, so a full disk or quota costs no half-written attempt; 5% more for the logs and grids written meanwhile.
+    needed = folder_bytes(previous) if engine.is_main and previous is not None else 0
+    free = shutil.disk_usage(directory).free if engine.is_main else 0
+    no_room = needed > 0 and free < needed * 1.05
+    if engine.any(no_room):
+        raise CheckpointError(_not_written(final, directory, "No space left on device", previous, needed, free))
     engine.barrier()
     error = None
     try:
@@ -83,13 +91,13 @@ def save_checkpoint(
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         error = err
     if engine.any(error is not None):
+        cause, free = "another rank failed to write its part", 0
         if engine.is_main:
+            written = folder_bytes(tmp) if tmp.exists() else 0
             shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(directory)
-        kept = f"the previous checkpoint {previous.name} is intact" if previous else "there is no earlier checkpoint"
-        raise CheckpointError(
-            f"checkpoint {final.name} could not be written ({_cause(error, directory)}) in {directory}; {kept}"
-        )
+            cause, free = _cause(error, directory), shutil.disk_usage(directory).free
+            needed = needed or written  # without an earlier checkpoint: at least what was written before it failed
+        raise CheckpointError(_not_written(final, directory, cause, previous, needed, free))
     if engine.is_main:
         _fsync_tree(tmp)
         if final.exists():
@@ -122,6 +130,30 @@ def _cause(error: Exception | None, directory: Path) -> str:
     if shutil.disk_usage(directory).free < 1 << 20:
         return "No space left on device"
     return f"{type(error).__name__}: {error}"
+
+
+def _not_written(final: Path, directory: Path, cause: str, previous: Path | None, needed: int, free: int) -> str:
+    """The message of a checkpoint that was not written: the cause, the bytes it needs, what is intact, the fix."""
+    if previous is not None and needed:
+        size = f"; it needs about {_mb(needed)} (the size of {previous.name}) and {_mb(free)} are free"
+    elif needed:
+        size = f"; it needs more than the {_mb(needed)} written before the failure and {_mb(free)} are free"
+    else:
+        size = ""
+    kept = f"the previous checkpoint {previous.name} is intact" if previous else "there is no earlier checkpoint"
+    return (
+        f"checkpoint {final.name} could not be written ({cause}) in {directory}{size}; {kept}. Free space there (or "
+        "lower checkpoint.keep), then `orch resume`"
+    )
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder`."""
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
 def _write_pointer(directory: Path, name: str) -> None:

@@ -343,6 +343,67 @@ def test_a_latent_of_another_shape_than_the_index_says_is_an_error(dataset, tmp_
         take(stream(folder), 40)
 
 
+def cut_shard_2(dataset: Path, target: Path) -> tuple[Path, set[str]]:
+    """A copy of the dataset whose shard 2 (samples 12..17) is cut inside sample 14: the keys it hides."""
+    folder = copy_dataset(dataset, target)
+    shard = folder / SHARD_PATTERN.format(2)
+    with tarfile.open(shard) as tar:
+        member = tar.getmember("000000014.latent.npy")
+    shard.write_bytes(shard.read_bytes()[: member.offset_data + member.size // 2])
+    return folder, {f"{number:09d}" for number in range(14, 18)}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_replaces_what_a_damaged_shard_hides_by_the_next_readable_sample_of_the_batch(dataset, tmp_path, workers):
+    folder, hidden = cut_shard_2(dataset, tmp_path / "cut")
+    mixed = {"workers": workers, "shuffle_buffer": 32, "micro_batch": 4}  # no micro batch falls wholly in the damage
+    with stream(dataset, **mixed) as intact, stream(folder, skip_bad=True, **mixed) as damaged:
+        batches = intact.batches_in_epoch(0) + intact.batches_in_epoch(1)
+        replaced = 0
+        for _ in range(batches):
+            expected, got = next(intact), next(damaged)
+            keys = list(expected.keys)
+            good = [n for n, key in enumerate(keys) if key not in hidden]
+            for n, key in enumerate(keys):
+                source = n if key not in hidden else next((g for g in good if g > n), good[0])
+                assert got.keys[n] == keys[source]
+                assert torch.equal(got.latents[n], expected.latents[source])
+            assert len(got.replaced) == sum(key in hidden for key in keys)
+            assert all("shard-000002.tar is damaged or unreadable after sample 000000013" in r for r in got.replaced)
+            replaced += len(got.replaced)
+        assert len(damaged.replaced) == replaced >= len(hidden)  # what the plan keeps of them, in two epochs
+
+
+def test_skip_resumes_mid_epoch_exactly_as_the_uninterrupted_damaged_stream(dataset, tmp_path):
+    folder, _ = cut_shard_2(dataset, tmp_path / "cut")
+    settings = {"workers": 2, "skip_bad": True, "shuffle_buffer": 32}
+    uninterrupted = take(stream(folder, **settings), 12)
+    position = uninterrupted[5][0]
+    resumed = take(stream(folder, start=position, **settings), 7)
+    for (p1, keys1, latents1), (p2, keys2, latents2) in zip(uninterrupted[5:], resumed):
+        assert (p1, keys1) == (p2, keys2) and torch.equal(latents1, latents2)
+
+
+def test_skip_replaces_a_sample_that_does_not_decode_and_fails_when_a_batch_has_no_readable_sample(dataset, tmp_path):
+    folder = copy_dataset(dataset, tmp_path / "nolatent")
+    with wds.TarWriter(str(folder / SHARD_PATTERN.format(1))) as sink:  # sample 9 lost its latent
+        for number in range(7, 12):
+            sample = {"__key__": f"{number:09d}", "cls": number % 10}
+            if number != 9:
+                sample["latent.npy"] = moments_of(number)
+            sink.write(sample)
+    with stream(folder, skip_bad=True) as s:
+        keys = [key for _ in range(s.batches_in_epoch(0)) for key in next(s).keys]
+    assert "000000009" not in keys and len(s.replaced) == 1
+    assert "shard-000002" not in s.replaced[0] and "sample 000000009 has no latent.npy" in s.replaced[0]
+
+    broken = copy_dataset(dataset, tmp_path / "broken")
+    for shard in broken.glob("shard-*.tar"):
+        shard.write_bytes(b"not a tar at all" * 64)
+    with pytest.raises(UserError, match=r"every sample of a micro batch is unreadable \(2, the first: shard "):
+        take(stream(broken, skip_bad=True), 1)
+
+
 # ---- finding the shards, and the planner's check -----------------------------------------------
 
 
