@@ -224,6 +224,9 @@ class NodeStep:
     rdzv_port: torchrun's rendezvous port on the first node; None picks 20000 + job id mod 10000, so
         two jobs that share a node do not both take 29400.
     step_command: runs instead of torchrun on every node (tests inject a small probe here).
+    max_restarts: torchrun's --max-restarts on every node: a failed rank restarts the ranks of all nodes in the same
+        allocation (the elastic agents meet again at the rendezvous); a failed node ends the step, and Slurm itself
+        requeues the job when it lost the node (`--requeue`).
     """
 
     python: str = "python"
@@ -233,8 +236,10 @@ class NodeStep:
     threads: int | None = None
     rdzv_port: int | None = None
     step_command: Sequence[str] | None = None
+    max_restarts: int = 0
 
     def __post_init__(self) -> None:
+        check_at_least("max_restarts", self.max_restarts, 0)
         if self.rdzv_port is not None and not 1 <= self.rdzv_port <= 65535:
             raise ValueError(f"rdzv_port must be in 1..65535, got {self.rdzv_port}")
         for line in self.setup:
@@ -290,6 +295,7 @@ def sbatch_job(
             nnodes=a.nodes,
             rdzv_endpoint=_ENDPOINT_TOKEN,
             rdzv_id=_JOB_ID_TOKEN,
+            max_restarts=step.max_restarts,
             threads=step.threads,
         )
         step_argv, exports = command.argv, {**command.env, **(step.env or {})}

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from functools import partial
 from typing import NoReturn
 
 import yaml
@@ -48,16 +49,25 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.jobs.supervisor import register_rank
 
     register_rank(job, rank)
-    if rank == 0 and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:  # torchrun restarted every rank
-        job.update(restarts=job.read().restarts + 1, attempts=job.read().attempts + 1, stop_reason=None)
+    elastic_restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun restarted every rank
     slurm_run = os.environ.get("ORCH_SLURM_RESTART_COUNT")  # set by the sbatch script: 0, then 1, 2... after requeues
     if slurm_run is not None and rank == 0:
-        _record_slurm_start(job, int(slurm_run), plan)
+        _record_slurm_start(job, restarted=elastic_restart or int(slurm_run) > 0, plan=plan)
+    elif elastic_restart and rank == 0:
+        job.update(restarts=job.read().restarts + 1, attempts=job.read().attempts + 1, stop_reason=None)
     code = _train(job, spec, plan, rank)
+    restarts_left = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) - int(
+        os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    )
     if slurm_run is not None and rank == 0:
-        from orchestrator.jobs.supervisor import record_end
+        if code != 0 and restarts_left > 0:  # the job goes on: the restarted run records its start
+            log.warning(
+                "this run failed (exit %d): torchrun starts the ranks again (%d restart(s) left)", code, restarts_left
+            )
+        else:
+            from orchestrator.jobs.supervisor import record_end
 
-        record_end(job, code)  # no supervisor under Slurm: rank 0 records how this run ended
+            record_end(job, code)  # no supervisor under Slurm: rank 0 records how this run ended
     return code
 
 
@@ -91,20 +101,23 @@ def threads_per_rank(planned: int | None) -> int:
     return threads
 
 
-def _record_slurm_start(job: JobDir, restarts: int, plan: dict) -> None:
-    """Mark the job running for this Slurm run (a requeued run follows a preempted or failed one)."""
+def _record_slurm_start(job: JobDir, restarted: bool, plan: dict) -> None:
+    """Mark the job running for this Slurm run: a requeued one (after a preemption, time limit or lost node) or one
+    torchrun restarted in the same allocation (resources.max_restarts) counts as a restart."""
     import time
 
     from orchestrator.jobs.directory import JobState
 
     previous = job.read()
-    if previous.state == JobState.RUNNING:  # the previous run was killed before it could record its end
+    elastic = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if previous.state == JobState.RUNNING and not elastic:  # the previous run was killed before it recorded its end
         job.transition(JobState.FAILED, ended_at=time.time(), message="the previous Slurm run ended unrecorded")
+    restarts = previous.restarts + int(restarted)
     log.info(
         "Slurm job %s, run %d (restarts after the first: %d)", os.environ.get("SLURM_JOB_ID"), restarts + 1, restarts
     )
-    job.transition(
-        JobState.RUNNING,
+    record = job.update if job.read().state == JobState.RUNNING else partial(job.transition, JobState.RUNNING)
+    record(
         started_at=time.time(),
         ended_at=None,
         exit_code=None,
@@ -149,7 +162,9 @@ def _train(job: JobDir, spec, plan: dict, rank: int) -> int:
         return 0
     if rank == 0:
         job.update(stop_reason=f"preempted: {outcome.stop_signal} at step {outcome.step}")
-    return EXIT_PREEMPTED
+    # A stop is final: torchrun would start ranks that exit non-zero again while it has restarts (max_restarts). The
+    # state records the stop; under Slurm torchrun got the signal too and ends the step non-zero (the script requeues).
+    return 0 if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 else EXIT_PREEMPTED
 
 
 def exit_without_teardown(code: int) -> NoReturn:

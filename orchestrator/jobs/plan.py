@@ -463,7 +463,9 @@ def _slurm_command(
             signal_seconds=slurm.signal_seconds,
             requeue=slurm.requeue,
         )
-        step = NodeStep(python=python, entry=entry, setup=slurm.setup, threads=threads)
+        step = NodeStep(
+            python=python, entry=entry, setup=slurm.setup, threads=threads, max_restarts=resources.max_restarts
+        )
         job = sbatch_job(
             job_name=job_path.name,
             script_path=str(job_path / "slurm" / "job.sbatch"),

@@ -712,9 +712,10 @@ class ResourcesSpec(Section):
     they have their own timeouts. Empty: no watchdog."""
     max_restarts: int = Field(0, ge=0)
     """Times a failed run (a crash, a lost or hung rank) starts again by itself from the newest checkpoint: torchrun's
-    elastic restarts (--max-restarts, all ranks) for launcher torchrun, the supervisor for local and deepspeed. Counted
-    in the job's state (`restarts`, shown by `orch status`) and the MLflow tag `orch.restarts`. The supervisor does not
-    restart a spec error or a loss that is not finite (it would fail again the same way)."""
+    elastic restarts (--max-restarts, all ranks) for launcher torchrun and, in the same allocation, for launcher slurm
+    (a lost node ends the allocation: Slurm requeues the job, see resources.slurm.requeue); the supervisor for local
+    and deepspeed. Counted in the job's state (`restarts`, shown by `orch status`) and the MLflow tag `orch.restarts`.
+    The supervisor does not restart a spec error or a loss that is not finite (it would fail again the same way)."""
     rank0_timeout_s: int = Field(3600, ge=10)
     """Seconds the other ranks wait while rank 0 works alone (drawing a sample grid, converting a ZeRO checkpoint to
     another world size), outside NCCL's collective timeout; a DDPM-1000 grid of a large model can take minutes."""

@@ -84,3 +84,23 @@ def test_a_crashed_run_is_started_again_by_the_supervisor_and_counted(tmp_path):
     assert "=== restart 1 after:" in log_text(job)
     status = orch("status", job.name, "--json", root=root)
     assert json.loads(status.stdout)["restarts"] == 1
+
+
+def test_a_cancelled_job_stays_cancelled_although_torchrun_has_restarts_left(tmp_path):
+    root = tmp_path / "runs"
+    spec = tiny_spec(
+        tmp_path,
+        train={"steps": 100000},
+        checkpoint={"every": 100000},
+        sample={"every": 100000},
+        resources={"processes": 2, "launcher": "torchrun", "threads_per_process": 1, "max_restarts": 2},
+    )
+    assert orch("submit", str(spec), "--detach", root=root).returncode == 0
+    job = only_job(root)
+    wait_for(lambda: state(job)["step"] >= 2, timeout=120, what="training to start")
+    cancelled = orch("cancel", job.name, root=root, check=True)
+    assert "cancelled" in cancelled.stdout
+    record = state(job)
+    assert record["state"] == "cancelled" and record["restarts"] == 0 and record["attempts"] == 1, record
+    assert record["checkpoint_step"] == record["step"]
+    assert "TORCHELASTIC_RESTART_COUNT" not in log_text(job) and "restarts left" not in log_text(job)

@@ -102,3 +102,32 @@ def test_launcher_slurm_without_sbatch_is_refused_before_anything_is_created(tmp
     result = orch("submit", str(spec), root=tmp_path / "runs", env={"PATH": str(Path(sys.executable).parent)})
     assert result.returncode == 2 and "launcher slurm needs sbatch on the PATH" in result.stderr, result.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_rank_killed_under_slurm_is_restarted_in_the_allocation_by_torchrun_and_counted(tmp_path, cluster):
+    import os
+    import signal
+
+    root = tmp_path / "runs"
+    spec = tiny_spec(
+        tmp_path,
+        "slurmrestart",
+        train={"steps": 300},
+        checkpoint={"every": 100},
+        sample={"every": 100000},
+        resources={"launcher": "slurm", "processes": 2, "threads_per_process": 1, "max_restarts": 1},
+    )
+    submitted = orch("submit", str(spec), root=root, env=cluster.env)
+    assert submitted.returncode == 0, submitted.stderr
+    job = only_job(root)
+    slurm_id = state(job)["slurm_job_id"]
+    wait_for(lambda: (state(job)["checkpoint_step"] or 0) >= 100, timeout=180, what="the checkpoint at step 100")
+    os.kill(json.loads((job / "ranks" / "1.json").read_text())["pid"], signal.SIGKILL)  # a rank dies mid-run
+
+    wait_for(lambda: state(job)["state"] in ("succeeded", "failed"), timeout=240, what="the job to end")
+    record = state(job)
+    assert record["state"] == "succeeded" and record["step"] == 300, slurm_log(job)[-3000:]
+    assert record["restarts"] == 1 and record["attempts"] == 2 and record["slurm_job_id"] == slurm_id
+    text = slurm_log(job)
+    assert "--max_restarts 1" in (job / "slurm" / "job.sbatch").read_text()
+    assert "resumed from step-0000" in text and "requeueing" not in text  # the same allocation, not a requeue
