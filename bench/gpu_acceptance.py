@@ -201,6 +201,8 @@ def run_case(case: Case, shards: Path, work: Path, device: str, processes: int) 
             row["failures"].append(
                 "a grid failed: " + re.findall(r".*drawing the sample grid.*", job_log(job))[0][-200:]
             )
+        if device == "cuda" and "NCCL flight recorder" not in job_log(job):
+            row["failures"].append("the NCCL flight recorder was not set up (no 'NCCL flight recorder' log line)")
         row["last_loss"] = record.get("loss")
         if case.evaluate:
             row["failures"] += evaluation_failures(job)

@@ -22,7 +22,7 @@ import torch
 from model.diffusion import training_loss
 from model.dit import compile_blocks
 from model.ema import EMA
-from orchestrator.components.device import check_node_devices, set_determinism, use_tf32
+from orchestrator.components.device import check_node_devices, record_nccl_collectives, set_determinism, use_tf32
 from orchestrator.components.model import build_model, make_diffusion
 from orchestrator.components.model_input import classes_to_build, latent_input, pixel_input
 from orchestrator.components.weights import load_weights, read_weights
@@ -80,6 +80,7 @@ def train(spec: JobSpec, job: JobDir, device: str, tracking_uri: str | None) -> 
     check_node_devices(spec, device)  # before the first collective: a wrong node fails alone, with its name
     if device == "cuda":
         use_tf32(spec.resources.tf32)
+        record_nccl_collectives(job.logs_dir)  # before the process group: its dump names a stuck collective
     set_determinism(spec.resources.deterministic, device)
     engine = make_engine(spec, device)
     log.info(

@@ -184,3 +184,16 @@ def test_deterministic_turns_on_deterministic_kernels_and_off_cudnn_autotuning(m
     finally:
         torch.use_deterministic_algorithms(False)
         set_determinism(False, "cpu")
+
+
+def test_the_nccl_flight_recorder_writes_into_the_job_logs_and_keeps_a_users_own_settings(tmp_path, monkeypatch):
+    from orchestrator.components.device import nccl_flight_recorder_env, record_nccl_collectives
+
+    for name in nccl_flight_recorder_env(tmp_path):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "50")  # the user's own
+    record_nccl_collectives(tmp_path / "logs")
+    assert os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "50"
+    assert os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    assert os.environ["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == str(tmp_path / "logs" / "nccl_trace_rank_")
+    assert (tmp_path / "logs").is_dir()
