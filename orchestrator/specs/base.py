@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.errors import UserError
 
@@ -20,8 +21,41 @@ class SpecError(UserError):
     """A spec the user must fix; the message says where and how."""
 
 
+class _NotYaml(SpecError):
+    """Text that is not YAML (a --set value is then taken as plain text)."""
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    """A typed section of a spec: unknown keys refused, frozen once read, and no float infinite or NaN (YAML's `.inf`,
+    `.nan` and overflowing literals such as `1e309`): no field of orch trains with one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
+
+
+# The ranges every numeric field states (in `orch schema` and the spec reference): far beyond any real job, below what
+# the code that uses the value can hold.
+MAX_COUNT = 2**31 - 1
+"""Steps, images, samples, buckets: a 32-bit count."""
+MAX_SEED = 2**32 - 1
+"""Seeds: 0 to 2**32 - 1, what numpy and torch both accept (torch alone takes up to 2**64 - 1)."""
+MAX_TIMESTEPS = 1_000_000
+"""Noise levels and denoising steps."""
+MAX_RESOLUTION = 16384
+"""Image side in pixels (and patch side)."""
+MAX_WIDTH = 65536
+"""Network widths (hidden size, channels, embedding width)."""
+MAX_CLASSES = 1_000_000
+"""Classes of a class-conditional model (ImageNet-21k has 21,841)."""
+MAX_PROCESSES = 4096
+"""Ranks, threads, workers or CPUs on one node."""
+MAX_NODES = 65536
+"""Nodes of one job."""
+MAX_TIMEOUT_S = 30 * 24 * 3600
+"""Timeouts, in seconds: at most 30 days."""
+Beta = Annotated[float, Field(ge=0, lt=1)]
+"""An Adam beta: 0 <= beta < 1 (what torch's AdamW accepts)."""
+Channels = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
+"""A channel count."""
 
 
 HUB_FIELDS = ("config", "split", "revision", "image_column")
@@ -47,17 +81,181 @@ class HubDatasetFields(Section):
         return [f for f in HUB_FIELDS if getattr(self, f) != fields[f].default and source != "hf_dataset"]
 
 
-def load_yaml_with_lines(
-    text: str, source: str, empty_hint: str = "it needs its sections"
-) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
-    """Parse YAML safely (no duplicate keys); return the data and the line of every mapping key, by key path."""
+# What a spec reader accepts before it looks at the fields: bounds far above any real spec (the shipped ones are under
+# 4 KiB, about 150 values and 5 levels deep), well below what would take it more than a fraction of a second.
+MAX_SPEC_BYTES = 256 * 1024
+"""A spec file (or a --set value) larger than this is refused unread."""
+MAX_NESTING = 12
+"""Mappings and lists nested deeper than this are refused (the deepest field, model.unet.down_channels, is 4 down)."""
+MAX_VALUES = 5000
+"""A spec whose values, keys and sections number more than this once every alias is expanded is refused: an alias
+"bomb" of a few hundred bytes can otherwise expand to billions."""
+MAX_INTEGER = 2**64 - 1
+"""No integer a spec field holds is larger (seeds, steps and sizes have tighter bounds of their own)."""
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses, while composing, nesting deeper than MAX_NESTING and more than MAX_VALUES
+    nodes, and integers beyond MAX_INTEGER while constructing (Python would otherwise spend its time on them or raise
+    outside YAMLError)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.nesting = 0
+        self.nodes = 0
+
+    def compose_node(self, parent, index):
+        collection = self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent)
+        mark = self.peek_event().start_mark
+        self.nodes += 1
+        if self.nodes > MAX_VALUES:
+            raise _TooMuch(mark, f"holds more than {MAX_VALUES} values and keys (a job spec has about 150)")
+        if collection:
+            self.nesting += 1
+            if self.nesting > MAX_NESTING:
+                raise _TooMuch(
+                    mark, f"nests mappings or lists more than {MAX_NESTING} deep (a spec field is at most 4 down)"
+                )
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.nesting -= collection
+
+    def construct_yaml_int(self, node):
+        text = str(node.value).replace("_", "")
+        digits = sum(ch.isalnum() for ch in text)
+        try:
+            value = None if digits > 40 else super().construct_yaml_int(node)
+        except ValueError:
+            value = None
+        if value is None or abs(value) > MAX_INTEGER:
+            shown = text if len(text) <= 24 else f"{text[:12]}...{text[-4:]} ({len(text)} characters)"
+            raise _TooMuch(node.start_mark, f"integer {shown} is larger than any spec field holds (at most 2**64 - 1)")
+        return value
+
+
+_SpecLoader.add_constructor("tag:yaml.org,2002:int", _SpecLoader.construct_yaml_int)
+
+
+class _TooMuch(yaml.YAMLError):
+    """Input a spec reader refuses before validating it: too deep, too many values, an integer too large."""
+
+    def __init__(self, mark: yaml.Mark | None, problem: str) -> None:
+        super().__init__(problem)
+        self.problem_mark, self.problem = mark, problem
+
+
+def _expanded(node: yaml.Node, source: str) -> None:
+    """Refuse a node graph whose aliases expand beyond MAX_VALUES nodes or MAX_NESTING levels, or refer to a node that
+    holds them (a loop); counted without expanding anything (each node once, memoised)."""
+    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (nodes, nesting) once expanded
+    active: set[int] = set()
+
+    def measure(node: yaml.Node) -> tuple[int, int]:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise SpecError(
+                f"{source}: line {node.start_mark.line + 1}: an alias refers to a mapping or list that contains it "
+                "(a loop); a spec is a tree"
+            )
+        if not isinstance(node, yaml.CollectionNode):
+            return 1, 0
+        active.add(key)
+        children = (
+            [child for pair in node.value for child in pair] if isinstance(node, yaml.MappingNode) else node.value
+        )
+        count, depth = 1, 0
+        for child in children:
+            child_count, child_depth = measure(child)
+            count, depth = count + child_count, max(depth, child_depth)
+            if count > MAX_VALUES:
+                raise SpecError(
+                    f"{source}: line {node.start_mark.line + 1}: its aliases expand to more than {MAX_VALUES} values "
+                    "and keys (a job spec has about 150); write the values out, or use fewer aliases"
+                )
+        active.discard(key)
+        sizes[key] = count, depth + 1
+        if depth + 1 > MAX_NESTING:
+            raise SpecError(
+                f"{source}: line {node.start_mark.line + 1}: its aliases nest mappings or lists more than "
+                f"{MAX_NESTING} deep (a spec field is at most 4 down)"
+            )
+        return sizes[key]
+
+    measure(node)
+
+
+def read_spec_text(path: str | Path) -> str:
+    """The text of a spec file: UTF-8 (a byte-order mark allowed), at most MAX_SPEC_BYTES; SpecError naming the byte
+    that is not UTF-8 otherwise."""
+    path = Path(path)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_SPEC_BYTES + 1)
+    except OSError as err:
+        raise SpecError(f"cannot read spec {path}: {err.strerror or err}") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: larger than {MAX_SPEC_BYTES // 1024} KiB; a spec is a short YAML text file")
+    return decode_spec_text(data, str(path))
+
+
+def decode_spec_text(data: bytes, source: str) -> str:
+    """UTF-8 bytes as text; SpecError naming the first byte that is not UTF-8 (and a UTF-16 byte-order mark)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")
+        hint = (
+            "it starts with a UTF-16 byte-order mark: save it as UTF-8"
+            if utf16
+            else "save it as UTF-8 (an editor's 'encoding' setting), or check that it is a spec at all"
+        )
+        raise SpecError(
+            f"{source}: byte {err.start} (0x{data[err.start]:02x}) is not UTF-8; a spec is UTF-8 text: {hint}"
+        ) from None
+
+
+def _compose(text: str, source: str) -> tuple[yaml.Node | None, Any]:
+    """The node graph and the data of one YAML document, within the reader's bounds; SpecError otherwise."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_SPEC_BYTES:
+        raise SpecError(f"{source}: larger than {MAX_SPEC_BYTES // 1024} KiB; a spec is a short YAML text")
+    loader = _SpecLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        _expanded(root, source)
+        return root, loader.construct_document(root)
+    except yaml.reader.ReaderError as err:
+        char = f"#x{err.character:04x}" if isinstance(err.character, int) else repr(err.character)
+        raise SpecError(
+            f"{source}: character {char} at position {err.position} is not allowed in YAML ({err.reason})"
+        ) from None
+    except _TooMuch as err:
+        where = "" if source.startswith("--set") else f" line {err.problem_mark.line + 1}:"
+        raise SpecError(f"{source}:{where} {err.problem}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{source}:{where} is not valid YAML: {getattr(err, 'problem', err)}") from None
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise _NotYaml(f"{source}:{where} is not valid YAML: {problem}") from None
+    finally:
+        loader.dispose()
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse YAML the way every spec reader does (safe, bounded); SpecError if it is not YAML or out of bounds."""
+    return _compose(text, source)[1]
+
+
+def load_yaml_with_lines(
+    text: str, source: str, empty_hint: str = "it needs its sections"
+) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    """Parse YAML safely (no duplicate keys; bounded in size, nesting, aliases and integers: see MAX_*); return the
+    data and the line of every mapping key, by key path."""
+    root, data = _compose(text, source)
     if data is None:
         raise SpecError(f"{source}: the spec is empty; {empty_hint}")
     if not isinstance(data, dict):
@@ -83,15 +281,19 @@ def load_yaml_with_lines(
 
 
 def parse_override(override: str, aliases: dict[tuple[str, str], str] | None = None) -> tuple[tuple[str, ...], Any]:
-    """`KEY.PATH=VALUE` of a --set: the key path (short names rewritten by `aliases`) and the YAML value."""
+    """`KEY.PATH=VALUE` of a --set: the key path (short names rewritten by `aliases`) and the YAML value (read within
+    the bounds of a spec file; text that is not YAML stays text)."""
     key, sep, text = override.partition("=")
     if not sep or not key.strip():
         raise SpecError(f"--set {override!r}: expected KEY.PATH=VALUE, e.g. --set train.learning_rate=3e-4")
+    shown = override if len(override) <= 80 else override[:60] + "..."
     try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
+        value = _compose(text, f"--set {shown}")[1] if text.strip() else None
+    except _NotYaml:
         value = text
     path = tuple(key.strip().split("."))
+    if len(path) > MAX_NESTING:
+        raise SpecError(f"--set {shown}: the key path is more than {MAX_NESTING} deep (a spec field is at most 4 down)")
     section, *rest = path
     if rest and (section, rest[0]) in (aliases or {}):
         path = (section, aliases[(section, rest[0])], *rest[1:])
@@ -136,7 +338,13 @@ def _describe(root: type[BaseModel], error: dict[str, Any], origins: dict[tuple[
     message = error["msg"].removeprefix("Value error, ")
     if kind in ("value_error", "assertion_error") or "input" not in error:
         return f"{where}{message}"
-    return f"{where}{message[0].lower() + message[1:]}, got {error['input']!r}"
+    return f"{where}{message[0].lower() + message[1:]}, got {_shown(error['input'])}"
+
+
+def _shown(value: Any, limit: int = 100) -> str:
+    """A value as a message quotes it: its repr, cut in the middle when long (a whole section, a long string)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 30]}...{text[-20:]} ({len(text)} characters)"
 
 
 def _line_number(problem: str) -> int:
