@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import types
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
@@ -24,13 +25,26 @@ from launch.torchrun import check_host_port
 from model.sizes import DIT_PRESETS
 from orchestrator.specs.base import (
     CROPS,
+    MAX_CLASSES,
+    MAX_COUNT,
+    MAX_NODES,
+    MAX_PROCESSES,
+    MAX_RESOLUTION,
+    MAX_SEED,
+    MAX_TIMEOUT_S,
+    MAX_TIMESTEPS,
+    MAX_WIDTH,
+    Beta,
+    Channels,
     HubDatasetFields,
     Section,
     SpecError,
     did_you_mean,
     flatten,
+    load_yaml,
     load_yaml_with_lines,
     parse_override,
+    read_spec_text,
     set_path,
     validate_tree,
 )
@@ -62,25 +76,25 @@ def device_precision_refusal(device: str, mixed_precision: str) -> str | None:
 
 
 class UNetSpec(Section):
-    down_channels: list[int] = [32, 64, 128, 256]
+    down_channels: list[Channels] = Field([32, 64, 128, 256], min_length=1, max_length=16)
     """Channels of each resolution level of the down path (Ho et al. 2020 use 128 x (1, 2, 2, 2) at 32 px)."""
-    mid_channels: list[int] = [256, 256, 128]
+    mid_channels: list[Channels] = Field([256, 256, 128], max_length=16)
     """Channels through the middle block; the first equals the last down channel, the last feeds the up path."""
-    down_sample: list[bool] = [True, True, False]
+    down_sample: list[bool] = Field([True, True, False], max_length=15)
     """Whether each down level (one fewer than down_channels) halves the resolution."""
-    num_down_layers: int = Field(2, ge=1)
+    num_down_layers: int = Field(2, ge=1, le=64)
     """ResNet blocks per down level."""
-    num_mid_layers: int = Field(2, ge=1)
+    num_mid_layers: int = Field(2, ge=1, le=64)
     """ResNet blocks in the middle."""
-    num_up_layers: int = Field(2, ge=1)
+    num_up_layers: int = Field(2, ge=1, le=64)
     """ResNet blocks per up level."""
-    num_heads: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1, le=1024)
     """Heads of the self-attention blocks."""
-    time_emb_dim: int = Field(128, ge=8)
+    time_emb_dim: int = Field(128, ge=8, le=MAX_WIDTH)
     """Width of the timestep embedding."""
     attention: bool = True
     """Self-attention in the down/up levels below full resolution and in the middle."""
-    norm_groups: int = Field(8, ge=1)
+    norm_groups: int = Field(8, ge=1, le=MAX_WIDTH)
     """GroupNorm groups; must divide every channel count."""
 
     @model_validator(mode="after")
@@ -126,20 +140,20 @@ class ModelSpec(Section):
     preset: str | None = None
     """A named size of the DiT paper (`DiT-S/2`, `DiT-B/4`, `DiT-L/8`, `DiT-XL/2`, ...); sets depth, hidden_size,
     num_heads and patch_size."""
-    patch_size: int = Field(2, ge=1)
+    patch_size: int = Field(2, ge=1, le=MAX_RESOLUTION)
     """Side of the square patches the image (or latent) is cut into; must divide data.resolution."""
-    hidden_size: int = Field(384, ge=8)
+    hidden_size: int = Field(384, ge=8, le=MAX_WIDTH)
     """Transformer width D."""
-    depth: int = Field(12, ge=1)
+    depth: int = Field(12, ge=1, le=1024)
     """Number of DiT blocks."""
-    num_heads: int = Field(6, ge=1)
+    num_heads: int = Field(6, ge=1, le=1024)
     """Attention heads per block; must divide hidden_size."""
-    mlp_ratio: float = Field(4.0, gt=0)
-    """Width of the feed-forward layer as a multiple of hidden_size."""
+    mlp_ratio: float = Field(4.0, gt=0, le=64)
+    """Width of the feed-forward layer as a multiple of hidden_size (int(hidden_size x mlp_ratio) units, at least 1)."""
     class_dropout: float = Field(0.1, ge=0, lt=1)
     """Probability of replacing a label by the null class in training (what classifier-free guidance needs; 0 turns
     guidance off)."""
-    num_classes: int | None = Field(None, ge=1)
+    num_classes: int | None = Field(None, ge=1, le=MAX_CLASSES)
     """Number of classes; empty means: as many as the data has."""
     dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout in training only. DiT: on the output of every attention and feed-forward sublayer (timm's proj_drop and
@@ -174,6 +188,11 @@ class ModelSpec(Section):
     def _arch_options(self) -> ModelSpec:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if int(self.hidden_size * self.mlp_ratio) < 1:
+            raise ValueError(
+                f"mlp_ratio {self.mlp_ratio} x hidden_size {self.hidden_size} leaves the feed-forward layer without a "
+                "unit: hidden_size x mlp_ratio must be at least 1 (mlp_ratio 4 is the DiT paper's)"
+            )
         defaults = ModelSpec.model_fields
         if self.arch == "unet":
             dit_fields = (
@@ -209,7 +228,7 @@ class DiffusionSpec(Section):
     `continuous`: variance-preserving diffusion in continuous time, t ~ U(0, 1), alpha and sigma from the cosine
     schedule (Nichol & Dhariwal 2021), the network sees t x num_train_timesteps and predicts `prediction` (default
     there: `sample`, x0); sampled with `ddim` (deterministic) or `ddpm` (ancestral)."""
-    num_train_timesteps: int = Field(1000, ge=2)
+    num_train_timesteps: int = Field(1000, ge=2, le=MAX_TIMESTEPS)
     """Number of noise levels T of the forward process (`flow`: the scale of the network's time input)."""
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     """Noise schedule: `linear` (Ho et al. 2020), `scaled_linear` (linear in sqrt(beta), Stable Diffusion's) or
@@ -229,9 +248,9 @@ class DiffusionSpec(Section):
     gamma 5: epsilon min(SNR, g)/SNR, v_prediction min(SNR, g)/(SNR + 1), sample min(SNR, g)); empty: unweighted."""
     timestep_sampling: Literal["uniform", "logit_normal"] | None = None
     """`flow`: how training draws t: `uniform`, or `logit_normal` (SD3's, the default: more weight mid-path)."""
-    logit_mean: float | None = None
+    logit_mean: float | None = Field(None, ge=-20, le=20)
     """`flow` with logit_normal: the mean of the normal whose sigmoid is t (default 0)."""
-    logit_std: float | None = Field(None, gt=0)
+    logit_std: float | None = Field(None, gt=0, le=20)
     """`flow` with logit_normal: its standard deviation (default 1)."""
     shift: float | None = Field(None, gt=0)
     """`flow`: SD3's time shift t' = s t / (1 + (s - 1) t), in training and sampling (default 1: none; SD3 uses 3 at
@@ -298,9 +317,9 @@ class DataSpec(HubDatasetFields):
     resume hold), with a warning naming it and `bad_samples` in MLflow and `orch status`; more than max_bad_samples in a
     run fail the job, as does a micro batch with no readable sample (a damaged shard much larger than
     data.shuffle_buffer can fill whole batches). `fail`: the first one fails the job, naming it."""
-    max_bad_samples: int = Field(1000, ge=0)
+    max_bad_samples: int = Field(1000, ge=0, le=MAX_COUNT)
     """on_bad_sample skip: the most unreadable samples one run replaces before it fails the job."""
-    resolution: int = Field(8, ge=2)
+    resolution: int = Field(8, ge=2, le=MAX_RESOLUTION)
     """Side of the square training images, in pixels (for `webdataset`: of the images that were encoded; the latents'
     side is what the model sees)."""
     channels: Literal[1, 3] | None = None
@@ -309,9 +328,9 @@ class DataSpec(HubDatasetFields):
     hflip: bool = False
     """Also train on horizontally flipped images (a deterministic flip per sample and epoch); for `webdataset`, flipped
     copies are made by `orch prepare`."""
-    shuffle_buffer: int = Field(1000, ge=1)
+    shuffle_buffer: int = Field(1000, ge=1, le=MAX_COUNT)
     """`webdataset`: samples each DataLoader worker shuffles among (shards are also shuffled per epoch)."""
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, le=MAX_PROCESSES)
     """DataLoader worker processes per rank (0 loads in the training process)."""
 
     @model_validator(mode="after")
@@ -377,21 +396,21 @@ class OneCycleSpec(Section):
 
 
 class TrainSpec(Section):
-    steps: int = Field(ge=1)
+    steps: int = Field(ge=1, le=MAX_COUNT)
     """Optimizer steps to train for (the job ends after this many)."""
-    global_batch_size: int = Field(128, ge=1)
+    global_batch_size: int = Field(128, ge=1, le=MAX_COUNT)
     """Images per optimizer step over all ranks; split as micro batch x ranks x grad_accum_steps."""
-    grad_accum_steps: int = Field(1, ge=1)
+    grad_accum_steps: int = Field(1, ge=1, le=MAX_COUNT)
     """Micro batches accumulated before each optimizer step."""
     learning_rate: float = Field(1e-4, gt=0)
     """Peak AdamW learning rate (also accepted as `lr`)."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW decoupled weight decay."""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
+    adam_betas: tuple[Beta, Beta] = (0.9, 0.999)
+    """AdamW betas (beta1, beta2), each 0 <= beta < 1."""
     adam_eps: float = Field(1e-8, gt=0)
     """AdamW epsilon."""
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_COUNT)
     """Steps of linear learning-rate warmup from 0."""
     lr_schedule: Literal["constant", "cosine", "linear", "one_cycle"] = "constant"
     """Learning rate after warmup: constant, or a cosine / linear decay to min_lr_ratio x peak at the last step; or
@@ -405,10 +424,10 @@ class TrainSpec(Section):
     """Clip the global gradient norm to this value; empty turns clipping off."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast precision: `no` (fp32), `bf16` (CPU or GPU), `fp16` (GPU only, with a gradient scaler)."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seed of weights, data order and noise; the same seed gives bitwise the same run on the same hardware and thread
     count: always on the CPU, on CUDA with resources.deterministic."""
-    max_nonfinite_steps: int = Field(25, ge=1)
+    max_nonfinite_steps: int = Field(25, ge=1, le=MAX_COUNT)
     """A step whose gradients are not finite (NaN or inf, from any rank's loss) is skipped: no optimizer or EMA update,
     counted as `skipped_steps` in MLflow. After this many skipped steps in a row the job stops as failed ("loss
     not finite since step N"); no checkpoint with non-finite weights is ever written. fp16's loss-scale overflows count
@@ -425,7 +444,7 @@ class EmaSpec(Section):
     """Largest EMA decay, reached once the warmup is over."""
     warmup_power: float = Field(0.75, ge=0)
     """EMA warmup: decay after n updates is min(decay, 1 - (1 + n)^-power); 0 uses `decay` from the start."""
-    update_every: int = Field(1, ge=1)
+    update_every: int = Field(1, ge=1, le=MAX_COUNT)
     """Update the EMA weights every this many optimizer steps."""
 
 
@@ -446,7 +465,7 @@ class KeepBestSpec(Section):
     metric: str = "eval/fid"
     """The evaluation metric that ranks checkpoints (`eval/fid`, `fid`, `eval/digit_accuracy`, ...): lower is better for
     distances, higher for accuracy, precision and recall."""
-    count: int = Field(1, ge=1)
+    count: int = Field(1, ge=1, le=MAX_COUNT)
     """How many of the best checkpoints to keep, beyond checkpoint.keep newest."""
 
     @field_validator("metric")
@@ -464,9 +483,9 @@ class KeepBestSpec(Section):
 
 
 class CheckpointSpec(Section):
-    every: int = Field(1000, ge=1)
+    every: int = Field(1000, ge=1, le=MAX_COUNT)
     """Write a checkpoint every this many steps (and always at the end and on preemption)."""
-    keep: int = Field(3, ge=1)
+    keep: int = Field(3, ge=1, le=MAX_COUNT)
     """How many of the newest checkpoints to keep."""
     keep_best: KeepBestSpec | None = None
     """Also keep the best checkpoints by an evaluation metric (needs eval.every; every evaluation step then writes a
@@ -479,26 +498,26 @@ class CheckpointSpec(Section):
 
 
 class SampleSpec(Section):
-    every: int = Field(1000, ge=1)
+    every: int = Field(1000, ge=1, le=MAX_COUNT)
     """Draw a sample grid from the EMA weights every this many steps (and at the end)."""
     sampler: Literal["ddpm", "ddim", "dpm_solver++", "euler", "heun"] = "ddim"
     """Reverse process: for objective ddpm `ddpm` (ancestral, Ho et al.), `ddim` (deterministic, Song et al. 2021) or
     `dpm_solver++` (2nd order, Lu et al. 2022); for objective flow the ODE's `euler` (the default there) or `heun` (2nd
     order, two network calls per step but the last)."""
-    steps: int = Field(50, ge=1)
+    steps: int = Field(50, ge=1, le=MAX_TIMESTEPS)
     """Denoising steps of the sampler."""
     guidance_scale: float = Field(1.0, ge=1)
     """Classifier-free guidance scale; 1 samples the conditional model without guidance."""
-    classes: list[int] | None = None
-    """Class of each grid row; empty means the first min(10, num_classes) classes."""
-    text_rows: int = Field(4, ge=1)
+    classes: list[Annotated[int, Field(ge=0, lt=MAX_CLASSES)]] | None = Field(None, min_length=1, max_length=1024)
+    """Class of each grid row (0 to num_classes - 1); empty means the first min(10, num_classes) classes."""
+    text_rows: int = Field(4, ge=1, le=1024)
     """Text models: grid rows, one per caption of the dataset's first captioned samples (drawn from their stored
     embeddings)."""
-    per_class: int = Field(8, ge=1)
+    per_class: int = Field(8, ge=1, le=1024)
     """Images per grid row."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seed of the fixed noise the grids start from, so grids of different steps are comparable."""
-    progression: int = Field(0, ge=0)
+    progression: int = Field(0, ge=0, le=MAX_TIMESTEPS)
     """With every grid, also log a strip per grid row (an unconditional model: its first 8 images) of the model's x0
     prediction at this many evenly spaced steps of the grid's own reverse process, the first and the last among them
     (the DDPM paper's Fig. 6): `progression` in MLflow, samples/progression-N.png. 0: only with the grid at the end of
@@ -522,7 +541,7 @@ class SampleSpec(Section):
 
 
 class EvalSpec(Section):
-    every: int | None = Field(None, ge=1)
+    every: int | None = Field(None, ge=1, le=MAX_COUNT)
     """Evaluate the EMA weights every this many steps and at the end of training; empty: no evaluation."""
     metrics: (
         tuple[Literal["fid", "kid", "fd_dinov2", "precision_recall", "fd_digits", "digit_accuracy"], ...] | None
@@ -533,25 +552,25 @@ class EvalSpec(Section):
     features of a small digit classifier (trained once, cached; what MNIST diffusion papers do with LeNet), and
     `digit_accuracy`, how many class-conditional samples it reads as their class. Empty: the digits' pair for
     data.source digits, else `fid`."""
-    num_samples: int = Field(1000, ge=2)
+    num_samples: int = Field(1000, ge=2, le=MAX_COUNT)
     """Samples drawn per evaluation, split over the ranks; each is seeded by its index, so the images do not depend
     on the number of ranks. Classes take turns (sample i is of class i mod num_classes)."""
     sampler: Literal["ddpm", "ddim", "dpm_solver++", "euler", "heun"] | None = None
     """Reverse process of the evaluation samples; empty: sample.sampler."""
-    steps: int | None = Field(None, ge=1)
+    steps: int | None = Field(None, ge=1, le=MAX_TIMESTEPS)
     """Denoising steps; empty: sample.steps."""
     guidance_scale: float | None = Field(None, ge=1)
     """Classifier-free guidance scale; empty: sample.guidance_scale."""
-    batch_size: int = Field(500, ge=1)
+    batch_size: int = Field(500, ge=1, le=MAX_COUNT)
     """Samples a rank draws at once."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seed of the evaluation samples' noise (not of training: an evaluation leaves the training run as it was)."""
     reference: str | None = None
     """The real images the samples are compared with: a reference batch in the ADM suite's .npz layout (`arr_0`: uint8
     N x H x W x 3, with `mu` and `sigma` of its Inception features, as the published ImageNet references have; FID then
     uses those statistics), or a folder of images. Empty: the job's own training data (image_folder, hf_dataset,
     digits). Relative paths are relative to the spec file."""
-    reference_samples: int = Field(50_000, ge=2)
+    reference_samples: int = Field(50_000, ge=2, le=MAX_COUNT)
     """At most this many real images make the reference (evenly spread over the training data); their features are
     computed once and cached under $ORCH_CACHE/reference, keyed by the data, the feature network and the resolution."""
     weights_dir: str | None = None
@@ -572,7 +591,7 @@ class TrackingSpec(Section):
     """MLflow tracking URI; empty means $MLFLOW_TRACKING_URI, else sqlite:///<job root>/mlflow.db."""
     experiment: str = "orch"
     """MLflow experiment name."""
-    log_every: int = Field(10, ge=1)
+    log_every: int = Field(10, ge=1, le=MAX_COUNT)
     """Log metrics every this many steps."""
 
 
@@ -593,7 +612,7 @@ class SlurmSpec(Section):
     requeue: bool = True
     """Requeue after a preemption, a node failure or the time-limit warning; the next run resumes from the newest
     checkpoint."""
-    cpus_per_task: int | None = Field(None, ge=1)
+    cpus_per_task: int | None = Field(None, ge=1, le=MAX_PROCESSES)
     """CPUs for each node's task (its ranks and their DataLoader workers); empty asks for processes x (data.num_workers
     + 2): per rank one CPU per loader worker plus two for the rank itself (8 GPUs with 4 workers each: 48). Not capped:
     if the nodes have fewer CPUs, sbatch refuses the job and this must be set. The ranks' threads are these CPUs divided
@@ -634,10 +653,10 @@ class DeepSpeedSpec(Section):
     offload_params: bool = False
     """ZeRO-3 only: the weight partitions live in CPU memory too and are fetched layer by layer (with
     offload_optimizer)."""
-    reduce_bucket_size: int = Field(DEFAULT_BUCKET_SIZE, ge=1)
+    reduce_bucket_size: int = Field(DEFAULT_BUCKET_SIZE, ge=1, le=MAX_COUNT)
     """Elements per gradient reduce-scatter bucket (DeepSpeed's default); smaller saves memory, larger overlaps
     better."""
-    allgather_bucket_size: int = Field(DEFAULT_BUCKET_SIZE, ge=1)
+    allgather_bucket_size: int = Field(DEFAULT_BUCKET_SIZE, ge=1, le=MAX_COUNT)
     """ZeRO-1/2: elements per all-gather bucket of the updated weights."""
     overlap_comm: bool | None = None
     """Overlap gradient reduction with the backward pass (more memory for buckets); empty is DeepSpeed's default (on for
@@ -649,7 +668,7 @@ class DeepSpeedSpec(Section):
 
 
 class DdpSpec(Section):
-    bucket_mb: int = Field(25, ge=1)
+    bucket_mb: int = Field(25, ge=1, le=65536)
     """MiB per gradient all-reduce bucket (torch DDP's bucket_cap_mb)."""
 
 
@@ -668,11 +687,11 @@ class ResourcesSpec(Section):
     """launcher deepspeed: the ssh port of the hosts (empty: ssh's own default or ~/.ssh/config)."""
     slurm: SlurmSpec = SlurmSpec()
     """Slurm settings (launcher: slurm)."""
-    gpus_per_node: int | None = Field(None, ge=1)
+    gpus_per_node: int | None = Field(None, ge=1, le=MAX_PROCESSES)
     """GPUs per node, one rank each (sets `processes`; needs CUDA: device cuda or auto)."""
-    processes: int = Field(1, ge=1)
+    processes: int = Field(1, ge=1, le=MAX_PROCESSES)
     """Ranks per node: one per GPU (see gpus_per_node), or on CPU the DDP ranks over gloo."""
-    nodes: int = Field(1, ge=1)
+    nodes: int = Field(1, ge=1, le=MAX_NODES)
     """Machines, each running `processes` ranks; node 0 runs `orch submit`, every other node `orch join JOB --node-rank
     N` (the job directory on a shared filesystem)."""
     rdzv_endpoint: str | None = None
@@ -702,21 +721,21 @@ class ResourcesSpec(Section):
     tf32: bool = True
     """On CUDA (Ampere and newer): fp32 matmuls and convolutions run on TF32 tensor cores, as the DiT reference training
     does; false for strict fp32. No effect on CPU."""
-    collective_timeout_s: int = Field(600, ge=10)
+    collective_timeout_s: int = Field(600, ge=10, le=MAX_TIMEOUT_S)
     """Seconds a collective may wait for the other ranks (a stuck or vanished rank on another node) before the job
     fails, resumable, instead of hanging."""
-    hang_timeout_s: float | None = Field(1800, ge=10)
+    hang_timeout_s: float | None = Field(1800, ge=10, le=MAX_TIMEOUT_S)
     """Seconds without a finished training step after which every rank writes its threads' Python stacks into the job's
     log and the job stops (and starts again from its newest checkpoint while max_restarts remain): a rank stuck in a
     collective or a data read. Checkpoints, sample grids, evaluations and the first step (compiling) are not watched;
     they have their own timeouts. Empty: no watchdog."""
-    max_restarts: int = Field(0, ge=0)
+    max_restarts: int = Field(0, ge=0, le=MAX_COUNT)
     """Times a failed run (a crash, a lost or hung rank) starts again by itself from the newest checkpoint: torchrun's
     elastic restarts (--max-restarts, all ranks) for launcher torchrun and, in the same allocation, for launcher slurm
     (a lost node ends the allocation: Slurm requeues the job, see resources.slurm.requeue); the supervisor for local
     and deepspeed. Counted in the job's state (`restarts`, shown by `orch status`) and the MLflow tag `orch.restarts`.
     The supervisor does not restart a spec error or a loss that is not finite (it would fail again the same way)."""
-    rank0_timeout_s: int = Field(3600, ge=10)
+    rank0_timeout_s: int = Field(3600, ge=10, le=MAX_TIMEOUT_S)
     """Seconds the other ranks wait while rank 0 works alone (drawing a sample grid, converting a ZeRO checkpoint to
     another world size), outside NCCL's collective timeout; a DDPM-1000 grid of a large model can take minutes."""
     deterministic: bool = False
@@ -724,7 +743,7 @@ class ResourcesSpec(Section):
     autotuning, cuBLAS with a fixed workspace), so that a resumed run repeats the uninterrupted one bit for bit, as it
     always does on the CPU. Costs speed (measured in bench/results/); an op without a deterministic kernel stops the job
     with torch's error naming it."""
-    threads_per_process: int | None = Field(None, ge=1)
+    threads_per_process: int | None = Field(None, ge=1, le=MAX_PROCESSES)
     """CPU threads per rank (OMP_NUM_THREADS); empty means the machine's cores divided by the ranks (launcher slurm: the
     compute node's allocated CPUs, slurm.cpus_per_task, divided by its ranks)."""
 
@@ -884,6 +903,12 @@ class JobSpec(Section):
                 f"{self.resources.world_size} rank(s) x {self.train.grad_accum_steps} accumulation step(s); "
                 f"use a multiple of {split}"
             )
+        classes = m.num_classes or (10 if self.data.source == "digits" else None)
+        beyond = [c for c in self.sample.classes or () if classes is not None and c >= classes]
+        if beyond:
+            raise ValueError(
+                f"sample.classes {', '.join(map(str, beyond))} do(es) not exist: the model has classes 0..{classes - 1}"
+            )
         if self.sample.steps > self.diffusion.num_train_timesteps:
             raise ValueError(
                 f"sample.steps {self.sample.steps} exceeds diffusion.num_train_timesteps "
@@ -1016,8 +1041,8 @@ def spec_kind(path: str | Path) -> str:
     """ "prepare" for a spec of `orch prepare` (top-level `kind: prepare`), else "job"; an unreadable file counts as a
     job spec (load_spec says why)."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        raw = load_yaml(read_spec_text(path), str(path))
+    except SpecError:
         return "job"
     return "prepare" if isinstance(raw, dict) and raw.get("kind") == "prepare" else "job"
 
@@ -1025,18 +1050,14 @@ def spec_kind(path: str | Path) -> str:
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
     """Read a YAML spec, apply `--set key.path=value` overrides, validate; SpecError if anything is wrong."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise SpecError(f"cannot read spec {path}: {err.strerror}") from None
-    if spec_kind(path) == "prepare":
-        raise SpecError(f"{path} is a data-preparation spec (kind: prepare), not a job: run `orch prepare {path}`")
-    return parse_spec(text, source=str(path), overrides=overrides, base_dir=path.parent)
+    return parse_spec(read_spec_text(path), source=str(path), overrides=overrides, base_dir=path.parent)
 
 
 def parse_spec(text: str, source: str = "<spec>", overrides=(), base_dir: Path | None = None) -> JobSpec:
     """Validate spec text; see load_spec."""
     raw, lines = load_yaml_with_lines(text, source, empty_hint="it needs at least `name:` and `train: {steps: N}`")
+    if raw.get("kind") == "prepare":
+        raise SpecError(f"{source} is a data-preparation spec (kind: prepare), not a job: run `orch prepare {source}`")
     raw = _canonical_keys(raw)
     origins = {key: f"line {line}" for key, line in lines.items()}
     for override in overrides:
@@ -1103,7 +1124,8 @@ def reference_markdown() -> str:
                 nested.append((section, f"{prefix}{name}"))
                 continue
             meaning = " ".join((field.description or "").split())  # a docstring that wraps over lines, as one
-            rows.append(f"| `{prefix}{name}` | {_type_name(field.annotation)} | {_default_text(field)} | {meaning} |")
+            kind = _type_name(field.annotation, field.metadata)
+            rows.append(f"| `{prefix}{name}` | {kind} | {_default_text(field)} | {meaning} |")
         out.extend([f"**{title}**", "", *header, *rows, ""])
         for sub, path in nested:
             table(sub, f"{path}.", f"`{path}`")
@@ -1116,11 +1138,50 @@ def _is_section(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, Section)
 
 
-def _type_name(annotation: Any) -> str:
-    if get_origin(annotation) is Literal:
-        return "one of " + ", ".join(f"`{value}`" for value in get_args(annotation))
-    text = repr(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
-    return text.replace("|", "or").replace("NoneType", "empty")
+def _type_name(annotation: Any, metadata: list[Any] = ()) -> str:
+    """A field's type as the reference shows it, with its range (`int, 1 to 2147483647`; `float, 0 <= x < 1`)."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(f"`{value}`" for value in args)
+    if origin is Annotated:  # Annotated[int, Field(ge=0)]: the Field's constraints are in its metadata
+        extra = [item for arg in args[1:] for item in getattr(arg, "metadata", [arg])]
+        return _type_name(args[0], [*extra, *metadata])
+    if origin in (types.UnionType, Union):
+        return " or ".join(_type_name(arg, metadata) if arg is not type(None) else "empty" for arg in args)
+    if origin in (list, tuple):
+        inner = ", ".join(_item_name(arg) for arg in args if arg is not Ellipsis)
+        return f"{origin.__name__}[{inner}]" + ("" if origin is tuple else _length_text(metadata))
+    name = getattr(annotation, "__name__", repr(annotation))
+    bounds = _range_text(metadata) if annotation in (int, float) else ""
+    return f"{name}{bounds}"
+
+
+def _item_name(annotation: Any) -> str:
+    """An item type of a list or tuple, its range in brackets: `int (1 to 64)`."""
+    text = _type_name(annotation)
+    base, sep, bounds = text.partition(", ")
+    return f"{base} ({bounds})" if sep and not text.startswith("one of") else text
+
+
+def _range_text(metadata: list[Any]) -> str:
+    """`, 1 to 64`, `, 0 <= x < 1`, `, > 0` from a field's Ge/Gt/Le/Lt constraints ('' when it has none)."""
+    found = {kind: getattr(item, kind) for item in metadata for kind in ("ge", "gt", "le", "lt") if hasattr(item, kind)}
+    low = (">=", found["ge"]) if "ge" in found else (">", found["gt"]) if "gt" in found else None
+    high = ("<=", found["le"]) if "le" in found else ("<", found["lt"]) if "lt" in found else None
+    if low and high and low[0] == ">=" and high[0] == "<=":
+        return f", {low[1]} to {high[1]}"
+    if low and high:
+        return f", {low[1]} {'<=' if low[0] == '>=' else '<'} x {high[0]} {high[1]}"
+    return "".join(f", {bound[0]} {bound[1]}" for bound in (low, high) if bound)
+
+
+def _length_text(metadata: list[Any]) -> str:
+    found = {
+        kind: getattr(item, kind) for item in metadata for kind in ("min_length", "max_length") if hasattr(item, kind)
+    }
+    if not found:
+        return ""
+    return f", {found.get('min_length', 0)} to {found['max_length']} items" if "max_length" in found else ""
 
 
 def _default_text(field: Any) -> str:

@@ -21,11 +21,15 @@ from pydantic import Field, model_validator
 
 from orchestrator.specs.base import (
     CROPS,
+    MAX_COUNT,
+    MAX_PROCESSES,
+    MAX_RESOLUTION,
     HubDatasetFields,
     Section,
     SpecError,
     load_yaml_with_lines,
     parse_override,
+    read_spec_text,
     set_path,
     validate_tree,
 )
@@ -61,9 +65,9 @@ class InputSpec(HubDatasetFields):
     """hf_dataset: read the rows as a stream instead of downloading and converting the whole dataset first (for
     datasets larger than the disk); one process, and a restart continues from the stream position recorded with the
     last finished shard."""
-    download_timeout: float = Field(10.0, gt=0)
+    download_timeout: float = Field(10.0, gt=0, le=86400)
     """table, hf_dataset with url_column: seconds to wait for one image's server before giving up on that attempt."""
-    download_retries: int = Field(1, ge=0)
+    download_retries: int = Field(1, ge=0, le=100)
     """table, hf_dataset with url_column: further attempts after a failed download (not after a 4xx answer, which will
     not change)."""
 
@@ -91,7 +95,7 @@ class InputSpec(HubDatasetFields):
 
 
 class ImageSpec(Section):
-    resolution: int = Field(256, ge=8)
+    resolution: int = Field(256, ge=8, le=MAX_RESOLUTION)
     """Side of the square images the VAE encodes; a multiple of the VAE's downsampling factor (8 for SD's VAE)."""
     crop: Literal[CROPS] = "center_crop"
     """How an image becomes resolution x resolution: `center_crop` (ADM's: scale the short side, cut the middle) or
@@ -120,7 +124,7 @@ class TextSpec(Section):
     caption gets neither, which the trainer reads as the null caption."""
     encoder: str = DEFAULT_TEXT_ENCODER
     """A sentence-transformers model (Hugging Face name or local folder) giving the pooled and per-token embeddings."""
-    max_tokens: int = Field(77, ge=1)
+    max_tokens: int = Field(77, ge=1, le=65536)
     """Per-token embeddings are kept up to this many tokens (longer captions are truncated; shorter ones are not
     padded)."""
 
@@ -129,21 +133,21 @@ class OutputSpec(Section):
     path: str
     """Folder of the prepared dataset (shards, their records, index.json); relative paths are relative to the spec
     file."""
-    shard_size: int = Field(1000, ge=1)
+    shard_size: int = Field(1000, ge=1, le=MAX_COUNT)
     """Inputs per shard (a shard holds fewer samples when inputs are skipped, twice as many with flip). Changing it for
     a half-finished output is refused."""
 
 
 class PrepareResourcesSpec(Section):
-    processes: int = Field(1, ge=1)
+    processes: int = Field(1, ge=1, le=MAX_PROCESSES)
     """Ranks `orch prepare` starts on this machine (one per GPU); each takes every processes-th shard."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the VAE and text encoder run: `auto` is the rank's GPU (LOCAL_RANK) when one is visible, else the CPU."""
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, le=65536)
     """Images per VAE forward pass (flipped copies go in the same pass, so up to twice this)."""
-    workers: int = Field(8, ge=1)
+    workers: int = Field(8, ge=1, le=MAX_PROCESSES)
     """Threads per rank that read, download and decode images while the VAE encodes the previous batch."""
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=MAX_PROCESSES)
     """CPU threads of torch per rank; empty means torch's default."""
 
 
@@ -187,10 +191,7 @@ class PrepareSpec(Section):
 def load_prepare_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PrepareSpec:
     """Read a prepare spec, apply `--set key.path=value` overrides, validate; SpecError naming every problem."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise SpecError(f"cannot read spec {path}: {err.strerror}") from None
+    text = read_spec_text(path)
     return parse_prepare_spec(text, source=str(path), overrides=overrides, base_dir=path.parent)
 
 
