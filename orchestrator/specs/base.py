@@ -87,7 +87,7 @@ MAX_SPEC_BYTES = 256 * 1024
 """A spec file (or a --set value) larger than this is refused unread."""
 MAX_NESTING = 12
 """Mappings and lists nested deeper than this are refused (the deepest field, model.unet.down_channels, is 4 down)."""
-MAX_VALUES = 5000
+MAX_VALUES = 2000
 """A spec whose values, keys and sections number more than this once every alias is expanded is refused: an alias
 "bomb" of a few hundred bytes can otherwise expand to billions."""
 MAX_INTEGER = 2**64 - 1
@@ -96,8 +96,9 @@ MAX_INTEGER = 2**64 - 1
 
 class _SpecLoader(yaml.SafeLoader):
     """PyYAML's safe loader that refuses, while composing, nesting deeper than MAX_NESTING and more than MAX_VALUES
-    nodes, and integers beyond MAX_INTEGER while constructing (Python would otherwise spend its time on them or raise
-    outside YAMLError)."""
+    nodes, and while constructing, integers beyond MAX_INTEGER and strings with a NUL or a lone surrogate (escapes a
+    double-quoted string allows, which no path or UTF-8 file takes); Python would otherwise spend its time on them or
+    raise outside YAMLError."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
@@ -109,11 +110,11 @@ class _SpecLoader(yaml.SafeLoader):
         mark = self.peek_event().start_mark
         self.nodes += 1
         if self.nodes > MAX_VALUES:
-            raise _TooMuch(mark, f"holds more than {MAX_VALUES} values and keys (a job spec has about 150)")
+            raise _Refused(mark, f"holds more than {MAX_VALUES} values and keys (a job spec has about 150)")
         if collection:
             self.nesting += 1
             if self.nesting > MAX_NESTING:
-                raise _TooMuch(
+                raise _Refused(
                     mark, f"nests mappings or lists more than {MAX_NESTING} deep (a spec field is at most 4 down)"
                 )
         try:
@@ -130,15 +131,28 @@ class _SpecLoader(yaml.SafeLoader):
             value = None
         if value is None or abs(value) > MAX_INTEGER:
             shown = text if len(text) <= 24 else f"{text[:12]}...{text[-4:]} ({len(text)} characters)"
-            raise _TooMuch(node.start_mark, f"integer {shown} is larger than any spec field holds (at most 2**64 - 1)")
+            raise _Refused(node.start_mark, f"integer {shown} is larger than any spec field holds (at most 2**64 - 1)")
+        return value
+
+    def construct_yaml_str(self, node):
+        value = super().construct_yaml_str(node)
+        bad = re.search("[\x00\ud800-\udfff]", value)
+        if bad:
+            raise _Refused(
+                node.start_mark,
+                f"the text {_shown(value, 40)} holds U+{ord(bad.group()):04X}, which no path, name or log line can "
+                "hold (an escape such as \\0 or \\ud800 in a double-quoted string)",
+            )
         return value
 
 
 _SpecLoader.add_constructor("tag:yaml.org,2002:int", _SpecLoader.construct_yaml_int)
+_SpecLoader.add_constructor("tag:yaml.org,2002:str", _SpecLoader.construct_yaml_str)
 
 
-class _TooMuch(yaml.YAMLError):
-    """Input a spec reader refuses before validating it: too deep, too many values, an integer too large."""
+class _Refused(yaml.YAMLError):
+    """Input a spec reader refuses before validating it: too deep, too many values, an integer too large, a string
+    that cannot be text."""
 
     def __init__(self, mark: yaml.Mark | None, problem: str) -> None:
         super().__init__(problem)
@@ -221,8 +235,9 @@ def _compose(text: str, source: str) -> tuple[yaml.Node | None, Any]:
     """The node graph and the data of one YAML document, within the reader's bounds; SpecError otherwise."""
     if len(text.encode("utf-8", "surrogatepass")) > MAX_SPEC_BYTES:
         raise SpecError(f"{source}: larger than {MAX_SPEC_BYTES // 1024} KiB; a spec is a short YAML text")
-    loader = _SpecLoader(text)
+    loader = None
     try:
+        loader = _SpecLoader(text)  # its reader checks the first characters already
         root = loader.get_single_node()
         if root is None:
             return None, None
@@ -233,7 +248,7 @@ def _compose(text: str, source: str) -> tuple[yaml.Node | None, Any]:
         raise SpecError(
             f"{source}: character {char} at position {err.position} is not allowed in YAML ({err.reason})"
         ) from None
-    except _TooMuch as err:
+    except _Refused as err:
         where = "" if source.startswith("--set") else f" line {err.problem_mark.line + 1}:"
         raise SpecError(f"{source}:{where} {err.problem}") from None
     except yaml.YAMLError as err:
@@ -242,7 +257,8 @@ def _compose(text: str, source: str) -> tuple[yaml.Node | None, Any]:
         problem = " ".join(str(getattr(err, "problem", None) or err).split())
         raise _NotYaml(f"{source}:{where} is not valid YAML: {problem}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def load_yaml(text: str, source: str) -> Any:

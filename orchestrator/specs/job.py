@@ -166,7 +166,7 @@ class ModelSpec(Section):
         if not isinstance(data, dict) or data.get("preset") is None:
             return data
         preset = data["preset"]
-        if preset not in DIT_PRESETS:
+        if not isinstance(preset, str) or preset not in DIT_PRESETS:
             return data  # _known_preset names the problem
         merged = dict(data)
         for key, value in DIT_PRESETS[preset].items():
@@ -1041,7 +1041,10 @@ def spec_kind(path: str | Path) -> str:
     """ "prepare" for a spec of `orch prepare` (top-level `kind: prepare`), else "job"; an unreadable file counts as a
     job spec (load_spec says why)."""
     try:
-        raw = load_yaml(read_spec_text(path), str(path))
+        text = read_spec_text(path)
+        raw = (
+            load_yaml(text, str(path)) if "kind" in text else None
+        )  # the word is needed; most specs are not read twice
     except SpecError:
         return "job"
     return "prepare" if isinstance(raw, dict) and raw.get("kind") == "prepare" else "job"
