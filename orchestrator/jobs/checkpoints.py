@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from orchestrator.errors import UserError
-from orchestrator.jobs.directory import JobDir, find_job
+from orchestrator.jobs.directory import JobDir, find_job, shown_ref
 from orchestrator.jobs.evaluations import best_checkpoint
 from orchestrator.layout import EMA_FILE, JOB_STATE_FILE, MODEL_FILE, SPEC_FILE, TRAINER_STATE, checkpoint_name
+from orchestrator.specs.base import SpecError, load_yaml, read_spec_text
 from orchestrator.specs.job import JobSpec, spec_from_dict
 
 
@@ -28,8 +27,12 @@ def resolve_checkpoint(ref: str, root: Path, which: str | None = None) -> tuple[
         (chosen,) = resolve_checkpoints(ref, root, which, allow_all=False)
         return chosen
     path = Path(ref)
-    if path.is_dir() and not (path / JOB_STATE_FILE).is_file():
+    if _is_dir(path) and not (path / JOB_STATE_FILE).is_file():
         return _read_spec(_checkpoint_dir(path)), path.resolve()
+    if path.is_file():
+        raise CheckpointNotFound(
+            f"{ref} is a file; give a job id, a job directory or a checkpoint directory (runs/<job>/checkpoints/step-N)"
+        )
     if not path.exists() and "/" in ref:
         raise CheckpointNotFound(
             f"{ref} does not exist; give a job id (`orch list` shows them), a job directory or a checkpoint directory"
@@ -47,7 +50,7 @@ def resolve_checkpoints(ref: str, root: Path, which: str, allow_all: bool = True
     if which == "latest":
         return [resolve_checkpoint(ref, root)]
     path = Path(ref)
-    if path.is_dir() and not (path / JOB_STATE_FILE).is_file():
+    if _is_dir(path) and not (path / JOB_STATE_FILE).is_file():
         raise CheckpointNotFound(
             f"--checkpoint {which} picks among a job's checkpoints and {ref} is a checkpoint directory; give the job"
         )
@@ -68,6 +71,16 @@ def resolve_checkpoints(ref: str, root: Path, which: str, allow_all: bool = True
         have = ", ".join(p.name for p in complete) or "none yet"
         raise CheckpointNotFound(f"job {job.id} has no complete checkpoint {chosen.name}; it has {have}")
     return [_with_spec(chosen)]
+
+
+def _is_dir(path: Path) -> bool:
+    """Whether `path` is a directory; CheckpointNotFound where the filesystem cannot even look (a name too long)."""
+    try:
+        return path.is_dir()
+    except OSError as err:
+        raise CheckpointNotFound(
+            f"{shown_ref(str(path))}: {err.strerror}; give a job id, a job directory or a checkpoint directory"
+        ) from None
 
 
 def _with_spec(checkpoint: Path) -> tuple[JobSpec, Path]:
@@ -106,12 +119,12 @@ def _no_checkpoint_message(job: JobDir) -> str:
 
 def _read_spec(checkpoint: Path) -> JobSpec:
     spec_file = checkpoint / SPEC_FILE
+    if not spec_file.is_file():
+        raise CheckpointNotFound(f"{checkpoint} has no {SPEC_FILE}; it is not a checkpoint of orch")
     try:
-        raw = yaml.safe_load(spec_file.read_text())
-    except OSError as err:
-        raise CheckpointNotFound(
-            f"{checkpoint} has no readable {SPEC_FILE} ({err.strerror}); it is not a checkpoint of orch"
-        ) from None
+        raw = load_yaml(read_spec_text(spec_file), str(spec_file))  # UTF-8, bounded: a damaged file is a message
+    except SpecError as err:
+        raise CheckpointNotFound(f"{spec_file} is not a spec orch wrote ({err}); the checkpoint is damaged") from None
     if not isinstance(raw, dict):
         raise CheckpointNotFound(f"{spec_file} is not a spec (a YAML mapping); the checkpoint is damaged")
     return spec_from_dict(raw, source=str(spec_file))

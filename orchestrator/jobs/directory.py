@@ -332,8 +332,13 @@ def list_jobs(root: Path) -> list[JobDir]:
 
 def find_job(root: Path, ref: str | None, *, unfinished: bool = False) -> JobDir:
     """A job by id, unique id prefix or path; with no ref, the newest job (the newest unfinished one if asked)."""
-    if ref and (Path(ref) / JOB_STATE_FILE).is_file():
-        return JobDir(ref)
+    if ref is not None and not ref.strip():
+        raise JobError("the job id is empty; give a job id (`orch list` shows them), or none for the newest job")
+    try:
+        if ref and (Path(ref) / JOB_STATE_FILE).is_file():
+            return JobDir(ref)
+    except OSError as err:  # a name too long for the filesystem, a path through a file, ...
+        raise JobError(f"no job {shown_ref(ref)}: {err.strerror}; `orch list` shows the jobs") from None
     jobs = list_jobs(root)
     if ref is None:
         if unfinished:
@@ -346,8 +351,15 @@ def find_job(root: Path, ref: str | None, *, unfinished: bool = False) -> JobDir
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise JobError(f"no job {ref!r} under {root}; `orch list` shows the jobs")
-    raise JobError(f"{ref!r} matches {len(matches)} jobs ({', '.join(j.id for j in matches[:5])}); give more of the id")
+        raise JobError(f"no job {shown_ref(ref)} under {root}; `orch list` shows the jobs")
+    raise JobError(
+        f"{shown_ref(ref)} matches {len(matches)} jobs ({', '.join(j.id for j in matches[:5])}); give more of the id"
+    )
+
+
+def shown_ref(ref: str) -> str:
+    """A job or checkpoint reference as a message quotes it (cut when long)."""
+    return repr(ref) if len(ref) <= 80 else f"{ref[:60]!r}... ({len(ref)} characters)"
 
 
 def latest_checkpoint(directory: Path) -> Path | None:

@@ -153,6 +153,11 @@ def _launch_and_wait(job: JobDir, plan: dict, attempt: int, progress: bool) -> i
 def run_node(job: JobDir, node_rank: int) -> int:
     """Run node `node_rank`'s part of a multi-node job in the foreground (its ranks join node 0's through the
     rendezvous); returns the launcher's exit code. Node 0's supervisor alone records the job's state."""
+    if not job.plan_file.is_file():
+        raise JobError(
+            f"job {job.id} has no {job.plan_file.name} yet: node 0 writes it when it starts the job (`orch submit` or "
+            "`orch resume` there); join after that"
+        )
     plan = json.loads(job.plan_file.read_text())
     if plan["launcher"] == "deepspeed":
         raise JobError(
