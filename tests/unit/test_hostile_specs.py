@@ -165,6 +165,12 @@ def _paths(tree: Any, prefix: tuple = ()) -> list[tuple]:
     return out
 
 
+def _get(tree: Any, path: tuple) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
 def _set(tree: Any, path: tuple, value: Any, delete: bool = False) -> None:
     node = tree
     for key in path[:-1]:
@@ -181,11 +187,16 @@ def tree_mutations(draw, tree: dict) -> dict:
     for _ in range(draw(st.integers(1, 3))):
         paths = _paths(tree)
         path = draw(st.sampled_from(paths))
-        kind = draw(st.sampled_from(["value", "value", "value", "delete", "rename", "listify"]))
+        kind = draw(st.sampled_from(["number", "number", "value", "value", "delete", "rename", "listify"]))
+        numbers = [p for p in paths if isinstance(_get(tree, p), (int, float)) and not isinstance(_get(tree, p), bool)]
+        if kind == "number" and numbers:  # the values a job trains with: out of range, infinite, NaN, huge
+            path = draw(st.sampled_from(numbers))
         node = tree
         for key in path[:-1]:
             node = node[key]
-        if kind == "delete":
+        if kind == "number" and numbers:
+            _set(tree, path, draw(HOSTILE_NUMBERS | st.floats() | st.integers(-(2**70), 2**70)))
+        elif kind == "delete":
             _set(tree, path, None, delete=True)
         elif kind == "rename" and isinstance(node, dict):
             node[str(path[-1]) + draw(st.sampled_from(["_", "s", "X"]))] = node.pop(path[-1])
@@ -388,3 +399,48 @@ def test_the_real_orch_validate_exits_2_at_once(tmp_path, spec_bytes, overrides,
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert time.perf_counter() - start < 10  # the interpreter's start and imports; the refusal itself is in ms
     assert not (tmp_path / "runs").exists() and os.listdir(tmp_path) == ["spec.yaml"]
+
+
+# ---- job ids and checkpoint paths -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def odd_places(tmp_path_factory):
+    """A job root with one job, a plain file, a checkpoint-looking folder whose spec.yaml is binary, an empty folder."""
+    from orchestrator.jobs.directory import JobDir, new_job_id
+
+    base = tmp_path_factory.mktemp("odd")
+    JobDir.create(base / "runs", new_job_id("demo"), "demo", "name: demo\n", total_steps=10)
+    (base / "a-file").write_text("x")
+    (base / "binary").mkdir()
+    (base / "binary" / "spec.yaml").write_bytes(bytes(range(128, 256)))
+    (base / "binary" / "ema.safetensors").write_bytes(b"")
+    (base / "empty").mkdir()
+    return base
+
+
+ODD_REFS = [
+    ("status", "x" * 5000, "File name too long"),
+    ("resume", "a/" * 3000, "File name too long"),
+    ("cancel", "x" * 5000, "File name too long"),
+    ("logs", "demo-" + "9" * 300, "File name too long"),
+    ("join", "", "the job id is empty"),
+    ("status", " ", "the job id is empty"),
+    ("sample", "{base}/a-file", "is a file"),
+    ("export", "{base}/binary", "is not a spec orch wrote"),
+    ("eval", "{base}/binary", "is not a spec orch wrote"),
+    ("sample", "{base}/empty", "is neither a job directory"),
+    ("export", "x" * 5000, "File name too long"),
+    ("eval", "demo", "has no complete checkpoint"),
+]
+
+
+@pytest.mark.parametrize("command, ref, message", ODD_REFS, ids=[f"{c}-{m[:12]}" for c, _, m in ODD_REFS])
+def test_odd_job_ids_and_checkpoint_paths_are_one_message_and_exit_2(odd_places, command, ref, message):
+    ref = ref.format(base=odd_places)
+    extra = {"sample": ["--out", str(odd_places / "out")], "export": ["--out", str(odd_places / "out")]}
+    extra["join"] = ["--node-rank", "1"]
+    args = ["--root", str(odd_places / "runs"), command, ref, *extra.get(command, [])]
+    result = CliRunner().invoke(cli, args, env=OFFLINE)
+    assert result.exit_code == 2 and not isinstance(result.exception, Exception), result.output
+    assert message in result.output and result.output.startswith("orch: error:") and len(result.output) < 1000
