@@ -62,6 +62,7 @@ from orchestrator.data.imagefolder import IMAGE_EXTENSIONS
 from orchestrator.data.loader import square
 from orchestrator.errors import UserError
 from orchestrator.files import fsync_dir, write_atomic
+from orchestrator.specs.base import MAX_CLASSES
 from orchestrator.specs.prepare import ImageSpec, InputSpec, PrepareSpec, VaeSpec, load_prepare_spec
 
 log = logging.getLogger("orchestrator.prepare")
@@ -245,8 +246,8 @@ def _read_table(path: Path) -> list[dict]:
                     raise PrepareError(f"table {path} line {number} is not a JSON object")
                 rows.append(row)
         return rows
-    except (OSError, ValueError, UnicodeDecodeError) as err:  # json and pyarrow errors are ValueErrors
-        raise PrepareError(f"cannot read table {path}: {err}") from None
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as err:  # json, pyarrow: ValueErrors
+        raise PrepareError(f"cannot read table {path}: {str(err)[:300]}") from None
 
 
 def _table_labels(values: list, path: Path) -> tuple[list[int], list[str] | None]:
@@ -259,7 +260,14 @@ def _table_labels(values: list, path: Path) -> tuple[list[int], list[str] | None
     if all(
         isinstance(v, int) and not isinstance(v, bool) or isinstance(v, str) and v.strip().isdigit() for v in values
     ):
-        return [int(v) for v in values], None
+        labels = [int(v) for v in values]
+        beyond = next((row for row, label in enumerate(labels) if not 0 <= label < MAX_CLASSES), None)
+        if beyond is not None:
+            raise PrepareError(
+                f"table {path} row {beyond + 1} has label {labels[beyond]}; integer labels are class indices 0 to "
+                f"{MAX_CLASSES - 1} (or give class names as text)"
+            )
+        return labels, None
     names = sorted({str(v) for v in values})
     return [names.index(str(v)) for v in values], names
 

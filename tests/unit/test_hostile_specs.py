@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 import signal
 import tempfile
 import time
@@ -444,3 +445,27 @@ def test_odd_job_ids_and_checkpoint_paths_are_one_message_and_exit_2(odd_places,
     result = CliRunner().invoke(cli, args, env=OFFLINE)
     assert result.exit_code == 2 and not isinstance(result.exception, Exception), result.output
     assert message in result.output and result.output.startswith("orch: error:") and len(result.output) < 1000
+
+
+# ---- orch prepare's inputs (corrupt and truncated images, a .tar that is not one: tests/integration/test_prepare.py)
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("labels.jsonl", '{"url": "a.png", "label": 3}\n{"url": "b.png", "label": -1}\n', "row 2 has label -1"),
+        ("huge.jsonl", '{"url": "a.png", "label": ' + "9" * 40 + "}\n", "row 1 has label 9999"),
+        ("deep.jsonl", "[" * 100_000 + "]" * 100_000 + "\n", "cannot read table"),
+        ("latin1.csv", "url,caption\na.png,caf\xe9\n", "cannot read table"),
+        ("rows.jsonl", "[1, 2]\n", "line 1 is not a JSON object"),
+    ],
+    ids=["negative label", "huge label", "deep JSON", "latin-1 csv", "rows not objects"],
+)
+def test_a_table_that_cannot_be_read_or_labels_no_class_is_a_prepare_error(tmp_path, name, text, message):
+    from orchestrator.prepare import PrepareError, _scan_table
+    from orchestrator.specs.prepare import InputSpec
+
+    table = tmp_path / name
+    table.write_bytes(text.encode("latin-1" if name.startswith("latin1") else "utf-8"))
+    with pytest.raises(PrepareError, match=re.escape(message)):
+        _scan_table(InputSpec(source="table", path=str(table)), table)
