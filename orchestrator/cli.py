@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -172,25 +171,13 @@ def submit(root: Path, spec_file: str, overrides: tuple[str, ...], detach: bool,
         return
     require_runnable(the_plan)
 
+    from orchestrator.jobs.submission import keep_user_files
+
     job = JobDir.create(root, job_id, spec.name, spec.to_yaml(), spec.train.steps)
     keep_user_files(job, spec)
     write_plan(job, the_plan)
     click.echo(f"job {job.id}  ({job.path})")
     _start(job, detach)
-
-
-def keep_user_files(job: JobDir, spec) -> None:
-    """Copy the files the spec names and the ranks read at every start (a user's DeepSpeed JSON) into the job
-    directory, and point the recorded spec at the copies: a resume a week later trains with what was submitted."""
-    import shutil
-
-    from orchestrator.specs.job import replace
-
-    source = spec.resources.deepspeed.config_file
-    if source and Path(source).parent != job.path:
-        copy = job.path / "deepspeed_user.json"
-        shutil.copyfile(source, copy)
-        job.write_spec(replace(spec, "resources.deepspeed.config_file", str(copy)).to_yaml())
 
 
 @cli.command()
@@ -203,6 +190,7 @@ def keep_user_files(job: JobDir, spec) -> None:
 def resume(root: Path, job_ref: str | None, overrides: tuple[str, ...], allow_spec_change: bool, detach: bool) -> None:
     """Continue a job (default: the newest unfinished one) from its newest checkpoint."""
     from orchestrator.jobs.plan import make_plan, require_runnable
+    from orchestrator.jobs.submission import keep_user_files
     from orchestrator.jobs.supervisor import write_plan
     from orchestrator.specs.job import parse_spec, spec_changes
 
@@ -274,32 +262,17 @@ def _start(job: JobDir, detach: bool) -> None:
         record = run(job, progress=True)
         _print_outcome(record)
         sys.exit(exit_code_for(record.state))
-    with open(job.logs_dir / "supervisor.log", "ab") as log:
-        subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.jobs.supervisor", str(job.path)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    deadline = time.time() + 30
-    while time.time() < deadline and not job.is_locked() and job.read().state == JobState.QUEUED:
-        time.sleep(0.05)
+    from orchestrator.jobs.submission import start_detached
+
+    start_detached(job)
     click.echo(f"detached: `orch status {job.id}`, `orch logs {job.id} --follow`, `orch cancel {job.id}`")
 
 
 def _submit_to_slurm(job: JobDir, plan: dict) -> None:
     """Write the job's sbatch script and submit it; Slurm runs (and requeues) it from here on."""
-    from orchestrator.jobs import slurm_queue as slurm
-    from orchestrator.jobs.supervisor import write_launch_files
+    from orchestrator.jobs.submission import submit_to_slurm
 
-    write_launch_files(plan)  # the sbatch script
-    job.logs_dir.mkdir(exist_ok=True)  # Slurm does not create the output folder; its output would be lost
-    slurm_job_id = slurm.submit(plan["command"]["argv"])
-    record = job.read()
-    if record.state != JobState.QUEUED:
-        job.transition(JobState.QUEUED, message="")
-    job.update(slurm_job_id=slurm_job_id, launcher="slurm", world_size=plan["world_size"], ended_at=None)
+    slurm_job_id = submit_to_slurm(job)
     click.echo(f"submitted to Slurm as job {slurm_job_id}; output in {job.logs_dir / f'slurm-{slurm_job_id}.out'}")
     click.echo(f"`orch status {job.id}`, `orch logs {job.id} --follow`, `orch cancel {job.id}`")
 
@@ -321,30 +294,14 @@ def _print_outcome(record) -> None:
 @user_errors
 def cancel(root: Path, job_ref: str, wait: bool, timeout: float) -> None:
     """Stop a job: it writes a checkpoint, then stops (resumable with `orch resume`)."""
-    import signal
-
     job = find_job(root, job_ref)
     record = job.status()
     if record.state not in ACTIVE_STATES:
         click.echo(f"job {job.id} is not running ({record.state.value}); nothing to cancel")
         return
-    job.update(cancel_requested=True)
-    if record.slurm_job_id is not None:
-        from orchestrator.jobs import slurm_queue as slurm
+    from orchestrator.jobs.submission import request_cancel
 
-        if record.state == JobState.QUEUED:  # not started: nothing to checkpoint
-            slurm.cancel(record.slurm_job_id)
-            job.transition(
-                JobState.CANCELLED,
-                ended_at=time.time(),
-                message=f"cancelled before it started (Slurm job {record.slurm_job_id})",
-            )
-        else:
-            slurm.signal_tasks(record.slurm_job_id, "TERM")  # the ranks checkpoint and stop; no requeue
-    elif record.supervisor_pid and job.is_locked():
-        os.kill(record.supervisor_pid, signal.SIGTERM)
-    elif record.state == JobState.QUEUED:
-        job.transition(JobState.CANCELLED, ended_at=time.time(), message="cancelled before it started")
+    request_cancel(job, record)
     if not wait:
         click.echo(f"job {job.id}: cancel requested")
         return
@@ -353,6 +310,163 @@ def cancel(root: Path, job_ref: str, wait: bool, timeout: float) -> None:
         time.sleep(0.2)
     record = job.status()
     click.echo(f"job {job.id}: {record.state.value} — {record.message}")
+
+
+# ---- sweeps --------------------------------------------------------------------------------
+
+
+class _SweepGroup(click.Group):
+    """`orch sweep SPEC ...` is `orch sweep run SPEC ...`; `status`, `cancel` and `resume` are its other commands."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=_SweepGroup)
+def sweep() -> None:
+    """Hyperparameter sweeps on Optuna: every trial an ordinary job, all of them child runs of one MLflow run.
+
+    \b
+    orch sweep SPEC --grid train.learning_rate=1e-4,3e-4 --grid model.depth=4,8
+    orch sweep SWEEP.yaml                      a `kind: sweep` file (grid, choice, loguniform; grid, random, tpe)
+    orch sweep status NAME / cancel NAME / resume NAME
+    """
+
+
+@sweep.command(name="run")
+@click.argument("spec_file", type=click.Path())
+@click.option("--grid", "grids", multiple=True, metavar="KEY=V1,V2,...", help="A grid axis (repeatable).")
+@click.option("--choice", "choices", multiple=True, metavar="KEY=V1,V2,...", help="A categorical axis (repeatable).")
+@click.option("--loguniform", "loguniforms", multiple=True, metavar="KEY=LOW,HIGH", help="A log-uniform axis.")
+@click.option("--method", type=click.Choice(["grid", "random", "tpe"]), help="[default: the file's, else grid]")
+@click.option("--trials", type=int, help="Trials to run [default: the grid's size; required for random and tpe].")
+@click.option("--objective", help="Metric to optimise: loss or an eval metric, e.g. eval/fd_digits [default: loss].")
+@click.option("--direction", type=click.Choice(["minimize", "maximize"]), help="[default: by the metric]")
+@click.option("--name", help="The sweep's name [default: <job name>-sweep-<time>].")
+@click.option("--storage", help="Optuna storage URL [default: sqlite in the sweep's folder].")
+@click.option("--max-parallel", type=int, help="Trials running at once [default: 1].")
+@click.option("--pruner", type=click.Choice(["none", "median"]), help="Stop bad trials early [default: none].")
+@set_option
+@click.option("--detach", "-d", is_flag=True, help="Return at once; the sweep runs in the background.")
+@click.pass_obj
+@user_errors
+def sweep_run(root: Path, spec_file: str, grids, choices, loguniforms, overrides, detach, **options) -> None:
+    """Run a sweep: check every trial's spec, then run the trials as jobs (`orch sweep SPEC` for short)."""
+    from orchestrator.specs.sweep import sweep_from_command
+    from orchestrator.sweeps import runner
+
+    axes = [("grid", g) for g in grids] + [("choice", c) for c in choices] + [("loguniform", u) for u in loguniforms]
+    the_sweep, base_text = sweep_from_command(spec_file, axes, overrides, **options)
+    sweep_dir = runner.create_sweep(root, the_sweep, base_text)
+    click.echo(
+        f"sweep {the_sweep.name}: {the_sweep.n_trials} trial(s), {the_sweep.method}, "
+        f"{the_sweep.objective.resolved_direction} {the_sweep.objective.key}; folder {sweep_dir.path}"
+    )
+    _run_sweep(sweep_dir, detach)
+
+
+@sweep.command(name="resume")
+@click.argument("name")
+@click.option("--detach", "-d", is_flag=True, help="Return at once; the sweep runs in the background.")
+@click.pass_obj
+@user_errors
+def sweep_resume(root: Path, name: str, detach: bool) -> None:
+    """Continue a sweep whose process stopped: follow its running trials, restart vanished ones, start the rest."""
+    from orchestrator.sweeps.directory import find_sweep
+
+    sweep_dir = find_sweep(root, name)
+    if sweep_dir.status().state == "finished":
+        raise UserError(f"sweep {name} has finished; `orch sweep status {name}` shows its trials")
+    _run_sweep(sweep_dir, detach)
+
+
+def _run_sweep(sweep_dir, detach: bool) -> None:
+    from orchestrator.sweeps import runner
+
+    if detach:
+        runner.start_detached(sweep_dir)
+        click.echo(f"detached: `orch sweep status {sweep_dir.name}`, `orch sweep cancel {sweep_dir.name}`")
+        return
+    record = runner.run_sweep(sweep_dir, echo=click.echo)
+    sys.exit(0 if record.state == "finished" and "0 completed" not in record.message else 1)
+
+
+@sweep.command(name="status")
+@click.argument("name")
+@json_option
+@click.pass_obj
+@user_errors
+def sweep_status(root: Path, name: str, as_json: bool) -> None:
+    """A sweep's trials: overrides, state, step, objective; the best marked."""
+    from orchestrator.sweeps.directory import find_sweep
+    from orchestrator.sweeps.runner import trial_rows
+
+    the_sweep, record, rows = trial_rows(find_sweep(root, name))
+    key = the_sweep.objective.key
+    if as_json:
+        facts = {
+            "name": record.name,
+            "state": record.state,
+            "message": record.message,
+            "method": the_sweep.method,
+            "objective": key,
+            "direction": the_sweep.objective.resolved_direction,
+            "n_trials": record.n_trials,
+            "storage": record.storage,
+            "mlflow_parent_run_id": record.parent_run_id,
+            "trials": rows,
+        }
+        click.echo(json.dumps(facts, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    title = (
+        f"sweep {record.name}: {record.state} — {the_sweep.method}, {len(rows)}/{record.n_trials} trial(s), "
+        f"{the_sweep.objective.resolved_direction} {key}"
+    )
+    table = Table(title=title, title_justify="left")
+    for column in ("trial", "job", "overrides", "state", "step", key, "best"):
+        table.add_column(column)
+    colours = {**STATE_COLOURS, "complete": "green", "fail": "red", "pruned": "yellow"}
+    for row in rows:
+        step = f"{row['step']}/{row['total_steps']}" if row["step"] is not None else "-"
+        table.add_row(
+            str(row["trial"]),
+            row["job"],
+            " ".join(row["overrides"]),
+            f"[{colours.get(row['state'], 'white')}]{row['state']}[/]",
+            step,
+            f"{row['objective']:.6g}" if row["objective"] is not None else "-",
+            "*" if row["best"] else "",
+        )
+    Console().print(table)
+    if record.parent_run_id:
+        click.echo(f"MLflow parent run {record.parent_run_id} at {record.tracking_uri}")
+    if record.message:
+        click.echo(record.message)
+
+
+@sweep.command(name="cancel")
+@click.argument("name")
+@click.option("--wait/--no-wait", default=True, help="Wait until the running trials have checkpointed and stopped.")
+@click.pass_obj
+@user_errors
+def sweep_cancel(root: Path, name: str, wait: bool) -> None:
+    """Stop a sweep: running trials checkpoint and stop (resumable jobs), no new trial starts."""
+    from orchestrator.sweeps.directory import ACTIVE, find_sweep
+    from orchestrator.sweeps.runner import cancel_sweep
+
+    sweep_dir = find_sweep(root, name)
+    record = sweep_dir.status()
+    if record.state != ACTIVE and record.state != "failed":
+        click.echo(f"sweep {name} is not running ({record.state}); nothing to cancel")
+        return
+    cancel_sweep(sweep_dir, wait=wait, echo=click.echo)
+    record = sweep_dir.status()
+    click.echo(f"sweep {name}: {record.state if wait else 'cancel requested'} — {record.message}")
 
 
 # ---- data ----------------------------------------------------------------------------------

@@ -182,7 +182,7 @@ def log_text(job_dir: Path) -> str:
     return log.read_text() if log.exists() else "(no log)"
 
 
-HEAVY_MODULES = ("torch", "mlflow", "deepspeed", "diffusers", "accelerate", "pydantic")
+HEAVY_MODULES = ("torch", "mlflow", "deepspeed", "diffusers", "accelerate", "pydantic", "optuna")
 
 
 def heavy_modules_loaded(args: list[str]) -> list[str]:

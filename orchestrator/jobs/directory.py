@@ -103,6 +103,9 @@ class JobRecord:
     bad_samples: int = 0  # unreadable samples replaced in the latest run, all ranks (data.on_bad_sample skip)
     checkpoint_failures: int = 0  # checkpoints not written by the latest run (checkpoint.on_write_error continue)
     checkpoint_error: str | None = None  # why the last of them was not written
+    sweep: str | None = None  # a sweep's trial: the sweep's name (orchestrator/sweeps/) and the trial's number
+    sweep_trial: int | None = None
+    mlflow_parent_run_id: str | None = None  # a trial's run is a child of its sweep's run (tag mlflow.parentRunId)
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)

@@ -1038,8 +1038,8 @@ class JobSpec(Section):
 
 
 def spec_kind(path: str | Path) -> str:
-    """ "prepare" for a spec of `orch prepare` (top-level `kind: prepare`), else "job"; an unreadable file counts as a
-    job spec (load_spec says why)."""
+    """ "prepare" for a spec of `orch prepare` (top-level `kind: prepare`), "sweep" for one of `orch sweep`, else
+    "job"; an unreadable file counts as a job spec (load_spec says why)."""
     try:
         text = read_spec_text(path)
         raw = (
@@ -1047,7 +1047,8 @@ def spec_kind(path: str | Path) -> str:
         )  # the word is needed; most specs are not read twice
     except SpecError:
         return "job"
-    return "prepare" if isinstance(raw, dict) and raw.get("kind") == "prepare" else "job"
+    kind = raw.get("kind") if isinstance(raw, dict) else None
+    return kind if kind in ("prepare", "sweep") else "job"
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
@@ -1061,6 +1062,8 @@ def parse_spec(text: str, source: str = "<spec>", overrides=(), base_dir: Path |
     raw, lines = load_yaml_with_lines(text, source, empty_hint="it needs at least `name:` and `train: {steps: N}`")
     if raw.get("kind") == "prepare":
         raise SpecError(f"{source} is a data-preparation spec (kind: prepare), not a job: run `orch prepare {source}`")
+    if raw.get("kind") == "sweep":
+        raise SpecError(f"{source} is a sweep spec (kind: sweep), not a job: run `orch sweep {source}`")
     raw = _canonical_keys(raw)
     origins = {key: f"line {line}" for key, line in lines.items()}
     for override in overrides:

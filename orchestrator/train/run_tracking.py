@@ -33,6 +33,14 @@ def start_tracker(spec: JobSpec, job: JobDir, engine: Engine, uri: str | None, r
     }
     if record.slurm_job_id is not None:
         tags.update({"orch.slurm_job_id": record.slurm_job_id, "orch.slurm_restarts": str(record.restarts)})
+    if record.mlflow_parent_run_id is not None:  # a sweep's trial: a child of the sweep's run in the compare view
+        tags.update(
+            {
+                "mlflow.parentRunId": record.mlflow_parent_run_id,
+                "orch.sweep": record.sweep or "",
+                "orch.sweep_trial": str(record.sweep_trial),
+            }
+        )
     try:
         tracker = MlflowTracker.start(
             uri,

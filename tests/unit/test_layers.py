@@ -22,6 +22,7 @@ FLOORS = {
     "orchestrator.components": 3,
     "orchestrator.evaluation": 3,
     "orchestrator.jobs": 4,
+    "orchestrator.sweeps": 5,
     "orchestrator.train": 5,
     "orchestrator.trained": 5,
     "orchestrator.prepare": 6,

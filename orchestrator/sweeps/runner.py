@@ -1,0 +1,644 @@
+"""A sweep on Optuna: its samplers pick each trial's values, its storage keeps the study (sqlite in the sweep's folder,
+or a database URL), its pruners stop bad trials; what is written here is only the glue to orch's jobs.
+
+Each trial is an ordinary job (`<root>/<sweep>-tNNN/`: own directory, resumable, cancellable, its own MLflow run),
+started as `orch submit --detach` starts one (or submitted to Slurm), with the trial's values as `--set` overrides.
+The sweep's process asks Optuna for a trial (`study.ask`), starts its job, watches the job's directory (state,
+evaluations) and tells Optuna how it ended (`study.tell`): the objective's value, failed, or pruned. Up to
+`max_parallel` trials run at once. Killed, the sweep leaves its trials running; `orch sweep resume NAME` finds them
+by their jobs' directories, waits for them (restarting any whose processes vanished) and goes on.
+
+In MLflow the sweep is one parent run (its spec, search space, and the best trial so far) and every trial's run is
+its child (tag `mlflow.parentRunId`), so the experiment's compare view shows the trials together.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import yaml
+
+from orchestrator.errors import UserError
+from orchestrator.jobs import submission
+from orchestrator.jobs.directory import ACTIVE_STATES, JobDir, JobRecord, JobState
+from orchestrator.jobs.evaluations import read_evaluations
+from orchestrator.jobs.plan import make_plan, require_runnable
+from orchestrator.jobs.submission import keep_user_files, request_cancel, submit_to_slurm
+from orchestrator.jobs.supervisor import write_plan
+from orchestrator.specs.job import JobSpec
+from orchestrator.specs.sweep import SweepSpec, check_trials, trial_overrides, trial_spec
+from orchestrator.sweeps.directory import ACTIVE, SweepDir, SweepError, SweepRecord, name_in_use, sweep_path
+from orchestrator.tracking import MLFLOW_CLIENT_ENV, default_artifact_location, first_line, resolve_tracking_uri
+
+if TYPE_CHECKING:
+    import optuna
+
+log = logging.getLogger(__name__)
+POLL_S = 0.5
+CANCEL_WAIT_S = 600.0
+Echo = Callable[[str], None]
+
+
+# ---- creating a sweep: every check before anything starts ---------------------------------------
+
+
+def create_sweep(root: Path, sweep: SweepSpec, base_text: str) -> SweepDir:
+    """Check the sweep (its name, every trial's spec, that the first trial can run here, the storage, the tracking
+    server) and record it; SpecError / SweepError / PlanError before any trial starts, leaving nothing behind."""
+    root = Path(root)
+    if sweep_path(root, sweep.name).exists() or any(root.glob(f"{sweep.name}-t[0-9][0-9][0-9]/state.json")):
+        raise name_in_use(root, sweep.name)
+    base = trial_spec(sweep, base_text, {})
+    specs = check_trials(sweep, base_text)
+    require_runnable(make_plan(specs[0], (root / f"{sweep.name}-t000").resolve(), root.resolve()))
+    sweep_dir = SweepDir.create(root, sweep.name, sweep.to_yaml(), base_text)
+    try:
+        storage = sweep.storage or sweep_dir.default_storage()
+        open_study(sweep, storage, create=True)
+        fields = {"storage": storage, "n_trials": sweep.n_trials}
+        if base.tracking.enabled:
+            uri = resolve_tracking_uri(base.tracking.uri, sweep_dir.root)
+            parent = ParentRun.create(uri, base, sweep, sweep_dir)
+            fields.update(parent_run_id=parent.run_id, tracking_uri=uri, experiment=base.tracking.experiment)
+        sweep_dir.update(**fields)
+    except BaseException:
+        shutil.rmtree(sweep_dir.path, ignore_errors=True)
+        raise
+    return sweep_dir
+
+
+def open_study(sweep: SweepSpec, storage: str, create: bool = False) -> optuna.Study:
+    """The sweep's Optuna study with its sampler and pruner (neither is stored: both are made again on every open)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if sweep.method == "grid":
+        space = {key: list(axis.values) for key, axis in sweep.space.items()}
+        sampler = _GridSampler(space, seed=sweep.seed)
+    elif sweep.method == "random":
+        sampler = optuna.samplers.RandomSampler(seed=sweep.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=max(1, min(10, sweep.n_trials // 2)))
+    pruner = (
+        optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=sweep.pruner_warmup_steps)
+        if sweep.pruner == "median"
+        else optuna.pruners.NopPruner()
+    )
+    try:
+        if create:
+            return optuna.create_study(
+                storage=storage,
+                study_name=sweep.name,
+                direction=sweep.objective.resolved_direction,
+                sampler=sampler,
+                pruner=pruner,
+            )
+        return optuna.load_study(storage=storage, study_name=sweep.name, sampler=sampler, pruner=pruner)
+    except optuna.exceptions.DuplicatedStudyError:
+        raise SweepError(
+            f"the Optuna storage {storage} already holds a study named {sweep.name!r}; choose another --name"
+        ) from None
+    except KeyError:
+        raise SweepError(f"the Optuna storage {storage} holds no study {sweep.name!r}") from None
+    except Exception as err:  # a malformed URL, a missing driver, a database that refuses: all the user's to fix
+        raise SweepError(
+            f"the Optuna storage {storage} cannot be opened: {first_line(err)}; give a database URL that this machine "
+            "can reach (sqlite:///path.db, postgresql://..., mysql://...) or leave storage empty"
+        ) from None
+
+
+def _grid_sampler_class():
+    import optuna
+
+    class GridSampler(optuna.samplers.GridSampler):
+        """Optuna's GridSampler for ask-and-tell: its after_trial calls study.stop() once the grid is covered, which
+        raises outside study.optimize; the sweep counts its trials itself."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            return None
+
+    return GridSampler
+
+
+def _GridSampler(space, seed):  # noqa: N802 - a class made lazily (optuna is not imported with this module)
+    return _grid_sampler_class()(space, seed=seed)
+
+
+# ---- the parent run in MLflow -------------------------------------------------------------------
+
+
+class ParentRun:
+    """The sweep's MLflow run: the sweep's spec and search space, each trial's objective, the best trial so far.
+    Written synchronously from the sweep's process; a failure after its creation is a warning, never a stop."""
+
+    def __init__(self, uri: str, run_id: str):
+        for name, value in MLFLOW_CLIENT_ENV.items():
+            os.environ.setdefault(name, value)
+        from mlflow import MlflowClient
+
+        self.uri, self.run_id = uri, run_id
+        self.client = MlflowClient(tracking_uri=uri)
+
+    @classmethod
+    def create(cls, uri: str, base: JobSpec, sweep: SweepSpec, sweep_dir: SweepDir) -> ParentRun:
+        for name, value in MLFLOW_CLIENT_ENV.items():
+            os.environ.setdefault(name, value)
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+
+        from orchestrator.tracking import get_or_create_experiment
+
+        client = MlflowClient(tracking_uri=uri)
+        axes = ", ".join(f"{key} {axis.describe()}" for key, axis in sorted(sweep.space.items()))
+        objective = f"{sweep.objective.resolved_direction} {sweep.objective.key}"
+        note = sweep.description or f"Sweep of {base.name} ({sweep.method}, {sweep.n_trials} trials) over {axes}."
+        note += f"\n\nObjective: {objective}. Trials are this run's children; sweep folder: {sweep_dir.path}"
+        if base.description:
+            note += f"\n\n{base.name}: {base.description}"
+        tags = {
+            "orch.sweep": sweep.name,
+            "orch.sweep_dir": str(sweep_dir.path),
+            "orch.kind": "sweep",
+            "mlflow.note.content": note,
+        }
+        params = {
+            "sweep.method": sweep.method,
+            "sweep.trials": sweep.n_trials,
+            "sweep.objective": objective,
+            "sweep.max_parallel": sweep.max_parallel,
+            "sweep.pruner": sweep.pruner,
+            "sweep.seed": sweep.seed,
+            "sweep.spec": base.name,
+            **{f"space.{key}": axis.describe() for key, axis in sweep.space.items()},
+            **{f"set.{o.partition('=')[0]}": o.partition("=")[2] for o in sweep.set},
+        }
+        artifacts = default_artifact_location(sweep_dir.root) if uri.startswith("sqlite:") else None
+        try:
+            experiment_id = get_or_create_experiment(client, base.tracking.experiment, artifacts)
+            run_id = client.create_run(experiment_id, run_name=sweep.name, tags=tags).info.run_id
+            client.log_batch(run_id, params=[Param(key, str(value)[:6000]) for key, value in params.items()])
+            client.log_text(run_id, sweep.to_yaml(), "sweep.yaml")
+            client.log_text(run_id, base.to_yaml(), "spec.yaml")
+        except Exception as err:
+            raise SweepError(
+                f"could not create the sweep's MLflow run in experiment {base.tracking.experiment!r} at {uri}: "
+                f"{first_line(err)}; check tracking.uri / MLFLOW_TRACKING_URI (or set tracking.enabled: false)"
+            ) from None
+        return cls(uri, run_id)
+
+    def _try(self, what: str, call: Callable[[], object]) -> None:
+        try:
+            call()
+        except Exception as err:  # noqa: BLE001 - tracking never stops the sweep
+            log.warning("MLflow: could not %s of sweep run %s at %s: %s", what, self.run_id, self.uri, first_line(err))
+
+    def set_status(self, status: str) -> None:
+        if status == "RUNNING":
+            self._try("reopen", lambda: self.client.update_run(self.run_id, status="RUNNING"))
+        else:
+            self._try("end", lambda: self.client.set_terminated(self.run_id, status))
+
+    def record(self, key: str, number: int, value: float | None, best: dict | None, finished: int) -> None:
+        """A trial's objective (at step = its number) and the best trial so far (tags, and best/<key> at step =
+        trials finished)."""
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, value, now, number)] if value is not None else []
+        tags = []
+        if best is not None:
+            metrics.append(Metric(f"best/{key}", best["value"], now, finished))
+            tags = [RunTag(f"orch.best_{name}", str(best[name])) for name in ("trial", "job", "value", "overrides")]
+            if best.get("run_id"):
+                tags.append(RunTag("orch.best_run_id", best["run_id"]))
+        self._try("log trial results", lambda: self.client.log_batch(self.run_id, metrics=metrics, tags=tags))
+
+
+# ---- running --------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunningTrial:
+    trial: optuna.trial.Trial
+    job: JobDir
+    reported: set[int] = field(default_factory=set)
+    pruned_at: int | None = None
+
+
+def load_sweep(sweep_dir: SweepDir) -> tuple[SweepSpec, str]:
+    """The recorded sweep spec and base spec text of a sweep folder."""
+    sweep = SweepSpec.model_validate(yaml.safe_load(sweep_dir.spec_file.read_text()))
+    return sweep, sweep_dir.base_spec_file.read_text()
+
+
+def run_sweep(sweep_dir: SweepDir, echo: Echo = print) -> SweepRecord:
+    """Run (or continue) a sweep until its trials are done or it is cancelled; the ending state."""
+    lock = sweep_dir.try_lock_run()
+    if lock is None:
+        raise SweepError(
+            f"sweep {sweep_dir.name} is already running (pid {sweep_dir.read().pid}); `orch sweep cancel "
+            f"{sweep_dir.name}` stops it"
+        )
+    try:
+        previous = sweep_dir.read()
+        resumed = previous.started_at is not None
+        record = sweep_dir.update(
+            state=ACTIVE,
+            pid=os.getpid(),
+            started_at=time.time(),
+            ended_at=None,
+            message="",
+            cancel_requested=previous.cancel_requested and not resumed,
+        )
+        sweep, base_yaml = load_sweep(sweep_dir)
+        study = open_study(sweep, record.storage)
+        parent = ParentRun(record.tracking_uri, record.parent_run_id) if record.parent_run_id else None
+        if parent is not None and resumed:
+            parent.set_status("RUNNING")
+        runner = _Runner(sweep_dir, sweep, base_yaml, study, parent, echo)
+        with _StopSignals() as stop:
+            runner.stop = stop
+            if resumed:
+                runner.attach_running()
+            state = runner.loop()
+        summary = runner.summary()
+        if parent is not None:
+            parent.set_status({"finished": "FINISHED", "cancelled": "KILLED"}.get(state, "FAILED"))
+        echo(f"sweep {sweep.name}: {state} — {summary}")
+        return sweep_dir.update(state=state, ended_at=time.time(), message=summary)
+    finally:
+        lock.close()
+
+
+class _StopSignals:
+    """SIGINT, SIGTERM and SIGHUP ask the sweep to stop: it cancels its running trials (they checkpoint) and ends."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> _StopSignals:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class _Runner:
+    def __init__(self, sweep_dir: SweepDir, sweep: SweepSpec, base_yaml: str, study, parent, echo: Echo):
+        self.sweep_dir, self.sweep, self.base_yaml, self.study, self.parent, self.echo = (
+            sweep_dir,
+            sweep,
+            base_yaml,
+            study,
+            parent,
+            echo,
+        )
+        self.root = sweep_dir.root
+        self.key = sweep.objective.key
+        self.running: dict[int, RunningTrial] = {}
+        self.stop: _StopSignals | None = None
+
+    # -- the loop
+    def loop(self) -> str:
+        while True:
+            if (self.stop is not None and self.stop.requested) or self.sweep_dir.read().cancel_requested:
+                self.cancel_running()
+                return "cancelled"
+            self.poll()
+            started = len(self.study.get_trials(deepcopy=False))
+            while len(self.running) < self.sweep.max_parallel and started < self.sweep.n_trials:
+                self.start_trial()
+                started += 1
+            if not self.running and started >= self.sweep.n_trials:
+                return "finished"
+            time.sleep(POLL_S)
+
+    def start_trial(self) -> None:
+        import optuna
+
+        trial = self.study.ask()
+        params = {}
+        for key in sorted(self.sweep.space):
+            axis = self.sweep.space[key]
+            if axis.loguniform is not None:
+                params[key] = trial.suggest_float(key, *axis.loguniform, log=True)
+            else:
+                params[key] = trial.suggest_categorical(key, axis.values)
+        overrides = trial_overrides(params)
+        job_id = self.sweep_dir.trial_job_id(trial.number)
+        trial.set_user_attr("job_id", job_id)
+        trial.set_user_attr("overrides", overrides)
+        try:
+            spec = trial_spec(self.sweep, self.base_yaml, params, f"trial {job_id}")
+            the_plan = make_plan(spec, (self.root / job_id).resolve(), self.root.resolve())
+            require_runnable(the_plan)
+        except UserError as err:  # checked for every grid point before the start; drawn values or a changed machine
+            trial.set_user_attr("error", str(err))
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            self.echo(f"trial {trial.number} ({' '.join(overrides)}): cannot start: {err}")
+            return
+        job = JobDir.create(self.root, job_id, spec.name, spec.to_yaml(), spec.train.steps)
+        keep_user_files(job, spec)
+        write_plan(job, the_plan)
+        record = self.sweep_dir.read()
+        job.update(sweep=self.sweep.name, sweep_trial=trial.number, mlflow_parent_run_id=record.parent_run_id)
+        self._launch(job, the_plan.launcher)
+        self.running[trial.number] = RunningTrial(trial, job)
+        self.echo(f"trial {trial.number} ({job_id}): {' '.join(overrides)}: started")
+
+    def _launch(self, job: JobDir, launcher: str) -> None:
+        if launcher == "slurm":
+            slurm_job_id = submit_to_slurm(job)
+            self.echo(f"  {job.id}: Slurm job {slurm_job_id}")
+        else:
+            submission.start_detached(job)
+
+    def poll(self) -> None:
+        for number, running in list(self.running.items()):
+            record = running.job.status()
+            self._report(running, record)
+            if record.state in ACTIVE_STATES:
+                continue
+            del self.running[number]
+            self._finish(running, record)
+
+    def _report(self, running: RunningTrial, record: JobRecord) -> None:
+        """Give Optuna the trial's new intermediate values; cancel the trial's job if the pruner says so."""
+        for step, value in intermediate_values(self.key, running.job, record):
+            if step in running.reported or not math.isfinite(value):
+                continue
+            running.trial.report(value, step)
+            running.reported.add(step)
+            if (
+                self.sweep.pruner != "none"
+                and running.pruned_at is None
+                and record.state in ACTIVE_STATES
+                and running.trial.should_prune()
+            ):
+                running.pruned_at = step
+                request_cancel(running.job, record)
+                self.echo(
+                    f"trial {running.trial.number} ({running.job.id}): pruned at step {step} ({self.key} {value:.4g})"
+                )
+
+    def _finish(self, running: RunningTrial, record: JobRecord) -> None:
+        from optuna.trial import TrialState
+
+        trial, number = running.trial, running.trial.number
+        value = None
+        if running.pruned_at is not None:
+            trial.set_user_attr("outcome", f"pruned at step {running.pruned_at}")
+            self.study.tell(trial, state=TrialState.PRUNED)
+            outcome = "pruned"
+        elif record.state == JobState.SUCCEEDED:
+            value = objective_value(self.key, running.job, record)
+            if value is None or not math.isfinite(value):
+                trial.set_user_attr("error", f"the job logged no finite {self.key}")
+                self.study.tell(trial, state=TrialState.FAIL)
+                outcome, value = f"failed: the job logged no finite {self.key}", None
+            else:
+                self.study.tell(trial, value)
+                outcome = f"{self.key} {value:.6g}"
+        else:
+            trial.set_user_attr("error", f"job {record.state.value}: {record.message}")
+            self.study.tell(trial, state=TrialState.FAIL)
+            outcome = f"{record.state.value}: {record.message}"
+        best = self.best()
+        marker = " (best so far)" if best is not None and best["trial"] == number and value is not None else ""
+        self.echo(f"trial {number} ({running.job.id}): {outcome}{marker}")
+        if self.parent is not None:
+            finished = sum(t.state.is_finished() for t in self.study.get_trials(deepcopy=False))
+            self.parent.record(self.key, number, value, best, finished)
+
+    def best(self) -> dict | None:
+        """The best completed trial: number, job, value, overrides, MLflow run id."""
+        try:
+            trial = self.study.best_trial
+        except ValueError:  # no completed trial yet
+            return None
+        job_id = trial.user_attrs.get("job_id", self.sweep_dir.trial_job_id(trial.number))
+        run_id = None
+        job_path = self.root / job_id
+        if (job_path / "state.json").is_file():
+            run_id = JobDir(job_path).read().mlflow_run_id
+        overrides = " ".join(trial.user_attrs.get("overrides", []))
+        return {"trial": trial.number, "job": job_id, "value": trial.value, "overrides": overrides, "run_id": run_id}
+
+    def cancel_running(self) -> None:
+        """Cancel every running trial (each checkpoints and stops, resumable as a job); Optuna records it failed."""
+        from optuna.trial import TrialState
+
+        if self.running:
+            self.echo(f"sweep {self.sweep.name}: cancelling {len(self.running)} running trial(s)")
+        for running in self.running.values():
+            record = running.job.status()
+            if record.state in ACTIVE_STATES:
+                request_cancel(running.job, record)
+        deadline = time.time() + CANCEL_WAIT_S
+        while time.time() < deadline and any(
+            r.job.is_locked() or r.job.status().state in ACTIVE_STATES for r in self.running.values()
+        ):
+            time.sleep(0.2)
+        for running in self.running.values():
+            record = running.job.status()
+            running.trial.set_user_attr("error", f"cancelled with the sweep (job {record.state.value})")
+            self.study.tell(running.trial, state=TrialState.FAIL)
+            self.echo(f"trial {running.trial.number} ({running.job.id}): cancelled ({record.state.value})")
+        self.running.clear()
+
+    def attach_running(self) -> None:
+        """After a restart of the sweep: find the jobs of the trials Optuna holds as running; wait for those still
+        running, restart those whose processes vanished, record the ones that ended meanwhile."""
+        import optuna
+        from optuna.trial import TrialState
+
+        for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            trial = optuna.trial.Trial(self.study, frozen._trial_id)
+            job_path = self.root / self.sweep_dir.trial_job_id(frozen.number)
+            if not (job_path / "state.json").is_file():
+                trial.set_user_attr("error", "the sweep stopped before the trial's job was created")
+                self.study.tell(trial, state=TrialState.FAIL)
+                continue
+            job = JobDir(job_path)
+            record = job.status()
+            running = RunningTrial(trial, job, reported=set(frozen.intermediate_values))
+            self.running[frozen.number] = running
+            if record.state in (JobState.FAILED, JobState.PREEMPTED) or (
+                record.state == JobState.QUEUED and not job.is_locked() and record.slurm_job_id is None
+            ):
+                self.echo(f"trial {frozen.number} ({job.id}): was {record.state.value}; resuming it")
+                self._launch(job, record.launcher or _planned_launcher(job))
+            else:
+                self.echo(f"trial {frozen.number} ({job.id}): {record.state.value}; following it")
+
+    def summary(self) -> str:
+        from optuna.trial import TrialState
+
+        trials = self.study.get_trials(deepcopy=False)
+        counts = {state: sum(t.state == state for t in trials) for state in TrialState}
+        text = (
+            f"{counts[TrialState.COMPLETE]} completed, {counts[TrialState.FAIL]} failed, "
+            f"{counts[TrialState.PRUNED]} pruned of {self.sweep.n_trials}"
+        )
+        best = self.best()
+        if best is not None:
+            text += f"; best: trial {best['trial']} ({best['job']}: {best['overrides']}) {self.key} {best['value']:.6g}"
+        return text
+
+
+def _planned_launcher(job: JobDir) -> str:
+    import json
+
+    return json.loads(job.plan_file.read_text())["launcher"]
+
+
+# ---- what a trial's job reports -------------------------------------------------------------------
+
+
+def objective_value(key: str, job: JobDir, record: JobRecord) -> float | None:
+    """The objective of a finished trial: the last logged loss, or the job's last in-loop evaluation of `key`."""
+    if key == "loss":
+        return record.loss
+    values = intermediate_values(key, job, record)
+    return values[-1][1] if values else None
+
+
+def intermediate_values(key: str, job: JobDir, record: JobRecord) -> list[tuple[int, float]]:
+    """(step, value) of the objective so far: the loss of the newest logged window, or every in-loop evaluation."""
+    if key == "loss":
+        return [(record.step, record.loss)] if record.loss is not None and record.step else []
+    return [
+        (r.step, float(r.metrics[key]))
+        for r in read_evaluations(job.path)
+        if r.source == "in-loop" and r.error is None and key in r.metrics
+    ]
+
+
+# ---- cancelling, detaching -------------------------------------------------------------------------
+
+
+def cancel_sweep(sweep_dir: SweepDir, wait: bool = True, timeout: float = CANCEL_WAIT_S, echo: Echo = print) -> None:
+    """Stop a sweep: its running trials checkpoint and stop (each resumable as a job), Optuna records them failed, no
+    new trial starts. A sweep whose process is gone (killed) has its still-running trials cancelled from here."""
+    sweep_dir.update(cancel_requested=True)
+    record = sweep_dir.read()
+    if sweep_dir.is_locked():
+        if record.pid:
+            os.kill(record.pid, signal.SIGTERM)  # its process cancels the running trials
+        deadline = time.time() + timeout
+        while wait and sweep_dir.is_locked() and time.time() < deadline:
+            time.sleep(0.2)
+        return
+    lock = sweep_dir.try_lock_run()
+    if lock is None:  # it started again meanwhile; it will see cancel_requested
+        return
+    try:
+        from optuna.trial import TrialState
+
+        sweep, base_text = load_sweep(sweep_dir)
+        study = open_study(sweep, record.storage)
+        parent = ParentRun(record.tracking_uri, record.parent_run_id) if record.parent_run_id else None
+        runner = _Runner(sweep_dir, sweep, base_text, study, parent, echo)
+        import optuna
+
+        for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            job_path = sweep_dir.root / sweep_dir.trial_job_id(frozen.number)
+            if (job_path / "state.json").is_file():
+                runner.running[frozen.number] = RunningTrial(
+                    optuna.trial.Trial(study, frozen._trial_id), JobDir(job_path)
+                )
+        runner.cancel_running()
+        if parent is not None:
+            parent.set_status("KILLED")
+        sweep_dir.update(state="cancelled", ended_at=time.time(), message=runner.summary())
+    finally:
+        lock.close()
+
+
+def start_detached(sweep_dir: SweepDir) -> None:
+    """Run the sweep in the background (`python -m orchestrator.sweeps.runner DIR`, its output in sweep.log)."""
+    import subprocess
+
+    with open(sweep_dir.log_file, "ab") as log_file:
+        subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.sweeps.runner", str(sweep_dir.path)],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.time() + 30
+    while time.time() < deadline and not sweep_dir.is_locked() and sweep_dir.read().state == ACTIVE:
+        time.sleep(0.05)
+
+
+# ---- reading a sweep (status) ---------------------------------------------------------------------
+
+
+def trial_rows(sweep_dir: SweepDir) -> tuple[SweepSpec, SweepRecord, list[dict]]:
+    """The sweep, its record, and one row per trial: number, job, overrides, state, step, objective, best."""
+    from optuna.trial import TrialState
+
+    sweep, _ = load_sweep(sweep_dir)
+    record = sweep_dir.status()
+    study = open_study(sweep, record.storage)
+    trials = study.get_trials(deepcopy=False)
+    best_number = None
+    completed = [t for t in trials if t.state == TrialState.COMPLETE]
+    if completed:
+        pick = min if sweep.objective.resolved_direction == "minimize" else max
+        best_number = pick(completed, key=lambda t: t.value).number
+    rows = []
+    for trial in trials:
+        job_id = trial.user_attrs.get("job_id", sweep_dir.trial_job_id(trial.number))
+        job_path = sweep_dir.root / job_id
+        job_record = JobDir(job_path).status() if (job_path / "state.json").is_file() else None
+        state = trial.state.name.lower()
+        if trial.state == TrialState.RUNNING and job_record is not None:
+            state = job_record.state.value
+        value = trial.value
+        if value is None and trial.intermediate_values:
+            value = trial.intermediate_values[max(trial.intermediate_values)]
+        rows.append(
+            {
+                "trial": trial.number,
+                "job": job_id,
+                "overrides": trial.user_attrs.get("overrides") or trial_overrides(trial.params),
+                "state": state,
+                "step": job_record.step if job_record else None,
+                "total_steps": job_record.total_steps if job_record else None,
+                "objective": value,
+                "best": trial.number == best_number,
+                "error": trial.user_attrs.get("error"),
+                "mlflow_run_id": job_record.mlflow_run_id if job_record else None,
+            }
+        )
+    return sweep, record, rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m orchestrator.sweeps.runner SWEEP_DIR`: a detached sweep (`orch sweep --detach`)."""
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    record = run_sweep(SweepDir(args[0]), echo=lambda line: print(line, flush=True))
+    return 0 if record.state == "finished" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
