@@ -54,6 +54,10 @@ MAX_PARAM_VAL_LENGTH = 6000
 MAX_TAG_VAL_LENGTH = 8000
 IMAGE_KEY_PATTERN = re.compile(r"^[a-zA-Z0-9_\-./ ]+$")  # what MlflowClient.log_image accepts as a key
 RUN_END_STATUSES = ("FINISHED", "FAILED", "KILLED")
+# MLflow 3's UI files an experiment without this tag under its GenAI view (traces, prompts); orch's runs are model
+# training (the UI's constant CUSTOM_MODEL_DEVELOPMENT, read from the tag mlflow.experimentKind).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: "custom_model_development"}
 
 
 class TrackingError(RuntimeError):
@@ -346,7 +350,7 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_location:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_TAGS)
         except MlflowException:
             experiment = client.get_experiment_by_name(name)  # another job created it meanwhile
             if experiment is None:
@@ -354,6 +358,8 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_location:
     if experiment.lifecycle_stage == "deleted":
         logger.warning("MLflow experiment %r was deleted; restoring it", name)
         client.restore_experiment(experiment.experiment_id)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before orch set it, or by someone else
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_TAGS[EXPERIMENT_KIND_TAG])
     return experiment.experiment_id
 
 

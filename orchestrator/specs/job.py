@@ -25,6 +25,7 @@ from launch.torchrun import check_host_port
 from model.sizes import DIT_PRESETS
 from orchestrator.specs.base import (
     CROPS,
+    HUB_FIELDS,
     MAX_CLASSES,
     MAX_COUNT,
     MAX_NODES,
@@ -115,6 +116,21 @@ class UNetSpec(Section):
         return self
 
 
+# The model fields that configure a DiT (arch unet takes its layout from model.unet).
+DIT_FIELDS = (
+    "preset",
+    "patch_size",
+    "hidden_size",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "conditioning",
+    "ffn",
+    "pos_embed",
+    "learn_sigma",
+)
+
+
 class ModelSpec(Section):
     arch: Literal["dit", "unet"] = "dit"
     """Network family: `dit`, the Diffusion Transformer (Peebles & Xie 2023); `unet`, the DDPM U-Net (Ho et al. 2020),
@@ -195,19 +211,7 @@ class ModelSpec(Section):
             )
         defaults = ModelSpec.model_fields
         if self.arch == "unet":
-            dit_fields = (
-                "preset",
-                "patch_size",
-                "hidden_size",
-                "depth",
-                "num_heads",
-                "mlp_ratio",
-                "conditioning",
-                "ffn",
-                "pos_embed",
-                "learn_sigma",
-            )
-            dit_only = [f for f in dit_fields if getattr(self, f) != defaults[f].default]
+            dit_only = [f for f in DIT_FIELDS if getattr(self, f) != defaults[f].default]
             if dit_only:
                 raise ValueError(f"{', '.join(dit_only)} configure a DiT; arch unet takes its layout from model.unet")
         elif self.unet != UNetSpec():
@@ -1026,6 +1030,52 @@ class JobSpec(Section):
     def flat(self) -> dict[str, Any]:
         """The spec as dotted keys (`train.learning_rate`), as MLflow params."""
         return flatten(self.to_dict())
+
+    def applicable_params(self) -> dict[str, Any]:
+        """The flat spec without the fields that do not apply to this job (a DiT's model.unet, the other objective's
+        fields, another launcher's or strategy's settings, eval settings without evaluations...): the run's params in
+        MLflow, where 100 fields of which a third mean nothing for the job hide the ones that do."""
+        m, d, t, data, r = self.model, self.diffusion, self.train, self.data, self.resources
+        skip = {"description", "tracking.enabled"}  # the run's description tag; a run that exists is tracked
+        if m.arch == "dit":
+            skip.add("model.unet.")
+        else:
+            skip.update(f"model.{f}" for f in DIT_FIELDS)
+        if d.objective == "flow":
+            skip.update(f"diffusion.{f}" for f in ("beta_schedule", "beta_start", "beta_end", "prediction", "loss"))
+            skip.add("diffusion.min_snr_gamma")
+        else:
+            skip.update(f"diffusion.{f}" for f in ("timestep_sampling", "logit_mean", "logit_std", "shift"))
+        if d.objective == "continuous":
+            skip.update(("diffusion.beta_schedule", "diffusion.loss"))
+        if d.objective == "continuous" or d.beta_schedule != "linear":
+            skip.update(("diffusion.beta_start", "diffusion.beta_end"))
+        if data.source != "hf_dataset":
+            skip.update(f"data.{f}" for f in (*HUB_FIELDS, "label_column"))
+        if data.source != "webdataset":
+            skip.add("data.shuffle_buffer")
+        if data.source not in ("image_folder", "hf_dataset"):
+            skip.add("data.crop")
+        if t.lr_schedule != "one_cycle":
+            skip.add("train.one_cycle.")
+        if t.lr_schedule in ("constant", "one_cycle"):
+            skip.add("train.min_lr_ratio")
+        if self.eval.every is None:
+            skip.update(f"eval.{f}" for f in EvalSpec.model_fields if f != "every")
+        if m.condition != "text":
+            skip.add("sample.text_rows")
+        if r.launcher != "slurm":
+            skip.add("resources.slurm.")
+        if not r.strategy.startswith("zero"):
+            skip.add("resources.deepspeed.")
+        if r.strategy != "ddp":
+            skip.add("resources.ddp.")
+        if r.launcher != "deepspeed":
+            skip.update(("resources.hosts", "resources.hostfile", "resources.ssh_port"))
+        if r.nodes == 1:
+            skip.add("resources.rdzv_endpoint")
+        prefixes = tuple(s for s in skip if s.endswith("."))
+        return {k: v for k, v in self.flat().items() if k not in skip and not k.startswith(prefixes)}
 
     def digest(self) -> str:
         """A short hash of the resolved spec."""

@@ -419,6 +419,7 @@ class Trainer:
             best = best_checkpoints(self.job.path, metric, 1)
             if best:
                 self.job.update(best_step=best[0].step, best_metric=metric, best_value=best[0].value)
+                self.tracker.set_tags({"orch.best_checkpoint": str(best[0].path), f"orch.best_{metric}": best[0].value})
         if self.spec.checkpoint.keep_best is not None:  # a checkpoint that is no longer among the best goes now
             keep_steps = frozenset(steps_to_keep(self.job.path, self.spec))
             prune_checkpoints(self.job.checkpoints_dir, self.spec.checkpoint.keep, keep_steps)
@@ -527,4 +528,5 @@ class Trainer:
         )
         if self.engine.is_main:
             self.job.update(checkpoint=str(path), checkpoint_step=self.step)
+            self.tracker.set_tags({"orch.checkpoint": str(path)})  # the run page links to the job's files
             log.info("checkpoint %s", path.name)

@@ -30,6 +30,8 @@ def start_tracker(spec: JobSpec, job: JobDir, engine: Engine, uri: str | None, r
         "orch.world_size": str(engine.world_size),
         "orch.attempt": str(record.attempts),
         "orch.restarts": str(record.restarts),
+        "orch.job_dir": str(job.path),
+        "mlflow.note.content": run_description(spec, job),  # the run page's Description
     }
     if record.slurm_job_id is not None:
         tags.update({"orch.slurm_job_id": record.slurm_job_id, "orch.slurm_restarts": str(record.restarts)})
@@ -54,13 +56,25 @@ def start_tracker(spec: JobSpec, job: JobDir, engine: Engine, uri: str | None, r
         log.warning("MLflow unavailable at %s (%s): training goes on without tracking", uri, err)
         return NullTracker()
     if record.mlflow_run_id is None:
-        tracker.log_params(spec.flat())
+        tracker.log_params(spec.applicable_params())
         tracker.log_text(spec.to_yaml(), "spec.yaml")
     elif resumed:
         tracker.log_text(spec.to_yaml(), f"spec.attempt-{record.attempts}.yaml")
     tracker.set_tags(tags)
     job.update(mlflow_run_id=tracker.run_id, mlflow_uri=uri)
     return tracker
+
+
+def run_description(spec: JobSpec, job: JobDir) -> str:
+    """The run's description in the MLflow UI: the spec's `description`, else what the job trains."""
+    model = spec.model.preset or (f"{spec.model.arch} depth {spec.model.depth} width {spec.model.hidden_size}")
+    if spec.model.arch == "unet":
+        model = "DDPM U-Net"
+    summary = (
+        f"{model}, {spec.diffusion.objective} objective, {spec.data.source} data, {spec.train.steps} steps "
+        f"(orch job {job.id}, {job.path})"
+    )
+    return f"{spec.description}\n\n{summary}" if spec.description else summary
 
 
 def _git_commit() -> str:

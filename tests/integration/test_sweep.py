@@ -92,6 +92,15 @@ def test_sweep_runs_trials_as_child_runs_and_records_the_best_and_a_failed_trial
     statuses = {run.data.params["train.learning_rate"]: run.info.status for run in children}
     assert statuses == {"0.001": "FINISHED", "1e+30": "FAILED"}
     assert all(run.data.tags["orch.sweep"] == "lr" for run in children)
+    # the run page reads well: a description, only the fields that apply, opened as model training
+    child = children[0]
+    assert child.data.tags["mlflow.note.content"].startswith("a tiny DiT swept over its learning rate")
+    assert child.data.tags["orch.job_dir"] == str(root / child.info.run_name)
+    assert child.data.tags["orch.checkpoint"].startswith(str(root / child.info.run_name / "checkpoints"))
+    assert not [key for key in child.data.params if key.startswith(("model.unet.", "resources.slurm.", "eval.num"))]
+    assert child.data.params["model.hidden_size"] == "32"
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
     again = cli("sweep", str(spec), "--grid", "train.learning_rate=1e-3", "--name", "lr", root=root)
     assert again.exit_code == 2 and "already exists" in again.stderr, again.stderr

@@ -294,3 +294,15 @@ def test_hf_dataset_fields_belong_to_their_source_and_labels_to_a_conditional_mo
         parse_spec(base + "data: {source: webdataset, path: d, crop: resize}")
     with pytest.raises(SpecError, match="source hf_dataset needs data.path"):
         parse_spec(base + "data: {source: hf_dataset}")
+
+
+def test_mlflow_params_leave_out_the_fields_that_do_not_apply_to_the_job():
+    dit = parse_spec("name: d\ntrain: {steps: 1}\n").applicable_params()
+    assert "model.hidden_size" in dit and "diffusion.beta_schedule" in dit
+    assert not [key for key in dit if key.startswith(("model.unet.", "resources.slurm.", "resources.deepspeed."))]
+    assert "diffusion.shift" not in dit and "eval.num_samples" not in dit and "train.one_cycle.pct_start" not in dit
+    unet = parse_spec("name: u\nmodel: {arch: unet}\ndata: {resolution: 32}\ntrain: {steps: 1}\n").applicable_params()
+    assert "model.unet.down_channels" in unet and "model.hidden_size" not in unet
+    flow = parse_spec("name: f\ndiffusion: {objective: flow}\ntrain: {steps: 1}\neval: {every: 5}\n")
+    assert "diffusion.shift" in flow.applicable_params() and "diffusion.beta_schedule" not in flow.applicable_params()
+    assert "eval.num_samples" in flow.applicable_params()
