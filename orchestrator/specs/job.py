@@ -597,6 +597,12 @@ class TrackingSpec(Section):
     """MLflow experiment name."""
     log_every: int = Field(10, ge=1, le=MAX_COUNT)
     """Log metrics every this many steps."""
+    system_metrics: bool = True
+    """MLflow's system metrics (CPU, memory, disk, network; GPU utilisation and memory through nvidia-ml-py on GPU
+    nodes), sampled by each node's first rank under system/node<k>/ (the run's System metrics tab)."""
+    system_metrics_every_s: float = Field(10.0, ge=0.5)
+    """Seconds between two system-metrics samples (MLflow's default 10; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+    overrides it)."""
 
 
 class SlurmSpec(Section):
@@ -1037,6 +1043,8 @@ class JobSpec(Section):
         MLflow, where 100 fields of which a third mean nothing for the job hide the ones that do."""
         m, d, t, data, r = self.model, self.diffusion, self.train, self.data, self.resources
         skip = {"description", "tracking.enabled"}  # the run's description tag; a run that exists is tracked
+        if not self.tracking.system_metrics:
+            skip.add("tracking.system_metrics_every_s")
         if m.arch == "dit":
             skip.add("model.unet.")
         else:

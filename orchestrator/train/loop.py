@@ -35,7 +35,7 @@ from orchestrator.specs.job import JobSpec
 from orchestrator.tracking import NullTracker, Tracker
 from orchestrator.train.engine import Engine, TrainingDiverged
 from orchestrator.train.grids import GridMaker
-from orchestrator.train.run_tracking import start_tracker
+from orchestrator.train.run_tracking import SystemMetrics, start_tracker
 from orchestrator.train.schedule import lr_factor, step_seed
 from orchestrator.train.signals import StopRequest
 from orchestrator.train.state import (
@@ -94,14 +94,17 @@ def train(spec: JobSpec, job: JobDir, device: str, tracking_uri: str | None) -> 
     try:
         trainer = Trainer(spec, job, engine, stop)
         trainer.tracker = start_tracker(spec, job, engine, tracking_uri, resumed=trainer.resumed_from is not None)
+        trainer.tracking_uri = tracking_uri
         try:
             outcome = trainer.run()
         except BaseException:
+            trainer.close_system_metrics()
             trainer.tracker.close(status="FAILED", timeout=10)
             raise
         finally:
             if trainer.watchdog is not None:
                 trainer.watchdog.close()  # what follows (waiting out a tracking outage) is not a training step
+        trainer.close_system_metrics()
         # A finished job waits out a short MLflow outage; a stopping one (preempted: its grace time is short) does not.
         trainer.tracker.close(status="FINISHED" if outcome.finished else "KILLED", outlast_outage=outcome.finished)
         return outcome
@@ -191,6 +194,8 @@ class Trainer:
         self.grid = GridMaker(spec, self.model_input, engine.device) if engine.is_main else None
         self.evaluator = Evaluator(spec, self.model_input, engine) if spec.eval.every else None
         self.tracker: Tracker = NullTracker()
+        self.tracking_uri: str | None = None
+        self.system_metrics: SystemMetrics | None = None
         self.nonfinite_steps = injected_nonfinite_steps(engine.rank)
         self.bad_samples = 0  # unreadable samples this rank replaced in this run (data.on_bad_sample skip)
         self.checkpoint_failures = 0  # checkpoints not written in this run (checkpoint.on_write_error continue)
@@ -237,6 +242,7 @@ class Trainer:
             t.grad_accum_steps,
         )
         report_compiled = spec.resources.compile
+        start_step = self.step
         if (
             self.resumed_from is not None
             and self.step % spec.sample.every == 0
@@ -288,6 +294,8 @@ class Trainer:
                 # under ZeRO and FSDP the full weights are gathered for it
                 engine.update_ema(self.ema, model, self.step)
             window_steps += 1
+            if window_steps == 1 and self.step == start_step + 1:
+                self._start_system_metrics()  # after a collective: rank 0 has opened the run
             if report_compiled:  # the first step compiled the blocks
                 log.info("torch.compile: %s in %.1f s", compiled_graphs(), time.perf_counter() - window_start)
                 report_compiled = False
@@ -333,6 +341,22 @@ class Trainer:
                     finished=False, step=self.step, stop_signal=self.stop.signal_name or "a signal on another rank"
                 )
         return Outcome(finished=True, step=self.step)
+
+    def _start_system_metrics(self) -> None:
+        """Each node's first rank samples its machine into the job's run (under system/node<k>/)."""
+        processes = self.spec.resources.processes
+        if self.engine.rank % processes:
+            return
+        run_id = self.tracker.run_id if self.engine.is_main else self.job.read().mlflow_run_id
+        node = self.engine.rank // processes
+        self.system_metrics = SystemMetrics.start(
+            self.spec, self.tracking_uri, run_id, node, resumed=self.resumed_from is not None
+        )
+
+    def close_system_metrics(self) -> None:
+        if self.system_metrics is not None:
+            self.system_metrics.close()
+            self.system_metrics = None
 
     def _record_hang(self, message: str) -> None:
         """What the watchdog records before it ends this rank (rank 0 keeps the job's state)."""

@@ -65,6 +65,48 @@ def start_tracker(spec: JobSpec, job: JobDir, engine: Engine, uri: str | None, r
     return tracker
 
 
+class SystemMetrics:
+    """MLflow's own system-metrics monitor (mlflow.system_metrics: CPU, memory, disk, network, and GPU through
+    nvidia-ml-py), one per node, run by the node's first rank into the job's run under system/node<k>/: the one
+    place where a rank other than global rank 0 writes to MLflow, as only each node can see its own machine."""
+
+    def __init__(self, monitor):
+        self.monitor = monitor
+
+    @classmethod
+    def start(
+        cls, spec: JobSpec, uri: str | None, run_id: str | None, node: int, resumed: bool
+    ) -> SystemMetrics | None:
+        """A started monitor, or None (system metrics off, no run, or MLflow refused: a warning, training goes on)."""
+        if uri is None or run_id is None or not spec.tracking.system_metrics:
+            return None
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                run_id,
+                sampling_interval=spec.tracking.system_metrics_every_s,
+                resume_logging=resumed,  # on resume: its steps go on after the last attempt's
+                node_id=f"node{node}",
+                tracking_uri=uri,
+            )
+            monitor.start()
+        except Exception as err:  # noqa: BLE001 - tracking never stops training
+            log.warning("MLflow system metrics unavailable (%s); training goes on", err)
+            return None
+        return cls(monitor)
+
+    def close(self) -> None:
+        """Stop sampling and log a last sample (a job shorter than the interval has one too)."""
+        try:
+            self.monitor.finish()
+            self.monitor.collect_metrics()
+            self.monitor.publish_metrics(self.monitor.aggregate_metrics())
+            self.monitor.mlflow_logger.flush()
+        except Exception as err:  # noqa: BLE001 - tracking never stops training
+            log.warning("MLflow system metrics: the last sample was not logged (%s)", err)
+
+
 def run_description(spec: JobSpec, job: JobDir) -> str:
     """The run's description in the MLflow UI: the spec's `description`, else what the job trains."""
     model = spec.model.preset or (f"{spec.model.arch} depth {spec.model.depth} width {spec.model.hidden_size}")

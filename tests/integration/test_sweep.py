@@ -99,6 +99,8 @@ def test_sweep_runs_trials_as_child_runs_and_records_the_best_and_a_failed_trial
     assert child.data.tags["orch.checkpoint"].startswith(str(root / child.info.run_name / "checkpoints"))
     assert not [key for key in child.data.params if key.startswith(("model.unet.", "resources.slurm.", "eval.num"))]
     assert child.data.params["model.hidden_size"] == "32"
+    finished = next(run for run in children if run.info.status == "FINISHED")
+    assert "system/node0/cpu_utilization_percentage" in finished.data.metrics  # the System metrics tab
     experiment = client.get_experiment(parent.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
