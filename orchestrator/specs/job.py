@@ -659,7 +659,8 @@ class SlurmSpec(Section):
 class DeepSpeedSpec(Section):
     offload_optimizer: bool = False
     """ZeRO-Offload: the fp32 master weights and AdamW state live in CPU memory and DeepSpeed's CPU Adam steps them
-    there (less GPU memory, a slower step)."""
+    there (less GPU memory, a slower step). Known limit: a resume continues from the newest checkpoint but is not bit
+    for bit the uninterrupted run (measured with ZeRO-3 on CPU; without offload ZeRO resumes bitwise)."""
     offload_params: bool = False
     """ZeRO-3 only: the weight partitions live in CPU memory too and are fetched layer by layer (with
     offload_optimizer)."""

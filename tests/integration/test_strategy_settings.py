@@ -112,19 +112,6 @@ def test_zero3_offloaded_and_checkpointed_trains_like_ddp_keeps_its_deepspeed_js
     assert sampled.returncode == 0 and (tmp_path / "samples" / "grid.png").is_file(), sampled.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found this session once ranks could no longer outlive a killed launcher (tests/faults/test_orphans.py): "
-    "ZeRO-3 with DeepSpeed's CPU Adam (resources.deepspeed.offload_optimizer) resumes from the right checkpoint, but "
-    "the resumed run departs from the uninterrupted one (without offload it is bitwise: "
-    "tests/integration/test_zero.py)",
-)
-def test_zero3_offloaded_resumes_bitwise(tmp_path):
-    spec = tiny_spec(tmp_path, **RESUME_SPEC)
-    offloaded = [*TWO_RANKS, "--set", "resources.strategy=zero3", "--set", "resources.deepspeed.offload_optimizer=true"]
-    kill_after_checkpoint_then_resume(tmp_path, spec, offloaded, kill_at=10, total=14)
-
-
 def test_a_deepspeed_json_that_contradicts_the_spec_is_refused_before_anything_runs(tmp_path):
     user_json = tmp_path / "ds.json"
     user_json.write_text(json.dumps({"gradient_accumulation_steps": 4, "optimizer": {"type": "Adam"}}))
