@@ -42,9 +42,10 @@ FLOW = [
 ]
 
 
-# Two ranks of the default objective resume bitwise in tests/faults/test_hang_restart.py (after torchrun restarts them)
-# and tests/integration/test_latent_jobs.py (with DataLoader workers): not run a third time here.
-@pytest.mark.parametrize(("processes", "objective"), [(1, []), (2, FLOW)], ids=["1", "2-flow"])
+# Two ranks resume bitwise in tests/faults/test_hang_restart.py (after torchrun restarts them),
+# tests/integration/test_latent_jobs.py (with DataLoader workers) and, for flow, under FSDP in
+# tests/integration/test_strategy_settings.py: not run a fourth time here.
+@pytest.mark.parametrize(("processes", "objective"), [(1, []), (1, FLOW)], ids=["1", "1-flow"])
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path, processes, objective):
     spec = tiny_spec(tmp_path, **RESUME_SPEC)
     overrides = [arg for o in [f"resources.processes={processes}", *objective] for arg in ("--set", o)]

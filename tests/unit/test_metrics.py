@@ -9,6 +9,8 @@ import torch
 from orchestrator.evaluation.digits import digit_features_and_predictions, digits_images, load_digit_classifier
 from orchestrator.evaluation.metrics import FeatureStats, frechet_distance, kernel_distance, precision_recall
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process torch on a busy 2-core machine
+
 
 def reference_frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     """pytorch-fid's calculate_frechet_distance: the matrix square root by scipy.linalg.sqrtm."""

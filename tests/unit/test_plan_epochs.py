@@ -205,7 +205,8 @@ def save_hf_dataset(folder: Path, labels: list[int], class_names: list[str] | No
 
 def hub_spec(tmp_path: Path, folder: Path, **model):
     data = {"source": "hf_dataset", "path": str(folder), "resolution": 8}
-    return plan_of(tmp_path, data=data, train={"steps": 10, "global_batch_size": 4}, model={**TINY_MODEL, **model})
+    train = {"steps": 10, "global_batch_size": 4}
+    return plan_of(tmp_path, data=data, train=train, model={**TINY_MODEL, **model}, sample={"classes": [0, 1]})
 
 
 TINY_MODEL = {"patch_size": 4, "hidden_size": 32, "depth": 2, "num_heads": 2}
