@@ -617,21 +617,77 @@ def sample(
 @click.option(
     "--format", "fmt", type=click.Choice(["safetensors", "diffusers"]), default="safetensors", show_default=True
 )
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Folder to export into.")
+@click.option(
+    "--to-mlflow",
+    is_flag=True,
+    help="Log the model (weights, spec, a loader: an MLflow pyfunc) into the job's MLflow run, or a new run if it has "
+    "none.",
+)
+@click.option("--register-as", metavar="NAME", help="With --to-mlflow: register it as a new version of this model.")
 @checkpoint_option()
 @click.option("--no-ema", is_flag=True, help="Export the raw weights instead of the EMA weights.")
 @click.pass_obj
 @user_errors
-def export(root: Path, ref, fmt, out_dir, which, no_ema) -> None:
-    """Export a job's model: .safetensors plus its spec, or a diffusers directory."""
+def export(root: Path, ref, fmt, out_dir, to_mlflow, register_as, which, no_ema) -> None:
+    """Export a job's model: .safetensors and its spec or a diffusers directory (--out), or to MLflow (--to-mlflow)."""
     from orchestrator.jobs.checkpoints import resolve_checkpoint
 
-    spec, checkpoint = resolve_checkpoint(ref, root, which)  # before torch: a wrong name is answered at once
-    from orchestrator.trained import export as exporting
+    if not out_dir and not to_mlflow:
+        raise UserError("give --out DIR (files) or --to-mlflow (the job's MLflow run), or both")
+    if register_as is not None and not to_mlflow:
+        raise UserError("--register-as registers what --to-mlflow logs: add --to-mlflow")
+    if register_as is not None:
+        from orchestrator.specs.job import check_registered_model_name
 
-    write = exporting.export_diffusers if fmt == "diffusers" else exporting.export_safetensors
-    write(spec, checkpoint, Path(out_dir), ema=not no_ema)
-    click.echo(f"exported {checkpoint} ({'raw' if no_ema else 'EMA'} weights) as {fmt} -> {out_dir}")
+        check_registered_model_name(register_as)
+    spec, checkpoint = resolve_checkpoint(ref, root, which)  # before torch: a wrong name is answered at once
+    kind = "raw" if no_ema else "EMA"
+    target = _mlflow_target(spec, checkpoint, root) if to_mlflow else None  # an unreachable server: before torch
+    if out_dir:
+        from orchestrator.trained import export as exporting
+
+        write = exporting.export_diffusers if fmt == "diffusers" else exporting.export_safetensors
+        write(spec, checkpoint, Path(out_dir), ema=not no_ema)
+        click.echo(f"exported {checkpoint} ({kind} weights) as {fmt} -> {out_dir}")
+    if target is not None:
+        from orchestrator.trained.mlflow_model import export_to_mlflow
+
+        uri, run_id, run_name, artifact_location = target
+        logged_to, info = export_to_mlflow(
+            checkpoint,
+            uri,
+            run_id,
+            spec.tracking.experiment,
+            run_name,
+            artifact_location,
+            register_as=register_as,
+            ema=not no_ema,
+        )
+        where = f"MLflow run {logged_to}" + ("" if run_id else " (new: the job had none)")
+        click.echo(f"logged {checkpoint} ({kind} weights) to {where} at {uri} as {info.model_uri}")
+        if register_as:
+            click.echo(f"registered as {register_as} version {info.registered_model_version}")
+
+
+def _mlflow_target(spec, checkpoint: Path, root: Path) -> tuple[str, str | None, str, str | None]:
+    """Where `orch export --to-mlflow` logs: (tracking URI, the job's run id or None, the name of a new run, the
+    artifact location of a new experiment); UserError if the server cannot be reached."""
+    from orchestrator.layout import JOB_STATE_FILE
+    from orchestrator.tracking import check_tracking_reachable, default_artifact_location, resolve_tracking_uri
+
+    job_dir = checkpoint.parent.parent  # <job>/checkpoints/step-N
+    record = JobDir(job_dir).read() if (job_dir / JOB_STATE_FILE).is_file() else None
+    store_root = job_dir.parent if record is not None else root.resolve()
+    if record is not None and record.mlflow_run_id and record.mlflow_uri:
+        uri, run_id = record.mlflow_uri, record.mlflow_run_id
+    else:
+        uri, run_id = resolve_tracking_uri(spec.tracking.uri, store_root), None
+    problem = check_tracking_reachable(uri)
+    if problem:
+        raise UserError(f"{problem}; the model was not logged")
+    artifact_location = default_artifact_location(store_root) if uri.startswith("sqlite:") else None
+    return uri, run_id, job_dir.name if record is not None else spec.name, artifact_location
 
 
 @cli.command(name="eval")

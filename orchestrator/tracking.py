@@ -178,6 +178,11 @@ class MlflowTracker:
             ) from error
         return cls(client, run_id, uri, queue_size=queue_size, retry_for=retry_for)
 
+    @property
+    def reachable(self) -> bool:
+        """Whether the server answered the last request sent (False while, and after, an outage close() gave up on)."""
+        return self._unreachable_since is None
+
     def log_params(self, params: Mapping[str, object]) -> None:
         """Queue `params`, values stringified and cut to MLflow's maximum length, 100 per request."""
         from mlflow.entities import Param

@@ -588,6 +588,20 @@ class EvalSpec(Section):
         return tuple(key for metric in self.metrics or () for key in EVAL_METRIC_KEYS[metric])
 
 
+REGISTERED_MODEL_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,255}$"
+"""A registered model name orch accepts: a subset of MLflow's (which refuses `/` and `:`) that every registry takes."""
+
+
+def check_registered_model_name(name: str) -> str:
+    """`name` if tracking.register_as takes it (`orch export --register-as`), else SpecError saying what it takes."""
+    if not re.fullmatch(REGISTERED_MODEL_NAME, name):
+        raise SpecError(
+            f"registered model name {name!r}: use 1 to 256 letters, digits, `_`, `-` and `.`, not starting with `-` or "
+            "`.`"
+        )
+    return name
+
+
 class TrackingSpec(Section):
     enabled: bool = True
     """Log to MLflow (rank 0 only)."""
@@ -603,6 +617,13 @@ class TrackingSpec(Section):
     system_metrics_every_s: float = Field(10.0, ge=0.5)
     """Seconds between two system-metrics samples (MLflow's default 10; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
     overrides it)."""
+    log_model: bool = True
+    """At the end of a finished job, log the final checkpoint's EMA weights, the spec and a loader as the run's MLflow
+    model `model` (a pyfunc whose predict draws images; see the README). A failure to log is a warning, never a
+    failed job."""
+    register_as: str | None = Field(None, pattern=REGISTERED_MODEL_NAME)
+    """Also register that model as a new version of this MLflow registered model (letters, digits, `_`, `-`, `.`;
+    at most 256 characters); empty registers nothing."""
 
 
 class SlurmSpec(Section):
@@ -1046,6 +1067,8 @@ class JobSpec(Section):
         skip = {"description", "tracking.enabled"}  # the run's description tag; a run that exists is tracked
         if not self.tracking.system_metrics:
             skip.add("tracking.system_metrics_every_s")
+        if not self.tracking.log_model:
+            skip.add("tracking.register_as")
         if m.arch == "dit":
             skip.add("model.unet.")
         else:

@@ -35,7 +35,7 @@ from orchestrator.specs.job import JobSpec
 from orchestrator.tracking import NullTracker, Tracker
 from orchestrator.train.engine import Engine, TrainingDiverged
 from orchestrator.train.grids import GridMaker
-from orchestrator.train.run_tracking import SystemMetrics, start_tracker
+from orchestrator.train.run_tracking import SystemMetrics, log_trained_model, start_tracker
 from orchestrator.train.schedule import lr_factor, step_seed
 from orchestrator.train.signals import StopRequest
 from orchestrator.train.state import (
@@ -107,6 +107,8 @@ def train(spec: JobSpec, job: JobDir, device: str, tracking_uri: str | None) -> 
         trainer.close_system_metrics()
         # A finished job waits out a short MLflow outage; a stopping one (preempted: its grace time is short) does not.
         trainer.tracker.close(status="FINISHED" if outcome.finished else "KILLED", outlast_outage=outcome.finished)
+        if outcome.finished:  # after the run's end: an upload never holds back its status, nor a slow one its metrics
+            log_trained_model(spec, job, trainer.tracker, outcome.step)
         return outcome
     finally:
         if trainer is not None:

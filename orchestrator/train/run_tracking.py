@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 from orchestrator.jobs.directory import JobDir
 from orchestrator.specs.job import JobSpec
-from orchestrator.tracking import NullTracker, Tracker, default_artifact_location
+from orchestrator.tracking import NullTracker, Tracker, default_artifact_location, first_line
 from orchestrator.train.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,41 @@ class SystemMetrics:
             self.monitor.mlflow_logger.flush()
         except Exception as err:  # noqa: BLE001 - tracking never stops training
             log.warning("MLflow system metrics: the last sample was not logged (%s)", err)
+
+
+def log_trained_model(spec: JobSpec, job: JobDir, tracker: Tracker, step: int) -> None:
+    """At the end of a finished job, after tracker.close(): the newest checkpoint as the run's MLflow model `model`
+    (orchestrator/trained/mlflow_model.py), registered as tracking.register_as if set. Training is done: nothing here
+    may fail the job, so every failure is a warning naming `orch export --to-mlflow`, which logs it later. A server
+    that close() waited for in vain is not tried again; one that dies meanwhile fails fast (one 5 s request timeout,
+    no retries: MLFLOW_CLIENT_ENV)."""
+    uri, run_id = getattr(tracker, "uri", None), tracker.run_id
+    if not spec.tracking.log_model or uri is None or run_id is None:
+        return
+    later = f"`orch export {job.id} --to-mlflow` logs it once the server is back"
+    if not getattr(tracker, "reachable", True):
+        log.warning("the trained model was not logged to MLflow: the server at %s is unreachable; %s", uri, later)
+        return
+    checkpoint = job.latest_checkpoint()
+    if checkpoint is None:
+        return
+    started = time.monotonic()
+    try:
+        from orchestrator.trained.mlflow_model import log_model
+
+        info = log_model(checkpoint, uri, run_id, register_as=spec.tracking.register_as, step=step)
+    except Exception as err:  # noqa: BLE001 - the job trained; logging its model never fails it
+        log.warning("the trained model was not logged to MLflow run %s (%s); %s", run_id, first_line(err), later)
+        return
+    registered = f", registered as {spec.tracking.register_as} version {info.registered_model_version}"
+    log.info(
+        "trained model %s logged to MLflow run %s as %s%s (%.1f s)",
+        checkpoint.name,
+        run_id,
+        info.model_uri,
+        registered if spec.tracking.register_as else "",
+        time.monotonic() - started,
+    )
 
 
 def run_description(spec: JobSpec, job: JobDir) -> str:

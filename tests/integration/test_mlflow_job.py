@@ -2,7 +2,9 @@
 and training that goes on while the server is away."""
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import urllib.request
@@ -119,12 +121,21 @@ def test_unreachable_tracking_server_is_refused_at_submit(tmp_path):
     assert not root.exists() or not any(root.iterdir())
 
 
-def test_default_store_is_local_next_to_the_jobs_and_orch_ui_serves_it(tmp_path):
+@pytest.fixture(scope="module")
+def default_store_job(tmp_path_factory):
+    """A 2-step job tracked to the default store (SQLite by the jobs), its model logged and registered at its end."""
+    tmp_path = tmp_path_factory.mktemp("default-store")
     root = tmp_path / "runs"
-    spec = tiny_spec(tmp_path, train={"steps": 2}, tracking={"enabled": True, "log_every": 1})
+    tracking = {"enabled": True, "log_every": 1, "register_as": "tiny-digits"}
+    spec = tiny_spec(tmp_path, train={"steps": 2}, tracking=tracking)
     result = orch("submit", str(spec), root=root, env={"MLFLOW_TRACKING_URI": ""})
     job = only_job(root)
     assert result.returncode == 0, log_text(job)
+    return root, job
+
+
+def test_default_store_is_local_next_to_the_jobs_and_orch_ui_serves_it(default_store_job):
+    root, job = default_store_job
     assert (root / "mlflow.db").is_file()
     run_id = state(job)["mlflow_run_id"]
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
@@ -148,3 +159,86 @@ def test_default_store_is_local_next_to_the_jobs_and_orch_ui_serves_it(tmp_path)
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)
+
+
+def test_a_finished_job_logs_its_ema_model_whose_predict_draws_what_orch_sample_draws(default_store_job, monkeypatch):
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    from orchestrator.components.images import to_uint8
+    from orchestrator.trained import sampling
+
+    root, job = default_store_job
+    uri, run_id = f"sqlite:///{root / 'mlflow.db'}", state(job)["mlflow_run_id"]
+    assert "trained model step-0000002 logged to MLflow run" in log_text(job)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    logged = mlflow.pyfunc.load_model(f"runs:/{run_id}/model", model_config={"device": "cpu"})
+    images = logged.predict(pd.DataFrame({"class": [3, 5], "seed": 11, "steps": 4}))
+    assert images.shape == (2, 8, 8, 1) and images.dtype == np.uint8
+
+    spec, checkpoint = sampling.resolve_checkpoint(job.name, root)
+    model = sampling.load_model(spec, checkpoint, device="cpu")
+    drawn = to_uint8(sampling.sample_images(model, spec, [3, 5], steps=4, seed=11))  # as `orch sample` draws them
+    assert np.array_equal(images, drawn)
+    repeated = logged.predict({"class": [5], "n": [2], "seed": [11], "steps": [4]})  # `--class 5 --num 2`
+    assert np.array_equal(repeated, to_uint8(sampling.sample_images(model, spec, [5, 5], steps=4, seed=11)))
+    with pytest.raises(mlflow.exceptions.MlflowException, match="out of range: this model has classes 0..9"):
+        logged.predict(pd.DataFrame({"class": [10]}))
+
+    version = MlflowClient(uri).get_model_version("tiny-digits", "1")  # tracking.register_as
+    assert version.run_id == run_id and version.status == "READY"
+
+
+def test_orch_export_to_mlflow_registers_a_version_that_draws_like_the_run_model(default_store_job, monkeypatch):
+    import mlflow
+    import numpy as np
+
+    root, job = default_store_job
+    uri, run_id = f"sqlite:///{root / 'mlflow.db'}", state(job)["mlflow_run_id"]
+    result = orch("export", job.name, "--to-mlflow", "--register-as", "tiny-exported", root=root)
+    assert result.returncode == 0, result.stderr
+    assert f"to MLflow run {run_id}" in result.stdout and "registered as tiny-exported version 1" in result.stdout
+    version = MlflowClient(uri).get_model_version("tiny-exported", "1")
+    assert version.run_id == run_id and version.status == "READY"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    rows = {"class": [0, 7], "seed": [3, 3], "steps": [2, 2]}
+    exported = mlflow.pyfunc.load_model("models:/tiny-exported/1", model_config={"device": "cpu"}).predict(rows)
+    at_the_end = mlflow.pyfunc.load_model("models:/tiny-digits/1", model_config={"device": "cpu"}).predict(rows)
+    assert np.array_equal(exported, at_the_end)
+
+
+def test_orch_export_to_mlflow_with_the_server_away_is_exit_2(default_store_job, tmp_path):
+    root, job = default_store_job
+    checkpoint = tmp_path / "step-0000002"  # outside its job: logged to MLFLOW_TRACKING_URI's server, in a new run
+    shutil.copytree(job / "checkpoints" / "step-0000002", checkpoint)
+    away = f"http://127.0.0.1:{free_port()}"
+    result = orch("export", str(checkpoint), "--to-mlflow", root=root, env={"MLFLOW_TRACKING_URI": away})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"MLflow tracking server {away} is not reachable" in result.stderr and "not logged" in result.stderr
+
+
+def test_a_model_that_cannot_be_logged_is_a_warning_never_a_failed_job(default_store_job, caplog):
+    import yaml
+
+    from orchestrator.jobs.directory import JobDir
+    from orchestrator.specs.job import spec_from_dict
+    from orchestrator.train.run_tracking import log_trained_model
+
+    root, job = default_store_job
+    spec = spec_from_dict(yaml.safe_load((job / "spec.yaml").read_text()))
+    # a name the registry refuses (the spec check is bypassed): the model is logged, its registration fails
+    refused = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"register_as": "a:b"})})
+
+    class Tracker:
+        uri, run_id, reachable = f"sqlite:///{root / 'mlflow.db'}", state(job)["mlflow_run_id"], True
+
+    away = Tracker()
+    away.reachable = False  # close() waited for the server in vain: not tried again
+    with caplog.at_level(logging.WARNING):
+        log_trained_model(spec, JobDir(job), away, step=2)
+        log_trained_model(refused, JobDir(job), Tracker(), step=2)
+    warnings = [r.getMessage() for r in caplog.records if "trained model was not logged" in r.getMessage()]
+    assert len(warnings) == 2 and all(f"orch export {job.name} --to-mlflow" in w for w in warnings), warnings
+    assert "unreachable" in warnings[0] and "a:b" in warnings[1]
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_EXPERIMENT_ID" not in os.environ  # left as they were

@@ -10,6 +10,7 @@ from orchestrator.specs.job import (
     DIT_PRESETS,
     JobSpec,
     SpecError,
+    check_registered_model_name,
     json_schema,
     load_spec,
     parse_spec,
@@ -306,3 +307,15 @@ def test_mlflow_params_leave_out_the_fields_that_do_not_apply_to_the_job():
     flow = parse_spec("name: f\ndiffusion: {objective: flow}\ntrain: {steps: 1}\neval: {every: 5}\n")
     assert "diffusion.shift" in flow.applicable_params() and "diffusion.beta_schedule" not in flow.applicable_params()
     assert "eval.num_samples" in flow.applicable_params()
+
+
+def test_a_registered_model_name_is_checked_where_it_is_given():
+    spec = parse_spec("name: t\ntrain: {steps: 1}\ntracking: {register_as: digits.dit-v2}\n")
+    assert spec.tracking.register_as == "digits.dit-v2" and spec.tracking.log_model
+    assert "line 3: tracking.register_as" in problems("name: t\ntrain: {steps: 1}\ntracking: {register_as: a/b}\n")
+    assert check_registered_model_name("cats_1") == "cats_1"
+    for bad in ("", "a:b", "-x", "x" * 257):
+        with pytest.raises(SpecError, match="registered model name"):
+            check_registered_model_name(bad)
+    quiet = parse_spec("name: t\ntrain: {steps: 1}\ntracking: {log_model: false, register_as: x}\n")
+    assert "tracking.register_as" not in quiet.applicable_params()
