@@ -30,8 +30,9 @@ The model's signature lists its columns: MLflow drops others (with a warning) an
 a column of the wrong type (an integer column with an empty cell included: give every row a value, or none). Inputs
 the model cannot honour (a class out of range, guidance without a null class) raise MlflowException
 (INVALID_PARAMETER_VALUE: HTTP 400 when served).
-`mlflow.pyfunc.load_model(uri, model_config={"device": "cpu", "batch_size": 16})` picks the device (default: cuda
-if visible) and the sampling batch size (default 64).
+The loaded model draws on the GPU when one is visible, as `orch sample` does (CUDA_VISIBLE_DEVICES= keeps it on the
+CPU; `loaded.unwrap_python_model().model.to(device)` moves it), 64 images a batch. No load-time model_config: MLflow
+takes one only from a model logged with it, and logs it as params of the run, among the job's own.
 """
 
 from __future__ import annotations
@@ -95,14 +96,13 @@ class OrchPyfunc(mlflow.pyfunc.PythonModel):
     """An orch checkpoint as an MLflow pyfunc: predict draws images (the contract: this module's docstring)."""
 
     def load_context(self, context) -> None:
-        """Build the network of the logged spec with the logged weights, on model_config's device."""
+        """Build the network of the logged spec with the logged weights (on cuda if visible, else the CPU)."""
         folder = Path(context.artifacts[CHECKPOINT_ARTIFACT])
-        config = context.model_config or {}
         self.spec, checkpoint = resolve_checkpoint(str(folder), folder)
         ema = (checkpoint / EMA_FILE).is_file()
-        self.model = sampling.load_model(self.spec, checkpoint, ema=ema, device=config.get("device"))
+        self.model = sampling.load_model(self.spec, checkpoint, ema=ema)
         self.model_input = sampling.model_input_of(self.spec, checkpoint, ema)
-        self.batch_size = int(config.get("batch_size", 64))
+        self.batch_size = 64
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         """Images for the rows of `model_input`: numpy uint8 (N, H, W, C), in row order."""

@@ -173,7 +173,7 @@ def test_a_finished_job_logs_its_ema_model_whose_predict_draws_what_orch_sample_
     uri, run_id = f"sqlite:///{root / 'mlflow.db'}", state(job)["mlflow_run_id"]
     assert "trained model step-0000002 logged to MLflow run" in log_text(job)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    logged = mlflow.pyfunc.load_model(f"runs:/{run_id}/model", model_config={"device": "cpu"})
+    logged = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     images = logged.predict(pd.DataFrame({"class": [3, 5], "seed": 11, "steps": 4}))
     assert images.shape == (2, 8, 8, 1) and images.dtype == np.uint8
 
@@ -203,8 +203,8 @@ def test_orch_export_to_mlflow_registers_a_version_that_draws_like_the_run_model
     assert version.run_id == run_id and version.status == "READY"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     rows = {"class": [0, 7], "seed": [3, 3], "steps": [2, 2]}
-    exported = mlflow.pyfunc.load_model("models:/tiny-exported/1", model_config={"device": "cpu"}).predict(rows)
-    at_the_end = mlflow.pyfunc.load_model("models:/tiny-digits/1", model_config={"device": "cpu"}).predict(rows)
+    exported = mlflow.pyfunc.load_model("models:/tiny-exported/1").predict(rows)
+    at_the_end = mlflow.pyfunc.load_model("models:/tiny-digits/1").predict(rows)
     assert np.array_equal(exported, at_the_end)
 
 
