@@ -30,7 +30,11 @@ FLOORS = {
     "orchestrator.cli": 7,
 }
 # An evaluation draws samples as the components make them (sampler settings, VAE, model input).
-SIDEWAYS: set[tuple[str, str]] = {("orchestrator.evaluation", "orchestrator.components")}
+SIDEWAYS: set[tuple[str, str]] = {
+    ("orchestrator.evaluation", "orchestrator.components"),
+    # the end of a finished job logs its checkpoint as the run's MLflow model, packaged the way `orch export` does
+    ("orchestrator.train", "orchestrator.trained"),
+}
 
 
 def room_of(module: str) -> str:
