@@ -44,9 +44,7 @@ def relative_difference(a: dict, b: dict) -> float:
     return distance(a, b) / float(sum(b[k].double().square().sum() for k in b) ** 0.5)
 
 
-def test_zero3_offloaded_and_checkpointed_trains_like_ddp_keeps_its_deepspeed_json_and_resumes_bitwise(
-    tmp_path, ddp_reference
-):
+def test_zero3_offloaded_and_checkpointed_trains_like_ddp_and_keeps_its_deepspeed_json(tmp_path, ddp_reference):
     user_json = tmp_path / "my_deepspeed.json"
     user_json.write_text(
         json.dumps(
@@ -80,17 +78,14 @@ def test_zero3_offloaded_and_checkpointed_trains_like_ddp_keeps_its_deepspeed_js
     # the memory estimate follows the settings
     assert "offloaded to CPU memory" in planned.stdout and "checkpointed" in planned.stdout
 
-    def edit_the_users_file(job):
-        # The job keeps the JSON it was submitted with: an edit (here, one that contradicts the spec) does not reach it.
-        copy = job / "deepspeed_user.json"
-        assert json.loads(copy.read_text())["zero_optimization"]["reduce_bucket_size"] == 4321
-        assert str(copy) in (job / "spec.yaml").read_text()
-        user_json.write_text(json.dumps({"train_batch_size": 999}))
-
-    # Not bitwise: with the optimizer offloaded, the resumed run departs (resources.deepspeed.offload_optimizer).
-    job, _ = kill_after_checkpoint_then_resume(
-        tmp_path, spec, zero, kill_at=10, total=14, before_resume=edit_the_users_file, exact=False
-    )
+    root = tmp_path / "runs"
+    done = orch("submit", str(spec), *zero, root=root)
+    job = only_job(root)
+    assert done.returncode == 0, log_text(job)
+    # The job keeps a copy of the JSON it was submitted with (what a resume reads), not the user's file.
+    copy = job / "deepspeed_user.json"
+    assert json.loads(copy.read_text())["zero_optimization"]["reduce_bucket_size"] == 4321
+    assert str(copy) in (job / "spec.yaml").read_text()
     log = log_text(job)
     assert (
         "DeepSpeed ZeRO-3: optimizer DeepSpeedCPUAdam offloaded to CPU, weights offloaded to CPU, reduce bucket 4321 "
@@ -101,9 +96,9 @@ def test_zero3_offloaded_and_checkpointed_trains_like_ddp_keeps_its_deepspeed_js
     ).is_dir()  # DeepSpeed's own shards, inside our layout
 
     # fp32: the same model as plain DDP without offload or checkpointing (DeepSpeed's CPU Adam is AdamW, the LR schedule
-    # applies).
-    uninterrupted = only_job(tmp_path / "reference")
-    difference = relative_difference(final_weights(uninterrupted)[0], final_weights(ddp_reference[1])[0])
+    # applies). Resume with offload continues but not bitwise (resources.deepspeed.offload_optimizer), so it is not
+    # re-measured here; ZeRO-3 resume without offload is bitwise in tests/integration/test_zero.py.
+    difference = relative_difference(final_weights(job)[0], final_weights(ddp_reference[1])[0])
     assert difference < 1e-5, f"ZeRO-3 with offload departs from DDP by {difference:.2e} of the weights' norm"
 
     sampled = orch(
