@@ -49,16 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.jobs.supervisor import register_rank
 
     register_rank(job, rank)
-    elastic_restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun restarted every rank
+    restart, max_restarts = torchrun_restarts()
+    elastic_restart = restart > 0  # torchrun restarted every rank
     slurm_run = os.environ.get("ORCH_SLURM_RESTART_COUNT")  # set by the sbatch script: 0, then 1, 2... after requeues
     if slurm_run is not None and rank == 0:
-        _record_slurm_start(job, restarted=elastic_restart or int(slurm_run) > 0, plan=plan)
+        _record_slurm_start(job, elastic_restart, restarted=elastic_restart or int(slurm_run) > 0, plan=plan)
     elif elastic_restart and rank == 0:
         job.update(restarts=job.read().restarts + 1, attempts=job.read().attempts + 1, stop_reason=None)
     code = _train(job, spec, plan, rank)
-    restarts_left = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) - int(
-        os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    )
+    restarts_left = max_restarts - restart
     if slurm_run is not None and rank == 0:
         if code != 0 and restarts_left > 0:  # the job goes on: the restarted run records its start
             log.warning(
@@ -69,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
 
             record_end(job, code)  # no supervisor under Slurm: rank 0 records how this run ended
     return code
+
+
+def torchrun_restarts() -> tuple[int, int]:
+    """(restarts so far, the most there may be) of torchrun's elastic agent for this rank; (0, 0) outside torchrun."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
 
 
 def resolve_device(planned: str) -> str:
@@ -101,7 +105,7 @@ def threads_per_rank(planned: int | None) -> int:
     return threads
 
 
-def _record_slurm_start(job: JobDir, restarted: bool, plan: dict) -> None:
+def _record_slurm_start(job: JobDir, elastic: bool, restarted: bool, plan: dict) -> None:
     """Mark the job running for this Slurm run: a requeued one (after a preemption, time limit or lost node) or one
     torchrun restarted in the same allocation (resources.max_restarts) counts as a restart."""
     import time
@@ -109,7 +113,6 @@ def _record_slurm_start(job: JobDir, restarted: bool, plan: dict) -> None:
     from orchestrator.jobs.directory import JobState
 
     previous = job.read()
-    elastic = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if previous.state == JobState.RUNNING and not elastic:  # the previous run was killed before it recorded its end
         job.transition(JobState.FAILED, ended_at=time.time(), message="the previous Slurm run ended unrecorded")
     restarts = previous.restarts + int(restarted)
@@ -164,7 +167,7 @@ def _train(job: JobDir, spec, plan: dict, rank: int) -> int:
         job.update(stop_reason=f"preempted: {outcome.stop_signal} at step {outcome.step}")
     # A stop is final: torchrun would start ranks that exit non-zero again while it has restarts (max_restarts). The
     # state records the stop; under Slurm torchrun got the signal too and ends the step non-zero (the script requeues).
-    return 0 if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 else EXIT_PREEMPTED
+    return 0 if torchrun_restarts()[1] > 0 else EXIT_PREEMPTED
 
 
 def exit_without_teardown(code: int) -> NoReturn:

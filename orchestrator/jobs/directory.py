@@ -15,19 +15,16 @@ No torch here: `orch list` and `orch status` read job directories in millisecond
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import secrets
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Iterator
 
 from orchestrator.errors import UserError
-from orchestrator.files import write_atomic
+from orchestrator.files import is_locked, locked, try_lock, write_atomic
 from orchestrator.layout import JOB_STATE_FILE, LATEST_POINTER, PLAN_FILE, SPEC_FILE, TRAINER_STATE
 
 DEFAULT_ROOT = "runs"
@@ -197,14 +194,8 @@ class JobDir:
         except FileNotFoundError:
             raise JobError(f"{self.path} is not a job directory (no state.json)") from None
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.path / "state.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _locked(self):
+        return locked(self.path / "state.lock")
 
     def update(self, **fields) -> JobRecord:
         """Change recorded fields (not `state`: use transition) atomically."""
@@ -277,20 +268,10 @@ class JobDir:
     # ---- the run lock: held by the supervisor for the job's whole run --------------------
     def try_lock_run(self):
         """Take the run lock, or return None if another live process holds it. Keep the returned file open."""
-        handle = open(self.path / "run.lock", "a")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            return None
-        return handle
+        return try_lock(self.path / "run.lock")
 
     def is_locked(self) -> bool:
-        handle = self.try_lock_run()
-        if handle is None:
-            return True
-        handle.close()
-        return False
+        return is_locked(self.path / "run.lock")
 
     # ---- checkpoints ------------------------------------------------------------------------
     def latest_checkpoint(self) -> Path | None:

@@ -15,16 +15,13 @@ The trials are ordinary jobs beside the other jobs of the root: `<root>/<name>-t
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from orchestrator.errors import UserError
-from orchestrator.files import write_atomic
+from orchestrator.files import is_locked, locked, try_lock, write_atomic
 
 SWEEPS_DIR = "sweeps"
 ACTIVE = "running"
@@ -117,14 +114,8 @@ class SweepDir:
         except FileNotFoundError:
             raise SweepError(f"{self.path} is not a sweep folder (no state.json)") from None
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.path / "state.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _locked(self):
+        return locked(self.path / "state.lock")
 
     def update(self, **fields) -> SweepRecord:
         with self._locked():
@@ -158,20 +149,10 @@ class SweepDir:
 
     def try_lock_run(self):
         """Take the run lock, or None if a live process holds it. Keep the returned file open."""
-        handle = open(self.path / "run.lock", "a")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            return None
-        return handle
+        return try_lock(self.path / "run.lock")
 
     def is_locked(self) -> bool:
-        handle = self.try_lock_run()
-        if handle is None:
-            return True
-        handle.close()
-        return False
+        return is_locked(self.path / "run.lock")
 
 
 def sweep_path(root: Path, name: str) -> Path:
