@@ -283,7 +283,15 @@ def _print_outcome(record) -> None:
         f"{record.id}: {record.state.value} — {record.message}", fg=colour, err=record.state != JobState.SUCCEEDED
     )
     if record.mlflow_run_id:
-        click.echo(f"MLflow run {record.mlflow_run_id} at {record.mlflow_uri}  (`orch ui` to browse)")
+        click.echo(f"MLflow run {_run_page_text(record.mlflow_uri, record.mlflow_experiment_id, record.mlflow_run_id)}")
+
+
+def _run_page_text(uri: str, experiment_id: str | None, run_id: str) -> str:
+    """A run's page in the MLflow UI (model-training view), and for a local store that `orch ui` serves it."""
+    from orchestrator.tracking import run_page, served_by_orch_ui
+
+    page = run_page(uri, experiment_id, run_id)
+    return f"{page}  (`orch ui` serves {uri})" if served_by_orch_ui(uri) else page
 
 
 @cli.command()
@@ -402,6 +410,7 @@ def sweep_status(root: Path, name: str, as_json: bool) -> None:
     """A sweep's trials: overrides, state, step, objective; the best marked."""
     from orchestrator.sweeps.directory import find_sweep
     from orchestrator.sweeps.runner import trial_rows
+    from orchestrator.tracking import run_page
 
     the_sweep, record, rows = trial_rows(find_sweep(root, name))
     key = the_sweep.objective.key
@@ -416,6 +425,11 @@ def sweep_status(root: Path, name: str, as_json: bool) -> None:
             "n_trials": record.n_trials,
             "storage": record.storage,
             "mlflow_parent_run_id": record.parent_run_id,
+            "mlflow_parent_run_page": (
+                run_page(record.tracking_uri, record.experiment_id, record.parent_run_id)
+                if record.parent_run_id
+                else None
+            ),
             "trials": rows,
         }
         click.echo(json.dumps(facts, indent=2))
@@ -444,7 +458,9 @@ def sweep_status(root: Path, name: str, as_json: bool) -> None:
         )
     Console().print(table)
     if record.parent_run_id:
-        click.echo(f"MLflow parent run {record.parent_run_id} at {record.tracking_uri}")
+        click.echo(
+            f"MLflow parent run {_run_page_text(record.tracking_uri, record.experiment_id, record.parent_run_id)}"
+        )
     if record.message:
         click.echo(record.message)
 
@@ -773,9 +789,16 @@ STATE_COLOURS = {
 
 
 def _facts(job: JobDir) -> dict:
+    from orchestrator.tracking import run_page
+
     record = job.status()
     facts = record.to_json()
     facts["dir"] = str(job.path)
+    facts["mlflow_run_page"] = (
+        run_page(record.mlflow_uri, record.mlflow_experiment_id, record.mlflow_run_id)
+        if record.mlflow_run_id and record.mlflow_uri
+        else None
+    )
     return facts
 
 
@@ -838,7 +861,12 @@ def status(root: Path, job_ref: str | None, as_json: bool) -> None:
     if facts["checkpoint_failures"]:
         rows.append(("not saved", f"{facts['checkpoint_failures']} checkpoint(s): {facts['checkpoint_error']}"))
     rows += [
-        ("MLflow run", f"{facts['mlflow_run_id']} at {facts['mlflow_uri']}" if facts["mlflow_run_id"] else "-"),
+        (
+            "MLflow run",
+            _run_page_text(facts["mlflow_uri"], facts["mlflow_experiment_id"], facts["mlflow_run_id"])
+            if facts["mlflow_run_id"] and facts["mlflow_uri"]
+            else "-",
+        ),
         ("message", facts["message"] or "-"),
     ]
     for key, value in rows:
@@ -880,10 +908,18 @@ def logs(root: Path, job_ref: str | None, follow: bool) -> None:
 @click.pass_obj
 def ui(root: Path, port: int, uri: str | None) -> None:
     """Start the MLflow UI on 127.0.0.1 for the store the jobs log to."""
-    from orchestrator.tracking import resolve_tracking_uri
+    from orchestrator.tracking import resolve_tracking_uri, run_page
 
     store = resolve_tracking_uri(uri, root.resolve())
     click.echo(f"MLflow UI for {store} at http://127.0.0.1:{port}  (Ctrl-C stops it)")
+    newest = next(
+        (r for r in reversed([job.read() for job in list_jobs(root)]) if r.mlflow_uri == store and r.mlflow_run_id),
+        None,
+    )
+    if newest is not None:  # the address opens MLflow 3's model-training view, not its GenAI one
+        click.echo(
+            f"newest run ({newest.id}): {run_page(store, newest.mlflow_experiment_id, newest.mlflow_run_id, port)}"
+        )
     os.execvp(
         sys.executable,
         [

@@ -121,11 +121,18 @@ class MlflowTracker:
     """A Tracker logging to one MLflow run through a bounded queue and one sending thread (see the module docstring)."""
 
     def __init__(
-        self, client: MlflowClient, run_id: str, uri: str, queue_size: int = QUEUE_SIZE, retry_for: float = RETRY_FOR_S
+        self,
+        client: MlflowClient,
+        run_id: str,
+        uri: str,
+        experiment_id: str | None = None,
+        queue_size: int = QUEUE_SIZE,
+        retry_for: float = RETRY_FOR_S,
     ):
         """Wire an already started run to its sending thread; use MlflowTracker.start() to get one."""
         self.run_id: str | None = run_id
         self.uri = uri
+        self.experiment_id = experiment_id
         self.dropped = 0  # items given up on: queue full, refused by MLflow, or server unreachable too long
         self._client = client
         self._retry_for = retry_for
@@ -176,7 +183,7 @@ class MlflowTracker:
                 f"could not {what} in experiment {experiment!r} at {uri}: {first_line(error)}; "
                 "check that the tracking URI is reachable (`orch validate` checks it) and the run id is right"
             ) from error
-        return cls(client, run_id, uri, queue_size=queue_size, retry_for=retry_for)
+        return cls(client, run_id, uri, experiment_id, queue_size=queue_size, retry_for=retry_for)
 
     @property
     def reachable(self) -> bool:
@@ -402,6 +409,23 @@ def default_artifact_location(root: Path) -> str:
 def resolve_tracking_uri(spec_uri: str | None, root: Path) -> str:
     """The tracking URI to use: the spec's, else env MLFLOW_TRACKING_URI, else the default SQLite store under root."""
     return spec_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+
+
+UI_PORT = 5000  # where `orch ui` serves a local store by default
+
+
+def run_page(uri: str, experiment_id: str | None, run_id: str, ui_port: int = UI_PORT) -> str:
+    """The address of a run's page in the MLflow UI: on the tracking server for an http(s) store, else where `orch ui`
+    serves a local one. `workflowType=machine_learning` opens MLflow 3's model-training view (without it the UI opens
+    an experiment in the view the browser used last, the GenAI one in a fresh browser; measured with MLflow 3.17)."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{ui_port}"
+    path = f"#/experiments/{experiment_id}/runs/{run_id}" if experiment_id else "#/experiments"  # an older record
+    return f"{base}/{path}?workflowType=machine_learning"
+
+
+def served_by_orch_ui(uri: str) -> bool:
+    """Whether the store is local (its pages exist once `orch ui` serves it) rather than a tracking server."""
+    return not uri.startswith(("http://", "https://"))
 
 
 def check_tracking_reachable(uri: str, timeout: float = 5.0) -> str | None:

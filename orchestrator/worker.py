@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(threads_per_rank(plan["threads_per_process"]))
+    if plan.get("cpus"):  # a share of the machine (a sweep's side-by-side trial): say which
+        cores = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+        gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+        log.info("this job's share of the machine: CPU core(s) %s%s", cores, f", GPU(s) {gpus}" if gpus else "")
     from orchestrator.jobs.supervisor import register_rank
 
     register_rank(job, rank)

@@ -7,6 +7,8 @@
         run.lock           flock-held by the job's supervisor while it runs (released by the kernel
                            when that process dies, however it dies)
         logs/job.log       everything the launched processes print
+        logs/loss.jsonl    the loss of every logged window ({"step", "loss"} a line; a resumed run appends again
+                           from its checkpoint's step, and the newest line of a step counts)
         checkpoints/step-000500/ ... and `latest`, the name of the newest complete one
 
 No torch here: `orch list` and `orch status` read job directories in milliseconds.
@@ -90,6 +92,7 @@ class JobRecord:
     best_value: float | None = None
     mlflow_run_id: str | None = None
     mlflow_uri: str | None = None
+    mlflow_experiment_id: str | None = None
     launcher: str = ""
     world_size: int = 1
     attempts: int = 0
@@ -147,6 +150,34 @@ class JobDir:
     @property
     def log_file(self) -> Path:
         return self.logs_dir / "job.log"
+
+    @property
+    def loss_file(self) -> Path:
+        return self.logs_dir / "loss.jsonl"
+
+    def append_loss(self, step: int, loss: float) -> None:
+        """Record the loss of the window ending at `step` (rank 0, at every tracking.log_every)."""
+        with open(self.loss_file, "a") as handle:
+            handle.write(json.dumps({"step": step, "loss": loss}) + "\n")
+
+    def losses(self, offset: int = 0) -> tuple[list[tuple[int, float]], int]:
+        """The logged (step, loss) lines from byte `offset` on, in the order written (a resumed run logs its steps
+        again: the later line of a step is the newer), and the offset after the last complete line (to read on from)."""
+        try:
+            with open(self.loss_file, "rb") as handle:
+                handle.seek(offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return [], offset
+        complete = data[: data.rfind(b"\n") + 1]  # a line being written is read next time
+        losses = []
+        for line in complete.splitlines():
+            try:
+                entry = json.loads(line)
+                losses.append((int(entry["step"]), float(entry["loss"])))
+            except (ValueError, KeyError, TypeError):  # a line cut by a crash
+                continue
+        return losses, offset + len(complete)
 
     @property
     def ranks_dir(self) -> Path:

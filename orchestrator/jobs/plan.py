@@ -46,6 +46,20 @@ def require_runnable(plan: "Plan") -> None:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """The share of this machine one job gets when jobs run side by side on it (a sweep's trials): its GPUs (as
+    CUDA_VISIBLE_DEVICES names them; None: no GPU given) and its CPU cores. The launched processes see only these GPUs
+    and run on these cores (the supervisor's CPU affinity, which they inherit); threads per rank follow the cores."""
+
+    gpus: tuple[str, ...] | None
+    cpus: tuple[int, ...]
+
+    def describe(self) -> str:
+        gpus = f"GPU(s) {','.join(self.gpus)}; " if self.gpus is not None else ""
+        return f"{gpus}CPU core(s) {','.join(map(str, self.cpus))}"
+
+
+@dataclass(frozen=True)
 class Plan:
     launcher: str
     device: str  # cpu or cuda; "auto" under launcher slurm: resolved by the worker on the compute node
@@ -79,6 +93,7 @@ class Plan:
     )
     data: str = ""  # samples, steps per epoch and the epochs train.steps cover (data_description)
     time: str = ""  # the whole job's training time on one node of 8 A100s, by formula (time_description)
+    cpus: tuple[int, ...] | None = None  # the CPU cores the launched processes run on (a Placement); None: all
 
     def describe(self) -> list[str]:
         """Human-readable lines, as `orch plan` prints them."""
@@ -98,6 +113,11 @@ class Plan:
             f"rank(s) x {self.grad_accum_steps} accumulation step(s)",
             *([f"data            {self.data}"] if self.data else []),
             f"threads         {threads}",
+            *(
+                [f"cpu cores       {','.join(map(str, self.cpus))} (this job's share of the machine)"]
+                if self.cpus
+                else []
+            ),
             f"compute         {self.compute}",
             *self.strategy_lines,
             *self.estimate,
@@ -183,8 +203,11 @@ def visible_gpu_count(root: Path = Path("/")) -> int | None:
     return count or None
 
 
-def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.executable) -> Plan:
-    """Decide device, launcher, batch split and the command line, and note what stops it running here."""
+def make_plan(
+    spec: JobSpec, job_path: Path, root: Path, python: str = sys.executable, placement: Placement | None = None
+) -> Plan:
+    """Decide device, launcher, batch split and the command line, and note what stops it running here. With a
+    `placement`, the job gets only that share of this machine (its GPUs and CPU cores)."""
     from orchestrator.tracking import check_tracking_reachable, resolve_tracking_uri
 
     problems = []
@@ -202,6 +225,8 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
                 "CPU set processes instead"
             )
         visible = visible_gpu_count() if device == "cuda" else None
+        if visible and placement is not None and placement.gpus is not None:
+            visible = len(placement.gpus)
         if visible and resources.processes > visible:  # every rank of this node takes a GPU of its own
             problems.append(
                 f"resources.processes {resources.processes} ranks per node, one per GPU, but this node shows {visible} "
@@ -230,7 +255,8 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
     if on_slurm:  # None: the allocation's CPUs per rank, computed on the node by the sbatch script and the worker
         threads = resources.threads_per_process
     else:
-        threads = resources.threads_per_process or max(1, len(os.sched_getaffinity(0)) // resources.processes)
+        cores = placement.cpus if placement is not None else os.sched_getaffinity(0)
+        threads = resources.threads_per_process or max(1, len(cores) // resources.processes)
     launcher = resources.launcher
     if launcher == "auto":
         launcher = "local" if resources.world_size == 1 else "torchrun"
@@ -269,6 +295,16 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
             python, entry, num_processes=resources.processes, cpu=device == "cpu", threads=threads
         )
 
+    if placement is not None:
+        if launcher not in PLACEABLE_LAUNCHERS or resources.nodes > 1:
+            problems.append(
+                f"launcher {launcher} cannot be given a share of this machine (a sweep's side-by-side trial)"
+            )
+        if placement.gpus is not None:  # the launched processes see these GPUs only, numbered from 0
+            visible_gpus = {"CUDA_VISIBLE_DEVICES": ",".join(placement.gpus)}
+            command = LaunchCommand(command.argv, {**command.env, **visible_gpus})
+            node_commands = tuple(LaunchCommand(c.argv, {**c.env, **visible_gpus}) for c in node_commands)
+
     tracking_uri = None
     if spec.tracking.enabled:
         tracking_uri = resolve_tracking_uri(spec.tracking.uri, root)
@@ -299,7 +335,13 @@ def make_plan(spec: JobSpec, job_path: Path, root: Path, python: str = sys.execu
         cpus_per_task=cpus_per_task,
         data=data_description(spec, hub_data),
         time=time_description(spec),
+        cpus=placement.cpus if placement is not None else None,
     )
+
+
+# Launchers a sweep can start side by side on shares of one machine: DeepSpeed's runner picks the GPUs itself (it
+# rewrites CUDA_VISIBLE_DEVICES), and Slurm places its jobs itself.
+PLACEABLE_LAUNCHERS = ("local", "torchrun", "accelerate")
 
 
 def describe_deepspeed(spec: JobSpec, config: dict) -> list[str]:

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.jobs.directory import JobDir, JobState
+from orchestrator.jobs.directory import ACTIVE_STATES, JobDir, JobState
 
 
 def keep_user_files(job: JobDir, spec) -> None:
@@ -27,7 +27,8 @@ def keep_user_files(job: JobDir, spec) -> None:
 
 def start_detached(job: JobDir, wait_s: float = 30.0) -> subprocess.Popen:
     """Run the job's supervisor in the background (its own session, output in logs/supervisor.log); return once it
-    holds the job's run lock (or the job left the queue, or `wait_s` passed)."""
+    holds the job's run lock with the job active (a failed or preempted job being resumed is until then still
+    recorded as it ended), or once the supervisor exited, or `wait_s` passed."""
     with open(job.logs_dir / "supervisor.log", "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.jobs.supervisor", str(job.path)],
@@ -37,8 +38,8 @@ def start_detached(job: JobDir, wait_s: float = 30.0) -> subprocess.Popen:
             start_new_session=True,
         )
     deadline = time.time() + wait_s
-    while time.time() < deadline and not job.is_locked() and job.read().state == JobState.QUEUED:
-        if process.poll() is not None:
+    while time.time() < deadline and process.poll() is None:
+        if job.is_locked() and job.read().state in ACTIVE_STATES:
             break
         time.sleep(0.05)
     return process

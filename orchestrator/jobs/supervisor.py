@@ -80,6 +80,8 @@ def run(job: JobDir, progress: bool) -> JobRecord:
             world_size=plan["world_size"],
         )
         write_launch_files(plan)
+        if plan.get("cpus"):  # this job's share of the machine (a sweep's side-by-side trial): the ranks inherit it
+            os.sched_setaffinity(0, plan["cpus"])
         restarts_left = max_restarts(job) if plan["launcher"] in SUPERVISOR_RESTARTS else 0
         attempt = previous.attempts + 1
         while True:

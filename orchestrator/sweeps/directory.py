@@ -47,6 +47,7 @@ class SweepRecord:
     parent_run_id: str | None = None
     tracking_uri: str | None = None
     experiment: str | None = None
+    experiment_id: str | None = None
     cancel_requested: bool = False
     message: str = ""
 

@@ -31,7 +31,14 @@ from orchestrator.errors import UserError
 from orchestrator.jobs import submission
 from orchestrator.jobs.directory import ACTIVE_STATES, JobDir, JobRecord, JobState
 from orchestrator.jobs.evaluations import read_evaluations
-from orchestrator.jobs.plan import make_plan, require_runnable
+from orchestrator.jobs.plan import (
+    PLACEABLE_LAUNCHERS,
+    Placement,
+    gpu_visible,
+    make_plan,
+    require_runnable,
+    visible_gpu_count,
+)
 from orchestrator.jobs.submission import keep_user_files, request_cancel, submit_to_slurm
 from orchestrator.jobs.supervisor import write_plan
 from orchestrator.specs.job import JobSpec
@@ -68,7 +75,12 @@ def create_sweep(root: Path, sweep: SweepSpec, base_text: str) -> SweepDir:
         if base.tracking.enabled:
             uri = resolve_tracking_uri(base.tracking.uri, sweep_dir.root)
             parent = ParentRun.create(uri, base, sweep, sweep_dir)
-            fields.update(parent_run_id=parent.run_id, tracking_uri=uri, experiment=base.tracking.experiment)
+            fields.update(
+                parent_run_id=parent.run_id,
+                tracking_uri=uri,
+                experiment=base.tracking.experiment,
+                experiment_id=parent.experiment_id,
+            )
         sweep_dir.update(**fields)
     except BaseException:
         shutil.rmtree(sweep_dir.path, ignore_errors=True)
@@ -140,12 +152,12 @@ class ParentRun:
     """The sweep's MLflow run: the sweep's spec and search space, each trial's objective, the best trial so far.
     Written synchronously from the sweep's process; a failure after its creation is a warning, never a stop."""
 
-    def __init__(self, uri: str, run_id: str):
+    def __init__(self, uri: str, run_id: str, experiment_id: str | None = None):
         for name, value in MLFLOW_CLIENT_ENV.items():
             os.environ.setdefault(name, value)
         from mlflow import MlflowClient
 
-        self.uri, self.run_id = uri, run_id
+        self.uri, self.run_id, self.experiment_id = uri, run_id, experiment_id
         self.client = MlflowClient(tracking_uri=uri)
 
     @classmethod
@@ -193,7 +205,7 @@ class ParentRun:
                 f"could not create the sweep's MLflow run in experiment {base.tracking.experiment!r} at {uri}: "
                 f"{first_line(err)}; check tracking.uri / MLFLOW_TRACKING_URI (or set tracking.enabled: false)"
             ) from None
-        return cls(uri, run_id)
+        return cls(uri, run_id, experiment_id)
 
     def _try(self, what: str, call: Callable[[], object]) -> None:
         try:
@@ -232,6 +244,8 @@ class RunningTrial:
     job: JobDir
     reported: set[int] = field(default_factory=set)
     pruned_at: int | None = None
+    share: Placement | None = None  # its share of this machine, given back when it ends
+    loss_offset: int = 0  # how far logs/loss.jsonl has been read
 
 
 def load_sweep(sweep_dir: SweepDir) -> tuple[SweepSpec, str]:
@@ -313,6 +327,12 @@ class _Runner:
         self.key = sweep.objective.key
         self.running: dict[int, RunningTrial] = {}
         self.stop: _StopSignals | None = None
+        self.free_shares = trial_shares(sweep, check_trials(sweep, base_yaml))  # one per trial that may run now
+        if len(self.free_shares) < sweep.max_parallel:
+            self.echo(
+                f"sweep {sweep.name}: {len(self.free_shares)} trial(s) at once, not max_parallel {sweep.max_parallel}: "
+                "each trial needs GPUs of its own (launcher deepspeed: its runner picks them, one trial at a time)"
+            )
 
     # -- the loop
     def loop(self) -> str:
@@ -322,7 +342,7 @@ class _Runner:
                 return "cancelled"
             self.poll()
             started = len(self.study.get_trials(deepcopy=False))
-            while len(self.running) < self.sweep.max_parallel and started < self.sweep.n_trials:
+            while self.free_shares and started < self.sweep.n_trials:
                 self.start_trial()
                 started += 1
             if not self.running and started >= self.sweep.n_trials:
@@ -344,9 +364,10 @@ class _Runner:
         job_id = self.sweep_dir.trial_job_id(trial.number)
         trial.set_user_attr("job_id", job_id)
         trial.set_user_attr("overrides", overrides)
+        share = self.free_shares[0]
         try:
             spec = trial_spec(self.sweep, self.base_yaml, params, f"trial {job_id}")
-            the_plan = make_plan(spec, (self.root / job_id).resolve(), self.root.resolve())
+            the_plan = make_plan(spec, (self.root / job_id).resolve(), self.root.resolve(), placement=share)
             require_runnable(the_plan)
         except UserError as err:  # checked for every grid point before the start; drawn values or a changed machine
             trial.set_user_attr("error", str(err))
@@ -359,8 +380,9 @@ class _Runner:
         record = self.sweep_dir.read()
         job.update(sweep=self.sweep.name, sweep_trial=trial.number, mlflow_parent_run_id=record.parent_run_id)
         self._launch(job, the_plan.launcher)
-        self.running[trial.number] = RunningTrial(trial, job)
-        self.echo(f"trial {trial.number} ({job_id}): {' '.join(overrides)}: started")
+        self.running[trial.number] = RunningTrial(trial, job, share=self.free_shares.pop(0))
+        on = f" on {share.describe()}" if share is not None else ""
+        self.echo(f"trial {trial.number} ({job_id}): {' '.join(overrides)}: started{on}")
 
     def _launch(self, job: JobDir, launcher: str) -> None:
         if launcher == "slurm":
@@ -376,11 +398,19 @@ class _Runner:
             if record.state in ACTIVE_STATES:
                 continue
             del self.running[number]
+            self.free_shares.append(running.share)
             self._finish(running, record)
 
     def _report(self, running: RunningTrial, record: JobRecord) -> None:
-        """Give Optuna the trial's new intermediate values; cancel the trial's job if the pruner says so."""
-        for step, value in intermediate_values(self.key, running.job, record):
+        """Give Optuna the trial's new intermediate values (the loss of every logged window, read on from where the
+        last poll stopped, or every in-loop evaluation): trials report at the same steps, multiples of
+        tracking.log_every or eval.every, which is what the median pruner compares. Cancel the trial's job if the
+        pruner says so."""
+        if self.key == "loss":
+            values, running.loss_offset = running.job.losses(running.loss_offset)
+        else:
+            values = evaluation_values(self.key, running.job)
+        for step, value in values:
             if step in running.reported or not math.isfinite(value):
                 continue
             running.trial.report(value, step)
@@ -477,7 +507,7 @@ class _Runner:
                 continue
             job = JobDir(job_path)
             record = job.status()
-            running = RunningTrial(trial, job, reported=set(frozen.intermediate_values))
+            running = RunningTrial(trial, job, reported=set(frozen.intermediate_values), share=self._claim_share(job))
             self.running[frozen.number] = running
             if record.state in (JobState.FAILED, JobState.PREEMPTED) or (
                 record.state == JobState.QUEUED and not job.is_locked() and record.slurm_job_id is None
@@ -486,6 +516,22 @@ class _Runner:
                 self._launch(job, record.launcher or _planned_launcher(job))
             else:
                 self.echo(f"trial {frozen.number} ({job.id}): {record.state.value}; following it")
+
+    def _claim_share(self, job: JobDir) -> Placement | None:
+        """The free share a trial's job was planned on (its plan.json's cores and GPUs), taken from the free ones."""
+        import json
+
+        plan = json.loads(job.plan_file.read_text()) if job.plan_file.is_file() else {}
+        gpus = plan.get("command", {}).get("env", {}).get("CUDA_VISIBLE_DEVICES")
+        for share in self.free_shares:
+            if (
+                share is not None
+                and list(share.cpus) == plan.get("cpus")
+                and share.gpus == (tuple(gpus.split(",")) if gpus is not None else None)
+            ):
+                self.free_shares.remove(share)
+                return share
+        return self.free_shares.pop(0) if self.free_shares else None
 
     def summary(self) -> str:
         from optuna.trial import TrialState
@@ -508,6 +554,54 @@ def _planned_launcher(job: JobDir) -> str:
     return json.loads(job.plan_file.read_text())["launcher"]
 
 
+# ---- sharing one machine between side-by-side trials --------------------------------------------------
+
+
+def trial_shares(sweep: SweepSpec, specs: list[JobSpec]) -> list[Placement | None]:
+    """The shares of this machine the sweep's trials run on, one per trial that may run at once: launcher slurm (Slurm
+    places its jobs) or one trial at a time, `max_parallel` times None (the whole machine); else `machine_shares` of
+    the visible GPUs and this process's CPU cores, for trials of as many ranks as the largest trial has."""
+    resources = specs[0].resources
+    if sweep.max_parallel == 1 or resources.launcher == "slurm":
+        return [None] * sweep.max_parallel
+    if any(spec.resources.launcher not in ("auto", *PLACEABLE_LAUNCHERS) for spec in specs):
+        return [None]  # DeepSpeed's runner picks its GPUs itself: one trial at a time
+    on_gpu = resources.device == "cuda" or (resources.device == "auto" and gpu_visible())
+    gpus = visible_gpu_names() if on_gpu else None
+    cores = tuple(sorted(os.sched_getaffinity(0)))
+    return machine_shares(sweep.max_parallel, max(spec.resources.processes for spec in specs), gpus, cores)
+
+
+def machine_shares(
+    parallel: int, ranks: int, gpus: tuple[str, ...] | None, cores: tuple[int, ...]
+) -> list[Placement | None]:
+    """Split one machine for `parallel` trials of `ranks` ranks each. With GPUs: shares of `ranks` GPUs each (as many as
+    the GPUs allow, at most `parallel`; one whole machine if not even one share fits) with the cores split in the same
+    proportion. On CPU: the cores split evenly, or `parallel` times the whole machine when there are fewer cores than
+    trials."""
+    if gpus is not None:
+        count = len(gpus) // ranks
+        if count <= 1:
+            return [None]
+        per_share = len(cores) // count
+        return [
+            Placement(gpus=gpus[i * ranks : (i + 1) * ranks], cpus=cores[i * per_share : (i + 1) * per_share] or cores)
+            for i in range(min(parallel, count))
+        ]
+    if parallel > len(cores):
+        return [None] * parallel
+    per_share = len(cores) // parallel
+    return [Placement(gpus=None, cpus=cores[i * per_share : (i + 1) * per_share]) for i in range(parallel)]
+
+
+def visible_gpu_names() -> tuple[str, ...]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (indices, or GPU-/MIG- UUIDs)."""
+    chosen = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if chosen is not None and chosen.strip():
+        return tuple(entry.strip() for entry in chosen.split(",") if entry.strip())
+    return tuple(str(i) for i in range(visible_gpu_count() or 0))
+
+
 # ---- what a trial's job reports -------------------------------------------------------------------
 
 
@@ -515,14 +609,12 @@ def objective_value(key: str, job: JobDir, record: JobRecord) -> float | None:
     """The objective of a finished trial: the last logged loss, or the job's last in-loop evaluation of `key`."""
     if key == "loss":
         return record.loss
-    values = intermediate_values(key, job, record)
+    values = evaluation_values(key, job)
     return values[-1][1] if values else None
 
 
-def intermediate_values(key: str, job: JobDir, record: JobRecord) -> list[tuple[int, float]]:
-    """(step, value) of the objective so far: the loss of the newest logged window, or every in-loop evaluation."""
-    if key == "loss":
-        return [(record.step, record.loss)] if record.loss is not None and record.step else []
+def evaluation_values(key: str, job: JobDir) -> list[tuple[int, float]]:
+    """(step, value) of every in-loop evaluation of `key` so far."""
     return [
         (r.step, float(r.metrics[key]))
         for r in read_evaluations(job.path)

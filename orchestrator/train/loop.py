@@ -491,6 +491,7 @@ class Trainer:
                 samples_per_sec=metrics["samples_per_sec"],
                 bad_samples=int(metrics["bad_samples"]),
             )
+            self.job.append_loss(self.step, loss)
             log.info(
                 "step %d: loss %.4f, %.1f samples/s, %.4f s/step, peak memory %.2f GB, data wait %.4f s/step",
                 self.step,

@@ -62,7 +62,7 @@ def start_tracker(spec: JobSpec, job: JobDir, engine: Engine, uri: str | None, r
     elif resumed:
         tracker.log_text(spec.to_yaml(), f"spec.attempt-{record.attempts}.yaml")
     tracker.set_tags(tags)
-    job.update(mlflow_run_id=tracker.run_id, mlflow_uri=uri)
+    job.update(mlflow_run_id=tracker.run_id, mlflow_uri=uri, mlflow_experiment_id=tracker.experiment_id)
     return tracker
 
 

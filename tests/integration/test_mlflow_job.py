@@ -39,8 +39,11 @@ def test_job_logs_one_run_with_params_metrics_and_grids_and_resume_appends(tmp_p
     first = orch("submit", str(spec), "--set", "sample.progression=4", root=root)
     job = only_job(root)
     assert first.returncode == 0, first.stderr + log_text(job)
-    run_id = state(job)["mlflow_run_id"]
-    assert run_id and f"MLflow run {run_id}" in first.stdout
+    run_id, experiment_id = state(job)["mlflow_run_id"], state(job)["mlflow_experiment_id"]
+    # the printed link opens the run in MLflow 3's model-training view (a bare link opens the GenAI one)
+    page = f"{mlflow_server.uri}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    assert run_id and f"MLflow run {page}" in first.stdout, first.stdout
+    assert json.loads(orch("status", job.name, "--json", root=root).stdout)["mlflow_run_page"] == page
 
     resumed = orch("resume", job.name, "--set", "train.steps=6", "--allow-spec-change", root=root)
     assert resumed.returncode == 0, resumed.stderr + log_text(job)
@@ -49,7 +52,9 @@ def test_job_logs_one_run_with_params_metrics_and_grids_and_resume_appends(tmp_p
     client = MlflowClient(mlflow_server.uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == job.name
-    assert client.get_experiment(run.info.experiment_id).name == "orch-tests"
+    assert (
+        client.get_experiment(run.info.experiment_id).name == "orch-tests" and run.info.experiment_id == experiment_id
+    )
     assert run.data.params["train.learning_rate"] == "0.001" and run.data.params["model.depth"] == "2"
     tags = run.data.tags
     assert tags["orch.job_id"] == job.name and tags["orch.launcher"] == "local" and tags["orch.world_size"] == "1"
@@ -144,14 +149,19 @@ def test_default_store_is_local_next_to_the_jobs_and_orch_ui_serves_it(default_s
     assert any((root / "mlartifacts").rglob("step_0000002.png"))
 
     port = free_port()
-    ui = subprocess.Popen(
-        [ORCH, "--root", str(root), "ui", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    printed = root.parent / "orch-ui.out"
+    with open(printed, "wb") as out:
+        ui = subprocess.Popen(
+            [ORCH, "--root", str(root), "ui", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     try:
         wait_for(lambda: answers_health(f"http://127.0.0.1:{port}"), timeout=90, interval=0.5, what="orch ui to answer")
+        experiment_id = client.get_run(run_id).info.experiment_id
+        page = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+        assert f"newest run ({job.name}): {page}" in printed.read_text()
         with urllib.request.urlopen(
             f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=10
         ) as answer:

@@ -131,3 +131,30 @@ def test_a_rank_killed_under_slurm_is_restarted_in_the_allocation_by_torchrun_an
     text = slurm_log(job)
     assert "--max_restarts 1" in (job / "slurm" / "job.sbatch").read_text()
     assert "resumed from step-0000" in text and "requeueing" not in text  # the same allocation, not a requeue
+
+
+def test_a_sweep_on_slurm_keeps_max_parallel_trials_in_the_queue_and_no_more(tmp_path, cluster):
+    root = tmp_path / "runs"
+    spec = tiny_spec(
+        tmp_path,
+        "slurmsweep",
+        train={"steps": 60},
+        checkpoint={"every": 100000},
+        sample={"every": 100000},
+        resources={"launcher": "slurm", "processes": 1, "threads_per_process": 1},
+    )
+    swept = orch(
+        "sweep", str(spec), "--grid", "train.learning_rate=1e-3,2e-3,3e-3", "--max-parallel", "2", "--name", "q",
+        root=root, env=cluster.env,
+    )  # fmt: skip
+    assert swept.returncode == 0, swept.stdout + swept.stderr
+    assert "3 completed, 0 failed, 0 pruned of 3" in swept.stdout, swept.stdout
+    trials = [state(root / f"q-t{n:03d}") for n in range(3)]
+    slurm_ids = [record["slurm_job_id"] for record in trials]
+    assert all(slurm_ids) and len(set(slurm_ids)) == 3, slurm_ids
+    for n, slurm_id in enumerate(slurm_ids):
+        assert f"q-t{n:03d}: Slurm job {slurm_id}" in swept.stdout
+    assert all(record["state"] == "succeeded" and record["step"] == 60 for record in trials), trials
+    first, second, third = trials
+    assert second["started_at"] < first["ended_at"] and first["started_at"] < second["ended_at"]  # two at once
+    assert third["started_at"] >= min(first["ended_at"], second["ended_at"])  # the third waited for a free place

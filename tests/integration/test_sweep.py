@@ -101,6 +101,8 @@ def test_sweep_runs_trials_as_child_runs_and_records_the_best_and_a_failed_trial
     assert child.data.params["model.hidden_size"] == "32"
     finished = next(run for run in children if run.info.status == "FINISHED")
     assert "system/node0/cpu_utilization_percentage" in finished.data.metrics  # the System metrics tab
+    page = f"{mlflow_server.uri}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+    assert status["mlflow_parent_run_page"] == page + "?workflowType=machine_learning"  # model-training view
     experiment = client.get_experiment(parent.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
@@ -145,3 +147,100 @@ def test_bad_sweeps_are_refused_with_one_message_and_start_nothing(tmp_path, arg
     assert result.exit_code == 2, result.output + result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not jobs_under(root) and not (root / "sweeps" / "bad").exists()
+
+
+def test_side_by_side_trials_on_their_own_cores_survive_the_death_of_the_sweep_and_a_trial(tmp_path):
+    """Two trials run side by side, each on its own share of the machine's cores. The sweep's process and one trial's
+    processes are SIGKILLed together, as a dying node would; `orch sweep resume` follows the other trial, resumes the
+    killed one from its newest checkpoint on its own share, and the sweep finishes."""
+    import os
+    import signal
+
+    from tests.helpers import kill_job_processes, log_text
+
+    spec = sweep_spec(
+        tmp_path,
+        train={"steps": 300},
+        checkpoint={"every": 40, "keep": 1},
+        resources={"processes": 1, "threads_per_process": None},  # threads follow the share
+    )
+    root = tmp_path / "runs"
+    started = orch(
+        "sweep", str(spec), "--grid", "train.learning_rate=1e-3,2e-3", "--max-parallel", "2", "--name", "k", "--detach",
+        root=root,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    first, second = root / "k-t000", root / "k-t001"
+    wait_for(
+        lambda: (first / "state.json").is_file() and (state(first).get("checkpoint_step") or 0) >= 40,
+        timeout=120,
+        what="trial 0's first checkpoint",
+    )
+    assert (second / "state.json").is_file() and state(second)["state"] in ("queued", "running")  # side by side
+    cores = sorted(os.sched_getaffinity(0))
+    shares = [json.loads((job / "plan.json").read_text())["cpus"] for job in (first, second)]
+    if len(cores) >= 2:  # disjoint halves of the cores, one thread per core each
+        half = len(cores) // 2
+        assert shares == [cores[:half], cores[half : 2 * half]], shares
+        assert json.loads((first / "plan.json").read_text())["threads_per_process"] == half
+    sweep_state = json.loads((root / "sweeps" / "k" / "state.json").read_text())
+    os.kill(sweep_state["pid"], signal.SIGKILL)
+    kill_job_processes(first)
+    killed_at = state(first)["checkpoint_step"]
+    supervisor = state(first)["supervisor_pid"]
+    wait_for(
+        lambda: not any(Path(f"/proc/{pid}").exists() for pid in (sweep_state["pid"], supervisor)),
+        timeout=30,
+        what="the killed processes to be gone",
+    )
+
+    vanished = json.loads(cli("sweep", "status", "k", "--json", root=root).output)
+    assert vanished["state"] == "failed" and "orch sweep resume k" in vanished["message"], vanished
+    resumed = orch("sweep", "resume", "k", root=root)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "k-t000): was failed; resuming it" in resumed.stdout, resumed.stdout
+    assert "k-t001): running; following it" in resumed.stdout or "k-t001): succeeded; following it" in resumed.stdout
+    assert "2 completed, 0 failed, 0 pruned of 2" in resumed.stdout, resumed.stdout
+
+    record = state(first)
+    assert record["state"] == "succeeded" and record["step"] == 300 and record["attempts"] == 2, record
+    text = log_text(first)
+    assert f"resumed from step-{killed_at:07d}" in text
+    if shares[0]:  # the resumed run is on the same share of the machine
+        core_list = ",".join(map(str, shares[0]))
+        assert text.count(f"this job's share of the machine: CPU core(s) {core_list}") == 2, text[-3000:]
+    status = json.loads(cli("sweep", "status", "k", "--json", root=root).output)
+    assert status["state"] == "finished" and [row["job"] for row in status["trials"]] == ["k-t000", "k-t001"]
+    assert [row["state"] for row in status["trials"]] == ["complete", "complete"]
+    assert status["trials"][0]["objective"] == pytest.approx(record["loss"])
+
+
+def test_the_median_pruner_stops_a_trial_whose_logged_loss_trails_the_earlier_trials(tmp_path):
+    """Trial 0 learns (lr 3e-3); trial 1 barely moves (lr 1e-7) on the same batches and noise, so past the warm-up its
+    logged loss is above trial 0's at the same step: Optuna's MedianPruner stops it, its job checkpoints (cancelled,
+    resumable), and the sweep records it pruned."""
+    spec = sweep_spec(tmp_path, train={"steps": 400}, checkpoint={"every": 1000, "keep": 1})
+    sweep_file = tmp_path / "prune.yaml"
+    sweep_file.write_text(
+        f"kind: sweep\nname: p\nspec: {spec.name}\nspace:\n  train.learning_rate: {{grid: [1.0e-7, 3.0e-3]}}\n"
+        "objective: {metric: loss}\npruner: median\npruner_warmup_steps: 20\n"
+    )
+    root = tmp_path / "runs"
+    result = orch("sweep", str(sweep_file), root=root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "trial 0 (p-t000): train.learning_rate=0.003: started" in result.stdout  # GridSampler's order (seed 0)
+    assert "1 completed, 0 failed, 1 pruned of 2" in result.stdout, result.stdout
+
+    status = json.loads(cli("sweep", "status", "p", "--json", root=root).output)
+    assert [row["state"] for row in status["trials"]] == ["complete", "pruned"]
+    pruned = root / "p-t001"
+    record = state(pruned)
+    assert record["state"] == "cancelled" and record["checkpoint_step"] == record["step"] < 400, record
+    pruned_at = int(result.stdout.split("p-t001): pruned at step ")[1].split()[0])
+    assert 20 <= pruned_at < 400 and pruned_at % 2 == 0  # past the warm-up, at a logged step (log_every 2)
+    # what the pruner compared: both trials' losses at that step, as their jobs logged them
+    losses = {
+        job: dict(json.loads(line).values() for line in (root / job / "logs" / "loss.jsonl").read_text().splitlines())
+        for job in ("p-t000", "p-t001")
+    }
+    assert losses["p-t001"][pruned_at] > losses["p-t000"][pruned_at]
