@@ -390,6 +390,19 @@ def sweep_resume(root: Path, name: str, detach: bool) -> None:
     _run_sweep(sweep_dir, detach)
 
 
+@sweep.command(name="join")
+@click.argument("name")
+@click.option("--max-parallel", type=click.IntRange(1), help="Trials this process runs at once [default: the sweep's].")
+@click.pass_obj
+@user_errors
+def sweep_join(root: Path, name: str, max_parallel: int | None) -> None:
+    """Run trials of a running sweep from this machine too (it shares the job root and the sweep's storage)."""
+    from orchestrator.sweeps.directory import find_sweep
+    from orchestrator.sweeps.runner import join_sweep
+
+    join_sweep(find_sweep(root, name), max_parallel=max_parallel, echo=click.echo)
+
+
 def _run_sweep(sweep_dir, detach: bool) -> None:
     from orchestrator.sweeps import runner
 

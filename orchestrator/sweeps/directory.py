@@ -8,6 +8,10 @@
         run.lock         flock-held by the sweep's process while it runs (released when it dies, however it dies)
         optuna.db        Optuna's study (the default storage; a database URL puts it elsewhere)
         sweep.log        what a detached sweep prints
+        ask.lock         flock-held while a process asks Optuna for a trial (the count of trials stays exact)
+        workers/<id>.lock  flock-held by each live process running trials (the sweep's own, and `orch sweep join`s);
+                         a trial's Optuna attribute `worker` names its process, so a trial whose process died is
+                         found and taken over
 
 The trials are ordinary jobs beside the other jobs of the root: `<root>/<name>-tNNN/`.
 """
@@ -147,6 +151,20 @@ class SweepDir:
                 )
                 self._save(current)
             return current
+
+    def asking(self):
+        """Held while a trial is asked for: one process at a time counts the trials and adds one."""
+        return locked(self.path / "ask.lock")
+
+    def _worker_lock(self, worker: str) -> Path:
+        folder = self.path / "workers"
+        folder.mkdir(exist_ok=True)
+        return folder / f"{worker}.lock"
+
+    def try_lock_worker(self, worker: str):
+        """Take a worker's lock (one's own, or that of a dead worker whose trials are taken over), or None if a live
+        process holds it. Keep the returned file open."""
+        return try_lock(self._worker_lock(worker))
 
     def try_lock_run(self):
         """Take the run lock, or None if a live process holds it. Keep the returned file open."""

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from orchestrator.jobs.plan import (
 )
 from orchestrator.jobs.submission import keep_user_files, request_cancel, submit_to_slurm
 from orchestrator.jobs.supervisor import write_plan
-from orchestrator.specs.job import JobSpec
+from orchestrator.specs.job import JobSpec, parse_spec
 from orchestrator.specs.sweep import SweepSpec, check_trials, trial_overrides, trial_spec
 from orchestrator.sweeps.directory import ACTIVE, SweepDir, SweepError, SweepRecord, name_in_use, sweep_path
 from orchestrator.tracking import MLFLOW_CLIENT_ENV, default_artifact_location, first_line, resolve_tracking_uri
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5
+TAKEOVER_EVERY_S = 5.0  # how often a runner looks for trials whose worker died
 CANCEL_WAIT_S = 600.0
 Echo = Callable[[str], None]
 
@@ -244,7 +246,8 @@ class RunningTrial:
     job: JobDir
     reported: set[int] = field(default_factory=set)
     pruned_at: int | None = None
-    share: Placement | None = None  # its share of this machine, given back when it ends
+    share: Placement | None = None  # its share of this machine (None: the whole machine)
+    holds_share: bool = True  # whether it holds one of this runner's shares (given back when it ends)
     loss_offset: int = 0  # how far logs/loss.jsonl has been read
 
 
@@ -278,12 +281,13 @@ def run_sweep(sweep_dir: SweepDir, echo: Echo = print) -> SweepRecord:
         parent = ParentRun(record.tracking_uri, record.parent_run_id) if record.parent_run_id else None
         if parent is not None and resumed:
             parent.set_status("RUNNING")
-        runner = _Runner(sweep_dir, sweep, base_yaml, study, parent, echo)
+        runner = _Runner(sweep_dir, sweep, base_yaml, study, parent, echo, owns_sweep=True)
         with _StopSignals() as stop:
             runner.stop = stop
-            if resumed:
-                runner.attach_running()
-            state = runner.loop()
+            try:
+                state = runner.loop()
+            finally:
+                runner.release()
         summary = runner.summary()
         if parent is not None:
             parent.set_status({"finished": "FINISHED", "cancelled": "KILLED"}.get(state, "FAILED"))
@@ -291,6 +295,31 @@ def run_sweep(sweep_dir: SweepDir, echo: Echo = print) -> SweepRecord:
         return sweep_dir.update(state=state, ended_at=time.time(), message=summary)
     finally:
         lock.close()
+
+
+def join_sweep(sweep_dir: SweepDir, max_parallel: int | None = None, echo: Echo = print) -> int:
+    """Run trials of a running sweep from another process (`orch sweep join`, say on another node sharing the job root
+    and a database storage): it asks the same study for trials until all are started, runs its own (at most
+    `max_parallel` at once on this machine), and ends when they are done; the trials it ran."""
+    record = sweep_dir.status()
+    if record.state != ACTIVE:
+        raise SweepError(
+            f"sweep {sweep_dir.name} is {record.state}, not running; `orch sweep resume {sweep_dir.name}` continues it"
+        )
+    sweep, base_yaml = load_sweep(sweep_dir)
+    if max_parallel is not None:
+        sweep = sweep.model_copy(update={"max_parallel": max_parallel})
+    study = open_study(sweep, record.storage)
+    parent = ParentRun(record.tracking_uri, record.parent_run_id) if record.parent_run_id else None
+    runner = _Runner(sweep_dir, sweep, base_yaml, study, parent, echo, owns_sweep=False)
+    with _StopSignals() as stop:
+        runner.stop = stop
+        try:
+            state = runner.loop()
+        finally:
+            runner.release()
+    echo(f"sweep {sweep.name}: worker {runner.worker} {state} after {len(runner.ran)} trial(s): {runner.summary()}")
+    return len(runner.ran)
 
 
 class _StopSignals:
@@ -314,7 +343,13 @@ class _StopSignals:
 
 
 class _Runner:
-    def __init__(self, sweep_dir: SweepDir, sweep: SweepSpec, base_yaml: str, study, parent, echo: Echo):
+    """One process running a sweep's trials: the sweep's own (`owns_sweep`: it ends when every trial of the study has
+    ended, and records the sweep's end) or a joined one (it ends when its own trials have). Each holds a worker lock;
+    trials whose worker died are taken over by whichever live runner sees them first."""
+
+    def __init__(
+        self, sweep_dir: SweepDir, sweep: SweepSpec, base_yaml: str, study, parent, echo: Echo, owns_sweep: bool
+    ):
         self.sweep_dir, self.sweep, self.base_yaml, self.study, self.parent, self.echo = (
             sweep_dir,
             sweep,
@@ -327,6 +362,11 @@ class _Runner:
         self.key = sweep.objective.key
         self.running: dict[int, RunningTrial] = {}
         self.stop: _StopSignals | None = None
+        self.owns_sweep = owns_sweep
+        self.worker = f"{socket.gethostname()}-{os.getpid()}"
+        self.worker_locks = [sweep_dir.try_lock_worker(self.worker)]  # its own, then those of workers taken over
+        self.workers_taken_over = {self.worker}
+        self.ran: set[int] = set()  # the trials this process started or took over
         self.free_shares = trial_shares(sweep, check_trials(sweep, base_yaml))  # one per trial that may run now
         if len(self.free_shares) < sweep.max_parallel:
             self.echo(
@@ -334,25 +374,51 @@ class _Runner:
                 "each trial needs GPUs of its own (launcher deepspeed: its runner picks them, one trial at a time)"
             )
 
+    def release(self) -> None:
+        for lock in self.worker_locks:
+            if lock is not None:
+                lock.close()
+
     # -- the loop
     def loop(self) -> str:
+        from optuna.trial import TrialState
+
+        next_takeover = 0.0
         while True:
             if (self.stop is not None and self.stop.requested) or self.sweep_dir.read().cancel_requested:
                 self.cancel_running()
                 return "cancelled"
+            if time.time() >= next_takeover:
+                self.take_over_orphans()
+                next_takeover = time.time() + TAKEOVER_EVERY_S
             self.poll()
-            started = len(self.study.get_trials(deepcopy=False))
-            while self.free_shares and started < self.sweep.n_trials:
-                self.start_trial()
-                started += 1
-            if not self.running and started >= self.sweep.n_trials:
-                return "finished"
+            all_started = False
+            while self.free_shares:
+                trial = self.ask()
+                if trial is None:
+                    all_started = True
+                    break
+                self.start_trial(trial)
+            if all_started and not self.running:
+                # the sweep's own process waits for the trials other processes still run (it may take them over)
+                if not self.owns_sweep or not self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                    return "finished"
             time.sleep(POLL_S)
 
-    def start_trial(self) -> None:
+    def ask(self):
+        """A new trial of the study for this process, or None once the sweep's trials have all been started (counted
+        under the sweep's ask lock, so runners on several machines never start more than `trials`)."""
+        with self.sweep_dir.asking():
+            if len(self.study.get_trials(deepcopy=False)) >= self.sweep.n_trials:
+                return None
+            trial = self.study.ask()
+            trial.set_user_attr("worker", self.worker)
+        return trial
+
+    def start_trial(self, trial) -> None:
         import optuna
 
-        trial = self.study.ask()
+        self.ran.add(trial.number)
         params = {}
         for key in sorted(self.sweep.space):
             axis = self.sweep.space[key]
@@ -371,7 +437,7 @@ class _Runner:
             require_runnable(the_plan)
         except UserError as err:  # checked for every grid point before the start; drawn values or a changed machine
             trial.set_user_attr("error", str(err))
-            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             self.echo(f"trial {trial.number} ({' '.join(overrides)}): cannot start: {err}")
             return
         job = JobDir.create(self.root, job_id, spec.name, spec.to_yaml(), spec.train.steps)
@@ -398,7 +464,8 @@ class _Runner:
             if record.state in ACTIVE_STATES:
                 continue
             del self.running[number]
-            self.free_shares.append(running.share)
+            if running.holds_share:
+                self.free_shares.append(running.share)
             self._finish(running, record)
 
     def _report(self, running: RunningTrial, record: JobRecord) -> None:
@@ -434,20 +501,20 @@ class _Runner:
         value = None
         if running.pruned_at is not None:
             trial.set_user_attr("outcome", f"pruned at step {running.pruned_at}")
-            self.study.tell(trial, state=TrialState.PRUNED)
+            self.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
             outcome = "pruned"
         elif record.state == JobState.SUCCEEDED:
             value = objective_value(self.key, running.job, record)
             if value is None or not math.isfinite(value):
                 trial.set_user_attr("error", f"the job logged no finite {self.key}")
-                self.study.tell(trial, state=TrialState.FAIL)
+                self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 outcome, value = f"failed: the job logged no finite {self.key}", None
             else:
-                self.study.tell(trial, value)
+                self.study.tell(trial, value, skip_if_finished=True)
                 outcome = f"{self.key} {value:.6g}"
         else:
             trial.set_user_attr("error", f"job {record.state.value}: {record.message}")
-            self.study.tell(trial, state=TrialState.FAIL)
+            self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             outcome = f"{record.state.value}: {record.message}"
         best = self.best()
         marker = " (best so far)" if best is not None and best["trial"] == number and value is not None else ""
@@ -488,37 +555,68 @@ class _Runner:
         for running in self.running.values():
             record = running.job.status()
             running.trial.set_user_attr("error", f"cancelled with the sweep (job {record.state.value})")
-            self.study.tell(running.trial, state=TrialState.FAIL)
+            self.study.tell(running.trial, state=TrialState.FAIL, skip_if_finished=True)
             self.echo(f"trial {running.trial.number} ({running.job.id}): cancelled ({record.state.value})")
         self.running.clear()
 
-    def attach_running(self) -> None:
-        """After a restart of the sweep: find the jobs of the trials Optuna holds as running; wait for those still
-        running, restart those whose processes vanished, record the ones that ended meanwhile."""
+    def take_over_orphans(self) -> None:
+        """Take over the running trials whose worker died (the sweep's own process before a resume, or a joined one):
+        wait for those whose jobs still run, restart those whose processes vanished, record the ones that ended
+        meanwhile. Trials with no worker recorded are the sweep's own process's to take."""
         import optuna
         from optuna.trial import TrialState
 
         for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if frozen.number in self.running:
+                continue
+            owner = frozen.user_attrs.get("worker")
+            if owner is None:
+                if not self.owns_sweep:
+                    continue
+            elif owner not in self.workers_taken_over:  # this process's own lock reads as held, too
+                lock = self.sweep_dir.try_lock_worker(owner)
+                if lock is None:  # alive, or another runner took it over
+                    continue
+                self.worker_locks.append(lock)  # held: the others see that worker's trials as looked after
+                self.workers_taken_over.add(owner)
+            self.ran.add(frozen.number)
             trial = optuna.trial.Trial(self.study, frozen._trial_id)
             job_path = self.root / self.sweep_dir.trial_job_id(frozen.number)
             if not (job_path / "state.json").is_file():
                 trial.set_user_attr("error", "the sweep stopped before the trial's job was created")
-                self.study.tell(trial, state=TrialState.FAIL)
+                self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 continue
             job = JobDir(job_path)
             record = job.status()
-            running = RunningTrial(trial, job, reported=set(frozen.intermediate_values), share=self._claim_share(job))
-            self.running[frozen.number] = running
-            if record.state in (JobState.FAILED, JobState.PREEMPTED) or (
+            vanished = record.state in (JobState.FAILED, JobState.PREEMPTED) or (
                 record.state == JobState.QUEUED and not job.is_locked() and record.slurm_job_id is None
-            ):
-                self.echo(f"trial {frozen.number} ({job.id}): was {record.state.value}; resuming it")
-                self._launch(job, record.launcher or _planned_launcher(job))
-            else:
+            )
+            held, share = self._claim_share(job, or_any=vanished)
+            running = RunningTrial(trial, job, reported=set(frozen.intermediate_values), share=share, holds_share=held)
+            self.running[frozen.number] = running
+            if not vanished:
                 self.echo(f"trial {frozen.number} ({job.id}): {record.state.value}; following it")
+                continue
+            self.echo(f"trial {frozen.number} ({job.id}): was {record.state.value}; resuming it")
+            try:  # planned again here: the trial's worker may have run it on another machine
+                spec = parse_spec(job.spec_file.read_text(), source=str(job.spec_file))
+                the_plan = make_plan(spec, job.path, job.root, placement=share)
+                require_runnable(the_plan)
+            except UserError as err:
+                del self.running[frozen.number]
+                if held:
+                    self.free_shares.append(share)
+                trial.set_user_attr("error", f"cannot resume: {err}")
+                self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                self.echo(f"trial {frozen.number} ({job.id}): cannot resume: {err}")
+                continue
+            write_plan(job, the_plan)
+            self._launch(job, the_plan.launcher)
 
-    def _claim_share(self, job: JobDir) -> Placement | None:
-        """The free share a trial's job was planned on (its plan.json's cores and GPUs), taken from the free ones."""
+    def _claim_share(self, job: JobDir, or_any: bool) -> tuple[bool, Placement | None]:
+        """The free share a trial's job was planned on (its plan.json's cores and GPUs), taken from the free ones; if
+        none matches and `or_any`, the first free one; (False, None) when none is taken (a trial followed from another
+        machine, or no share free: it runs on the whole machine)."""
         import json
 
         plan = json.loads(job.plan_file.read_text()) if job.plan_file.is_file() else {}
@@ -530,8 +628,10 @@ class _Runner:
                 and share.gpus == (tuple(gpus.split(",")) if gpus is not None else None)
             ):
                 self.free_shares.remove(share)
-                return share
-        return self.free_shares.pop(0) if self.free_shares else None
+                return True, share
+        if or_any and self.free_shares:
+            return True, self.free_shares.pop(0)
+        return False, None
 
     def summary(self) -> str:
         from optuna.trial import TrialState
@@ -546,12 +646,6 @@ class _Runner:
         if best is not None:
             text += f"; best: trial {best['trial']} ({best['job']}: {best['overrides']}) {self.key} {best['value']:.6g}"
         return text
-
-
-def _planned_launcher(job: JobDir) -> str:
-    import json
-
-    return json.loads(job.plan_file.read_text())["launcher"]
 
 
 # ---- sharing one machine between side-by-side trials --------------------------------------------------
@@ -646,7 +740,7 @@ def cancel_sweep(sweep_dir: SweepDir, wait: bool = True, timeout: float = CANCEL
         sweep, base_text = load_sweep(sweep_dir)
         study = open_study(sweep, record.storage)
         parent = ParentRun(record.tracking_uri, record.parent_run_id) if record.parent_run_id else None
-        runner = _Runner(sweep_dir, sweep, base_text, study, parent, echo)
+        runner = _Runner(sweep_dir, sweep, base_text, study, parent, echo, owns_sweep=True)
         import optuna
 
         for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -656,6 +750,7 @@ def cancel_sweep(sweep_dir: SweepDir, wait: bool = True, timeout: float = CANCEL
                     optuna.trial.Trial(study, frozen._trial_id), JobDir(job_path)
                 )
         runner.cancel_running()
+        runner.release()
         if parent is not None:
             parent.set_status("KILLED")
         sweep_dir.update(state="cancelled", ended_at=time.time(), message=runner.summary())
@@ -718,6 +813,7 @@ def trial_rows(sweep_dir: SweepDir) -> tuple[SweepSpec, SweepRecord, list[dict]]
                 "objective": value,
                 "best": trial.number == best_number,
                 "error": trial.user_attrs.get("error"),
+                "worker": trial.user_attrs.get("worker"),
                 "mlflow_run_id": job_record.mlflow_run_id if job_record else None,
             }
         )

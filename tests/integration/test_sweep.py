@@ -244,3 +244,56 @@ def test_the_median_pruner_stops_a_trial_whose_logged_loss_trails_the_earlier_tr
         for job in ("p-t000", "p-t001")
     }
     assert losses["p-t001"][pruned_at] > losses["p-t000"][pruned_at]
+
+
+def test_a_joined_process_draws_trials_of_the_same_study_and_its_trials_are_taken_over_when_it_dies(tmp_path):
+    """`orch sweep join` runs trials of a running sweep beside the sweep's own process (as on a second node: same
+    study, same job root); no more trials start than the sweep has. SIGKILLed with its trial's processes, the joined
+    process's trial is taken over by the sweep's own process, which resumes it from its checkpoint."""
+    import os
+    import signal
+    import socket
+
+    from tests.helpers import kill_job_processes, log_text, start_orch
+
+    spec = sweep_spec(tmp_path, train={"steps": 300}, checkpoint={"every": 40, "keep": 1})
+    root = tmp_path / "runs"
+    grid = "train.learning_rate=1e-3,2e-3,3e-3,4e-3"
+    started = orch("sweep", str(spec), "--grid", grid, "--name", "j", "--detach", root=root)
+    assert started.returncode == 0, started.stderr
+    wait_for(lambda: (root / "j-t000" / "state.json").is_file(), timeout=60, what="the sweep's first trial")
+    joined = start_orch("sweep", "join", "j", root=root)
+    joined_worker = f"{socket.gethostname()}-{joined.pid}"
+
+    def joined_trial() -> Path | None:
+        """The job of the first trial the joined process started, once it has checkpointed."""
+        rows = json.loads(cli("sweep", "status", "j", "--json", root=root).output)["trials"]
+        jobs = [root / row["job"] for row in rows if row["worker"] == joined_worker]
+        if jobs and (jobs[0] / "state.json").is_file() and (state(jobs[0]).get("checkpoint_step") or 0) >= 40:
+            return jobs[0]
+        return None
+
+    second = wait_for(joined_trial, timeout=120, interval=0.5, what="the joined process's trial to checkpoint")
+    os.killpg(joined.pid, signal.SIGKILL)
+    kill_job_processes(second)
+    joined.wait(timeout=30)
+    killed_at = state(second)["checkpoint_step"]
+
+    def sweep_state() -> str:
+        return json.loads(cli("sweep", "status", "j", "--json", root=root).output)["state"]
+
+    wait_for(lambda: sweep_state() != "running", timeout=300, what="the sweep to end")
+    status = json.loads(cli("sweep", "status", "j", "--json", root=root).output)
+    assert status["state"] == "finished", status
+    assert [row["state"] for row in status["trials"]] == ["complete"] * 4, status["trials"]
+    workers = {row["job"]: row["worker"] for row in status["trials"]}
+    sweep_worker = f"{socket.gethostname()}-{json.loads((root / 'sweeps' / 'j' / 'state.json').read_text())['pid']}"
+    assert workers["j-t000"] == sweep_worker and workers[second.name] == joined_worker
+    assert sorted(p.name for p in jobs_under(root)) == ["j-t000", "j-t001", "j-t002", "j-t003"]  # no fifth trial
+    sweep_log = (root / "sweeps" / "j" / "sweep.log").read_text()
+    assert f"({second.name}): was failed; resuming it" in sweep_log, sweep_log
+    record = state(second)
+    assert record["state"] == "succeeded" and record["step"] == 300 and record["attempts"] == 2, record
+    assert f"resumed from step-{killed_at:07d}" in log_text(second)
+    late = cli("sweep", "join", "j", root=root)  # nothing left to draw: one message, nothing started
+    assert late.exit_code == 2 and "sweep j is finished, not running" in late.stderr, late.stderr
