@@ -282,12 +282,7 @@ def run_sweep(sweep_dir: SweepDir, echo: Echo = print) -> SweepRecord:
         if parent is not None and resumed:
             parent.set_status("RUNNING")
         runner = _Runner(sweep_dir, sweep, base_yaml, study, parent, echo, owns_sweep=True)
-        with _StopSignals() as stop:
-            runner.stop = stop
-            try:
-                state = runner.loop()
-            finally:
-                runner.release()
+        state = runner.run()
         summary = runner.summary()
         if parent is not None:
             parent.set_status({"finished": "FINISHED", "cancelled": "KILLED"}.get(state, "FAILED"))
@@ -312,12 +307,7 @@ def join_sweep(sweep_dir: SweepDir, max_parallel: int | None = None, echo: Echo 
     study = open_study(sweep, record.storage)
     parent = ParentRun(record.tracking_uri, record.parent_run_id) if record.parent_run_id else None
     runner = _Runner(sweep_dir, sweep, base_yaml, study, parent, echo, owns_sweep=False)
-    with _StopSignals() as stop:
-        runner.stop = stop
-        try:
-            state = runner.loop()
-        finally:
-            runner.release()
+    state = runner.run()
     echo(f"sweep {sweep.name}: worker {runner.worker} {state} after {len(runner.ran)} trial(s): {runner.summary()}")
     return len(runner.ran)
 
@@ -373,6 +363,15 @@ class _Runner:
                 f"sweep {sweep.name}: {len(self.free_shares)} trial(s) at once, not max_parallel {sweep.max_parallel}: "
                 "each trial needs GPUs of its own (launcher deepspeed: its runner picks them, one trial at a time)"
             )
+
+    def run(self) -> str:
+        """The loop, stopped by SIGINT/SIGTERM/SIGHUP; the worker locks are let go at the end. The ending state."""
+        with _StopSignals() as stop:
+            self.stop = stop
+            try:
+                return self.loop()
+            finally:
+                self.release()
 
     def release(self) -> None:
         for lock in self.worker_locks:
