@@ -110,7 +110,7 @@ def test_a_class_conditional_dit_trains_on_latents_and_samples_decoded_images(tm
     assert images.shape == (2, RES, RES, 3) and np.isfinite(images).all()
 
 
-def test_a_text_conditioned_cross_attention_dit_trains_and_draws_prompts(tmp_path, prepared):
+def test_a_text_conditioned_cross_attention_dit_trains_and_draws_prompts(tmp_path, prepared, monkeypatch):
     root = tmp_path / "runs"
     spec = latent_spec(
         tmp_path,
@@ -159,6 +159,23 @@ def test_a_text_conditioned_cross_attention_dit_trains_and_draws_prompts(tmp_pat
         wrong.returncode == 2
         and "--class needs a class-conditional model; this one is conditioned on text: use --prompt" in wrong.stderr
     )
+
+    # the model in MLflow: predict draws for captions what `orch sample --prompt` drew (its VAE and text encoder
+    # are the spec's, loaded when it draws)
+    import mlflow
+
+    exported = orch("export", job.name, "--to-mlflow", root=root, env={"HF_HUB_OFFLINE": "1"})
+    assert exported.returncode == 0, exported.stderr
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run_id = exported.stdout.split("to MLflow run ")[1].split()[0].rstrip(".,;:")
+    logged = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    rows = {"caption": ["a handwritten digit one", "a handwritten digit two"], "n": [2, 2], "steps": [3, 3]}
+    images = logged.predict(rows)
+    drawn = np.stack([np.array(Image.open(out / name)) for name in sorted(p.name for p in out.glob("0*.png"))])
+    assert images.shape[0] == 4 and np.array_equal(images.reshape(drawn.shape), drawn)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="caption"):
+        logged.predict({"class": [1]})  # a text model wants captions
 
 
 def test_a_dataset_that_cannot_feed_the_spec_is_refused_before_anything_starts(tmp_path, prepared):
