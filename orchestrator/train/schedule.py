@@ -17,7 +17,8 @@ def lr_factor(step: int, spec: JobSpec) -> float:
         return 1.0
     if t.lr_schedule == "one_cycle":
         return one_cycle_factor(step, t.steps, t.one_cycle)
-    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    # the first update after the warmup trains at the peak, the last (0-based step train.steps - 1) at the floor
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - 1 - t.warmup_steps))
     decay = 0.5 * (1 + math.cos(math.pi * progress)) if t.lr_schedule == "cosine" else 1 - progress
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
 

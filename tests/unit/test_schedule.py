@@ -54,25 +54,17 @@ def test_constant_schedule_stays_at_the_peak_and_ignores_min_lr_ratio():
 
 @pytest.mark.parametrize("min_lr", [0.0, 0.1, 0.5])
 def test_cosine_starts_at_the_peak_after_warmup_passes_the_mean_halfway_and_ends_at_the_floor(min_lr):
-    steps, warmup = 12, 2  # 10 decay steps: the middle is step 2 + 5
+    steps, warmup = 13, 2  # updates 2..12 decay over 10 steps: the middle is step 2 + 5, the last (12) at the floor
     s = spec(steps=steps, warmup=warmup, schedule="cosine", min_lr_ratio=min_lr)
     assert lr_factor(warmup, s) == pytest.approx(1.0)  # right after the warmup: the peak, no jump down
     assert lr_factor(warmup + 5, s) == pytest.approx((1 + min_lr) / 2)  # cos(pi / 2) = 0
     # a quarter of the way: min + (1 - min) * (1 + cos(pi / 4)) / 2
     quarter = min_lr + (1 - min_lr) * (1 + math.sqrt(0.5)) / 2
     assert lr_factor(warmup + 2.5, s) == pytest.approx(quarter)
-    # the rate the schedule holds once train.steps updates are done (LambdaLR's value after the last update)
-    assert lr_factor(steps, s) == pytest.approx(min_lr)
+    assert lr_factor(steps - 1, s) == pytest.approx(min_lr)  # the last update trains at the floor
+    assert lr_factor(steps, s) == pytest.approx(min_lr)  # and the rate stays there (LambdaLR's value after it)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "TrainSpec.lr_schedule documents a decay 'to min_lr_ratio x peak at the last step', but the last update "
-        "(0-based step train.steps - 1, see test_each_update_runs_at_the_factor_of_its_0_based_step) runs at "
-        "progress (steps - 1 - warmup) / (steps - warmup) < 1: the floor is only reached after training ends"
-    ),
-)
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
 def test_decay_reaches_min_lr_ratio_at_the_last_training_step(schedule):
     s = spec(steps=6, warmup=2, schedule=schedule, min_lr_ratio=0.1)
@@ -81,12 +73,12 @@ def test_decay_reaches_min_lr_ratio_at_the_last_training_step(schedule):
 
 @pytest.mark.parametrize("min_lr", [0.0, 0.25])
 def test_linear_decays_by_equal_steps_from_the_peak_to_the_floor(min_lr):
-    steps, warmup = 10, 2
+    steps, warmup = 11, 2  # updates 2..10: 8 equal drops from the peak to the floor at the last update
     s = spec(steps=steps, warmup=warmup, schedule="linear", min_lr_ratio=min_lr)
-    values = [lr_factor(step, s) for step in range(warmup, steps + 1)]
+    values = [lr_factor(step, s) for step in range(warmup, steps)]
     assert values[0] == pytest.approx(1.0) and values[-1] == pytest.approx(min_lr)
-    drop = (1 - min_lr) / (steps - warmup)
-    assert [a - b for a, b in zip(values, values[1:])] == pytest.approx([drop] * (steps - warmup))
+    drop = (1 - min_lr) / (steps - 1 - warmup)
+    assert [a - b for a, b in zip(values, values[1:])] == pytest.approx([drop] * (steps - 1 - warmup))
     assert lr_factor(warmup + 4, s) == pytest.approx((1 + min_lr) / 2)  # halfway of 8 decay steps
 
 
