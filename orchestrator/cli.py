@@ -546,7 +546,11 @@ def prepare(spec_file: str, overrides: tuple[str, ...]) -> None:
 )
 @checkpoint_option()
 @click.option("--no-ema", is_flag=True, help="Use the raw weights instead of the EMA weights.")
-@click.option("--progression", is_flag=True, help="Also save progression.png: the x0 prediction across the timesteps.")
+@click.option(
+    "--progression",
+    is_flag=True,
+    help="Also save progression.png: the x0 prediction across the timesteps (sample.progression frames a row, else 8).",
+)
 @click.option("--batch-size", default=64, show_default=True)
 @click.pass_obj
 @user_errors
@@ -625,7 +629,10 @@ def sample(
         f"{guidance}, seed {seed}) -> {out_dir}"
     )
     if progression:
+        from orchestrator.train.grids import FINAL_PROGRESSION_FRAMES
+
         first = list(range(0, len(labels), num))  # the first image of every row
+        frames = min(spec.sample.progression or FINAL_PROGRESSION_FRAMES, steps)  # as the job's own strips
         strip = sampling.progression_strip(
             model,
             spec,
@@ -636,8 +643,10 @@ def sample(
             seed=seed,
             model_input=model_input,
             text=None if text is None else {k: v[first] for k, v in text.items()},
+            frames=frames,
         )
         strip.save(Path(out_dir) / "progression.png")
+        click.echo(f"progression ({frames} x0 predictions a row): {Path(out_dir) / 'progression.png'}")
     click.echo(f"grid: {Path(out_dir) / 'grid.png'}")
 
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 def trained(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("trained")
     root = tmp_path / "runs"
-    result = orch("submit", str(tiny_spec(tmp_path, train={"steps": 2})), root=root)
+    result = orch("submit", str(tiny_spec(tmp_path, train={"steps": 2}, sample={"progression": 3})), root=root)
     job = only_job(root)
     assert result.returncode == 0, log_text(job)
     return root, job
@@ -48,6 +48,10 @@ def test_orch_sample_writes_images_and_a_grid_and_the_same_seed_repeats(tmp_path
         "grid.png",
         "progression.png",
     ]
+    # the strip has the frames the job's strips had (sample.progression 3)
+    assert "progression (3 x0 predictions a row)" in first.stdout, first.stdout
+    width, height = Image.open(tmp_path / "a" / "progression.png").size
+    assert width * (2 * 9 + 1) == height * (3 * 9 + 1)  # 2 rows (classes 3, 5) x 3 frames of 8 px, 1 px apart
     orch(*args, "--out", str(tmp_path / "b"), "--batch-size", "1", root=root, check=True)
     for name in names[:4]:
         assert Image.open(tmp_path / "a" / name).tobytes() == Image.open(tmp_path / "b" / name).tobytes(), name
