@@ -677,11 +677,13 @@ def check_data(spec: JobSpec, hub_data: HubData | None = None) -> None:
                 f"model.num_classes is {spec.model.num_classes} but {spec.data.path} has {len(index.classes)} class "
                 "folders"
             )
+        _require_one_global_batch(spec, len(index.items), f"image_folder {spec.data.path}")
     if spec.data.source == "hf_dataset":
         hub_data = _hub_data(spec, hub_data)
         if isinstance(hub_data, UserError):
             raise PlanError(str(hub_data)) from None
         rows, columns = hub_data
+        _require_one_global_batch(spec, len(rows), f"hf_dataset {spec.data.path}")
         if spec.model.condition == "class" and spec.model.num_classes is not None:
             classes = _hub_classes(rows, columns)
             if classes is not None and spec.model.num_classes < classes:
@@ -689,6 +691,16 @@ def check_data(spec: JobSpec, hub_data: HubData | None = None) -> None:
                     f"model.num_classes is {spec.model.num_classes} but {spec.data.path} has {classes} classes (column "
                     f"{columns.label!r})"
                 )
+
+
+def _require_one_global_batch(spec: JobSpec, samples: int, what: str) -> None:
+    """PlanError if a pixel source cannot fill one micro batch on every rank (the training stream would refuse)."""
+    micro, world = spec.micro_batch_size, spec.resources.world_size
+    if samples < micro * world:
+        raise PlanError(
+            f"{what} has {samples:,} sample(s), fewer than one global batch ({micro} per rank x {world} rank(s)): "
+            "lower train.global_batch_size or add data"
+        )
 
 
 #################################################################################

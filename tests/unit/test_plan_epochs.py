@@ -110,10 +110,15 @@ def test_missing_data_is_said_in_the_data_line_and_the_plan_prints_the_rest(tmp_
     assert " on 8 x A100: " in line(plan, "time (8xA100)")  # pixels: the network's input is the spec's, data or not
 
 
-def test_fewer_samples_than_a_global_batch_are_said_in_the_data_line(tmp_path):
+def test_fewer_samples_than_a_global_batch_are_said_and_refused_before_the_job_is_created(tmp_path):
     folder = write_image_folder(tmp_path / "few", {"cat": 3})
     _, plan = plan_of(tmp_path, data={"source": "image_folder", "path": str(folder)}, train={"global_batch_size": 8})
     assert "fewer than one global batch" in line(plan, "data")
+    # a problem of the plan: `orch submit` refuses (exit 2) instead of starting a job the stream fails at once
+    assert plan.problems == (
+        f"image_folder {folder} has 3 sample(s), fewer than one global batch (8 per rank x 1 rank(s)): lower "
+        "train.global_batch_size or add data",
+    )
 
 
 def test_prepared_shards_count_the_index_and_epoch_0_of_the_shard_stream(tmp_path):
