@@ -461,6 +461,8 @@ class Trainer:
         in synchronous training every node steps at the pace of the slowest, and its data wait or
         memory is what tells the straggler (a slow filesystem, a rank near its memory limit) apart.
         """
+        if self.system_metrics is not None:  # MLflow's monitor ends for good in a server outage: start another
+            self.system_metrics.revive()
         # (world size, 2), rank-major
         per_rank = self.engine.gather_floats([self._peak_memory_bytes() / 1e9, data_wait, float(self.bad_samples)])
         per_node = [

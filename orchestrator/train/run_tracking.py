@@ -71,8 +71,10 @@ class SystemMetrics:
     nvidia-ml-py), one per node, run by the node's first rank into the job's run under system/node<k>/: the one
     place where a rank other than global rank 0 writes to MLflow, as only each node can see its own machine."""
 
-    def __init__(self, monitor):
+    def __init__(self, monitor, spec: JobSpec, uri: str, run_id: str, node: int):
         self.monitor = monitor
+        self.spec, self.uri, self.run_id, self.node = spec, uri, run_id, node
+        self.next_revival = 0.0  # time.monotonic() before which no new monitor is tried
 
     @classmethod
     def start(
@@ -82,20 +84,31 @@ class SystemMetrics:
         if uri is None or run_id is None or not spec.tracking.system_metrics:
             return None
         try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            monitor = SystemMetricsMonitor(
-                run_id,
-                sampling_interval=spec.tracking.system_metrics_every_s,
-                resume_logging=resumed,  # on resume: its steps go on after the last attempt's
-                node_id=f"node{node}",
-                tracking_uri=uri,
-            )
-            monitor.start()
+            monitor = _started_monitor(spec, uri, run_id, node, resume_logging=resumed)
         except Exception as err:  # noqa: BLE001 - tracking never stops training
             log.warning("MLflow system metrics unavailable (%s); training goes on", err)
             return None
-        return cls(monitor)
+        return cls(monitor, spec, uri, run_id, node)
+
+    def revive(self) -> bool:
+        """Start a new monitor if MLflow's has stopped on its own (it ends for good at the first request the server
+        does not answer); its steps go on after the last one logged. Tried at most once a sampling interval; True if
+        one was started. Called at each logged window."""
+        thread = self.monitor._process  # MLflow 3.17: the sampling thread, None once finished
+        if thread is None or thread.is_alive() or time.monotonic() < self.next_revival:
+            return False
+        self.next_revival = time.monotonic() + self.spec.tracking.system_metrics_every_s
+        try:
+            from mlflow import MlflowClient
+
+            # asked here first: MLflow's resume_logging reads the last step as 0 when the server does not answer,
+            # and the new monitor would log its steps again from 0
+            MlflowClient(self.uri).get_run(self.run_id)
+            self.monitor = _started_monitor(self.spec, self.uri, self.run_id, self.node, resume_logging=True)
+        except Exception:  # noqa: BLE001 - the server is still away: tried again later
+            return False
+        log.info("MLflow system metrics resumed (the monitor had stopped while the server was unreachable)")
+        return True
 
     def close(self) -> None:
         """Stop sampling and log a last sample (a job shorter than the interval has one too)."""
@@ -106,6 +119,20 @@ class SystemMetrics:
             self.monitor.mlflow_logger.flush()
         except Exception as err:  # noqa: BLE001 - tracking never stops training
             log.warning("MLflow system metrics: the last sample was not logged (%s)", err)
+
+
+def _started_monitor(spec: JobSpec, uri: str, run_id: str, node: int, resume_logging: bool):
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        run_id,
+        sampling_interval=spec.tracking.system_metrics_every_s,
+        resume_logging=resume_logging,  # its steps go on after the last ones logged to the run
+        node_id=f"node{node}",
+        tracking_uri=uri,
+    )
+    monitor.start()
+    return monitor
 
 
 def log_trained_model(spec: JobSpec, job: JobDir, tracker: Tracker, step: int) -> None:

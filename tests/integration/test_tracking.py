@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from orchestrator import tracking
+from orchestrator.specs.job import spec_from_dict
 from orchestrator.tracking import (
     MlflowTracker,
     NullTracker,
@@ -20,6 +21,7 @@ from orchestrator.tracking import (
     default_tracking_uri,
     resolve_tracking_uri,
 )
+from orchestrator.train.run_tracking import SystemMetrics
 from tests.mlflow_server import free_port
 
 
@@ -103,9 +105,24 @@ def test_logging_never_blocks_while_the_server_is_down_and_catches_up_after(mlfl
     survivor.log_metrics({"loss": 1.0}, step=1)
     client = MlflowClient(mlflow_server.uri)
     wait_for(lambda: metric_steps(client, survivor.run_id, "loss") == [1], 10, "step 1 before the outage")
+    # MLflow's system-metrics monitor of a job's node, sampling every 0.5 s into its own run
+    watched = MlflowTracker.start(mlflow_server.uri, "outage", "watched")
+    system = SystemMetrics.start(
+        spec_from_dict({"name": "w", "train": {"steps": 1}, "tracking": {"system_metrics_every_s": 0.5}}),
+        mlflow_server.uri,
+        watched.run_id,
+        0,
+        False,
+    )
+    cpu = "system/node0/cpu_utilization_percentage"
+    wait_for(lambda: metric_steps(client, watched.run_id, cpu), 15, "system metrics before the outage")
 
     mlflow_server.stop()
     try:
+        # MLflow's monitor stops for good at the first request the server does not answer; no new one starts yet
+        wait_for(lambda: not system.monitor._process.is_alive(), 15, "the system-metrics monitor to stop")
+        time.sleep(0.6)  # past revive()'s once-a-sampling-interval guard
+        assert not system.revive()
         call_seconds = []
         for step in range(2, 7):
             for tracker in trackers:
@@ -146,6 +163,14 @@ def test_logging_never_blocks_while_the_server_is_down_and_catches_up_after(mlfl
     assert client.get_run(survivor.run_id).info.status == "FINISHED"
     assert client.get_run(quitter.run_id).info.status == "RUNNING"  # it could not say FINISHED: the server was down
     assert metric_steps(client, forgetter.run_id, "loss") == [7]
+    # the system metrics go on in a new monitor once the server answers, their steps after the last ones logged
+    before = max(metric_steps(client, watched.run_id, cpu))
+    wait_for(system.revive, 15, "a new system-metrics monitor")
+    wait_for(lambda: max(metric_steps(client, watched.run_id, cpu)) > before, 15, "system metrics after the outage")
+    steps = metric_steps(client, watched.run_id, cpu)
+    assert steps == sorted(set(steps)), steps  # no step logged twice
+    system.close()
+    watched.close(timeout=20)
     sample_files = [item.path for item in client.list_artifacts(survivor.run_id, "samples")]
     assert sample_files == [f"samples/step_{step:07d}.png" for step in range(2, 7)]
 
