@@ -138,7 +138,7 @@ def test_a_sweep_on_slurm_keeps_max_parallel_trials_in_the_queue_and_no_more(tmp
     spec = tiny_spec(
         tmp_path,
         "slurmsweep",
-        train={"steps": 60},
+        train={"steps": 120},
         checkpoint={"every": 100000},
         sample={"every": 100000},
         resources={"launcher": "slurm", "processes": 1, "threads_per_process": 1},
@@ -154,7 +154,7 @@ def test_a_sweep_on_slurm_keeps_max_parallel_trials_in_the_queue_and_no_more(tmp
     assert all(slurm_ids) and len(set(slurm_ids)) == 3, slurm_ids
     for n, slurm_id in enumerate(slurm_ids):
         assert f"q-t{n:03d}: Slurm job {slurm_id}" in swept.stdout
-    assert all(record["state"] == "succeeded" and record["step"] == 60 for record in trials), trials
+    assert all(record["state"] == "succeeded" and record["step"] == 120 for record in trials), trials
     first, second, third = trials
     assert second["started_at"] < first["ended_at"] and first["started_at"] < second["ended_at"]  # two at once
     assert third["started_at"] >= min(first["ended_at"], second["ended_at"])  # the third waited for a free place
