@@ -4,9 +4,12 @@ or a database URL), its pruners stop bad trials; what is written here is only th
 Each trial is an ordinary job (`<root>/<sweep>-tNNN/`: own directory, resumable, cancellable, its own MLflow run),
 started as `orch submit --detach` starts one (or submitted to Slurm), with the trial's values as `--set` overrides.
 The sweep's process asks Optuna for a trial (`study.ask`), starts its job, watches the job's directory (state,
-evaluations) and tells Optuna how it ended (`study.tell`): the objective's value, failed, or pruned. Up to
-`max_parallel` trials run at once. Killed, the sweep leaves its trials running; `orch sweep resume NAME` finds them
-by their jobs' directories, waits for them (restarting any whose processes vanished) and goes on.
+evaluations, logs/loss.jsonl) and tells Optuna how it ended (`study.tell`): the objective's value, failed, or
+pruned. Up to `max_parallel` trials run at once, each on a share of this machine of its own (its GPUs and cores:
+`machine_shares`; Slurm places its jobs itself). Killed, the sweep leaves its trials running; `orch sweep resume
+NAME` finds them by their jobs' directories, waits for them (restarting any whose processes vanished) and goes on.
+`orch sweep join NAME` runs trials of the same study from another process or machine; every runner holds a worker
+lock and takes over the trials of a runner that died.
 
 In MLflow the sweep is one parent run (its spec, search space, and the best trial so far) and every trial's run is
 its child (tag `mlflow.parentRunId`), so the experiment's compare view shows the trials together.
