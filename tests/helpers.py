@@ -132,12 +132,31 @@ def kill_after_checkpoint_then_resume(
 ):
     """Run `spec` uninterrupted (into tmp_path/reference), and again SIGKILLed after its checkpoint at `kill_at` and
     resumed from it to `total` (calling `before_resume(job)` first, if given); unless exact=False, assert both end
-    with bitwise-equal model and EMA weights; return the resumed job and `orch resume`'s result."""
-    reference_root = tmp_path / "reference"
-    uninterrupted = orch("submit", str(spec), *overrides, root=reference_root)
-    assert uninterrupted.returncode == 0, log_text(only_job(reference_root))
+    with bitwise-equal model and EMA weights; return the resumed job and `orch resume`'s result.
 
-    root = tmp_path / "killed"
+    The two runs share nothing but the spec, so the uninterrupted one runs while the other is killed and resumed: a
+    second job on the machine only slows the one to be killed, which widens the window to kill it in."""
+    reference_root = tmp_path / "reference"
+    uninterrupted = start_orch("submit", str(spec), *overrides, root=reference_root)
+    try:
+        job, resumed = _kill_and_resume(tmp_path / "killed", spec, overrides, kill_at, total, before_resume)
+        _, err = uninterrupted.communicate(timeout=300)
+    finally:
+        if uninterrupted.poll() is None:
+            os.killpg(uninterrupted.pid, signal.SIGKILL)
+            uninterrupted.communicate()
+    assert uninterrupted.returncode == 0, err + log_text(only_job(reference_root))
+    if not exact:
+        return job, resumed
+    reference_model, reference_ema = final_weights(only_job(reference_root))
+    model, ema = final_weights(job)
+    assert_bitwise_equal(model, reference_model)
+    assert_bitwise_equal(ema, reference_ema)
+    return job, resumed
+
+
+def _kill_and_resume(root: Path, spec: Path, overrides: list[str], kill_at: int, total: int, before_resume):
+    """The killed half of kill_after_checkpoint_then_resume: the job and `orch resume`'s result."""
     assert orch("submit", str(spec), *overrides, "--detach", root=root).returncode == 0
     job = only_job(root)
     wait_for(
@@ -157,12 +176,6 @@ def kill_after_checkpoint_then_resume(
     resumed = orch("resume", job.name, root=root)
     assert resumed.returncode == 0, resumed.stderr + log_text(job)
     assert f"resuming from step-{kill_at:07d}" in resumed.stdout, resumed.stdout
-    if not exact:
-        return job, resumed
-    reference_model, reference_ema = final_weights(only_job(reference_root))
-    model, ema = final_weights(job)
-    assert_bitwise_equal(model, reference_model)
-    assert_bitwise_equal(ema, reference_ema)
     return job, resumed
 
 

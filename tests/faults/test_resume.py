@@ -54,21 +54,30 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, processes, objective):
     assert state(job)["state"] == "succeeded" and state(job)["attempts"] == 2
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
-def test_stop_signal_checkpoints_marks_preempted_and_resume_finishes(tmp_path, signum):
+def test_stop_signals_checkpoint_mark_preempted_and_resume_finishes(tmp_path):
+    """Each stop signal in turn, on one job: `orch submit` in the foreground gets the first, and the `orch resume`
+    that continues it gets the next (both run the job through the same supervisor)."""
     root = tmp_path / "runs"
     spec = tiny_spec(tmp_path, train={"steps": 100000}, checkpoint={"every": 100000}, sample={"every": 100000})
     foreground = start_orch("submit", str(spec), root=root)
     job = wait_for(lambda: job_appeared(root), what="the job directory")
-    wait_for(lambda: state(job)["step"] >= 3, timeout=120, what="training to start")
-    foreground.send_signal(signum)  # what Ctrl-C, `kill` or a cluster's time-limit warning sends
-    out, err = foreground.communicate(timeout=120)
-    assert foreground.returncode == 75, err + log_text(job)
-    record = state(job)
-    assert record["state"] == "preempted", record
-    assert record["checkpoint_step"] == record["step"] > 0, "no checkpoint of the step it stopped at"
-    assert signal.Signals(signum).name in record["stop_reason"]
-    stopped_at = record["step"]
+    stopped_at = 0
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # Ctrl-C, `kill`, a cluster's time-limit warning
+        if stopped_at:
+            foreground = start_orch("resume", job.name, root=root)
+        wait_for(
+            lambda: state(job)["state"] == "running" and state(job)["step"] >= stopped_at + 3,
+            timeout=120,
+            what="training to go on",
+        )
+        foreground.send_signal(signum)
+        _, err = foreground.communicate(timeout=120)
+        assert foreground.returncode == 75, (signum, err + log_text(job))
+        record = state(job)
+        assert record["state"] == "preempted", record
+        assert record["checkpoint_step"] == record["step"] > stopped_at, "no checkpoint of the step it stopped at"
+        assert signal.Signals(signum).name in record["stop_reason"]
+        stopped_at = record["step"]
 
     finish = orch("resume", job.name, "--set", f"train.steps={stopped_at + 2}", "--allow-spec-change", root=root)
     assert finish.returncode == 0, finish.stderr + log_text(job)
