@@ -629,7 +629,7 @@ def sample(
         f"{guidance}, seed {seed}) -> {out_dir}"
     )
     if progression:
-        from orchestrator.train.grids import FINAL_PROGRESSION_FRAMES
+        from orchestrator.specs.job import FINAL_PROGRESSION_FRAMES
 
         first = list(range(0, len(labels), num))  # the first image of every row
         frames = min(spec.sample.progression or FINAL_PROGRESSION_FRAMES, steps)  # as the job's own strips

@@ -501,6 +501,9 @@ class CheckpointSpec(Section):
     and tries again at the next one; the final checkpoint and one on a stop signal must still be written."""
 
 
+FINAL_PROGRESSION_FRAMES = 8  # the strip at the end of training where sample.progression asks for none with every grid
+
+
 class SampleSpec(Section):
     every: int = Field(1000, ge=1, le=MAX_COUNT)
     """Draw a sample grid from the EMA weights every this many steps (and at the end)."""

@@ -12,11 +12,10 @@ from orchestrator.components.images import make_grid
 from orchestrator.components.model_input import ModelInput
 from orchestrator.components.sampler import SamplerSettings
 from orchestrator.data.imagefolder import DataError
-from orchestrator.specs.job import JobSpec
+from orchestrator.specs.job import FINAL_PROGRESSION_FRAMES, JobSpec
 
 log = logging.getLogger(__name__)
 
-FINAL_PROGRESSION_FRAMES = 8  # the strip at the end of training where sample.progression asks for none with every grid
 UNCONDITIONAL_STRIP_ROWS = 8  # rows of an unconditional model's strip: its grid's first images
 
 
