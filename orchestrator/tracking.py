@@ -22,9 +22,7 @@ import queue
 import re
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
@@ -443,6 +441,9 @@ def check_tracking_reachable(uri: str, timeout: float = 5.0) -> str | None:
 
 def check_http_server(uri: str, timeout: float) -> str | None:
     """None if GET <uri>/health answers 200 within `timeout` seconds, else why not."""
+    import urllib.error  # here: urllib.request costs `orch status` and `orch list` ~20 ms of start-up
+    import urllib.request
+
     health_url = uri.rstrip("/") + "/health"
     try:
         with urllib.request.urlopen(health_url, timeout=timeout) as response:
