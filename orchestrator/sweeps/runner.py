@@ -357,18 +357,21 @@ class _Runner:
         self.stop: _StopSignals | None = None
         self.owns_sweep = owns_sweep
         self.worker = f"{socket.gethostname()}-{os.getpid()}"
-        self.worker_locks = [sweep_dir.try_lock_worker(self.worker)]  # its own, then those of workers taken over
+        self.worker_locks: list = []  # its own, then those of workers taken over (taken by run())
         self.workers_taken_over = {self.worker}
         self.ran: set[int] = set()  # the trials this process started or took over
-        self.free_shares = trial_shares(sweep, check_trials(sweep, base_yaml))  # one per trial that may run now
-        if len(self.free_shares) < sweep.max_parallel:
-            self.echo(
-                f"sweep {sweep.name}: {len(self.free_shares)} trial(s) at once, not max_parallel {sweep.max_parallel}: "
-                "each trial needs GPUs of its own (launcher deepspeed: its runner picks them, one trial at a time)"
-            )
+        self.free_shares: list[Placement | None] = []  # one per trial that may start now (set by run())
 
     def run(self) -> str:
         """The loop, stopped by SIGINT/SIGTERM/SIGHUP; the worker locks are let go at the end. The ending state."""
+        self.worker_locks.append(self.sweep_dir.try_lock_worker(self.worker))
+        self.free_shares = trial_shares(self.sweep, check_trials(self.sweep, self.base_yaml))
+        if len(self.free_shares) < self.sweep.max_parallel:
+            self.echo(
+                f"sweep {self.sweep.name}: {len(self.free_shares)} trial(s) at once, not max_parallel "
+                f"{self.sweep.max_parallel}: each trial needs GPUs of its own (launcher deepspeed: its runner picks "
+                "them, one trial at a time)"
+            )
         with _StopSignals() as stop:
             self.stop = stop
             try:
@@ -752,7 +755,6 @@ def cancel_sweep(sweep_dir: SweepDir, wait: bool = True, timeout: float = CANCEL
                     optuna.trial.Trial(study, frozen._trial_id), JobDir(job_path)
                 )
         runner.cancel_running()
-        runner.release()
         if parent is not None:
             parent.set_status("KILLED")
         sweep_dir.update(state="cancelled", ended_at=time.time(), message=runner.summary())
